@@ -1,0 +1,32 @@
+# Quick start: `make demo` (train + evaluate on the course dataset) and `make test` (whole suite).
+# Both create .venv and install everything they need on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export CHESTXRAY_DATA ?= $(abspath ../shared/datasets)
+
+.PHONY: demo test install install-dev browser clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e . 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import chestxray, torch, timm, lightning"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import pytest, skimage"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/chestxray audit "$(CHESTXRAY_DATA)/chest_xray_4class" --out runs/audit
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

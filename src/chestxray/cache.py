@@ -1,0 +1,143 @@
+"""Decode and resize every image once into a uint8 memory-mapped array on disk.
+
+The cache file is keyed by a fingerprint of each file's identity (path, size, modification time)
+and of every preprocessing option, so a changed file or option builds a new cache and a warm run
+only opens a memory map. It never writes into the data folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .decode import NPZ_SEPARATOR, FitMode, preprocess
+from .errors import ChestXrayError, InputError
+from .sources import Samples
+
+CACHE_VERSION = 1
+_INLINE_BELOW = 64  # fewer images than this are decoded in-process: a pool costs more than it saves
+
+
+@dataclass
+class ImageCache:
+    """Preprocessed images aligned with the rows of the samples they were built from."""
+
+    images: np.ndarray
+    failed: dict[int, str]
+    size: int
+    mode: str
+    fingerprint: str
+    path: Path
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the rows that decoded."""
+        mask = np.ones(len(self.images), dtype=bool)
+        mask[list(self.failed)] = False
+        return mask
+
+
+def default_cache_dir() -> Path:
+    """``$CHESTXRAY_CACHE``, else ``$XDG_CACHE_HOME/chestxray``, else ``~/.cache/chestxray``."""
+    if os.environ.get("CHESTXRAY_CACHE"):
+        return Path(os.environ["CHESTXRAY_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "chestxray"
+
+
+def fingerprint(paths: list[str], size: int, mode: str) -> str:
+    """Hash of every file's path, size and mtime plus the preprocessing options."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{mode}".encode())
+    for ref in paths:
+        file = ref.rpartition(NPZ_SEPARATOR)[0] or ref
+        try:
+            stat = os.stat(file)
+            identity = f"{os.path.abspath(file)}|{ref}|{stat.st_size}|{stat.st_mtime_ns}"
+        except OSError:
+            identity = f"{ref}|missing"
+        digest.update(identity.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:24]
+
+
+def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, cache_dir: str | Path | None = None,
+                workers: int | None = None, progress: bool = True) -> ImageCache:
+    """Preprocess every sample to ``size`` x ``size`` once; later calls open the stored memory map.
+
+    Files that fail to decode are listed in ``ImageCache.failed`` with the reason; the others
+    are still cached.
+    """
+    paths = samples.frame["path"].tolist()
+    key = fingerprint(paths, size, mode)
+    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
+    if array_path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        failed = {int(k): v for k, v in meta["failed"].items()}
+        return ImageCache(np.load(array_path, mmap_mode="r"), failed, size, mode, key, array_path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ChestXrayError(f"{directory}: cannot create the cache folder ({err.strerror})") from None
+    tmp_path = directory / f"{key}.{os.getpid()}.tmp.npy"
+    try:
+        images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+        failed: dict[int, str] = {}
+        for row, image, reason in _decode_all(paths, size, mode, workers, progress):
+            if image is None:
+                failed[row] = reason
+            else:
+                images[row] = image
+        images.flush()
+        del images
+        os.replace(tmp_path, array_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
+    meta_path.write_text(json.dumps({"size": size, "mode": mode, "n": len(paths), "failed": failed}))
+    return ImageCache(np.load(array_path, mmap_mode="r"), failed, size, mode, key, array_path)
+
+
+def _decode_one(job: tuple[int, str, int, str]) -> tuple[int, np.ndarray | None, str]:
+    row, path, size, mode = job
+    try:
+        return row, preprocess(path, size, mode), ""
+    except InputError as err:
+        return row, None, err.reason
+    except Exception as err:  # a decoder bug on one file must not lose the others
+        return row, None, f"{type(err).__name__}: {err}"
+
+
+def _decode_all(paths: list[str], size: int, mode: str, workers: int | None, progress: bool):
+    jobs = [(row, path, size, mode) for row, path in enumerate(paths)]
+    workers = workers or os.cpu_count() or 1
+    columns = [TextColumn("caching {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"{len(jobs)} images at {size}px", total=len(jobs))
+        if workers == 1 or len(jobs) < _INLINE_BELOW:
+            results = map(_decode_one, jobs)
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_limit_worker_threads)
+            results = pool.map(_decode_one, jobs, chunksize=max(1, min(32, len(jobs) // (8 * workers))))
+        try:
+            for result in results:
+                bar.advance(task)
+                yield result
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+
+def _limit_worker_threads() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)

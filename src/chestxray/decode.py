@@ -1,0 +1,281 @@
+"""Decode any chest X-ray file to one 8-bit grayscale channel, and fit it to a square.
+
+Everything X-ray specific about pixels lives here (as in torchxrayvision): DICOM modality and
+VOI LUTs, MONOCHROME1 inversion, 16-bit rescaling, colour and alpha handling, EXIF orientation,
+and the decompression-bomb guard. Every failure raises :class:`InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Union
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+ImageSource = Union[str, Path, bytes]
+FitMode = Literal["pad", "crop"]
+
+MAX_PIXELS = 80_000_000
+"""Largest image accepted (width x height): about 9000 x 9000. Larger files are refused
+before their pixels are decoded, as decompression bombs."""
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
+NPZ_SEPARATOR = "::"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_EXIF_ORIENTATION = 0x0112
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                  (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file is, read from its header without decoding the pixels."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    bit_depth: int
+    n_bytes: int
+
+
+def load_image(source: ImageSource, *, min_side: int | None = None, name: str | None = None) -> np.ndarray:
+    """Decode ``source`` (a path, raw bytes, or ``"file.npz::split/index"``) to a 2-D uint8 array.
+
+    With ``min_side``, the decoder may shrink a JPEG by 2, 4 or 8 while decoding (OpenCV's
+    reduced-size decoding) as long as its shorter side stays at least ``min_side`` pixels.
+    ``name`` labels raw bytes in error messages.
+    """
+    if isinstance(source, (str, Path)) and NPZ_SEPARATOR in str(source):
+        return _load_npz_item(str(source))
+    label = name or ("<upload>" if isinstance(source, bytes) else str(source))
+    data = source if isinstance(source, bytes) else _read_file(Path(source))
+    if not data:
+        raise InputError(label, "empty file (0 bytes)")
+    if _is_dicom(data, label):
+        return _decode_dicom(data, label)
+    return _decode_raster(data, label, min_side)
+
+
+def fit_square(image: np.ndarray, size: int, mode: FitMode = "pad") -> np.ndarray:
+    """Resize ``image`` to ``size`` x ``size`` keeping its aspect ratio.
+
+    ``pad`` fits the whole image and fills the borders with black; ``crop`` fills the square and
+    cuts the centre out of the longer side.
+    """
+    if mode not in ("pad", "crop"):
+        raise ValueError(f"fit mode must be 'pad' or 'crop', not {mode!r}")
+    h, w = image.shape
+    scale = size / (max(h, w) if mode == "pad" else min(h, w))
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    if mode == "crop":
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        return np.ascontiguousarray(resized[top:top + size, left:left + size])
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top:top + new_h, left:left + new_w] = resized
+    return out
+
+
+def preprocess(source: ImageSource, size: int, mode: FitMode = "pad", *, name: str | None = None) -> np.ndarray:
+    """Decode ``source`` and fit it to a ``size`` x ``size`` uint8 square: the model's input."""
+    return fit_square(load_image(source, min_side=size, name=name), size, mode)
+
+
+def probe_image(path: str | Path) -> ImageInfo:
+    """Read the size, format, mode and bit depth of an image from its header."""
+    ref = str(path)
+    if NPZ_SEPARATOR in ref:
+        image = _load_npz_item(ref)
+        return ImageInfo(image.shape[1], image.shape[0], "NPZ", "L", 8, image.nbytes)
+    path = Path(path)
+    n_bytes = path.stat().st_size if path.is_file() else 0
+    data = _read_file(path)
+    if not data:
+        raise InputError(path, "empty file (0 bytes)")
+    if _is_dicom(data, str(path)):
+        ds = _read_dicom(data, str(path), stop_before_pixels=True)
+        with _dicom_errors(str(path)):
+            mode = str(ds.get("PhotometricInterpretation", "?"))
+            return ImageInfo(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), "DICOM", mode,
+                             int(ds.get("BitsStored", ds.get("BitsAllocated", 0))), n_bytes)
+    with _open_pil(data, str(path)) as img:
+        return ImageInfo(img.width, img.height, img.format or "?", img.mode, _bit_depth(img), n_bytes)
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has a suffix of a format this module decodes."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _one_line(err: BaseException) -> str:
+    """A library's error text on one line (some, like pydicom's, span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _read_file(path: Path) -> bytes:
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if not path.is_file():
+        raise InputError(path, "not a file")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InputError(path, f"cannot read ({err.strerror or err})") from None
+
+
+def _is_dicom(data: bytes, label: str) -> bool:
+    return data[128:132] == b"DICM" or label.lower().endswith((".dcm", ".dicom"))
+
+
+def _check_size(width: int, height: int, label: str) -> None:
+    if width <= 0 or height <= 0:
+        raise InputError(label, f"invalid image size {width}x{height}")
+    if width * height > MAX_PIXELS:
+        raise InputError(label, f"image of {width}x{height} pixels exceeds the limit of "
+                                f"{MAX_PIXELS:,} pixels (decompression-bomb guard)")
+
+
+def _open_pil(data: bytes, label: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(label, "not a readable image (unrecognised or corrupt format)") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(label, f"refused as a decompression bomb ({_one_line(err)})") from None
+    except OSError as err:  # e.g. a header cut short
+        raise InputError(label, f"corrupt or truncated image header ({_one_line(err)})") from None
+
+
+def _bit_depth(img: Image.Image) -> int:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return 16
+    if img.mode in ("I", "F"):
+        return 32
+    return 1 if img.mode == "1" else 8
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Rescale any numeric array linearly from its own min..max to 0..255."""
+    pixels = pixels.astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _decode_raster(data: bytes, label: str, min_side: int | None) -> np.ndarray:
+    with _open_pil(data, label) as img:
+        _check_size(img.width, img.height, label)
+        if data.startswith(_JPEG_MAGIC):
+            if not data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
+                raise InputError(label, "truncated JPEG (no end-of-image marker)")
+            upright = img.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            fast = _decode_jpeg_reduced(data, min(img.width, img.height), min_side) if upright else None
+            if fast is not None:
+                return fast
+        try:
+            img = ImageOps.exif_transpose(img)
+            return _pil_to_gray(img)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise InputError(label, f"corrupt or truncated image data ({_one_line(err)})") from None
+
+
+def _decode_jpeg_reduced(data: bytes, shorter_side: int, min_side: int | None) -> np.ndarray | None:
+    """OpenCV's DCT-domain reduced decoding; ``None`` when no reduction fits ``min_side``."""
+    if not min_side:
+        return None
+    for factor, flag in _REDUCED_FLAGS:
+        if shorter_side // factor >= min_side:
+            return cv2.imdecode(np.frombuffer(data, np.uint8), flag)  # None if corrupt: PIL decides
+    return None
+
+
+def _pil_to_gray(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(img)
+        if img.mode.startswith("I;16"):
+            return _to_uint8(pixels.astype(np.uint16))
+        return _to_uint8(pixels)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    if img.mode == "CMYK":
+        img = img.convert("RGB")
+    return np.asarray(img.convert("L"), dtype=np.uint8).copy()
+
+
+def _read_dicom(data: bytes, label: str, *, stop_before_pixels: bool = False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as err:
+        raise InputError(label, f"not a readable DICOM file ({_one_line(err)})") from None
+
+
+@contextmanager
+def _dicom_errors(label: str) -> Iterator[None]:
+    """Turn any pydicom failure into an :class:`InputError`: it parses lazily, so reading a
+    tag or the pixels of a broken file raises many exception types."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(label, f"cannot decode DICOM data ({_one_line(err)})") from None
+
+
+def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = _read_dicom(data, label)
+    if "PixelData" not in ds:
+        raise InputError(label, "DICOM file has no pixel data")
+    with _dicom_errors(label):
+        _check_size(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), label)
+        pixels = ds.pixel_array
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            pixels = pixels[0]
+        if pixels.ndim == 3:  # colour: pydicom has already converted YBR to RGB
+            return _to_uint8(cv2.cvtColor(np.ascontiguousarray(pixels, dtype=np.float32), cv2.COLOR_RGB2GRAY))
+        pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
+    gray = _to_uint8(pixels)
+    return 255 - gray if photometric == "MONOCHROME1" else gray
+
+
+@lru_cache(maxsize=4)
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as npz:
+            return {k: npz[k] for k in npz.files if k.endswith("_images")}
+    except (OSError, ValueError, EOFError) as err:
+        raise InputError(path, f"not a readable .npz file ({_one_line(err)})") from None
+
+
+def _load_npz_item(ref: str) -> np.ndarray:
+    path, _, key = ref.rpartition(NPZ_SEPARATOR)
+    split, _, index = key.partition("/")
+    arrays = _npz_arrays(path)
+    images = arrays.get(f"{split}_images")
+    if images is None or not index.isdigit() or int(index) >= len(images):
+        raise InputError(ref, "no such image in the .npz file")
+    image = images[int(index)]
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return image.copy() if image.dtype == np.uint8 else _to_uint8(image)  # never a view of the cached array

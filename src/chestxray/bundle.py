@@ -1,0 +1,109 @@
+"""Model bundle: a folder with ``model.safetensors`` (state dict) and ``model.json`` (metadata). Never unpickles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from chestxray import __version__
+from chestxray.errors import InputError
+from chestxray.models import ChestXrayNet, EnsembleNet, create_model, load_state_strict
+
+FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+@dataclass
+class BundleMeta:
+    """Everything needed to rebuild and use a model (ARCHITECTURE.md, bundle contract).
+
+    ``arch``, ``task``, ``mean``, ``std`` (and ``extra["members"]`` for ensembles) are taken from the
+    model by ``save_bundle``; ``extra`` holds anything else (history, fold scores...).
+    """
+
+    classes: list[str]
+    image_size: int
+    arch: str = ""
+    task: str = "multiclass"
+    mean: float = 0.0
+    std: float = 1.0
+    preprocess: dict[str, Any] = field(default_factory=lambda: {"mode": "pad"})
+    temperature: float = 1.0
+    ood: dict[str, Any] | None = None
+    train_fingerprint: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    package_version: str = __version__
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    format: int = FORMAT
+    channels: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_bundle(directory: str | Path, model: ChestXrayNet | EnsembleNet, meta: BundleMeta) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into `directory` (created if needed); return the folder."""
+    directory = Path(directory)
+    if len(meta.classes) != model.num_classes:
+        raise InputError(directory, f"{len(meta.classes)} class names for a model with {model.num_classes} outputs")
+    extra = dict(meta.extra)
+    if isinstance(model, EnsembleNet):
+        extra["members"] = len(model.members)
+    else:
+        extra.pop("members", None)
+    meta = dataclasses.replace(
+        meta, arch=model.arch, task=model.task, mean=float(model.mean), std=float(model.std), extra=extra
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS_FILE)
+    (directory / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
+    return directory
+
+
+def read_meta(directory: str | Path) -> BundleMeta:
+    """The bundle's ``model.json``, checked for format and required fields."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(directory, "bundle folder not found")
+    path = directory / META_FILE
+    if not path.is_file():
+        raise InputError(path, "missing: not a chestxray bundle")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(path, f"not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise InputError(path, "not a JSON object")
+    if data.get("format") != FORMAT:
+        raise InputError(path, f"unknown bundle format {data.get('format')!r} (this version reads format {FORMAT})")
+    names = [f.name for f in dataclasses.fields(BundleMeta)]
+    missing = [name for name in names if name not in data and name != "extra"]
+    if missing:
+        raise InputError(path, f"missing fields: {', '.join(missing)}")
+    return BundleMeta(**{name: data[name] for name in names if name in data})
+
+
+def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, BundleMeta]:
+    """Rebuild the model of a bundle in eval mode, with its metadata."""
+    meta = read_meta(directory)
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise InputError(path, "missing: the bundle has no weights")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise InputError(path, f"cannot read weights ({err})") from err
+
+    def build() -> ChestXrayNet:
+        return create_model(meta.arch, len(meta.classes), weights="none", task=meta.task)
+
+    members = meta.extra.get("members")
+    model = EnsembleNet([build() for _ in range(members)]) if members else build()
+    load_state_strict(model, state, path)
+    return model.eval(), meta

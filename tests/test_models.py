@@ -1,0 +1,130 @@
+"""Tests for chestxray.models: registry, offline ImageNet weights, local weight files, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import timm.models._builder
+import torch
+from safetensors.torch import save_file
+from skimage import color, data, transform
+
+from chestxray.errors import ChestXrayError, InputError
+from chestxray.models import ChestXrayNet, create_model, list_models
+
+CAT_CLASSES = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def gray_cat() -> torch.Tensor:
+    """scikit-image's cat photo as one gray 224 px image in [0, 1], shape (1, 1, 224, 224)."""
+    gray = transform.resize(color.rgb2gray(data.chelsea()), (224, 224), anti_aliasing=True)
+    return torch.from_numpy(gray).float()[None, None]
+
+
+def top5(model: ChestXrayNet, x: torch.Tensor) -> set[int]:
+    with torch.no_grad():
+        return set(model.eval()(x).topk(5).indices[0].tolist())
+
+
+def test_offline_imagenet_weights_recognise_a_cat(gray_cat: torch.Tensor) -> None:
+    # Same path as training models (key mapping, 1-channel stem, normalisation buffers); only the head is kept.
+    pretrained = create_model("tf_efficientnet_lite0", num_classes=1000, weights="imagenet")
+    assert top5(pretrained, gray_cat) & CAT_CLASSES
+
+    torch.manual_seed(0)
+    random = create_model("tf_efficientnet_lite0", num_classes=1000, weights="none")
+    assert not top5(random, gray_cat) & CAT_CLASSES
+
+
+def test_imagenet_backbone_loaded_and_head_fresh() -> None:
+    torch.manual_seed(0)
+    first = create_model("tf_efficientnet_lite0", num_classes=3)
+    torch.manual_seed(1)
+    second = create_model("tf_efficientnet_lite0", num_classes=3)
+    assert first.backbone.conv_stem.weight.shape[1] == 1
+    assert all(torch.equal(a, b) for a, b in zip(first.backbone_parameters(), second.backbone_parameters()))
+    assert not torch.equal(first.backbone.classifier.weight, second.backbone.classifier.weight)
+    assert (float(first.mean), float(first.std)) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_named_arch_builds(arch: str) -> None:
+    model = create_model(arch, num_classes=3, weights="none").eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+        assert model.features(x).ndim == 2
+        assert model.to(memory_format=torch.channels_last)(x).shape == (2, 3)
+
+
+def test_multilabel_has_the_same_output_shape() -> None:
+    model = create_model("resnet18", num_classes=3, weights="none", task="multilabel").eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 64, 64)).shape == (2, 3)
+    assert model.task == "multilabel"
+
+
+def test_gray_statistics_come_from_the_pretrained_config() -> None:
+    model = create_model("resnet18", num_classes=2, weights="none")
+    assert float(model.mean) == pytest.approx(sum((0.485, 0.456, 0.406)) / 3)
+    assert float(model.std) == pytest.approx(sum((0.229, 0.224, 0.225)) / 3)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_file_round_trip(tmp_path, suffix: str) -> None:
+    source = create_model("resnet18", num_classes=2, weights="none").eval()
+    full, bare = tmp_path / f"full{suffix}", tmp_path / f"bare{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), full)
+        save_file(source.backbone.state_dict(), bare)
+    else:
+        torch.save(source.state_dict(), full)
+        torch.save(source.backbone.state_dict(), bare)
+    x = torch.rand(2, 1, 64, 64)
+    for path in (full, bare):
+        loaded = create_model("resnet18", num_classes=2, weights=path).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), source(x))
+
+
+def test_weights_file_errors(tmp_path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        create_model("resnet18", num_classes=2, weights=tmp_path / "absent.safetensors")
+    other = tmp_path / "other.safetensors"
+    save_file(create_model("resnet18", num_classes=5, weights="none").state_dict(), other)
+    with pytest.raises(InputError, match="another shape") as err:
+        create_model("resnet18", num_classes=2, weights=other)
+    assert "\n" not in str(err.value)
+    wrong_arch = tmp_path / "wrong.safetensors"
+    save_file(create_model("mobilenetv3_large_100", num_classes=2, weights="none").state_dict(), wrong_arch)
+    with pytest.raises(InputError, match="missing"):
+        create_model("resnet18", num_classes=2, weights=wrong_arch)
+
+
+def test_imagenet_without_internet_names_offline_choices(monkeypatch) -> None:
+    def no_network(*args, **kwargs):
+        raise OSError("no network")
+
+    # The hub would retry for about a minute without network; fail at once the same way.
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", no_network)
+    with pytest.raises(ChestXrayError) as err:
+        create_model("resnet18", num_classes=2, weights="imagenet")
+    message = str(err.value)
+    assert "\n" not in message
+    assert all(name in message for name in ("tf_efficientnet_lite0", "tf_efficientnet_lite2", "PATH", "none"))
+
+
+def test_unknown_arch_and_task() -> None:
+    with pytest.raises(ChestXrayError, match="unknown architecture"):
+        create_model("no_such_net", weights="none")
+    with pytest.raises(ChestXrayError, match="unknown task"):
+        create_model("resnet18", weights="none", task="regression")
+
+
+def test_freeze_backbone_leaves_only_the_head_trainable() -> None:
+    model = create_model("resnet18", num_classes=2, weights="none")
+    model.freeze_backbone(True)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.head_parameters()} == {id(p) for p in model.backbone.fc.parameters()}
+    model.freeze_backbone(False)
+    assert all(p.requires_grad for p in model.parameters())

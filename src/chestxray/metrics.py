@@ -1,0 +1,334 @@
+"""Classification metrics with stratified bootstrap intervals, and calibration.
+
+Everything works on plain arrays: ``y_true`` holds class indices ``(N,)`` (multiclass) or a 0/1
+matrix ``(N, C)`` (multi-label), ``probs`` holds probabilities ``(N, C)``. The returned dicts are
+JSON-serialisable: undefined values (an AUC for a class with no positives) are ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+from scipy.stats import rankdata
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from chestxray.errors import ChestXrayError
+
+MetricFn = Callable[[np.ndarray, np.ndarray], float]
+
+TEMPERATURE_RANGE = (0.05, 20.0)
+_BATCH_ELEMENTS = 2_000_000  # resamples are evaluated in batches of about this many indices
+
+
+def _number(value: float) -> float | None:
+    """A plain float for JSON, ``None`` for NaN."""
+    return None if np.isnan(value) else float(value)
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis ignoring NaN; NaN (without a warning) where a row has none."""
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, values, 0.0).sum(-1) / finite.sum(-1)
+
+
+def _check_probs(y_true: np.ndarray, probs: np.ndarray, classes: list[str], multilabel: bool) -> None:
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise ChestXrayError(f"probabilities must have shape (N, {len(classes)}), got {probs.shape}")
+    expected = probs.shape if multilabel else probs.shape[:1]
+    if y_true.shape != expected:
+        raise ChestXrayError(f"labels must have shape {expected}, got {y_true.shape}")
+    if len(y_true) == 0:
+        raise ChestXrayError("no samples to evaluate")
+    if multilabel and not np.isin(y_true, (0, 1)).all():
+        raise ChestXrayError("multi-label targets must be 0 or 1")
+    if not multilabel and (y_true.min() < 0 or y_true.max() >= len(classes)):
+        raise ChestXrayError(f"labels must be class indices in 0..{len(classes) - 1}")
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _index_batches(
+    y_true: np.ndarray, n_boot: int, seed: int, stratified: bool
+) -> Iterator[np.ndarray]:
+    """Bootstrap index arrays, stacked into ``(batch, N)`` blocks.
+
+    Resample ``b`` draws, for each true class in ascending order, ``rng.integers(0, n_c, n_c)``
+    positions among that class's samples (or ``rng.integers(0, N, N)`` when not stratified), so
+    class counts stay fixed and the draws do not depend on the batch size.
+    """
+    if stratified and y_true.ndim != 1:
+        raise ChestXrayError("a stratified bootstrap needs one class index per sample")
+    rng = np.random.default_rng(seed)
+    if stratified:
+        groups = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+    else:
+        groups = [np.arange(len(y_true))]
+    batch_size = max(1, _BATCH_ELEMENTS // len(y_true))
+    for start in range(0, n_boot, batch_size):
+        yield np.stack([
+            np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+            for _ in range(min(batch_size, n_boot - start))
+        ])
+
+
+def _percentile_interval(values: np.ndarray, ci: float) -> tuple[float, float]:
+    """Percentile interval of bootstrap values, ignoring NaN resamples."""
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
+    # rounding keeps e.g. 2.5 exactly 2.5 instead of 2.5000000000000022
+    low, high = np.nanpercentile(values, np.round([50 * (1 - ci), 50 * (1 + ci)], 10))
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    metric_fn: MetricFn,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    stratified: bool = True,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric_fn(y_true, probs)``.
+
+    Stratified: each resample draws with replacement within every true class, keeping class
+    counts. Resamples where the metric is NaN are ignored.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs)
+    values = np.array([
+        metric_fn(y_true[idx], probs[idx])
+        for batch in _index_batches(y_true, n_boot, seed, stratified)
+        for idx in batch
+    ], dtype=float)
+    return _percentile_interval(values, ci)
+
+
+def _resampled_macro_auc(idx: np.ndarray, positives: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Mean one-vs-rest ROC-AUC of each resample row of ``idx`` (Mann-Whitney U with tie ranks).
+
+    Labels with no positives or no negatives in a resample are left out of its mean.
+    """
+    aucs = np.empty((len(idx), probs.shape[1]))
+    for k in range(probs.shape[1]):
+        is_pos = positives[idx, k]
+        n_pos = is_pos.sum(1)
+        n_neg = idx.shape[1] - n_pos
+        rank_sum = np.where(is_pos, rankdata(probs[idx, k], axis=1), 0.0).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aucs[:, k] = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        aucs[(n_pos == 0) | (n_neg == 0), k] = np.nan
+    return _nanmean_rows(aucs)
+
+
+def _resampled_multiclass(idx: np.ndarray, y_true: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy, macro F1 and macro AUC of each resample row of ``idx``."""
+    n_classes = probs.shape[1]
+    truth, pred = y_true[idx], probs.argmax(1)[idx]
+    recall, f1 = np.empty((len(idx), n_classes)), np.empty((len(idx), n_classes))
+    for k in range(n_classes):
+        is_true, is_pred = truth == k, pred == k
+        tp, n_true, n_pred = (is_true & is_pred).sum(1), is_true.sum(1), is_pred.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall[:, k] = tp / n_true  # NaN for a class absent from the resample, as sklearn
+            f1[:, k] = np.where(n_true + n_pred > 0, 2 * tp / (n_true + n_pred), 0.0)
+    return {
+        "accuracy": (truth == pred).mean(1),
+        "balanced_accuracy": _nanmean_rows(recall),
+        "macro_f1": f1.mean(1),
+        "macro_auc": _resampled_macro_auc(idx, np.eye(n_classes, dtype=bool)[y_true], probs),
+    }
+
+
+def _bootstrap_intervals(
+    resample_fn: Callable[[np.ndarray], dict[str, np.ndarray]],
+    y_true: np.ndarray, n_boot: int, seed: int, ci: float, stratified: bool,
+) -> dict[str, list[float | None]]:
+    """Intervals of every metric ``resample_fn`` computes on a batch of resample indices."""
+    batches = [resample_fn(idx) for idx in _index_batches(y_true, n_boot, seed, stratified)]
+    return {
+        name: [_number(v) for v in _percentile_interval(np.concatenate([b[name] for b in batches]), ci)]
+        for name in batches[0]
+    }
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _binary_scores(is_pos: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """ROC-AUC and average precision of one label; NaN when it has a single class."""
+    if is_pos.all() or not is_pos.any():
+        return float("nan"), float("nan")
+    return roc_auc_score(is_pos, scores), average_precision_score(is_pos, scores)
+
+
+def classification_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Multiclass metrics, per-class table, confusion matrix, ECE and stratified bootstrap CIs.
+
+    ``y_true`` holds class indices ``(N,)``, ``probs`` softmax probabilities ``(N, C)``.
+    Classes absent from ``y_true`` get ``None`` AUCs and are left out of ``macro_auc``.
+    """
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
+    _check_probs(y_true, probs, classes, multilabel=False)
+    labels = list(range(len(classes)))
+    pred = probs.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, pred, labels=labels, zero_division=0
+    )
+    cm = confusion_matrix(y_true, pred, labels=labels)
+    false_pos = cm.sum(0) - cm.diagonal()
+    true_neg = len(y_true) - cm.sum(1) - false_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        specificity = true_neg / (true_neg + false_pos)
+    auc, pr_auc = np.array([_binary_scores(y_true == k, probs[:, k]) for k in labels]).T
+    per_class = {
+        name: {
+            "precision": float(precision[k]),
+            "sensitivity": float(recall[k]),
+            "specificity": _number(specificity[k]),
+            "f1": float(f1[k]),
+            "roc_auc": _number(auc[k]),
+            "pr_auc": _number(pr_auc[k]),
+            "support": int(support[k]),
+        }
+        for k, name in enumerate(classes)
+    }
+    return {
+        "n": len(y_true),
+        "accuracy": float(accuracy_score(y_true, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
+        "cross_entropy": float(log_loss(y_true, probs, labels=labels)),
+        "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, pred, labels=labels, average="weighted", zero_division=0)),
+        "macro_auc": _number(_nanmean_rows(auc)),
+        "ece": expected_calibration_error(y_true, probs),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "ci_level": ci,
+        "ci": _bootstrap_intervals(
+            lambda idx: _resampled_multiclass(idx, y_true, probs), y_true, n_boot, seed, ci, stratified=True
+        ),
+    }
+
+
+def multilabel_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Multi-label metrics: per-label AUC, average precision and F1 at 0.5; mean AUC with CI.
+
+    ``y_true`` is a 0/1 matrix ``(N, C)``, ``probs`` sigmoid outputs ``(N, C)``. The bootstrap
+    resamples whole samples (not stratified); labels with a single class get ``None`` AUCs.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    _check_probs(y_true, probs, classes, multilabel=True)
+    y_true = y_true.astype(bool)
+    auc, pr_auc = np.array([_binary_scores(y_true[:, k], probs[:, k]) for k in range(len(classes))]).T
+    per_label = {
+        name: {
+            "roc_auc": _number(auc[k]),
+            "pr_auc": _number(pr_auc[k]),
+            "f1": float(f1_score(y_true[:, k], probs[:, k] >= 0.5, zero_division=0)),
+            "support": int(y_true[:, k].sum()),
+        }
+        for k, name in enumerate(classes)
+    }
+    return {
+        "n": len(y_true),
+        "mean_auc": _number(_nanmean_rows(auc)),
+        "per_label": per_label,
+        "ci_level": ci,
+        "ci": _bootstrap_intervals(
+            lambda idx: {"mean_auc": _resampled_macro_auc(idx, y_true, probs)},
+            y_true, n_boot, seed, ci, stratified=False,
+        ),
+    }
+
+
+def interval_text(metrics: dict[str, Any], name: str, percent: bool = True) -> str:
+    """``metrics[name]`` with its bootstrap interval, e.g. ``"95.0% (95% CI 85.0–100.0%)"``."""
+    value, (low, high) = metrics[name], metrics["ci"][name]
+    if value is None:
+        return "n/a"
+    fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3f}")
+    unit = "%" if percent else ""
+    if low is None:
+        return f"{fmt(value)}{unit}"
+    return f"{fmt(value)}{unit} ({100 * metrics['ci_level']:g}% CI {fmt(low)}–{fmt(high)}{unit})"
+
+
+def accuracy_interval_text(metrics: dict[str, Any]) -> str:
+    """Headline accuracy with its interval, e.g. ``"95.0% (95% CI 85.0–100.0%)"``."""
+    return interval_text(metrics, "accuracy")
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> dict[str, list]:
+    """Mean confidence (max probability), accuracy and count in equal-width confidence bins.
+
+    Bin ``i`` holds confidences in ``(i/n_bins, (i+1)/n_bins]``; empty bins give ``None``.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    bins = np.digitize(confidence, np.linspace(0, 1, n_bins + 1)[1:-1], right=True)
+    count = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(bins, confidence, n_bins) / count
+        accuracy = np.bincount(bins, correct, n_bins) / count
+    return {
+        "bin_confidence": [_number(v) for v in mean_conf],
+        "bin_accuracy": [_number(v) for v in accuracy],
+        "bin_count": count.tolist(),
+    }
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Count-weighted mean gap between accuracy and confidence over equal-width bins."""
+    curve = reliability_curve(y_true, probs, n_bins)
+    count = np.array(curve["bin_count"])
+    gap = np.abs(np.array(curve["bin_accuracy"], dtype=float) - np.array(curve["bin_confidence"], dtype=float))
+    return float(np.nansum(gap * count) / count.sum())
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """Temperature ``T`` minimising the NLL of ``softmax(logits / T)``, within ``TEMPERATURE_RANGE``."""
+    logits, y_true = np.asarray(logits, dtype=float), np.asarray(y_true).astype(int)
+    if logits.ndim != 2 or y_true.shape != logits.shape[:1]:
+        raise ChestXrayError(f"logits must be (N, C) with one label each, got {logits.shape} and {y_true.shape}")
+    rows = np.arange(len(y_true))
+
+    def nll(log_t: float) -> float:
+        return -log_softmax(logits / np.exp(log_t), axis=1)[rows, y_true].mean()
+
+    low, high = np.log(TEMPERATURE_RANGE)
+    result = minimize_scalar(nll, bounds=(low, high), method="bounded")
+    return float(np.clip(np.exp(result.x), *TEMPERATURE_RANGE))

@@ -1,0 +1,241 @@
+"""Self-contained HTML evaluation report: one file, images embedded as base64 PNG, inline CSS."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from chestxray.metrics import interval_text, reliability_curve
+
+NOTICE = (
+    "Research software, not a diagnostic device. These figures describe this model on this test "
+    "set only; they are no evidence of safety or performance in clinical use."
+)
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: .2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
+.notice { background: #fff3cd; border: 1px solid #e0c36c; padding: .8em 1em; border-radius: 4px; }
+.headline { display: flex; flex-wrap: wrap; gap: 1em; }
+.headline div { background: #f3f6fa; padding: .6em 1em; border-radius: 4px; }
+.headline b { display: block; font-size: 1.3em; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.figures img { max-width: 49%; } .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
+.gallery figure { margin: 0; width: 220px; font-size: .85em; word-break: break-all; }
+.gallery img { width: 220px; }
+"""
+
+
+def _new_figure(width: float = 6.0, height: float = 5.0) -> Figure:
+    """A figure drawn by the Agg canvas, without pyplot's global state."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _table(rows: dict[str, dict[str, Any]], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in ["class", *columns])
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_cell(row[c])}</td>" for c in columns) + "</tr>"
+        for name, row in rows.items()
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _training_curves_figure(history: pd.DataFrame) -> Figure:
+    """One panel each for losses, learning rate and other numeric columns, against epoch."""
+    x_name = "epoch" if "epoch" in history else None
+    numeric = [c for c in history.select_dtypes("number").columns if c not in ("epoch", "step")]
+    panels = {
+        "loss": [c for c in numeric if "loss" in c],
+        "learning rate": [c for c in numeric if c.startswith("lr")],
+    }
+    panels["metrics"] = [c for c in numeric if c not in panels["loss"] + panels["learning rate"]]
+    panels = {title: cols for title, cols in panels.items() if cols}
+    fig = _new_figure(5.0 * max(1, len(panels)), 4.0)
+    for ax, (title, cols) in zip(fig.subplots(1, max(1, len(panels)), squeeze=False)[0], panels.items()):
+        for col in cols:
+            # loggers write train and validation values on separate rows: drop the gaps per column
+            series = history[[col] + ([x_name] if x_name else [])].dropna()
+            x = series[x_name] if x_name else series.index
+            ax.plot(x, series[col], marker="o", markersize=3, label=col)
+        ax.set(xlabel=x_name or "row", title=title, yscale="log" if title == "learning rate" else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    return fig
+
+
+def plot_training_curves(history: pd.DataFrame, out_png: Path) -> Path:
+    """Save the training curves (every numeric column of ``history`` against epoch) as a PNG."""
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    out_png.write_bytes(_png_bytes(_training_curves_figure(history)))
+    return out_png
+
+
+def _confusion_png(metrics: dict[str, Any], classes: list[str]) -> bytes:
+    fig = _new_figure(1.2 * len(classes) + 3, 1.0 * len(classes) + 2.5)
+    ax = fig.subplots()
+    sns.heatmap(np.array(metrics["confusion_matrix"]), annot=True, fmt="d", cmap="Blues", cbar=False,
+                xticklabels=classes, yticklabels=classes, ax=ax)
+    ax.set(xlabel="predicted", ylabel="truth", title="Confusion matrix (counts)")
+    return _png_bytes(fig)
+
+
+def _curves_png(positives: np.ndarray, probs: np.ndarray, classes: list[str], kind: str) -> bytes:
+    """One-vs-rest ROC (``kind="roc"``) or precision-recall curves of every class with both labels."""
+    fig = _new_figure()
+    ax = fig.subplots()
+    for k, name in enumerate(classes):
+        if positives[:, k].all() or not positives[:, k].any():
+            continue
+        if kind == "roc":
+            x, y, _ = roc_curve(positives[:, k], probs[:, k])
+        else:
+            y, x, _ = precision_recall_curve(positives[:, k], probs[:, k])
+        ax.plot(x, y, label=name)
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curves (one-vs-rest)")
+    else:
+        ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curves")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right" if kind == "roc" else "lower left")
+    return _png_bytes(fig)
+
+
+def _reliability_png(y_true: np.ndarray, probs: np.ndarray, title: str) -> bytes:
+    curve = reliability_curve(y_true, probs)
+    n_bins = len(curve["bin_count"])
+    centres = (np.arange(n_bins) + 0.5) / n_bins
+    fig = _new_figure()
+    ax = fig.subplots()
+    ax.bar(centres, np.array(curve["bin_accuracy"], dtype=float), width=1 / n_bins, edgecolor="k",
+           alpha=0.7, label="accuracy")
+    ax.plot(np.array(curve["bin_confidence"], dtype=float), np.array(curve["bin_accuracy"], dtype=float),
+            "o", color="C1", label="mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left")
+    return _png_bytes(fig)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    if "per_label" in metrics:
+        items = {"mean ROC-AUC": interval_text(metrics, "mean_auc", percent=False)}
+    else:
+        items = {
+            "accuracy": interval_text(metrics, "accuracy"),
+            "balanced accuracy": interval_text(metrics, "balanced_accuracy"),
+            "macro F1": interval_text(metrics, "macro_f1", percent=False),
+            "macro ROC-AUC": interval_text(metrics, "macro_auc", percent=False),
+        }
+    cards = "".join(f"<div>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in items.items())
+    return f'<p>{metrics["n"]} test images.</p><div class="headline">{cards}</div>'
+
+
+def _gallery(errors_gallery: list[dict]) -> str:
+    figures = "".join(
+        f"<figure>{_img(item['image_png'], str(item['file']))}<figcaption>{html.escape(str(item['file']))}<br>"
+        f"truth: <b>{html.escape(str(item['truth']))}</b><br>predicted: <b>{html.escape(str(item['prediction']))}"
+        f"</b> ({100 * item['confidence']:.1f}%)</figcaption></figure>"
+        for item in errors_gallery
+    )
+    return f'<h2>Most confident errors</h2><div class="gallery">{figures}</div>'
+
+
+def _calibration_section(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray,
+                         before: dict[str, Any] | None) -> str:
+    if before is None:
+        title = f"Reliability diagram (ECE {metrics['ece']:.3f})"
+    else:
+        title = f"Reliability diagram (ECE {before['ece']:.3f} before, {metrics['ece']:.3f} after calibration)"
+    return f"<h2>Calibration</h2>{_img(_reliability_png(y_true, probs, title), title)}"
+
+
+def write_report(
+    out_path: Path,
+    *,
+    title: str,
+    metrics: dict,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    history: pd.DataFrame | None = None,
+    errors_gallery: list[dict] | None = None,
+    notes: list[str] | None = None,
+    metrics_before_calibration: dict | None = None,
+) -> Path:
+    """Write one self-contained HTML report of ``metrics`` (from ``classification_metrics`` or
+    ``multilabel_metrics``) with its tables and figures; return ``out_path``.
+
+    ``errors_gallery`` items: ``{"image_png": bytes, "file", "truth", "prediction", "confidence"}``.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    multilabel = "per_label" in metrics
+    positives = y_true.astype(bool) if multilabel else np.eye(len(classes), dtype=bool)[y_true.astype(int)]
+    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes or [])
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="notice">{html.escape(NOTICE)}</p>',
+        f"<ul>{notes_html}</ul>" if notes_html else "",
+        _headline(metrics),
+    ]
+    if multilabel:
+        parts += ["<h2>Per label</h2>", _table(metrics["per_label"], ["roc_auc", "pr_auc", "f1", "support"])]
+    else:
+        columns = ["precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "support"]
+        parts += ["<h2>Per class</h2>", _table(metrics["per_class"], columns),
+                  "<h2>Confusion matrix</h2>", _img(_confusion_png(metrics, classes), "confusion matrix")]
+    parts += [
+        '<h2>ROC and precision-recall curves</h2><div class="figures">',
+        _img(_curves_png(positives, probs, classes, "roc"), "ROC curves"),
+        _img(_curves_png(positives, probs, classes, "pr"), "precision-recall curves"),
+        "</div>",
+    ]
+    if not multilabel:
+        parts.append(_calibration_section(metrics, y_true, probs, metrics_before_calibration))
+    if history is not None:
+        parts += ["<h2>Training curves</h2>", _img(_png_bytes(_training_curves_figure(history)), "training curves")]
+    if errors_gallery:
+        parts.append(_gallery(errors_gallery))
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(page, encoding="utf-8")
+    return out_path

@@ -89,8 +89,10 @@ def load_samples(data: str | Path, *, classes: list[str] | None = None) -> Sampl
     else:
         raise ChestXrayError(f"{path}: not a folder, a .csv/.tsv manifest or a MedMNIST .npz file")
     if not len(samples):
-        skipped = f" ({len(samples.skipped)} listed, all skipped; first: {': '.join(samples.skipped[0])})"
-        raise ChestXrayError(f"{path}: no labelled images found{skipped if samples.skipped else ''}")
+        detail = ""
+        if samples.skipped:
+            detail = f" ({len(samples.skipped)} listed, all skipped; first: {': '.join(samples.skipped[0])})"
+        raise ChestXrayError(f"{path}: no labelled images found{detail}")
     if classes is not None:
         samples = _restrict_classes(samples, classes, path)
     return samples
@@ -153,7 +155,8 @@ def _class_names_file(root: Path) -> dict[str, str]:
             return mapping
     except (ValueError, StopIteration, AttributeError) as err:
         bad = json_file if json_file.is_file() else tsv_file
-        raise ChestXrayError(f"{bad}: malformed class-name file ({str(err) or 'missing index or name column'})") from None
+        reason = str(err) or "missing index or name column"
+        raise ChestXrayError(f"{bad}: malformed class-name file ({reason})") from None
     return {}
 
 

@@ -1,0 +1,117 @@
+"""The preprocessing cache: built once, reopened without decoding, keyed by files and options."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import chestxray.cache as cache
+from chestxray.cache import build_cache, fingerprint
+from chestxray.decode import preprocess
+from chestxray.sources import load_samples
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cache, "preprocess", fail)
+
+
+@pytest.fixture
+def folder_samples(make_folder):
+    return load_samples(make_folder({"a": 3, "b": 2}))
+
+
+@pytest.fixture
+def medmnist_samples(tmp_path, xray):
+    images = np.stack([xray(28, 28, seed=i) for i in range(4)])
+    np.savez(tmp_path / "m.npz", train_images=images, train_labels=np.array([[0], [1], [0], [1]]))
+    return load_samples(tmp_path / "m.npz")
+
+
+@pytest.mark.parametrize("source", ["folder_samples", "medmnist_samples"])
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_cold_build_then_warm_load_without_decoding(request, tmp_path, cache_dir, monkeypatch, source, mode):
+    samples = request.getfixturevalue(source)  # its files are under tmp_path
+    before = snapshot(tmp_path)
+    cold = build_cache(samples, 16, mode, progress=False)  # cache folder from $CHESTXRAY_CACHE
+    assert cold.path.parent == cache_dir and cold.failed == {} and cold.ok.all()
+    assert cold.images.dtype == np.uint8 and cold.images.shape == (len(samples), 16, 16)
+    for row, path in enumerate(samples.frame["path"]):
+        np.testing.assert_array_equal(cold.images[row], preprocess(path, 16, mode))
+    assert snapshot(tmp_path) == before  # nothing written next to the data
+
+    forbid_decoding(monkeypatch)
+    warm = build_cache(samples, 16, mode, progress=False)
+    assert isinstance(warm.images, np.memmap)
+    assert (warm.path, warm.fingerprint) == (cold.path, cold.fingerprint)
+    np.testing.assert_array_equal(warm.images, cold.images)
+
+
+def test_fingerprint_follows_options_and_files(folder_samples):
+    paths = folder_samples.frame["path"].tolist()
+    key = fingerprint(paths, 16, "pad")
+    assert fingerprint(list(paths), 16, "pad") == key
+    changed = [fingerprint(paths, 32, "pad"), fingerprint(paths, 16, "crop"), fingerprint(paths[:-1], 16, "pad"),
+               fingerprint(paths[::-1], 16, "pad")]
+    first = Path(paths[0])
+    stat = first.stat()
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    changed.append(fingerprint(paths, 16, "pad"))
+    assert len({key, *changed}) == len(changed) + 1
+
+
+def test_a_changed_file_builds_a_new_cache(folder_samples, make_image, xray, tmp_path):
+    old = build_cache(folder_samples, 16, progress=False)
+    first = Path(folder_samples.frame["path"][0])
+    make_image(str(first.relative_to(tmp_path)), 255 - xray(24, 32))
+    new = build_cache(folder_samples, 16, progress=False)
+    assert new.fingerprint != old.fingerprint and new.path != old.path
+    np.testing.assert_array_equal(new.images[0], preprocess(first, 16))
+    assert not np.array_equal(new.images[0], old.images[0])
+
+
+def test_failures_are_recorded_and_the_rest_cached(make_folder, monkeypatch):
+    root = make_folder({"a": 2, "b": 2})
+    (root / "a" / "empty.png").write_bytes(b"")
+    (root / "b" / "notes.png").write_text("not an image")
+    samples = load_samples(root)
+    built = build_cache(samples, 16, progress=False)
+    bad = {Path(samples.frame["path"][row]).name: reason for row, reason in built.failed.items()}
+    assert set(bad) == {"empty.png", "notes.png"}
+    assert "empty" in bad["empty.png"] and "not a readable image" in bad["notes.png"]
+    assert built.ok.sum() == 4
+    for row in np.flatnonzero(built.ok):
+        np.testing.assert_array_equal(built.images[row], preprocess(samples.frame["path"][row], 16))
+    forbid_decoding(monkeypatch)
+    assert build_cache(samples, 16, progress=False).failed == built.failed
+
+
+def test_worker_processes_give_the_same_images(folder_samples, monkeypatch, tmp_path):
+    inline = build_cache(folder_samples, 16, cache_dir=tmp_path / "inline", workers=1, progress=False)
+    monkeypatch.setattr(cache, "_INLINE_BELOW", 0)
+    pooled = build_cache(folder_samples, 16, cache_dir=tmp_path / "pooled", workers=2, progress=False)
+    assert pooled.path.parent == tmp_path / "pooled"
+    np.testing.assert_array_equal(pooled.images, inline.images)
+
+
+def test_an_interrupted_build_leaves_nothing_behind(folder_samples, cache_dir, monkeypatch):
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(cache, "preprocess", interrupt)
+    with pytest.raises(Interrupted):
+        build_cache(folder_samples, 16, progress=False)
+    assert list(cache_dir.iterdir()) == []

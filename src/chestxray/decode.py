@@ -7,6 +7,7 @@ and the decompression-bomb guard. Every failure raises :class:`InputError` namin
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,6 +113,14 @@ def probe_image(path: str | Path) -> ImageInfo:
                              int(ds.get("BitsStored", ds.get("BitsAllocated", 0))), n_bytes)
     with _open_pil(data, str(path)) as img:
         return ImageInfo(img.width, img.height, img.format or "?", img.mode, _bit_depth(img), n_bytes)
+
+
+def content_hash(ref: str) -> str:
+    """SHA-256 of a file's bytes, or of the pixels of a MedMNIST ``.npz`` item."""
+    if NPZ_SEPARATOR in ref:
+        pixels = _load_npz_item(ref)
+        return hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    return hashlib.sha256(Path(ref).read_bytes()).hexdigest()
 
 
 def is_image_file(path: Path) -> bool:

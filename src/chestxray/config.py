@@ -1,0 +1,105 @@
+"""Training configuration: defaults, YAML files and command-line overrides (flags win)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ChestXrayError
+
+_CHOICES = {
+    "optimizer": ("adamw", "adam", "rmsprop", "sgd"),
+    "schedule": ("cosine", "plateau", "none"),
+    "balance": ("none", "weights", "sampler"),
+    "fit_mode": ("pad", "crop"),
+    "weights": None,  # "imagenet", "none" or a path: checked by models.create_model
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Saved as ``config.yaml`` in the run directory."""
+
+    arch: str = "tf_efficientnet_lite0"
+    weights: str = "imagenet"
+    image_size: int = 224
+    fit_mode: str = "pad"
+    epochs: int = 12
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    backbone_lr_ratio: float = 0.3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: int = 1
+    freeze_epochs: int = 1
+    label_smoothing: float = 0.1
+    balance: str = "weights"
+    augment: float = 1.0
+    hflip: bool = False
+    drop_rate: float = 0.2
+    val_fraction: float = 0.2
+    patience: int = 5
+    seed: int = 0
+    channels_last: bool = True
+    precision: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if allowed and value not in allowed:
+                raise ChestXrayError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for name in ("image_size", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ChestXrayError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ChestXrayError(f"lr must be positive, not {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for YAML and checkpoints."""
+        return asdict(self)
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with the non-``None`` ``overrides`` applied (validated)."""
+        return make_config({**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Build a config from a dict, naming any unknown key."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ChestXrayError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then non-``None`` ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise ChestXrayError(f"{path}: cannot read config ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise ChestXrayError(f"{path}: malformed YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ChestXrayError(f"{path}: a config file must be a mapping of keys to values")
+        values = loaded.get("train", loaded)  # sweep results nest the config under "train"
+    return make_config(values).replace(**overrides)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> Path:
+    """Write ``config`` as YAML."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path

@@ -1,0 +1,66 @@
+"""Torch datasets over the preprocessing cache, and X-ray-safe augmentation on batched tensors.
+
+Images stay uint8 until they reach the model: a batch is converted to float in [0, 1] and
+augmented in one vectorised step (:func:`augment_batch`), on whatever device the model is on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class CachedDataset(Dataset):
+    """``(image uint8 (1, S, S), target)`` pairs read from a cache array at the given rows."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, rows: np.ndarray) -> None:
+        self.images = images
+        self.targets = torch.as_tensor(np.array(targets))
+        self.rows = np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = int(self.rows[index])
+        image = torch.from_numpy(np.array(self.images[row], dtype=np.uint8, copy=True))
+        return image.unsqueeze(0), self.targets[row]
+
+
+def to_model_input(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 1, S, S) -> float in [0, 1], the model's input contract."""
+    return batch.float().div_(255.0)
+
+
+def augment_batch(images: torch.Tensor, strength: float = 1.0, hflip: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random X-ray-safe augmentation of a float batch (B, 1, S, S) in [0, 1].
+
+    At ``strength`` 1: rotation up to 10 degrees, scale 0.9-1.1, translation up to 6% of the
+    side, brightness +-0.1 and contrast x0.8-1.2. No horizontal flip unless ``hflip`` (the heart
+    is on the left; flipping makes anatomically impossible images). ``strength`` 0 returns the batch.
+    """
+    if strength <= 0:
+        return images
+    batch, device = images.shape[0], images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(batch, generator=generator).to(device) * (high - low) + low
+
+    angle = uniform(-10, 10) * strength * math.pi / 180
+    scale = 1 + uniform(-0.1, 0.1) * strength
+    shift_x, shift_y = uniform(-0.12, 0.12) * strength, uniform(-0.12, 0.12) * strength
+    flip = (torch.rand(batch, generator=generator).to(device) < 0.5).float() * 2 - 1 if hflip else 1.0
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1),
+                         torch.stack([sin * flip, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast = (1 + uniform(-0.2, 0.2) * strength).view(-1, 1, 1, 1)
+    brightness = (uniform(-0.1, 0.1) * strength).view(-1, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)

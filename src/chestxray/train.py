@@ -1,0 +1,382 @@
+"""Training on Lightning: fine-tune a pretrained backbone on cached images and write a run directory.
+
+``runs/<name>/`` holds ``config.yaml``, ``split.csv``, ``metrics.csv`` (one row per epoch),
+``checkpoints/`` (best and last, for ``--resume``), ``curves.png`` and the model ``bundle/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from rich.console import Console
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from .bundle import BundleMeta, save_bundle
+from .cache import ImageCache, build_cache
+from .config import TrainConfig, load_config, save_config
+from .data import CachedDataset, augment_batch, to_model_input
+from .decode import content_hash
+from .errors import ChestXrayError
+from .metrics import fit_temperature
+from .models import ChestXrayNet, create_model
+from .report import plot_training_curves
+from .sources import Samples, load_samples
+from .splits import load_split, save_split, train_val_split
+
+console = Console(stderr=True)
+for _logger in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_logger).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|litlogger|does not have many workers).*")
+
+
+@dataclass
+class PreparedData:
+    """The training pool (every sample not marked ``test``), its cache and its split."""
+
+    samples: Samples
+    cache: ImageCache
+    targets: np.ndarray
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+
+
+@dataclass
+class RunResult:
+    """What a finished training run produced."""
+
+    run_dir: Path
+    bundle_dir: Path
+    metrics: dict[str, Any]
+    history: pd.DataFrame
+
+
+def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: str | Path | None = None,
+                 split_file: str | Path | None = None, progress: bool = True) -> PreparedData:
+    """Load the samples, drop the test split, build the cache and split train/validation."""
+    samples = data if isinstance(data, Samples) else load_samples(data)
+    pool = samples.subset(samples.frame["split"] != "test")
+    if not len(pool):
+        raise ChestXrayError(f"{samples.origin}: every image is in the test split; nothing to train on")
+    pool = drop_test_copies(pool, samples.split("test"))
+    cache = build_cache(pool, config.image_size, config.fit_mode, cache_dir=cache_dir, progress=progress)
+    if cache.failed:
+        console.print(f"[yellow]skipped {len(cache.failed)} unreadable image(s)[/], e.g. "
+                      f"{pool.frame['path'].iloc[next(iter(cache.failed))]}: {next(iter(cache.failed.values()))}")
+    usable = pool.subset(cache.ok)
+    cache = ImageCache(np.asarray(cache.images)[cache.ok] if cache.failed else cache.images, {},
+                       cache.size, cache.mode, cache.fingerprint, cache.path)
+    if split_file is not None and Path(split_file).is_file():
+        assignment = load_split(split_file, usable)
+        train_rows, val_rows = assignment["train"], assignment["val"]
+    else:
+        train_rows, val_rows = train_val_split(usable, config.val_fraction, config.seed)
+    return PreparedData(usable, cache, usable.targets(), train_rows, val_rows)
+
+
+def drop_test_copies(pool: Samples, test: Samples) -> Samples:
+    """``pool`` without the images whose bytes equal a test image (leakage guard).
+
+    The course dataset's ten COVID-19 test images are byte-for-byte copies of training images;
+    training on them would inflate every test figure.
+    """
+    if not len(test):
+        return pool
+    test_hashes = {_safe_hash(p) for p in test.frame["path"]} - {""}
+    copies = np.array([_safe_hash(p) in test_hashes for p in pool.frame["path"]], dtype=bool)
+    if copies.any():
+        console.print(f"left out {int(copies.sum())} training image(s) identical to test images "
+                      f"(e.g. {pool.frame['path'].iloc[int(np.argmax(copies))]})", soft_wrap=True)
+    return pool.subset(pd.Series(~copies))
+
+
+def _safe_hash(path: str) -> str:
+    try:
+        return content_hash(path)
+    except OSError:
+        return ""  # unreadable files are reported by the cache
+
+
+class ClassifierModule(L.LightningModule):
+    """Loss, augmentation, optimiser groups and schedule around a :class:`ChestXrayNet`."""
+
+    def __init__(self, model: ChestXrayNet, config: TrainConfig, class_weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0))
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        x = to_model_input(images)
+        if train:
+            x = augment_batch(x, self.config.augment, self.config.hflip)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+        weights = self.class_weights if self.class_weights.numel() else None
+        if self.model.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, targets.float(), pos_weight=weights)
+        return F.cross_entropy(logits, targets, weight=weights, label_smoothing=smoothing)
+
+    def on_train_epoch_start(self) -> None:
+        frozen = self.current_epoch < self.config.freeze_epochs
+        self.model.freeze_backbone(frozen)
+        if frozen:  # keep the pretrained batch-norm statistics while only the head learns
+            for module in self.model.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
+        images, targets = batch
+        loss = self._loss(self.model(self._inputs(images, train=True)), targets, self.config.label_smoothing)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
+        images, targets = batch
+        self._val_outputs.append((self.model(self._inputs(images, train=False)).float(), targets))
+
+    def on_validation_epoch_end(self) -> None:
+        logits = torch.cat([o[0] for o in self._val_outputs])
+        targets = torch.cat([o[1] for o in self._val_outputs])
+        self._val_outputs.clear()
+        if self.trainer.world_size > 1:
+            logits = self.all_gather(logits).flatten(0, 1)
+            targets = self.all_gather(targets).flatten(0, 1)
+        for name, value in validation_metrics(logits, targets, self.model.task).items():
+            self.log(name, value, sync_dist=False, rank_zero_only=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.config
+        groups = [{"params": list(self.model.head_parameters()), "lr": config.lr},
+                  {"params": list(self.model.backbone_parameters()), "lr": config.lr * config.backbone_lr_ratio}]
+        optimizer = _make_optimizer(groups, config)
+        if config.schedule == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.2, patience=2)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+        if config.schedule == "none":
+            return {"optimizer": optimizer}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total - 1, config.warmup_epochs * max(1, total // config.epochs))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def validation_metrics(logits: torch.Tensor, targets: torch.Tensor, task: str) -> dict[str, float]:
+    """Loss, accuracy and macro AUC of a validation pass (AUC is NaN when a class is absent)."""
+    if task == "multilabel":
+        loss = F.binary_cross_entropy_with_logits(logits, targets.float()).item()
+        probs, truth = logits.sigmoid().cpu().numpy(), targets.cpu().numpy()
+        accuracy = float(((probs > 0.5) == (truth > 0.5)).mean())
+        present = [c for c in range(truth.shape[1]) if 0 < truth[:, c].sum() < len(truth)]
+        auc = float(np.mean([roc_auc_score(truth[:, c], probs[:, c]) for c in present])) if present else math.nan
+        return {"val_loss": loss, "val_acc": accuracy, "val_auc": auc}
+    loss = F.cross_entropy(logits, targets).item()
+    probs, truth = logits.softmax(-1).cpu().numpy(), targets.cpu().numpy()
+    accuracy = float((probs.argmax(1) == truth).mean())
+    try:
+        auc = float(roc_auc_score(truth, probs, multi_class="ovr", labels=list(range(probs.shape[1])))
+                    if probs.shape[1] > 2 else roc_auc_score(truth, probs[:, 1]))
+    except ValueError:
+        auc = math.nan
+    return {"val_loss": loss, "val_acc": accuracy, "val_auc": auc}
+
+
+def _make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=config.weight_decay)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, weight_decay=config.weight_decay, momentum=config.momentum)
+    return torch.optim.SGD(groups, weight_decay=config.weight_decay, momentum=config.momentum, nesterov=True)
+
+
+class EpochLog(Callback):
+    """One line per epoch on the console, and ``metrics.csv`` in the run directory."""
+
+    def __init__(self, path: Path, epochs: int) -> None:
+        self.path = path
+        self.epochs = epochs
+        self.rows: list[dict[str, float]] = pd.read_csv(path).to_dict("records") if path.is_file() else []
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or "val_loss" not in trainer.callback_metrics:
+            return
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        epoch = trainer.current_epoch + 1
+        row = {"epoch": epoch, "train_loss": logged.get("train_loss", math.nan), "val_loss": logged["val_loss"],
+               "val_acc": logged["val_acc"], "val_auc": logged["val_auc"],
+               "lr": trainer.optimizers[0].param_groups[0]["lr"], "seconds": time.perf_counter() - self._start}
+        self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
+        pd.DataFrame(self.rows).to_csv(self.path, index=False)
+        console.print(f"epoch {epoch:>3}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
+                      f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_auc {row['val_auc']:.3f}  "
+                      f"lr {row['lr']:.2e}  {row['seconds']:.0f}s", soft_wrap=True)
+
+
+def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_dir: str | Path = "runs",
+        name: str | None = None, resume: bool = False, cache_dir: str | Path | None = None,
+        progress: bool | None = None) -> RunResult:
+    """Train a model on ``data`` (test split excluded) and write its run directory and bundle.
+
+    With ``resume``, the run ``out_dir/name`` continues from its last checkpoint with its saved
+    config and split.
+    """
+    run_dir = Path(out_dir) / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise ChestXrayError(f"{run_dir}: no checkpoint to resume from (expected {last})")
+        config = load_config(run_dir / "config.yaml")
+    elif config is None:
+        config = TrainConfig()
+    if progress is None:
+        progress = console.is_terminal
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    _set_threads(config)
+    prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=run_dir / "split.csv" if resume else None,
+                            progress=progress)
+    samples = prepared.samples
+    model = create_model(config.arch, len(samples.classes), config.weights, config.drop_rate, samples.task)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    module = ClassifierModule(model, config, _class_weights(prepared, config))
+    trainer = _make_trainer(config, run_dir, progress)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        save_split(run_dir / "split.csv", samples, {"train": prepared.train_rows, "val": prepared.val_rows})
+        console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
+                      f"{len(prepared.val_rows)} ({len(samples.classes)} classes, {config.image_size}px) -> {run_dir}")
+    trainer.fit(module, *_loaders(prepared, config), ckpt_path=last if resume else None, weights_only=True)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    history = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
+    if not trainer.is_global_zero:
+        return RunResult(run_dir, run_dir / "bundle", {}, history)
+    bundle_dir, metrics = _write_bundle(module.model.float().eval(), prepared, config, run_dir, history)
+    if len(history):
+        plot_training_curves(history, run_dir / "curves.png")
+    return RunResult(run_dir, bundle_dir, metrics, history)
+
+
+def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits of uint8 images (N, S, S) in eval mode, batched, without gradients."""
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.asarray(images[start:start + batch_size], dtype=np.uint8)).unsqueeze(1)
+            x = to_model_input(batch).contiguous(memory_format=torch.channels_last)
+            outputs.append(model(x).float())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+
+
+def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConfig, run_dir: Path,
+                  history: pd.DataFrame) -> tuple[Path, dict[str, Any]]:
+    images = np.asarray(prepared.cache.images)
+    val_logits = predict_logits(model, images[prepared.val_rows])
+    val_targets = prepared.targets[prepared.val_rows]
+    metrics = validation_metrics(torch.from_numpy(val_logits), torch.from_numpy(val_targets), model.task)
+    temperature = 1.0
+    if model.task == "multiclass" and len(val_logits):
+        temperature = fit_temperature(val_logits, val_targets)
+        metrics["val_loss_calibrated"] = F.cross_entropy(torch.from_numpy(val_logits) / temperature,
+                                                         torch.from_numpy(val_targets)).item()
+    meta = BundleMeta(
+        classes=list(prepared.samples.classes), image_size=config.image_size,
+        preprocess={"mode": config.fit_mode}, temperature=float(temperature),
+        train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
+        extra={"config": config.to_dict(), "trained_on": {
+            "origin": prepared.samples.origin, "n_train": int(len(prepared.train_rows)),
+            "n_val": int(len(prepared.val_rows)),
+            "class_counts": prepared.samples.frame["label"].value_counts().to_dict()},
+            "history": history.to_dict("list")})
+    bundle_dir = save_bundle(run_dir / "bundle", model, meta)
+    return bundle_dir, metrics
+
+
+def _class_weights(prepared: PreparedData, config: TrainConfig) -> torch.Tensor | None:
+    if config.balance != "weights":
+        return None
+    targets = prepared.targets[prepared.train_rows]
+    n_classes = len(prepared.samples.classes)
+    if prepared.samples.task == "multilabel":
+        positives = targets.sum(0).clip(min=1)
+        return torch.tensor((len(targets) - positives) / positives, dtype=torch.float32).clamp(max=50)
+    counts = np.bincount(targets, minlength=n_classes).clip(min=1)
+    return torch.tensor(len(targets) / (n_classes * counts), dtype=torch.float32)
+
+
+def _loaders(prepared: PreparedData, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
+    train_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.train_rows)
+    val_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.val_rows)
+    sampler = None
+    if config.balance == "sampler" and prepared.samples.task == "multiclass":
+        labels = prepared.targets[prepared.train_rows]
+        weights = 1.0 / np.bincount(labels)[labels]
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels),
+                                        generator=torch.Generator().manual_seed(config.seed))
+    common = {"batch_size": config.batch_size, "num_workers": config.num_workers,
+              "persistent_workers": config.num_workers > 0}
+    drop_last = len(train_set) > config.batch_size
+    train = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=drop_last, **common)
+    return train, DataLoader(val_set, shuffle=False, **common)
+
+
+def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool) -> L.Trainer:
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = config.precision
+    if precision == "auto":  # bf16 is 5-10x slower on CPUs without native bf16: mixed precision on GPU only
+        precision = "16-mixed" if accelerator == "gpu" else "32-true"
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
+                                 mode="min", save_last=True, save_weights_only=False)
+    callbacks: list[Callback] = [checkpoint, EarlyStopping("val_loss", patience=config.patience),
+                                 EpochLog(run_dir / "metrics.csv", config.epochs)]
+    if progress:
+        callbacks.append(RichProgressBar(leave=False))
+    devices: Any = int(config.devices) if str(config.devices).isdigit() else config.devices
+    return L.Trainer(max_epochs=config.epochs, accelerator=accelerator, devices=devices,
+                     num_nodes=config.num_nodes, strategy=config.strategy, precision=precision,
+                     callbacks=callbacks, logger=False, enable_progress_bar=progress,
+                     enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
+                     default_root_dir=run_dir, log_every_n_steps=1)
+
+
+def _set_threads(config: TrainConfig) -> None:
+    """All cores for one process; an equal share each when several processes share the machine."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if str(config.devices).isdigit() and not torch.cuda.is_available():
+        local_processes = max(local_processes, int(config.devices))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))

@@ -1,0 +1,133 @@
+"""Training: a tiny run end to end, resume after a kill, bundle round trip, multi-label, config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from chestxray.bundle import load_bundle
+from chestxray.config import TrainConfig, load_config
+from chestxray.errors import ChestXrayError
+from chestxray.train import fit, predict_logits
+
+TINY = dict(arch="tf_efficientnet_lite0", weights="none", image_size=32, epochs=2, batch_size=8,
+            freeze_epochs=1, warmup_epochs=0, channels_last=False)
+
+
+def _write_classes(root: Path, per_class: int = 12) -> Path:
+    """Two visibly different classes: dark images with a bright disc vs bright images."""
+    rng = np.random.default_rng(0)
+    for label, base in (("normal", 60), ("pneumonia", 170)):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(base, 20, (40, 40)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"person{i}_{label}_{i}.png")
+    return root
+
+
+def test_tiny_run_writes_run_directory_and_bundle(tmp_path: Path) -> None:
+    data = _write_classes(tmp_path / "data")
+    result = fit(data, TrainConfig(**TINY), out_dir=tmp_path / "runs", name="tiny", progress=False)
+    run = result.run_dir
+    for name in ("config.yaml", "split.csv", "metrics.csv", "curves.png", "checkpoints/last.ckpt",
+                 "bundle/model.safetensors", "bundle/model.json"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"train_loss", "val_loss", "val_acc", "val_auc", "lr"} <= set(history.columns)
+    split = pd.read_csv(run / "split.csv")
+    train_patients = set(split[split.subset == "train"].patient_id)
+    assert not train_patients & set(split[split.subset == "val"].patient_id)
+    assert load_config(run / "config.yaml") == TrainConfig(**TINY)
+    model, meta = load_bundle(result.bundle_dir)
+    assert meta.classes == ["normal", "pneumonia"] and meta.image_size == 32
+    assert meta.temperature > 0 and "val_acc" in meta.metrics
+
+
+def test_bundle_outputs_match_trained_model(tmp_path: Path) -> None:
+    data = _write_classes(tmp_path / "data")
+    result = fit(data, TrainConfig(**{**TINY, "epochs": 1}), out_dir=tmp_path / "runs", name="r", progress=False)
+    model, _ = load_bundle(result.bundle_dir)
+    reloaded, _ = load_bundle(result.bundle_dir)
+    images = np.random.default_rng(1).integers(0, 255, (3, 32, 32), dtype=np.uint8)
+    assert np.array_equal(predict_logits(model, images), predict_logits(reloaded, images))
+
+
+def test_seed_makes_runs_repeatable(tmp_path: Path) -> None:
+    data = _write_classes(tmp_path / "data")
+    config = TrainConfig(**{**TINY, "epochs": 1})
+    first = fit(data, config, out_dir=tmp_path / "runs", name="a", progress=False).history
+    second = fit(data, config, out_dir=tmp_path / "runs", name="b", progress=False).history
+    assert np.allclose(first["val_loss"], second["val_loss"], atol=1e-5)
+
+
+def test_multilabel_training_from_csv(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        pixels = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i:08d}_000.png")
+        labels = ["Effusion|Cardiomegaly", "No Finding", "Effusion", "Cardiomegaly"][i % 4]
+        rows.append({"path": f"{i:08d}_000.png", "label": labels})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    result = fit(tmp_path / "labels.csv", TrainConfig(**{**TINY, "epochs": 1}), out_dir=tmp_path / "runs",
+                 name="ml", progress=False)
+    model, meta = load_bundle(result.bundle_dir)
+    assert meta.task == "multilabel" and meta.classes == ["Cardiomegaly", "Effusion"]
+    logits = predict_logits(model, np.zeros((2, 32, 32), np.uint8))
+    assert logits.shape == (2, 2)
+
+
+def test_resume_after_killed_run(tmp_path: Path) -> None:
+    """Kill a training process after its first checkpoint, resume it, and get every epoch."""
+    data = _write_classes(tmp_path / "data", per_class=16)
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "chestxray.cli", "train", str(data), "--out", str(runs), "--name", "k",
+            "--arch", "tf_efficientnet_lite0", "--weights", "none", "--image-size", "32", "--epochs", "30",
+            "--batch-size", "4", "--freeze-epochs", "0", "--patience", "100"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    last = runs / "k" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not (last.is_file() and (runs / "k" / "metrics.csv").is_file()) and time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(pd.read_csv(runs / "k" / "metrics.csv"))
+    assert 1 <= done < 30, "the run should have been killed part-way"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    config = load_config(runs / "k" / "config.yaml").replace(epochs=checkpoint["epoch"] + 2)
+    (runs / "k" / "config.yaml").write_text(__import__("yaml").safe_dump(config.to_dict()))
+    result = fit(data, None, out_dir=runs, name="k", resume=True, progress=False)
+    epochs = list(result.history["epoch"])
+    assert epochs == list(range(1, config.epochs + 1))
+    assert (result.bundle_dir / "model.safetensors").is_file()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ChestXrayError, match="no checkpoint"):
+        fit(tmp_path, None, out_dir=tmp_path, name="missing", resume=True)
+
+
+def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("epochs: 7\noptimizer: sgd\n")
+    config = load_config(tmp_path / "c.yaml", epochs=3, lr=None)
+    assert config.epochs == 3 and config.optimizer == "sgd"
+    with pytest.raises(ChestXrayError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    with pytest.raises(ChestXrayError, match="epochz"):
+        load_config(tmp_path / "bad.yaml")

@@ -1,0 +1,221 @@
+"""Evaluate a bundle on labelled data: metrics with bootstrap intervals, calibration, OOD flags,
+Grad-CAM of the most confident errors, and a self-contained HTML report.
+
+``out_dir`` receives ``metrics.json`` (the metrics of :func:`~chestxray.metrics.classification_metrics`
+or :func:`~chestxray.metrics.multilabel_metrics` plus what was evaluated), ``predictions.csv`` (one
+row per image) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .cache import build_cache
+from .errors import ChestXrayError
+from .metrics import classification_metrics, expected_calibration_error, interval_text, multilabel_metrics
+from .predict import Predictor, load_model
+from .report import write_report
+from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
+
+SPLITS = ("auto", "all", *SPLIT_NAMES)
+MISUSE_NOTE = (
+    "Use it only on images like its training images: it has not been validated on other populations "
+    "(e.g. adults vs children), hospitals, devices or views, and must not be used for clinical decisions."
+)
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured and wrote."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    classes: list[str]
+    task: str
+    split: str
+    n_evaluated: int
+    n_ood: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """The files written: ``metrics``, ``predictions``, ``report``."""
+        return {"metrics": self.out_dir / "metrics.json", "predictions": self.out_dir / "predictions.csv",
+                "report": self.out_dir / "report.html"}
+
+
+def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Path, *, split: str = "auto",
+             n_boot: int = 1000, seed: int = 0, cam_gallery: int = 8, batch_size: int = 32,
+             cache_dir: str | Path | None = None, progress: bool = True) -> EvaluationResult:
+    """Evaluate ``bundle`` (a bundle folder or a loaded :class:`Predictor`) on ``data`` (anything
+    :func:`~chestxray.sources.load_samples` reads).
+
+    ``split``: ``"auto"`` takes the ``test`` split when the data has one, else every image; or
+    ``"all"``, ``"train"``, ``"val"``, ``"test"``. Classes are matched by name (the order may
+    differ); a class of the data unknown to the model is an error. Unreadable images are counted,
+    listed in ``metrics.json`` and left out of the metrics.
+    """
+    predictor = bundle if isinstance(bundle, Predictor) else load_model(bundle)
+    samples, split = _select(load_samples(data), split, data)
+    samples = _match_classes(samples, predictor, data)
+    cache = build_cache(samples, predictor.image_size, predictor.mode, cache_dir=cache_dir, progress=progress)
+    failed = [(samples.frame["path"].iloc[row], reason) for row, reason in sorted(cache.failed.items())]
+    ok = cache.ok
+    if not ok.any():
+        raise ChestXrayError(f"{data}: none of the {len(samples)} images could be read (first: {': '.join(failed[0])})")
+    images = np.asarray(cache.images)[ok]
+    y_true = samples.targets()[ok]
+    logits, features = predictor.forward_arrays(images, batch_size)
+    probs = predictor.probabilities(logits)
+    scores = predictor.ood_scores(features)
+    flags = predictor.guard.is_ood(scores) if predictor.guard is not None else np.zeros(len(scores), bool)
+
+    multilabel = predictor.meta.task == "multilabel"
+    if multilabel:
+        metrics = multilabel_metrics(y_true, probs, predictor.classes, n_boot=n_boot, seed=seed)
+        before = None
+    else:
+        metrics = classification_metrics(y_true, probs, predictor.classes, n_boot=n_boot, seed=seed)
+        before = {"ece": expected_calibration_error(y_true, predictor.probabilities(logits, temperature=1.0))}
+    out_dir = Path(out_dir)
+    result = EvaluationResult(out_dir, metrics, predictor.classes, predictor.meta.task, split,
+                              int(ok.sum()), int(flags.sum()), failed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {**metrics, "ece_before_calibration": before["ece"] if before else None,
+               "temperature": predictor.meta.temperature,
+               "bundle": "" if isinstance(bundle, Predictor) else str(bundle), "data": str(data), "split": split,
+               "n_failed": len(failed), "failed": [{"file": f, "reason": r} for f, r in failed], "n_ood": result.n_ood,
+               "ood_threshold": predictor.guard.threshold if predictor.guard is not None else None}
+    result.files["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
+    predictions = _predictions_frame(samples, ok, predictor, probs, scores, flags, failed)
+    predictions.to_csv(result.files["predictions"], index=False)
+    gallery = _error_gallery(predictor, samples.frame["path"].to_numpy()[ok], images, y_true, probs, cam_gallery)
+    history = predictor.meta.extra.get("history")
+    write_report(result.files["report"], title=f"Evaluation on {Path(str(data)).name} ({split})", metrics=metrics,
+                 y_true=y_true, probs=probs, classes=predictor.classes,
+                 history=pd.DataFrame(history) if history else None, errors_gallery=gallery,
+                 notes=_notes(predictor, samples, split, result), metrics_before_calibration=before)
+    return result
+
+
+def headline(result: EvaluationResult) -> list[str]:
+    """A few lines for the terminal: the main figures with their 95% intervals."""
+    m = result.metrics
+    lines = [f"{result.n_evaluated} images evaluated (split: {result.split}), {len(result.failed)} unreadable, "
+             f"{result.n_ood} flagged out-of-distribution"]
+    if result.task == "multilabel":
+        lines.append(f"mean ROC-AUC {interval_text(m, 'mean_auc', percent=False)}")
+        aucs = ", ".join(f"{name} {row['roc_auc']:.3f}" for name, row in m["per_label"].items()
+                         if row["roc_auc"] is not None)
+        return lines + [f"ROC-AUC per label: {aucs}"]
+    lines += [f"accuracy {interval_text(m, 'accuracy')}",
+              f"balanced accuracy {interval_text(m, 'balanced_accuracy')}",
+              f"macro ROC-AUC {interval_text(m, 'macro_auc', percent=False)}"]
+    recalls = ", ".join(f"{name} {100 * row['sensitivity']:.1f}%" for name, row in m["per_class"].items()
+                        if row["support"])
+    return lines + [f"sensitivity (recall) per class: {recalls}"]
+
+
+def _select(samples: Samples, split: str, data: str | Path) -> tuple[Samples, str]:
+    if split not in SPLITS:
+        raise ChestXrayError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split == "auto":
+        split = "test" if (samples.frame["split"] == "test").any() else "all"
+    if split == "all":
+        return samples, split
+    chosen = samples.split(split)
+    if not len(chosen):
+        present = sorted(set(samples.frame["split"]) - {""}) or ["none"]
+        raise ChestXrayError(f"{data}: no images in the '{split}' split (splits present: {', '.join(present)})")
+    return chosen, split
+
+
+def _match_classes(samples: Samples, predictor: Predictor, data: str | Path) -> Samples:
+    """The samples with the model's class order; an error for a task or class the model does not know."""
+    if samples.task != predictor.meta.task:
+        raise ChestXrayError(f"{data}: {samples.task} labels, but the model is {predictor.meta.task}")
+    present = sorted({name for label in samples.frame["label"] for name in label.split("|") if name})
+    unknown = [name for name in present if name not in predictor.classes]
+    if unknown:
+        raise ChestXrayError(f"{data}: class(es) {', '.join(unknown)} unknown to the model "
+                             f"(its classes: {', '.join(predictor.classes)})")
+    return Samples(samples.frame, predictor.classes, samples.task, samples.origin)
+
+
+def _predictions_frame(samples: Samples, ok: np.ndarray, predictor: Predictor, probs: np.ndarray, scores: np.ndarray,
+                       flags: np.ndarray, failed: list[tuple[str, str]]) -> pd.DataFrame:
+    frame = pd.DataFrame({"file": samples.frame["path"], "truth": samples.frame["label"].replace("", NO_FINDING)})
+    frame["prediction"] = ""
+    frame.loc[ok, "prediction"] = [predictor.label(p) for p in probs]
+    for k, name in enumerate(predictor.classes):
+        frame[name] = np.nan
+        frame.loc[ok, name] = probs[:, k]
+    frame["ood"] = False
+    frame.loc[ok, "ood"] = flags
+    frame["ood_score"] = np.nan
+    frame.loc[ok, "ood_score"] = scores
+    reasons = dict(failed)
+    frame["error"] = [reasons.get(file, "") for file in frame["file"]]
+    return frame
+
+
+def _error_gallery(predictor: Predictor, files: np.ndarray, images: np.ndarray, y_true: np.ndarray,
+                   probs: np.ndarray, size: int) -> list[dict[str, Any]]:
+    """The ``size`` most confident errors with their Grad-CAM overlays (torch backend only).
+
+    Multi-class: wrong arg-max, ranked by its probability. Multi-label: the label furthest on the
+    wrong side of 0.5, ranked by its distance from the truth; the overlay explains that label.
+    """
+    if size <= 0 or predictor.model is None:
+        return []
+    if predictor.meta.task == "multilabel":
+        gap = np.abs(y_true - probs)
+        wrong_side = (probs >= 0.5) != (y_true > 0.5)
+        worst = np.where(wrong_side, gap, -1.0).argmax(1)
+        confidence = gap[np.arange(len(gap)), worst]
+        is_error = wrong_side.any(1)
+        truths = ["|".join(c for c, t in zip(predictor.classes, row) if t) or NO_FINDING for row in y_true]
+    else:
+        worst = probs.argmax(1)
+        confidence = probs.max(1)
+        is_error = worst != y_true
+        truths = [predictor.classes[t] for t in y_true]
+    order = [i for i in np.argsort(-confidence, kind="stable") if is_error[i]][:size]
+    return [{"image_png": predictor.gradcam_png(images[i], int(worst[i])), "file": files[i], "truth": truths[i],
+             "prediction": predictor.label(probs[i]), "confidence": float(confidence[i])} for i in order]
+
+
+def _notes(predictor: Predictor, samples: Samples, split: str, result: EvaluationResult) -> list[str]:
+    meta = predictor.meta
+    trained = meta.extra.get("trained_on") or {}
+    notes = [f"Model: {meta.arch} at {meta.image_size} px ({predictor.mode}), {len(meta.classes)} classes, "
+             f"created {meta.created}, temperature {meta.temperature:.2f}."]
+    if trained:
+        counts = ", ".join(f"{k} {v}" for k, v in (trained.get("class_counts") or {}).items())
+        notes.append(f"Trained on {trained.get('origin', '?')}: {trained.get('n_train', '?')} training and "
+                     f"{trained.get('n_val', '?')} validation images ({counts}).")
+        if split != "test" and _same_place(trained.get("origin"), samples.origin):
+            notes.append("Warning: these images come from the training data set and may include training or "
+                         "validation images; the figures are then optimistic.")
+    else:
+        notes.append("The bundle does not record what the model was trained on.")
+    notes.append(f"Evaluated on {samples.origin} ({split}): {result.n_evaluated} images"
+                 + (f", {len(result.failed)} unreadable (listed in metrics.json)." if result.failed else "."))
+    if predictor.guard is None:
+        notes.append("The bundle has no out-of-distribution guard.")
+    else:
+        notes.append(f"{result.n_ood} image(s) scored as unlike the training images "
+                     f"(OOD score above {predictor.guard.threshold:.1f}).")
+    return notes + [MISUSE_NOTE]
+
+
+def _same_place(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

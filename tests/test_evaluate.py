@@ -1,0 +1,107 @@
+"""Evaluation: the three files, metrics equal to a direct computation, classes matched by name,
+unreadable files counted, split selection, multi-label data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import xray_array
+from PIL import Image
+from test_predict import make_bundle
+
+from chestxray.decode import preprocess
+from chestxray.errors import ChestXrayError
+from chestxray.evaluate import evaluate, headline
+from chestxray.metrics import classification_metrics, multilabel_metrics
+from chestxray.predict import load_model
+
+N_BOOT = 50
+
+
+def assert_close(actual, expected, where: str = "metrics") -> None:
+    """Nested dicts and lists of numbers equal up to float rounding."""
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_close(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, f"{where}[{i}]")
+    else:
+        assert actual == pytest.approx(expected), where
+
+
+def test_writes_three_files_with_the_direct_metrics(tmp_path: Path, make_folder) -> None:
+    # the bundle lists its classes in another order than the data folder (alphabetical)
+    bundle = make_bundle(tmp_path / "bundle", ["pneumonia", "normal"])
+    data = make_folder({"train": {"normal": 2, "pneumonia": 2}, "test": {"normal": 5, "pneumonia": 5}})
+    result = evaluate(bundle, data, tmp_path / "eval", n_boot=N_BOOT, cam_gallery=3, progress=False)
+    assert {name: path.is_file() for name, path in result.files.items()} == dict.fromkeys(result.files, True)
+    assert result.split == "test" and result.n_evaluated == 10 and not result.failed
+
+    predictor = load_model(bundle)
+    frame = pd.read_csv(result.files["predictions"], keep_default_na=False)
+    images = np.stack([preprocess(f, predictor.image_size) for f in frame["file"]])
+    probs, scores = predictor.predict_arrays(images)
+    truth = frame["truth"].map(predictor.classes.index).to_numpy()
+    expected = classification_metrics(truth, probs, predictor.classes, n_boot=N_BOOT)
+    written = json.loads(result.files["metrics"].read_text())
+    assert_close({key: written[key] for key in expected}, json.loads(json.dumps(expected)))
+    assert written["n_ood"] == int((scores > predictor.guard.threshold).sum())
+    assert list(frame.columns) == ["file", "truth", "prediction", "pneumonia", "normal", "ood", "ood_score", "error"]
+    assert frame["truth"].tolist() == [Path(f).parent.name for f in frame["file"]]
+    np.testing.assert_allclose(frame[["pneumonia", "normal"]].to_numpy(), probs, rtol=1e-6)
+
+    page = result.files["report"].read_text()
+    n_errors = int((frame["truth"] != frame["prediction"]).sum())
+    assert ("Most confident errors" in page) == (n_errors > 0)
+    assert "Trained on synthetic" in page
+    lines = headline(result)
+    assert any(line.startswith("accuracy") and "95% CI" in line for line in lines)
+
+
+def test_unknown_class_is_one_clear_error(tmp_path: Path, make_folder) -> None:
+    bundle = make_bundle(tmp_path / "bundle", guard=False)
+    data = make_folder({"normal": 2, "covid": 2})
+    with pytest.raises(ChestXrayError, match="covid unknown to the model"):
+        evaluate(bundle, data, tmp_path / "eval", progress=False)
+
+
+def test_unreadable_files_are_counted_and_the_rest_evaluated(tmp_path: Path, make_folder) -> None:
+    bundle = make_bundle(tmp_path / "bundle", guard=False)
+    data = make_folder({"normal": 3, "pneumonia": 3})
+    broken = data / "normal" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    result = evaluate(bundle, data, tmp_path / "eval", n_boot=N_BOOT, cam_gallery=0, progress=False)
+    assert result.split == "all" and result.n_evaluated == 6
+    assert [f for f, _ in result.failed] == [str(broken)]
+    written = json.loads(result.files["metrics"].read_text())
+    assert written["n_failed"] == 1 and written["failed"][0]["file"] == str(broken) and written["n"] == 6
+    frame = pd.read_csv(result.files["predictions"], keep_default_na=False)
+    assert frame.loc[frame["file"] == str(broken), "error"].item() != ""
+    assert (frame.loc[frame["file"] != str(broken), "error"] == "").all()
+    with pytest.raises(ChestXrayError, match="no images in the 'val' split"):
+        evaluate(bundle, data, tmp_path / "eval", split="val", progress=False)
+
+
+def test_multilabel_data(tmp_path: Path) -> None:
+    classes = ["Effusion", "Mass", "Nodule"]
+    bundle = make_bundle(tmp_path / "bundle", classes, task="multilabel")
+    labels = ["Effusion|Mass", "No Finding", "Nodule", "Mass", "Effusion", "Mass|Nodule", "No Finding", "Effusion"]
+    rows = []
+    for i, label in enumerate(labels):
+        Image.fromarray(xray_array(seed=i)).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", "label": label})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    result = evaluate(bundle, tmp_path / "labels.csv", tmp_path / "eval", n_boot=N_BOOT, cam_gallery=2, progress=False)
+    frame = pd.read_csv(result.files["predictions"], keep_default_na=False)
+    truth = np.array([[c in label.split("|") for c in classes] for label in labels], float)
+    expected = multilabel_metrics(truth, frame[classes].to_numpy(), classes, n_boot=N_BOOT)
+    assert result.metrics["mean_auc"] == pytest.approx(expected["mean_auc"])
+    assert frame["truth"].tolist()[1] == "No Finding"
+    assert any(line.startswith("mean ROC-AUC") for line in headline(result))

@@ -1,0 +1,253 @@
+"""ONNX export of a bundle's model, checked against PyTorch on preprocessed images, and its runner.
+
+The graph takes ``image`` float (N, 1, S, S) in [0, 1] with a dynamic batch axis and returns
+``logits`` (N, C) and ``features`` (N, F) (ARCHITECTURE.md, inference contract). A file is only
+left on disk once onnxruntime reproduces PyTorch's calibrated probabilities within
+:data:`PROB_TOLERANCE` at batch 1 and at batch 3 or more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle
+from .errors import ChestXrayError, InputError
+from .models import ChestXrayNet, EnsembleNet
+from .predict import ONNX_FILE, Predictor, TorchRunner, logits_and_features
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "features")
+DEFAULT_OPSET = 18
+"""The opset the dynamo exporter writes natively; other opsets go through the legacy exporter
+(converting the dynamo graph fails, e.g. for the Pad of TF-style "same" padding)."""
+MIN_OPSET = 17
+PROB_TOLERANCE = 1e-4
+FEATURE_TOLERANCE = 1e-3
+"""Largest feature difference allowed, relative to the largest feature magnitude (at least 1)."""
+WEIGHTS_DIGEST_KEY = "chestxray.weights_sha256"
+N_SYNTHETIC = 3
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A written, parity-checked ONNX model."""
+
+    path: Path
+    opset: int
+    exporter: str
+    max_prob_diff: float
+    max_feature_diff: float
+    n_images: int
+    batch_sizes: tuple[int, ...]
+    seconds: float
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of the ONNX file."""
+        return self.path.stat().st_size
+
+
+class _LogitsAndFeatures(nn.Module):
+    """The model with the graph's two outputs, from one backbone pass."""
+
+    def __init__(self, model: ChestXrayNet | EnsembleNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return logits_and_features(self.model, image)
+
+
+class OnnxRunner:
+    """An onnxruntime session as a runner: ``runner(images float32 (N, 1, S, S)) -> (logits, features)``.
+
+    CUDA is used when onnxruntime offers it, else the CPU with ``threads`` intra-op threads (default:
+    ``torch.get_num_threads()``, every physical core unless the process lowered it, so one setting
+    governs both backends). The session is read-only, so one runner may serve several threads.
+    """
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise InputError(self.path, "ONNX model not found (create it with `chestxray export BUNDLE --format onnx`)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Idle workers sleep instead of spinning: spinning threads starve the decoding threads of a
+        # server, and on a busy shared CPU spinning made batch-16 inference 2-3x slower (measured).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types for any bad file
+            raise InputError(self.path, f"not a loadable ONNX model ({_first_line(err)})") from None
+        names = tuple(o.name for o in self.session.get_outputs())
+        if names != OUTPUT_NAMES:
+            raise InputError(self.path, f"ONNX outputs are {names}, expected {OUTPUT_NAMES}")
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, C) and features (N, F) for float images (N, 1, S, S) in [0, 1]."""
+        logits, features = self.session.run(OUTPUT_NAMES, {INPUT_NAME: np.ascontiguousarray(images, np.float32)})
+        return logits, features
+
+
+def bundle_onnx_runner(bundle_dir: str | Path, threads: int | None = None) -> OnnxRunner:
+    """The runner of ``<bundle>/model.onnx``, refused when it was exported from other weights."""
+    bundle_dir = Path(bundle_dir)
+    runner = OnnxRunner(bundle_dir / ONNX_FILE, threads)
+    if runner.metadata.get(WEIGHTS_DIGEST_KEY) != _weights_digest(bundle_dir):
+        raise InputError(runner.path, "exported from other weights than the bundle's; export it again "
+                                      "with `chestxray export BUNDLE --format onnx`")
+    return runner
+
+
+def export_onnx(bundle_dir: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                parity_images: list[str | Path] | None = None) -> ExportResult:
+    """Export the bundle's model to ONNX and check it against PyTorch; ``out`` is a file or a folder
+    (default: the bundle, as ``model.onnx``).
+
+    Parity runs on :data:`N_SYNTHETIC` synthetic X-rays plus ``parity_images``, preprocessed as
+    prediction does (``Predictor.prepare``), comparing calibrated probabilities (bundle temperature)
+    and features with the PyTorch runner; on any mismatch no file is left and
+    :class:`ChestXrayError` is raised.
+    """
+    if opset < MIN_OPSET:
+        raise ChestXrayError(f"ONNX opset {opset} is too old: use {MIN_OPSET} or newer")
+    start = time.perf_counter()
+    bundle_dir = Path(bundle_dir)
+    model, meta = load_bundle(bundle_dir)
+    reference = Predictor(TorchRunner(model), meta, model)
+    sources: list[str | Path | bytes] = [*(_synthetic_png(seed) for seed in range(N_SYNTHETIC)), *(parity_images or [])]
+    images = np.stack([reference.prepare(source) for source in sources])[:, None].astype(np.float32) / 255.0
+    target = Path(out) if out is not None else bundle_dir
+    if target.is_dir():
+        target = target / ONNX_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        exporter = _export(_LogitsAndFeatures(model).eval(), torch.from_numpy(images[:2]), partial, opset)
+        _add_metadata(partial, meta, _weights_digest(bundle_dir), opset)
+        prob_diff, feature_diff, batch_sizes = _check_parity(reference, OnnxRunner(partial), images)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return ExportResult(target, opset, exporter, prob_diff, feature_diff, len(images), batch_sizes,
+                        time.perf_counter() - start)
+
+
+def _export(wrapper: nn.Module, example: Tensor, path: Path, opset: int) -> str:
+    """Write the graph with the dynamo exporter, or the legacy one for another opset or when dynamo
+    fails; returns the exporter's name."""
+    if opset == DEFAULT_OPSET:
+        try:
+            with _quiet():
+                torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
+                                  output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=True,
+                                  external_data=False, verbose=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            return "dynamo"
+        except Exception as err:  # noqa: BLE001 - the legacy exporter is the documented fallback
+            logging.getLogger(__name__).info("dynamo ONNX export failed (%s); using the legacy exporter", err)
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    try:
+        with _quiet():
+            torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
+                              output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
+                              dynamic_axes=axes)
+    except Exception as err:
+        raise ChestXrayError(f"ONNX export of {type(wrapper.model).__name__} failed: {_first_line(err)}") from err
+    return "legacy"
+
+
+def _add_metadata(path: Path, meta: BundleMeta, weights_digest: str, opset: int) -> None:
+    """Check the written opset and record which bundle weights the graph holds (to detect a stale export)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    written = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ChestXrayError(f"ONNX export: the exporter wrote opset {written} instead of {opset}")
+    entries = {WEIGHTS_DIGEST_KEY: weights_digest, "chestxray.arch": meta.arch,
+               "chestxray.classes": ",".join(meta.classes), "chestxray.image_size": str(meta.image_size)}
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
+def _synthetic_png(seed: int, height: int = 300, width: int = 240) -> bytes:
+    """A portrait picture with a gradient, two dark 'lungs' and noise, encoded as PNG."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = 90 + 80 * yy / height + rng.normal(0, 12, (height, width))
+    for cx in (0.3 * width, 0.7 * width):
+        image -= 60 * np.exp(-(((xx - cx) / (0.14 * width)) ** 2 + ((yy - 0.45 * height) / (0.3 * height)) ** 2))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _check_parity(reference: Predictor, runner: OnnxRunner, images: np.ndarray) -> tuple[float, float, tuple[int, ...]]:
+    """Compare onnxruntime with the PyTorch runner on the first image alone and on the whole batch."""
+    expected_logits, expected_features = reference.runner(images)
+    expected = reference.probabilities(expected_logits)
+    prob_diff = feature_diff = 0.0
+    batch_sizes = (1, len(images))
+    for size in batch_sizes:
+        logits, features = runner(images[:size])
+        if logits.shape != expected_logits[:size].shape or features.shape != expected_features[:size].shape:
+            raise ChestXrayError(f"ONNX export: batch of {size} gave outputs {logits.shape} and {features.shape}, "
+                                 f"expected {expected_logits[:size].shape} and {expected_features[:size].shape}")
+        prob_diff = max(prob_diff, float(np.abs(reference.probabilities(logits) - expected[:size]).max()))
+        feature_diff = max(feature_diff, float(np.abs(features - expected_features[:size]).max()))
+    feature_limit = FEATURE_TOLERANCE * max(1.0, float(np.abs(expected_features).max()))
+    if not prob_diff < PROB_TOLERANCE or not feature_diff <= feature_limit:
+        raise ChestXrayError(f"ONNX export failed the parity check: probabilities differ by up to {prob_diff:.2e} "
+                             f"(limit {PROB_TOLERANCE:.0e}), features by {feature_diff:.2e} (limit "
+                             f"{feature_limit:.2e}); no file written")
+    return prob_diff, feature_diff, batch_sizes
+
+
+def _weights_digest(bundle_dir: Path) -> str:
+    digest = hashlib.sha256()
+    with open(bundle_dir / WEIGHTS_FILE, "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' progress lines, warnings and converter tracebacks."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exporter's or onnxruntime's (often very long) error text."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)

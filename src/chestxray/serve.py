@@ -1,0 +1,441 @@
+"""REST API and web page over a loaded model (FastAPI + uvicorn).
+
+``POST /v1/predict`` takes one image or DICOM as the multipart field ``file``; ``GET /v1/model``
+describes the model; ``GET /healthz`` is the liveness probe; ``GET /`` is a self-contained page.
+
+Safety: uploads are read in memory only, counted while streaming and refused above
+``max_upload_bytes`` (413); unreadable files get 415 or 422 with ``{"error": ...}``, never a 500;
+with an API key, ``/v1/*`` needs ``X-API-Key`` or ``Authorization: Bearer``. All inference runs on
+ONE thread (concurrent torch passes collapse on few cores); requests that queue while it is busy
+are run together as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .decode import IMAGE_SUFFIXES, load_image
+from .errors import ChestXrayError, InputError
+from .export import OnnxRunner
+from .predict import load_model
+
+API_KEY_ENV = "CHESTXRAY_API_KEY"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MULTIPART_OVERHEAD_BYTES = 16 * 1024
+"""Room for the multipart boundaries and part headers around the file itself."""
+MAX_BATCH = 16
+STATIC_DIR = Path(__file__).with_name("static")
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+_DICOM_TYPES = ("application/dicom", "application/dicom+octet-stream")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_SERVE_ENV = "CHESTXRAY_SERVE_"
+log = logging.getLogger("chestxray.serve")
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """A request the API refuses: answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class PredictionOut(BaseModel):
+    """Answer of ``POST /v1/predict``."""
+
+    label: str = Field(description="Most probable class (multi-label: classes at 0.5 or more, joined by '|').")
+    probabilities: dict[str, float] = Field(description="Temperature-calibrated probability of each class.")
+    ood: bool = Field(description="True when the image does not look like the training X-rays: distrust the label.")
+    ood_score: float | None = Field(description="Distance to the training images (null: no guard in the bundle).")
+    model_id: str = Field(description="Architecture, training-data fingerprint and creation time of the model.")
+    latency_ms: float = Field(description="Server time from the received upload to the answer.")
+    cam_png: str | None = Field(None, description="Base64 PNG of the Grad-CAM overlay (with ?cam=true).")
+
+
+class ModelOut(BaseModel):
+    """Answer of ``GET /v1/model``."""
+
+    model_id: str
+    arch: str
+    task: str
+    classes: list[str]
+    image_size: int
+    fit_mode: str
+    temperature: float
+    ood_guard: bool
+    metrics: dict[str, Any]
+    trained_on: dict[str, Any] | None
+    train_fingerprint: str
+    created: str
+    version: str
+    server_version: str
+    backend: str
+    max_upload_bytes: int
+
+
+class ErrorOut(BaseModel):
+    """Body of every refused request."""
+
+    error: str
+
+
+class InferenceQueue:
+    """Runs every model call on one dedicated thread; images that arrive while it is busy are
+    predicted together (up to ``max_batch``) in the next pass, so load raises throughput instead
+    of oversubscribing the cores."""
+
+    def __init__(self, predictor: Any, max_batch: int = MAX_BATCH) -> None:
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chestxray-inference")
+        self._waiting: list[tuple[np.ndarray, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
+
+    async def predict(self, image: np.ndarray) -> Any:
+        """The predictor's :class:`Prediction` for one decoded image."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((image, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run any other model call (e.g. Grad-CAM) on the inference thread, in turn."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+            try:
+                predictions = await self.call(self.predictor.predict, [image for image, _ in batch])
+            except Exception as err:  # noqa: BLE001 - handed to every waiting request
+                predictions = [err] * len(batch)
+            for (_, future), prediction in zip(batch, predictions):
+                if future.done():  # the client went away
+                    continue
+                if isinstance(prediction, Exception):
+                    future.set_exception(prediction)
+                else:
+                    future.set_result(prediction)
+
+    def close(self) -> None:
+        """Stop the inference thread once its current work is done."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _SecurityHeaders:
+    """Headers for every response: no MIME sniffing, no referrer, and no caching of API answers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                if scope["path"].startswith("/v1/"):
+                    headers.setdefault("Cache-Control", "no-store")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(predictor: Any, *, api_key: str | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, cam_predictor: Any | None = None,
+               max_batch: int = MAX_BATCH) -> FastAPI:
+    """The FastAPI app serving ``predictor`` (a :class:`chestxray.predict.Predictor`).
+
+    ``api_key`` (default: ``$CHESTXRAY_API_KEY``; ``""`` for none) protects ``/v1/*``. Grad-CAM (``?cam=true``) uses
+    ``cam_predictor`` when given (a torch predictor beside an ONNX one), else ``predictor``.
+    """
+    meta = predictor.meta
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    queue = InferenceQueue(predictor, max_batch)
+    decoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="chestxray-decode")
+    model_id = _model_id(meta)
+    explainer = cam_predictor or predictor
+    model_info = ModelOut(
+        model_id=model_id, arch=meta.arch, task=meta.task, classes=list(meta.classes),
+        image_size=meta.image_size, fit_mode=meta.preprocess.get("mode", "pad"),
+        temperature=meta.temperature, ood_guard=bool(meta.ood), metrics=meta.metrics,
+        trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
+        created=meta.created, version=meta.package_version, server_version=__version__,
+        backend="onnx" if isinstance(predictor.runner, OnnxRunner) else "torch",
+        max_upload_bytes=max_upload_bytes)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        queue.close()
+        decoder.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="chestxray", version=__version__, lifespan=lifespan,
+                  description="Chest X-ray classification. A research tool, **not a diagnostic device**.")
+    app.add_middleware(_SecurityHeaders)
+    _add_error_handlers(app)
+    guard = [Depends(_key_guard(key))] if key else []
+    refusals = {status: {"model": ErrorOut} for status in (400, 401, 413, 415, 422)}
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict[str, str]:
+        """Liveness probe."""
+        return {"status": "ok"}
+
+    @app.get("/v1/model", response_model=ModelOut, dependencies=guard, tags=["model"],
+             responses={401: refusals[401]})
+    async def model() -> ModelOut:
+        """Classes, architecture, image size, calibration, validation metrics and training data of the model."""
+        return model_info
+
+    @app.post("/v1/predict", response_model=PredictionOut, response_model_exclude_unset=True,
+              dependencies=guard, tags=["model"], responses=refusals, openapi_extra=_UPLOAD_SCHEMA)
+    async def predict(request: Request,
+                      cam: bool = Query(False, description="Add a Grad-CAM overlay as base64 PNG (cam_png).")
+                      ) -> PredictionOut:
+        """Classify one chest X-ray (PNG, JPEG, BMP, TIFF or DICOM) sent as the multipart field ``file``."""
+        data, filename, content_type = await _read_upload(request, max_upload_bytes)
+        start = time.perf_counter()
+        image = await asyncio.get_running_loop().run_in_executor(
+            decoder, _decode_upload, data, filename, content_type, meta.image_size)
+        prediction = await queue.predict(image)
+        if getattr(prediction, "error", None):
+            raise ApiError(422, prediction.error)
+        extra = {}
+        if cam:
+            if explainer.model is None:
+                raise ApiError(400, "Grad-CAM needs a PyTorch model: serve with the torch backend")
+            extra["cam_png"] = base64.b64encode(await queue.call(explainer.gradcam_png, image)).decode("ascii")
+        return PredictionOut(
+            label=prediction.label, probabilities=prediction.probabilities, ood=prediction.ood,
+            ood_score=prediction.ood_score, model_id=model_id,
+            latency_ms=round((time.perf_counter() - start) * 1000, 2), **extra)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "torch", *,
+          workers: int = 1, threads: int | None = None, api_key: str | None = None,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info") -> None:
+    """Serve the bundle's model with uvicorn until interrupted (Ctrl-C).
+
+    ``backend`` is ``torch`` or ``onnx`` (needs ``chestxray export`` first). Each of the ``workers``
+    processes loads its own model and computes with ``threads`` threads (default: torch's, the cores, divided
+    among the workers; on a CPU shared with other busy processes, 1 thread avoids the collapse of
+    oversubscribed torch threads).
+    """
+    if backend not in ("torch", "onnx"):
+        raise ChestXrayError(f"unknown backend '{backend}': use torch or onnx")
+    if workers < 1 or (threads is not None and threads < 1):
+        raise ChestXrayError(f"workers and threads must be at least 1, not {workers} and {threads}")
+    threads = threads or max(1, torch.get_num_threads() // workers)
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if host not in _LOOPBACK and not key:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
+                    "(set %s)", host, API_KEY_ENV)
+    settings = {"BUNDLE": str(Path(bundle_dir).resolve()), "BACKEND": backend, "MAX_UPLOAD": str(max_upload_bytes),
+                "THREADS": str(threads)}
+    options = {"host": host, "port": port, "log_level": log_level, "limit_concurrency": 64,
+               "server_header": False}
+    if workers == 1:
+        uvicorn.run(_app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads), **options)
+        return
+    _app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads)  # fail here, not in every worker
+    os.environ.update({_SERVE_ENV + name: value for name, value in settings.items()})
+    if key:
+        os.environ[API_KEY_ENV] = key
+    uvicorn.run("chestxray.serve:app_from_environment", factory=True, workers=workers, **options)
+
+
+def app_from_environment() -> FastAPI:
+    """App factory of each uvicorn worker process, configured by :func:`serve` through the environment."""
+    env = {name: os.environ[_SERVE_ENV + name] for name in ("BUNDLE", "BACKEND", "MAX_UPLOAD", "THREADS")}
+    return _app_for_bundle(env["BUNDLE"], env["BACKEND"], None, int(env["MAX_UPLOAD"]), int(env["THREADS"]))
+
+
+@contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free port in a background thread; yields its base URL.
+
+    For tests, notebooks and benchmarks; the server stops when the block ends.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise ChestXrayError(f"the test server on {host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _app_for_bundle(bundle_dir: str, backend: str, api_key: str | None, max_upload_bytes: int,
+                    threads: int) -> FastAPI:
+    torch.set_num_threads(threads)  # the ONNX runner follows torch's setting
+    predictor = load_model(bundle_dir, backend=backend)
+    cam_predictor = load_model(bundle_dir, backend="torch") if backend == "onnx" else None
+    return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor)
+
+
+def _model_id(meta: Any) -> str:
+    """Architecture, training-data fingerprint and creation time: which model answered."""
+    parts = [meta.arch, meta.train_fingerprint[:12], meta.created]
+    return ":".join(part for part in parts if part)
+
+
+def _key_guard(key: str) -> Callable[..., Any]:
+    expected = key.encode()
+    header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False)
+    bearer_scheme = HTTPBearer(auto_error=False)
+
+    async def require_key(header: str | None = Depends(header_scheme),
+                          bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> None:
+        offered = header if header is not None else bearer.credentials if bearer else None
+        # HTTP headers arrive decoded as Latin-1: compare their raw bytes with the key's UTF-8 bytes
+        if offered is None or not secrets.compare_digest(offered.encode("latin-1"), expected):
+            raise ApiError(401, "missing or wrong API key (send the X-API-Key header)")
+
+    return require_key
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[bytes, str, str]:
+    """The multipart field ``file`` read into memory, counting bytes while they stream in: returns
+    the bytes, the client's file name (a label only, never a path) and the declared content type."""
+    body_limit = limit + MULTIPART_OVERHEAD_BYTES
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > body_limit):
+        raise ApiError(413, f"upload larger than the limit of {_megabytes(limit)}")
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "send the image as multipart/form-data in the field 'file'")
+
+    async def counted() -> Any:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise ApiError(413, f"upload larger than the limit of {_megabytes(limit)}")
+            yield chunk
+
+    parser = MultiPartParser(request.headers, counted(), max_files=1, max_fields=8)
+    parser.spool_max_size = body_limit  # keep the file in memory: nothing from a request touches the disk
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise ApiError(422, f"malformed multipart body ({err.message})") from None
+    upload = form.get("file")
+    try:
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "no file in the multipart field 'file'")
+        data = await upload.read()
+        if len(data) > limit:
+            raise ApiError(413, f"upload larger than the limit of {_megabytes(limit)}")
+        return data, upload.filename or "", (upload.content_type or "").lower()
+    finally:
+        await form.close()
+
+
+def _decode_upload(data: bytes, filename: str, content_type: str, image_size: int) -> np.ndarray:
+    """Decode the upload as prediction would (``load_image`` with ``min_side``); a refusal becomes
+    415 when nothing says the file is an image, else 422."""
+    suffix = PurePosixPath(filename).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES and content_type in _DICOM_TYPES:
+        suffix = ".dcm"
+    label = "upload" + (suffix if suffix in IMAGE_SUFFIXES else "")
+    try:
+        return load_image(data, min_side=image_size, name=label)
+    except InputError as err:
+        claimed = suffix in IMAGE_SUFFIXES or content_type.startswith("image/") or content_type in _DICOM_TYPES
+        looks_like_image = data.startswith(_IMAGE_SIGNATURES) or data[128:132] == b"DICM" or \
+            data[8:12] == b"WEBP"
+        if not (claimed or looks_like_image):
+            raise ApiError(415, "unsupported file type: send a PNG, JPEG, BMP, TIFF or DICOM image") from None
+        raise ApiError(422, err.reason) from None
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.3g} MB"
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal is ``{"error": "..."}``; an unexpected failure is answered 500 (uvicorn logs it)."""
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return error(err.status, err.message, {"WWW-Authenticate": "Bearer"} if err.status == 401 else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error(err.status_code, str(err.detail), getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        return error(422, problems or "invalid request")
+
+    @app.exception_handler(ChestXrayError)
+    async def model_error(_: Request, err: ChestXrayError) -> JSONResponse:
+        return error(422, str(err))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        return error(500, "internal error")
+
+
+_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "A chest X-ray: PNG, JPEG, BMP, TIFF or DICOM."}}}}}}}

@@ -1,0 +1,113 @@
+"""The web page in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``) against a real
+uvicorn server: upload an X-ray and see the prediction, the bars and the heatmap; a bad file shows the
+server's error; a key-protected server asks for the key."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from chestxray.predict import Predictor, load_model
+from chestxray.serve import background_server, create_app
+from conftest import xray_array
+from test_serve import CLASSES, build_tiny_bundle
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--no-first-run", "--window-size=1200,1000")
+WAIT_SECONDS = 60
+HEATMAP_SHOWN = ("const img = document.getElementById('heatmap');"
+                 "return !img.hidden && img.complete && img.naturalWidth > 0")
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+    pytest.skip("headless Chromium is not installed: apt-get install chromium chromium-driver",
+                allow_module_level=True)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as seen  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    return load_model(build_tiny_bundle(tmp_path_factory.mktemp("bundle")))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def xray_file(tmp_path: Path) -> Path:
+    path = tmp_path / "patient 01 (PA).png"  # spaces and brackets: a name is only a label
+    Image.fromarray(xray_array(300, 260, seed=4)).save(path)
+    return path
+
+
+def upload(driver: webdriver.Chrome, path: Path) -> None:
+    driver.find_element(By.ID, "file").send_keys(str(path))
+
+
+def test_upload_shows_prediction_bars_and_heatmap(browser: webdriver.Chrome, predictor: Predictor,
+                                                  xray_file: Path, tmp_path: Path) -> None:
+    expected = predictor.predict(xray_file)
+    with background_server(create_app(predictor, api_key="")) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, WAIT_SECONDS)
+        wait.until(lambda d: "resnet18" in d.find_element(By.ID, "model-line").text)
+        assert "not a diagnostic device" in browser.find_element(By.CLASS_NAME, "notice").text.lower()
+        upload(browser, xray_file)
+        wait.until(seen.visibility_of_element_located((By.ID, "result")))
+        wait.until(lambda d: d.execute_script(HEATMAP_SHOWN))
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        label = browser.find_element(By.ID, "label").text
+        bars = browser.find_elements(By.CSS_SELECTOR, "#bars li")
+        names = [bar.find_element(By.CLASS_NAME, "bar-name").text for bar in bars]
+        top = browser.find_element(By.CSS_SELECTOR, "#bars li.top .bar-name").text
+        ood_hidden = browser.execute_script("return document.getElementById('ood').hidden")
+        key_form_shown = browser.find_element(By.ID, "key-form").is_displayed()
+    assert label == expected.label == top
+    assert sorted(names) == sorted(CLASSES)
+    assert ood_hidden is True and not key_form_shown
+    assert Image.open(tmp_path / "page.png").size[0] > 0
+
+
+def test_a_bad_file_shows_the_server_error(browser: webdriver.Chrome, predictor: Predictor, tmp_path: Path) -> None:
+    bad = tmp_path / "scan.png"
+    bad.write_text("this is not an image")
+    with background_server(create_app(predictor, api_key="")) as url:
+        browser.get(url + "/")
+        upload(browser, bad)
+        error = WebDriverWait(browser, WAIT_SECONDS).until(seen.visibility_of_element_located((By.ID, "error")))
+        assert "scan.png" in error.text and "not a readable image" in error.text
+        assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def test_a_protected_server_asks_for_the_key(browser: webdriver.Chrome, predictor: Predictor,
+                                             xray_file: Path) -> None:
+    with background_server(create_app(predictor, api_key="open-sesame")) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, WAIT_SECONDS)
+        key_input = wait.until(seen.visibility_of_element_located((By.ID, "api-key")))
+        key_input.send_keys("open-sesame")
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        wait.until(seen.invisibility_of_element_located((By.ID, "key-form")))
+        upload(browser, xray_file)
+        wait.until(seen.visibility_of_element_located((By.ID, "result")))
+        assert browser.find_element(By.ID, "label").text in CLASSES

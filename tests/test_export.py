@@ -1,0 +1,125 @@
+"""Tests for chestxray.export: ONNX parity with PyTorch, dynamic batch, both exporters, ensembles,
+no file left behind by a failed check, stale exports refused, and the ONNX backend of load_model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from chestxray.bundle import BundleMeta, load_bundle, save_bundle
+from chestxray.errors import ChestXrayError, InputError
+from chestxray.export import (OUTPUT_NAMES, PROB_TOLERANCE, ExportResult, OnnxRunner, bundle_onnx_runner,
+                              export_onnx)
+from chestxray.models import EnsembleNet, create_model
+from chestxray.predict import TorchRunner, load_model
+from conftest import xray_array
+from test_serve import CLASSES, IMAGE_SIZE, build_tiny_bundle
+
+
+def float_batch(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` different synthetic X-rays as model input (n, 1, S, S) in [0, 1]."""
+    squares = [xray_array(IMAGE_SIZE, IMAGE_SIZE, seed + i) for i in range(n)]
+    return np.stack(squares)[:, None].astype(np.float32) / 255.0
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    return export_onnx(build_tiny_bundle(tmp_path_factory.mktemp("bundle")))
+
+
+def test_export_writes_a_checked_model_into_the_bundle(exported: ExportResult) -> None:
+    assert exported.path.name == "model.onnx" and exported.path.is_file()
+    assert exported.exporter == "dynamo" and exported.opset == 18
+    assert exported.max_prob_diff < PROB_TOLERANCE and exported.n_images >= 3
+    assert exported.batch_sizes == (1, exported.n_images)
+    graph = onnx.load(str(exported.path)).graph
+    assert [i.name for i in graph.input] == ["image"] and tuple(o.name for o in graph.output) == OUTPUT_NAMES
+    assert not list(exported.path.parent.glob("*.data")) and not list(exported.path.parent.glob("*.partial"))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_onnx_matches_torch_at_any_batch_size(exported: ExportResult, batch: int) -> None:
+    model, meta = load_bundle(exported.path.parent)
+    images = float_batch(batch, seed=10)
+    logits, features = OnnxRunner(exported.path)(images)
+    expected_logits, expected_features = TorchRunner(model)(images)
+    assert logits.shape == (batch, len(CLASSES)) and features.shape == expected_features.shape
+    assert np.abs(logits - expected_logits).max() < 1e-4 * max(1.0, np.abs(expected_logits).max())
+    assert np.abs(features - expected_features).max() < 1e-3 * max(1.0, np.abs(expected_features).max())
+    assert np.ptp(expected_logits) > 0.1  # logits spread: a real comparison, not of near-constants
+
+
+def test_onnx_backend_predicts_like_torch(exported: ExportResult) -> None:
+    images = [xray_array(120, 90, seed) for seed in range(3)]
+    torch_predictions = load_model(exported.path.parent).predict(images)
+    onnx_predictions = load_model(exported.path.parent, backend="onnx").predict(images)
+    for ours, reference in zip(onnx_predictions, torch_predictions):
+        assert ours.label == reference.label
+        assert ours.probabilities == pytest.approx(reference.probabilities, abs=PROB_TOLERANCE)
+
+
+def test_real_x_rays_join_the_parity_check(course_data: Path, tmp_path: Path) -> None:
+    real = sorted((course_data / "test").rglob("*.jp*g"))[:2]
+    result = export_onnx(build_tiny_bundle(tmp_path / "b"), opset=17, parity_images=real)
+    assert result.n_images == 3 + len(real) and result.max_prob_diff < PROB_TOLERANCE
+    assert result.exporter == "legacy" and result.opset == 17
+    assert onnx.load(str(result.path)).opset_import[0].version == 17
+
+
+def test_ensemble_exports_with_parity(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    members = [create_model("resnet18", num_classes=len(CLASSES), weights="none") for _ in range(2)]
+    for member in members:
+        torch.nn.init.normal_(member.backbone.get_classifier().weight, std=0.5)
+    bundle = save_bundle(tmp_path / "ensemble", EnsembleNet(members).eval(),
+                         BundleMeta(classes=CLASSES, image_size=IMAGE_SIZE))
+    result = export_onnx(bundle, out=tmp_path / "elsewhere" / "ensemble.onnx", opset=17)
+    assert result.path == tmp_path / "elsewhere" / "ensemble.onnx"
+    _, features = OnnxRunner(result.path)(float_batch(2))
+    member_features = members[0].features(torch.from_numpy(float_batch(2))).shape[1]
+    assert features.shape == (2, 2 * member_features)  # both members' features side by side
+
+
+def test_failed_parity_leaves_no_file_and_keeps_the_previous_export(exported: ExportResult, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    before = (bundle / "model.onnx").read_bytes()
+    run = OnnxRunner.__call__
+
+    def drifting(self: OnnxRunner, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = run(self, images)
+        return logits + np.linspace(0, 0.05, logits.shape[1], dtype=np.float32), features
+
+    monkeypatch.setattr(OnnxRunner, "__call__", drifting)
+    for target in (None, tmp_path / "fresh.onnx"):
+        with pytest.raises(ChestXrayError, match="parity"):
+            export_onnx(bundle, out=target, opset=17)
+    assert (bundle / "model.onnx").read_bytes() == before
+    assert not (tmp_path / "fresh.onnx").exists()
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_stale_export_is_refused(exported: ExportResult, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    assert bundle_onnx_runner(bundle).metadata["chestxray.classes"] == ",".join(CLASSES)
+    model, meta = load_bundle(bundle)
+    with torch.no_grad():
+        model.backbone.get_classifier().bias.add_(1.0)
+    save_bundle(bundle, model, meta)  # retrained into the same folder; model.onnx is now stale
+    with pytest.raises(InputError, match="export it again"):
+        bundle_onnx_runner(bundle)
+
+
+def test_bad_requests_are_clear_errors(exported: ExportResult, tmp_path: Path) -> None:
+    with pytest.raises(ChestXrayError, match="opset 11 is too old"):
+        export_onnx(exported.path.parent, out=tmp_path / "x.onnx", opset=11)
+    with pytest.raises(InputError, match="not found"):
+        OnnxRunner(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(InputError, match="not a loadable ONNX model"):
+        OnnxRunner(tmp_path / "junk.onnx")

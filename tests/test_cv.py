@@ -1,0 +1,116 @@
+"""Cross-validation: patient-grouped folds, out-of-fold predictions, fold isolation and the ensemble bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from chestxray.bundle import load_bundle
+from chestxray.config import TrainConfig
+from chestxray.cv import cross_validate
+from chestxray.decode import preprocess
+from chestxray.errors import ChestXrayError
+from chestxray.models import EnsembleNet
+from chestxray.train import predict_logits
+
+# timm's tiny test network: fast even on a busy CPU
+TINY = dict(arch="test_efficientnet", weights="none", image_size=32, epochs=1, batch_size=8,
+            freeze_epochs=0, warmup_epochs=0, channels_last=False, val_fraction=0.25)
+
+
+def write_xrays(root: Path, patients: int = 6, per_patient: int = 2) -> Path:
+    """Dark "normal" vs bright "pneumonia" 40x40 PNGs in ``train/``, named so patients are known
+    (Kermany style), plus a ``test/`` split holding a byte copy of one training image, and one
+    training images duplicated under other patients."""
+    rng = np.random.default_rng(0)
+    names = {"normal": "IM-{p:04d}-{i:04d}.png", "pneumonia": "person{p}_bacteria_{i}.png"}
+    for split, count in (("train", patients), ("test", 1)):
+        for label, base in (("normal", 60), ("pneumonia", 170)):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in range(count):
+                for i in range(per_patient):
+                    pixels = np.clip(rng.normal(base, 20, (40, 40)), 0, 255).astype(np.uint8)
+                    patient = p if split == "train" else 100 + p
+                    Image.fromarray(pixels).save(folder / names[label].format(p=patient, i=i))
+    shutil.copy(root / "train/pneumonia/person0_bacteria_0.png", root / "test/pneumonia/person100_bacteria_9.png")
+    for p in range(min(3, patients)):
+        shutil.copy(root / f"train/normal/IM-{p:04d}-0000.png", root / f"train/normal/IM-{50 + p:04d}-0000.png")
+    return root
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
+    data = write_xrays(tmp_path / "data")
+    result = cross_validate(data, TrainConfig(**TINY), folds=3, out_dir=tmp_path / "runs", name="cv",
+                            keep_models=True, progress=False)
+    run = tmp_path / "runs" / "cv"
+
+    # every training-pool image exactly once, never a test image or the test image's training copy
+    oof = pd.read_csv(run / "oof.csv", dtype={"patient_id": str})
+    test_copy = str(data / "train/pneumonia/person0_bacteria_0.png")
+    expected = {str(p) for p in (data / "train").rglob("*.png")} - {test_copy}
+    assert sorted(oof["file"]) == sorted(expected)
+    assert set(oof["fold"]) == {0, 1, 2}
+    assert oof.groupby("patient_id")["fold"].nunique().max() == 1, "a patient is in two folds"
+    assert np.allclose(oof[["normal", "pneumonia"]].sum(axis=1), 1.0)
+
+    folds = pd.read_csv(run / "cv.csv")
+    assert list(folds["fold"]) == [0, 1, 2] and folds["n"].sum() == len(oof)
+    assert {"loss", "accuracy", "balanced_accuracy", "macro_auc"} <= set(folds.columns)
+    summary = json.loads((run / "cv.json").read_text())
+    assert summary["mean"]["accuracy"] == pytest.approx(folds["accuracy"].mean())
+    assert summary["std"]["loss"] == pytest.approx(folds["loss"].std(ddof=1))
+    truth = (oof["truth"] == "pneumonia").to_numpy()
+    oof_accuracy = float(((oof["pneumonia"] > oof["normal"]).to_numpy() == truth).mean())
+    assert summary["oof"]["n"] == len(oof) and summary["oof"]["accuracy"] == pytest.approx(oof_accuracy)
+
+    # a fold never trains or early-stops on its held-out images, nor on byte copies of them
+    copy_folds = [oof[oof["file"].isin({str(data / f"train/normal/IM-{q:04d}-0000.png") for q in (p, 50 + p)})]["fold"]
+                  for p in range(3)]
+    assert any(f.nunique() == 2 for f in copy_folds), "precondition: some copies fall in two folds"
+    for fold in range(3):
+        split = pd.read_csv(run / f"fold{fold}" / "split.csv")
+        held = oof[oof["fold"] == fold]["file"]
+        assert set(split["subset"]) == {"train", "val"}
+        assert not set(split["path"]) & set(held)
+        assert not {_digest(p) for p in split["path"]} & {_digest(p) for p in held}
+        assert not (run / f"fold{fold}" / "checkpoints").exists() and not (run / f"fold{fold}" / "bundle").exists()
+
+    # the ensemble: one member per fold, each member reproduces the out-of-fold probabilities of its fold,
+    # and the ensemble's probabilities are the members' mean
+    model, meta = load_bundle(result.bundle_dir)
+    assert isinstance(model, EnsembleNet) and len(model.members) == 3
+    assert meta.metrics["accuracy"] == pytest.approx(oof_accuracy) and meta.temperature > 0
+    for fold, member in enumerate(model.members):
+        rows = oof[oof["fold"] == fold]
+        images = np.stack([preprocess(p, 32, "pad") for p in rows["file"]])
+        probs = torch.from_numpy(predict_logits(member, images)).softmax(-1).numpy()
+        assert np.allclose(probs, rows[["normal", "pneumonia"]].to_numpy(), atol=1e-5)
+    images = np.random.default_rng(1).integers(0, 255, (4, 32, 32), dtype=np.uint8)
+    ensemble = torch.from_numpy(predict_logits(model, images)).softmax(-1)
+    members = torch.stack([torch.from_numpy(predict_logits(m, images)).softmax(-1) for m in model.members])
+    assert torch.allclose(ensemble, members.mean(0), atol=1e-5)
+
+
+def test_more_folds_than_patients_is_a_clear_error(tmp_path: Path) -> None:
+    data = write_xrays(tmp_path / "data", patients=3)  # 3 + 3 copies + 3 patients in the pool
+    with pytest.raises(ChestXrayError, match="10 folds need at least 10 patients; the training pool has 9"):
+        cross_validate(data, TrainConfig(**TINY), folds=10, out_dir=tmp_path / "runs", progress=False)
+
+
+@pytest.mark.parametrize("layout", [{"strategy": "ddp"}, {"devices": "2"}, {"num_nodes": 2}])
+def test_multi_process_layouts_are_refused(tmp_path: Path, layout: dict) -> None:
+    with pytest.raises(ChestXrayError, match="one device in one process"):
+        cross_validate(tmp_path, TrainConfig(**{**TINY, **layout}), out_dir=tmp_path / "runs", progress=False)

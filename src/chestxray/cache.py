@@ -7,11 +7,14 @@ only opens a memory map. It never writes into the data folder.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,36 +76,55 @@ def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, cache_dir
     """Preprocess every sample to ``size`` x ``size`` once; later calls open the stored memory map.
 
     Files that fail to decode are listed in ``ImageCache.failed`` with the reason; the others
-    are still cached.
+    are still cached. Processes building the same cache at once (the ranks of a distributed run)
+    wait for the first one and open what it built.
     """
     paths = samples.frame["path"].tolist()
     key = fingerprint(paths, size, mode)
     directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
     if array_path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        failed = {int(k): v for k, v in meta["failed"].items()}
-        return ImageCache(np.load(array_path, mmap_mode="r"), failed, size, mode, key, array_path)
+        return _open(array_path, meta_path, size, mode, key)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ChestXrayError(f"{directory}: cannot create the cache folder ({err.strerror})") from None
-    tmp_path = directory / f"{key}.{os.getpid()}.tmp.npy"
-    try:
-        images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-        failed: dict[int, str] = {}
-        for row, image, reason in _decode_all(paths, size, mode, workers, progress):
-            if image is None:
-                failed[row] = reason
-            else:
-                images[row] = image
-        images.flush()
-        del images
-        os.replace(tmp_path, array_path)
-    finally:
-        tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
-    meta_path.write_text(json.dumps({"size": size, "mode": mode, "n": len(paths), "failed": failed}))
+    with _exclusive(directory / f"{key}.lock"):
+        if array_path.is_file() and meta_path.is_file():  # built by another process while this one waited
+            return _open(array_path, meta_path, size, mode, key)
+        tmp_path = directory / f"{key}.{os.getpid()}.tmp.npy"
+        try:
+            images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+            failed: dict[int, str] = {}
+            for row, image, reason in _decode_all(paths, size, mode, workers, progress):
+                if image is None:
+                    failed[row] = reason
+                else:
+                    images[row] = image
+            images.flush()
+            del images
+            meta_path.write_text(json.dumps({"size": size, "mode": mode, "n": len(paths), "failed": failed}))
+            os.replace(tmp_path, array_path)  # last: the array's appearance publishes a complete cache
+        finally:
+            tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
+    return _open(array_path, meta_path, size, mode, key)
+
+
+def _open(array_path: Path, meta_path: Path, size: int, mode: str, key: str) -> ImageCache:
+    meta = json.loads(meta_path.read_text())
+    failed = {int(k): v for k, v in meta["failed"].items()}
     return ImageCache(np.load(array_path, mmap_mode="r"), failed, size, mode, key, array_path)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path``; the file is removed on release."""
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
 
 
 def _decode_one(job: tuple[int, str, int, str]) -> tuple[int, np.ndarray | None, str]:

@@ -11,6 +11,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +32,11 @@ from .cache import ImageCache, build_cache
 from .config import TrainConfig, load_config, save_config
 from .data import CachedDataset, augment_batch, to_model_input
 from .decode import content_hash
-from .errors import ChestXrayError
+from .distributed import gather_in_order, trainer_layout
+from .errors import ChestXrayError, InputError
 from .metrics import fit_temperature
 from .models import ChestXrayNet, create_model
+from .ood import fit_guard
 from .report import plot_training_curves
 from .sources import Samples, load_samples
 from .splits import load_split, save_split, train_val_split
@@ -158,9 +161,9 @@ class ClassifierModule(L.LightningModule):
         logits = torch.cat([o[0] for o in self._val_outputs])
         targets = torch.cat([o[1] for o in self._val_outputs])
         self._val_outputs.clear()
-        if self.trainer.world_size > 1:
-            logits = self.all_gather(logits).flatten(0, 1)
-            targets = self.all_gather(targets).flatten(0, 1)
+        if self.trainer.world_size > 1:  # every rank scores the whole validation set, each image once
+            total = len(self.trainer.val_dataloaders.dataset)
+            logits, targets = gather_in_order(logits, total), gather_in_order(targets, total)
         for name, value in validation_metrics(logits, targets, self.model.task).items():
             self.log(name, value, sync_dist=False, rank_zero_only=False)
 
@@ -245,12 +248,16 @@ class EpochLog(Callback):
 
 def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_dir: str | Path = "runs",
         name: str | None = None, resume: bool = False, cache_dir: str | Path | None = None,
-        progress: bool | None = None) -> RunResult:
+        progress: bool | None = None, split_file: str | Path | None = None,
+        callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train a model on ``data`` (test split excluded) and write its run directory and bundle.
 
     With ``resume``, the run ``out_dir/name`` continues from its last checkpoint with its saved
-    config and split.
+    config and split. ``split_file`` (a ``split.csv`` as saved in run directories) fixes the
+    training and validation images; ``callbacks`` are extra Lightning callbacks (e.g. pruning).
     """
+    if split_file is not None and not Path(split_file).is_file():
+        raise InputError(split_file, "split file not found")
     run_dir = Path(out_dir) / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume:
@@ -263,14 +270,14 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_di
         progress = console.is_terminal
     L.seed_everything(config.seed, workers=True, verbose=False)
     _set_threads(config)
-    prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=run_dir / "split.csv" if resume else None,
-                            progress=progress)
+    split_file = run_dir / "split.csv" if resume else split_file
+    prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=split_file, progress=progress)
     samples = prepared.samples
     model = create_model(config.arch, len(samples.classes), config.weights, config.drop_rate, samples.task)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     module = ClassifierModule(model, config, _class_weights(prepared, config))
-    trainer = _make_trainer(config, run_dir, progress)
+    trainer = _make_trainer(config, run_dir, progress, callbacks)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -278,13 +285,13 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_di
         console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
                       f"{len(prepared.val_rows)} ({len(samples.classes)} classes, {config.image_size}px) -> {run_dir}")
     trainer.fit(module, *_loaders(prepared, config), ckpt_path=last if resume else None, weights_only=True)
+    if not trainer.is_global_zero:  # rank 0 alone wrote the checkpoints and metrics (maybe on another node)
+        return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     history = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
-    if not trainer.is_global_zero:
-        return RunResult(run_dir, run_dir / "bundle", {}, history)
     bundle_dir, metrics = _write_bundle(module.model.float().eval(), prepared, config, run_dir, history)
     if len(history):
         plot_training_curves(history, run_dir / "curves.png")
@@ -316,7 +323,7 @@ def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConf
                                                          torch.from_numpy(val_targets)).item()
     meta = BundleMeta(
         classes=list(prepared.samples.classes), image_size=config.image_size,
-        preprocess={"mode": config.fit_mode}, temperature=float(temperature),
+        preprocess={"mode": config.fit_mode}, temperature=float(temperature), ood=_fit_ood(model, prepared),
         train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
         extra={"config": config.to_dict(), "trained_on": {
             "origin": prepared.samples.origin, "n_train": int(len(prepared.train_rows)),
@@ -325,6 +332,17 @@ def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConf
             "history": history.to_dict("list")})
     bundle_dir = save_bundle(run_dir / "bundle", model, meta)
     return bundle_dir, metrics
+
+
+def _fit_ood(model: ChestXrayNet, prepared: PreparedData) -> dict[str, Any] | None:
+    """The out-of-distribution guard, fitted on the training images, thresholded on validation."""
+    images = np.asarray(prepared.cache.images)
+    try:
+        return fit_guard(model, images[prepared.train_rows], prepared.targets[prepared.train_rows],
+                         val_images=images[prepared.val_rows])
+    except ChestXrayError as err:  # e.g. too few images in a tiny run
+        console.print(f"[yellow]no out-of-distribution guard: {err}[/]")
+        return None
 
 
 def _class_weights(prepared: PreparedData, config: TrainConfig) -> torch.Tensor | None:
@@ -355,7 +373,8 @@ def _loaders(prepared: PreparedData, config: TrainConfig) -> tuple[DataLoader, D
     return train, DataLoader(val_set, shuffle=False, **common)
 
 
-def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool) -> L.Trainer:
+def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool,
+                  extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision = config.precision
     if precision == "auto":  # bf16 is 5-10x slower on CPUs without native bf16: mixed precision on GPU only
@@ -363,20 +382,22 @@ def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool) -> L.Train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
                                  mode="min", save_last=True, save_weights_only=False)
     callbacks: list[Callback] = [checkpoint, EarlyStopping("val_loss", patience=config.patience),
-                                 EpochLog(run_dir / "metrics.csv", config.epochs)]
+                                 EpochLog(run_dir / "metrics.csv", config.epochs), *extra_callbacks]
     if progress:
         callbacks.append(RichProgressBar(leave=False))
-    devices: Any = int(config.devices) if str(config.devices).isdigit() else config.devices
-    return L.Trainer(max_epochs=config.epochs, accelerator=accelerator, devices=devices,
-                     num_nodes=config.num_nodes, strategy=config.strategy, precision=precision,
-                     callbacks=callbacks, logger=False, enable_progress_bar=progress,
+    return L.Trainer(max_epochs=config.epochs, accelerator=accelerator, **trainer_layout(config, accelerator),
+                     precision=precision, callbacks=callbacks, logger=False, enable_progress_bar=progress,
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
                      default_root_dir=run_dir, log_every_n_steps=1)
 
 
 def _set_threads(config: TrainConfig) -> None:
-    """All cores for one process; an equal share each when several processes share the machine."""
+    """All cores for one process; an equal share each when several processes share the machine.
+
+    Cores are those this process may run on (a cluster job's allocation), not all of the machine's.
+    """
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if str(config.devices).isdigit() and not torch.cuda.is_available():
         local_processes = max(local_processes, int(config.devices))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // local_processes))

@@ -1,0 +1,39 @@
+"""Helpers for test_distributed.py that run in other processes.
+
+As a script, under ``torchrun``: ``distributed_helpers.py BUNDLE OUT.csv BATCH INPUT...`` calls
+:func:`chestxray.distributed.sharded_predict`; rank 0 writes the table as CSV.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from multiprocessing.synchronize import Barrier
+
+import chestxray.cache as cache
+from chestxray.sources import load_samples
+
+
+def build_logged(folder: str, cache_dir: str, log: str, start: Barrier) -> None:
+    """Build the 16 px cache of ``folder`` slowly, appending this process id to ``log`` if it decodes."""
+    decode_all = cache._decode_all
+
+    def logged(*args, **kwargs):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # the other process arrives while this one builds
+        yield from decode_all(*args, **kwargs)
+
+    cache._decode_all = logged
+    start.wait()
+    cache.build_cache(load_samples(folder), 16, cache_dir=cache_dir, workers=1, progress=False)
+
+
+if __name__ == "__main__":
+    from chestxray.distributed import sharded_predict
+
+    bundle, out, batch, *inputs = sys.argv[1:]
+    table = sharded_predict(bundle, inputs, batch_size=int(batch), progress=False)
+    if table is not None:
+        table.to_csv(out, index=False)

@@ -25,7 +25,13 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/chestxray audit "$(CHESTXRAY_DATA)/chest_xray_4class" --out runs/audit
 
-test: install-dev
+# Debian's Chromium and ChromeDriver drive the browser test of the web page.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver)
+
+test: install-dev browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -37,43 +37,175 @@ def audit(data: Path = DataArg,
     render_terminal(report, console)
 
 
-@app.command()
-def train(data: Path = DataArg,
-          config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (flags win)."),
-          out: Path = typer.Option(Path("runs"), "--out", help="Parent folder of run directories."),
-          name: Optional[str] = typer.Option(None, "--name", help="Run name [default: a timestamp]."),
+TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (e.g. a sweep's best.yaml); flags win.")
+OutOpt = typer.Option(Path("runs"), "--out", help="Parent folder of run directories.")
+NameOpt = typer.Option(None, "--name", help="Run name [default: a timestamp].")
+
+
+def _train_config(config: Optional[Path], ctx: typer.Context):
+    from .config import load_config, overrides_from_args
+
+    return load_config(config, **overrides_from_args(ctx.args))
+
+
+def _options_epilog() -> str:
+    from .config import options_help
+
+    return options_help()
+
+
+@app.command(context_settings=TRAIN_CONTEXT, epilog=_options_epilog())
+def train(ctx: typer.Context, data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = OutOpt,
+          name: Optional[str] = NameOpt,
           resume: bool = typer.Option(False, "--resume", help="Continue the run --name from its last checkpoint."),
-          arch: Optional[str] = typer.Option(None, help="timm architecture [default: tf_efficientnet_lite0]."),
-          weights: Optional[str] = typer.Option(None, help="imagenet, none, or a local weights file."),
-          image_size: Optional[int] = typer.Option(None, "--image-size"),
-          fit_mode: Optional[str] = typer.Option(None, "--fit-mode", help="pad or crop."),
-          epochs: Optional[int] = typer.Option(None),
-          batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-          optimizer: Optional[str] = typer.Option(None, help="adamw, adam, rmsprop or sgd."),
-          lr: Optional[float] = typer.Option(None),
-          schedule: Optional[str] = typer.Option(None, help="cosine, plateau or none."),
-          freeze_epochs: Optional[int] = typer.Option(None, "--freeze-epochs"),
-          label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
-          balance: Optional[str] = typer.Option(None, help="none, weights or sampler."),
-          augment: Optional[float] = typer.Option(None, help="Augmentation strength (0 = none)."),
-          hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip"),
-          drop_rate: Optional[float] = typer.Option(None, "--dropout"),
-          val_fraction: Optional[float] = typer.Option(None, "--val-fraction"),
-          patience: Optional[int] = typer.Option(None),
-          seed: Optional[int] = typer.Option(None),
-          devices: Optional[str] = typer.Option(None, help="auto, or a number of devices/processes."),
-          num_nodes: Optional[int] = typer.Option(None, "--num-nodes"),
-          strategy: Optional[str] = typer.Option(None, help="auto, or ddp for data-parallel."),
           cache_dir: Optional[Path] = CacheOpt) -> None:
     """Fine-tune a model on DATA (its test split is never used) and write a run directory and bundle."""
-    overrides = {k: v for k, v in locals().items()
-                 if k not in ("data", "config", "out", "name", "resume", "cache_dir")}
-    from .config import load_config
     from .train import fit
 
-    settings = None if resume else load_config(config, **overrides)
+    settings = None if resume else _train_config(config, ctx)
     result = fit(data, settings, out_dir=out, name=name, resume=resume, cache_dir=cache_dir)
-    console.print(f"bundle: {result.bundle_dir}")
+    console.print(f"bundle: {result.bundle_dir}", soft_wrap=True)
+
+
+@app.command(context_settings=TRAIN_CONTEXT, epilog=_options_epilog())
+def cv(ctx: typer.Context, data: Path = DataArg, folds: int = typer.Option(5, "--folds", "-k"),
+       keep_models: bool = typer.Option(False, "--keep-models", help="Save the fold models as one ensemble bundle."),
+       config: Optional[Path] = ConfigOpt, out: Path = OutOpt, name: Optional[str] = NameOpt,
+       cache_dir: Optional[Path] = CacheOpt) -> None:
+    """Stratified, patient-grouped k-fold cross-validation on DATA's training images."""
+    from .cv import cross_validate, render_cv
+
+    result = cross_validate(data, _train_config(config, ctx), folds, out_dir=out, name=name,
+                            keep_models=keep_models, cache_dir=cache_dir)
+    render_cv(result, console)
+    console.print(f"results: {result.run_dir}" + (f"\nbundle: {result.bundle_dir}" if result.bundle_dir else ""),
+                  soft_wrap=True)
+
+
+@app.command(context_settings=TRAIN_CONTEXT, epilog=_options_epilog())
+def sweep(ctx: typer.Context, data: Path = DataArg, trials: int = typer.Option(20, "--trials", "-n"),
+          timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
+          config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with a base config under "
+                                                "`train:` and an optional search `space:`."),
+          out: Path = OutOpt, name: Optional[str] = NameOpt, cache_dir: Optional[Path] = CacheOpt) -> None:
+    """Optuna hyperparameter search with pruning; writes trials.csv and best.yaml (for train --config)."""
+    from .sweep import load_space, render_sweep, sweep as run_sweep
+
+    result = run_sweep(data, _train_config(config, ctx), trials, out_dir=out, name=name, timeout=timeout,
+                       cache_dir=cache_dir, space=load_space(config) if config else None)
+    render_sweep(result, console)
+    console.print(f"best config: {result.run_dir / 'best.yaml'}", soft_wrap=True)
+
+
+BundleArg = typer.Argument(..., help="A model bundle folder (runs/<name>/bundle).")
+
+
+@app.command()
+def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
+             out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json, "
+                                      "predictions.csv and report.html."),
+             split: str = typer.Option("auto", help="auto (the test split if any, else all), all, train, val, test."),
+             n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
+             seed: int = typer.Option(0, help="Bootstrap seed."),
+             cam_gallery: int = typer.Option(8, "--cam-gallery", help="Most confident errors shown with Grad-CAM."),
+             batch_size: int = typer.Option(32, "--batch-size"),
+             cache_dir: Optional[Path] = CacheOpt) -> None:
+    """Metrics with 95% bootstrap intervals, calibration and an HTML report of BUNDLE on DATA."""
+    from .evaluate import evaluate as run_evaluate, headline
+
+    result = run_evaluate(bundle, data, out, split=split, n_boot=n_boot, seed=seed, cam_gallery=cam_gallery,
+                          batch_size=batch_size, cache_dir=cache_dir, progress=err_console.is_terminal)
+    for line in headline(result):
+        console.print(line, soft_wrap=True)
+    console.print(f"report: {result.out_dir / 'report.html'}", soft_wrap=True)
+
+
+@app.command()
+def predict(bundle: Path = BundleArg,
+            inputs: list[str] = typer.Argument(..., help="Image or DICOM files, folders or globs."),
+            fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Write the results to this file."),
+            cam: Optional[Path] = typer.Option(None, "--cam", help="Write Grad-CAM overlays (PNG) into this folder."),
+            tta: bool = typer.Option(False, "--tta", help="Average over mild test-time augmentations."),
+            backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
+            batch_size: int = typer.Option(32, "--batch-size")) -> None:
+    """Predict files, folders and globs; flags out-of-distribution inputs. Exit 1 if any input failed."""
+    from .distributed import sharded_predict, world_size
+    from .predict import load_model, predict_paths, write_cams
+
+    if fmt not in ("table", "csv", "json"):
+        raise ChestXrayError(f"--format must be table, csv or json, not {fmt!r}")
+    progress = err_console.is_terminal
+    predictor = None
+    if world_size() > 1:  # launched by torchrun: each rank predicts its shard, rank 0 gets the whole table
+        table = sharded_predict(bundle, inputs, backend=backend, batch_size=batch_size, progress=progress, tta=tta)
+        if table is None:  # a rank other than 0
+            return
+    else:
+        predictor = load_model(bundle, backend=backend)
+        table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
+    _write_table(table, fmt, out)
+    if cam is not None:
+        written = write_cams(predictor or load_model(bundle), inputs, cam, progress=progress)
+        err_console.print(f"{len(written)} Grad-CAM overlay(s) in {cam}")
+    failed = table["error"].notna() & (table["error"] != "")
+    if failed.any():
+        for file, error in table.loc[failed, ["file", "error"]].itertuples(index=False):
+            err_console.print(f"error: {file}: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(bundle: Path = BundleArg,
+           fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+           out: Optional[Path] = typer.Option(None, "--out", help="File or folder [default: BUNDLE/model.onnx]."),
+           opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer)."),
+           parity_images: Optional[list[Path]] = typer.Option(None, "--parity-image",
+                                                               help="Real X-rays for the parity check (repeatable).")) -> None:
+    """Export BUNDLE to ONNX; refuses to write a model whose outputs differ from PyTorch's."""
+    from .export import export_onnx
+
+    if fmt != "onnx":
+        raise ChestXrayError(f"--format {fmt!r} is not supported: use onnx")
+    result = export_onnx(bundle, out, opset=opset, parity_images=parity_images)
+    console.print(f"{result.path}: opset {result.opset}, {result.size_bytes / 1e6:.1f} MB, parity on "
+                  f"{result.n_images} images: max probability difference {result.max_prob_diff:.1e}", soft_wrap=True)
+
+
+@app.command()
+def serve(bundle: Path = BundleArg,
+          host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+          port: int = typer.Option(8000),
+          backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
+          workers: int = typer.Option(1, help="Server processes, each with its own model."),
+          threads: Optional[int] = typer.Option(None, help="Compute threads per worker [default: cores / workers]."),
+          max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload.")) -> None:
+    """REST API (POST /v1/predict) and a web page for BUNDLE. Set CHESTXRAY_API_KEY to require a key."""
+    from .serve import serve as run_server
+
+    run_server(bundle, host, port, backend, workers=workers, threads=threads,
+               max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+
+
+def _write_table(table, fmt: str, out: Optional[Path]) -> None:
+    if fmt == "csv":
+        text = table.to_csv(index=False)
+    elif fmt == "json":
+        text = table.to_json(orient="records", indent=2)
+    else:
+        from rich.table import Table
+
+        view = Table(show_lines=False)
+        for column in table.columns:
+            view.add_column(str(column), overflow="fold")
+        for row in table.itertuples(index=False):
+            view.add_row(*[f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row])
+        console.print(view)
+        text = table.to_csv(index=False) if out else None
+    if out is not None and text is not None:
+        out.write_text(text)
+        err_console.print(f"results: {out}")
 
 
 def main() -> None:

@@ -81,6 +81,41 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def overrides_from_args(args: list[str]) -> dict[str, Any]:
+    """Parse command-line flags named after config keys: ``--image-size 224 --hflip --no-hflip``."""
+    defaults = TrainConfig().to_dict()
+    overrides: dict[str, Any] = {}
+    position = 0
+    while position < len(args):
+        flag, _, inline = args[position].partition("=")
+        key = flag[2:].replace("-", "_") if flag.startswith("--") else ""
+        negated = key.startswith("no_") and isinstance(defaults.get(key[3:]), bool)
+        if negated or isinstance(defaults.get(key), bool):
+            overrides[key[3:] if negated else key] = not negated
+            position += 1
+            continue
+        if key not in defaults:
+            raise ChestXrayError(f"unknown option {args[position]!r}; training options: "
+                                 + ", ".join("--" + k.replace("_", "-") for k in defaults))
+        if not inline:
+            if position + 1 >= len(args):
+                raise ChestXrayError(f"option {flag} needs a value")
+            inline = args[position + 1]
+            position += 1
+        try:
+            overrides[key] = type(defaults[key])(inline)
+        except ValueError:
+            raise ChestXrayError(f"option {flag}: {inline!r} is not a valid {type(defaults[key]).__name__}") from None
+        position += 1
+    return overrides
+
+
+def options_help() -> str:
+    """The training flags with their defaults, for ``--help``."""
+    return "Training options (flags win over --config): " + ", ".join(
+        f"--{key.replace('_', '-')} {value}" for key, value in TrainConfig().to_dict().items())
+
+
 def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
     """Defaults, then the YAML file at ``path`` (if any), then non-``None`` ``overrides``."""
     values: dict[str, Any] = {}

@@ -22,8 +22,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The main job: train the default model on the course dataset's train/ and evaluate it once on test/.
+COURSE := $(CHESTXRAY_DATA)/chest_xray_4class
 demo: install
-	$(BIN)/chestxray audit "$(CHESTXRAY_DATA)/chest_xray_4class" --out runs/audit
+	rm -rf runs/demo
+	$(BIN)/chestxray train "$(COURSE)" --out runs --name demo
+	$(BIN)/chestxray evaluate runs/demo/bundle "$(COURSE)" --out runs/demo/evaluation
+	@echo "bundle: runs/demo/bundle  (try: $(BIN)/chestxray serve runs/demo/bundle)"
 
 # Debian's Chromium and ChromeDriver drive the browser test of the web page.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)

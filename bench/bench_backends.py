@@ -1,6 +1,6 @@
-"""PyTorch vs onnxruntime on one bundle and real X-rays: batch-1 latency, batch-16 throughput, parity.
+""".venv/bin/python bench/bench_backends.py BUNDLE [--data FOLDER] [--rounds 5] [--calls 10] [--threads 2 1]
 
-    .venv/bin/python bench/bench_backends.py BUNDLE [--data FOLDER] [--rounds 5] [--calls 10] [--threads 2 1]
+PyTorch vs onnxruntime on one bundle and real X-rays: batch-1 latency, batch-16 throughput, parity.
 
 The bundle is exported to a temporary ONNX file (its parity check includes a few of the X-rays), then
 both runners get the same preprocessed images. Timings alternate between the backends round by round,
@@ -14,22 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
 
-from chestxray.export import OnnxRunner, export_onnx
-from chestxray.predict import expand_inputs, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_DATA = Path(os.environ.get("CHESTXRAY_DATA", "../shared/datasets")) / "chest_xray_4class" / "test"
+from common import DATA, save_result  # noqa: E402
+
+from chestxray.export import OnnxRunner, export_onnx  # noqa: E402
+from chestxray.predict import expand_inputs, load_model  # noqa: E402
+
 BATCH = 16
 PARITY_FILES = 4
 
@@ -71,9 +72,10 @@ def compare(runners: dict, images: np.ndarray, rounds: int, calls: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path, help="model bundle folder")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of real X-rays")
+    parser.add_argument("--data", type=Path, default=DATA / "chest_xray_4class" / "test",
+                        help="folder of real X-rays")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per backend")
     parser.add_argument("--calls", type=int, default=10, help="calls of each kind per round")
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads(), 1],
@@ -84,6 +86,7 @@ def main() -> None:
     files = [f for f, error in expand_inputs([args.data]) if error is None]
     squares = np.stack([predictor.prepare(f) for f in files])
     images = squares[:, None].astype(np.float32) / 255.0
+    default_threads = torch.get_num_threads()
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         export = export_onnx(args.bundle, out=Path(scratch) / "model.onnx", parity_images=files[:PARITY_FILES])
@@ -93,25 +96,22 @@ def main() -> None:
             torch.set_num_threads(threads)
             runners = {"torch": predictor.runner, "onnx": OnnxRunner(export.path, threads)}
             results[f"{threads} thread(s)"] = compare(runners, images, args.rounds, args.calls)
+    torch.set_num_threads(default_threads)  # the machine facts saved below record torch's default
     prob_diff = np.abs(predictor.probabilities(onnx_logits) - predictor.probabilities(torch_logits)).max()
     meta = predictor.meta
     record = {
-        "created": datetime.now().isoformat(timespec="seconds"), "bundle": str(args.bundle), "arch": meta.arch,
-        "image_size": meta.image_size, "data": str(args.data), "images": len(images),
+        "bundle": str(args.bundle), "arch": meta.arch, "image_size": meta.image_size, "data": str(args.data),
+        "images": len(images),
         "export": {"exporter": export.exporter, "opset": export.opset, "seconds": round(export.seconds, 1),
                    "parity_max_prob_diff": export.max_prob_diff, "parity_images": export.n_images},
         "parity_all_images": {"max_prob_diff": float(prob_diff),
                               "max_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
                               "max_feature_diff": float(np.abs(onnx_features - torch_features).max()),
                               "same_labels": int((onnx_logits.argmax(1) == torch_logits.argmax(1)).sum())},
-        "results": results, "cpus": os.cpu_count(),
+        "results": results, "onnxruntime": onnxruntime.__version__,
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "machine": platform.machine(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"backends-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = save_result("backends", record)
     print(json.dumps({k: record[k] for k in ("parity_all_images", "results")}, indent=2))
     print(f"load average {record['load_average_before']} -> {record['load_average_after']} on {os.cpu_count()} "
           f"cores (shared machine: compare the ratios, not the absolute figures); wrote {out}")

@@ -1,7 +1,7 @@
-"""Cache-build throughput: images per second cold (fresh cache folder), warm (second call), with one
-worker, and the naive alternative (Pillow full decode + resize of every image, one process).
+""".venv/bin/python bench/bench_cache.py [--data FOLDER] [--sizes 224 384]
 
-    .venv/bin/python bench/bench_cache.py [--data FOLDER] [--sizes 224 384]
+Cache-build throughput: images per second cold (fresh cache folder), warm (second call), with one
+worker, and the naive alternative (Pillow full decode + resize of every image, one process).
 
 Prints a table and writes ``bench/results/cache-<date>-<time>.json``. "Cold" means a new cache
 folder; the image files themselves are likely in the operating system's page cache.
@@ -10,12 +10,10 @@ folder; the image files themselves are likely in the operating system's page cac
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import tempfile
 import time
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -23,11 +21,12 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from chestxray.cache import build_cache
-from chestxray.sources import Samples, load_samples
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_DATA = Path(os.environ.get("CHESTXRAY_DATA", "../shared/datasets")) / "chest_xray_4class"
+from common import DATA, save_result  # noqa: E402
+
+from chestxray.cache import build_cache  # noqa: E402
+from chestxray.sources import Samples, load_samples  # noqa: E402
 
 
 def timed(action) -> float:
@@ -60,8 +59,9 @@ def bench_size(samples: Samples, size: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder, manifest or .npz")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA / "chest_xray_4class",
+                        help="dataset folder, manifest or .npz")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224], help="image sizes to cache at")
     args = parser.parse_args()
     samples = load_samples(args.data)
@@ -69,21 +69,17 @@ def main() -> None:
     results = [row for size in args.sizes for row in bench_size(samples, size)]
     files = [Path(p) for p in samples.frame["path"] if Path(p).is_file()]
     record = {
-        "created": datetime.now().isoformat(timespec="seconds"), "data": str(args.data), "images": len(samples),
-        "mib": round(sum(f.stat().st_size for f in files) / 2**20, 1), "cpus": os.cpu_count(),
+        "data": str(args.data), "images": len(samples), "mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(), "machine": platform.machine(), "results": results}
-    table = Table(title=f"{args.data}: {len(samples)} images, {record['mib']} MiB, {record['cpus']} CPUs, "
+        "results": results}
+    table = Table(title=f"{args.data}: {len(samples)} images, {record['mib']} MiB, {os.cpu_count()} CPUs, "
                         f"load {record['load_average_before']} -> {record['load_average_after']}")
     for column in ("method", "size", "seconds", "images/s"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in results:
         table.add_row(row["method"], str(row["size"]), f"{row['seconds']:.2f}", f"{row['images_per_s']:,.0f}")
     Console().print(table)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"cache-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"written: {out}")
+    print(f"written: {save_result('cache', record)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""How well a bundle's OOD guard separates chest X-rays from inputs it must not classify.
+""".venv/bin/python bench/bench_ood.py BUNDLE [--test FOLDER] [--other-xrays FOLDER]
 
-    .venv/bin/python bench/bench_ood.py BUNDLE [--test FOLDER] [--other-xrays FOLDER]
+How well a bundle's OOD guard separates chest X-rays from inputs it must not classify.
 
 In-distribution: the course test X-rays. Reported apart: other real chest X-rays (adult NIH, SIIM,
 RSNA, PadChest, TBX11K samples: a shift in population and devices, not a wrong input) and
@@ -17,9 +17,7 @@ with every image's score.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from datetime import datetime
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +27,12 @@ from skimage import data as skdata
 from skimage.transform import iradon, radon
 from sklearn.metrics import roc_auc_score
 
-from chestxray.predict import Predictor, expand_inputs, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DATASETS = Path(os.environ.get("CHESTXRAY_DATA", "../shared/datasets"))
+from common import DATA, save_result  # noqa: E402
+
+from chestxray.predict import Predictor, expand_inputs, load_model  # noqa: E402
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "horse", "hubble_deep_field",
           "clock", "grass", "gravel", "brick", "colorwheel", "logo", "cat")
 DOCUMENTS = ("page", "text")
@@ -86,10 +86,10 @@ def file_squares(predictor: Predictor, folder: Path) -> tuple[list[str], np.ndar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--test", type=Path, default=DATASETS / "chest_xray_4class" / "test")
-    parser.add_argument("--other-xrays", type=Path, default=DATASETS / "dicom_samples")
+    parser.add_argument("--test", type=Path, default=DATA / "chest_xray_4class" / "test")
+    parser.add_argument("--other-xrays", type=Path, default=DATA / "dicom_samples")
     args = parser.parse_args()
     predictor = load_model(args.bundle)
     if predictor.guard is None:
@@ -124,9 +124,8 @@ def main() -> None:
     summary = {"in_distribution_n": len(test_scores), "in_distribution_false_flag_rate":
                float(predictor.guard.is_ood(test_scores).mean()), "in_distribution_median_score":
                float(np.median(test_scores)), "threshold": threshold, "quantile": predictor.guard.quantile}
-    record = {"created": datetime.now().isoformat(timespec="seconds"), "bundle": str(args.bundle),
-              "arch": predictor.meta.arch, "image_size": predictor.image_size, **summary, "groups": rows,
-              "scores": scores}
+    record = {"bundle": str(args.bundle), "arch": predictor.meta.arch, "image_size": predictor.image_size, **summary,
+              "groups": rows, "scores": scores}
     table = Table(title=f"OOD guard of {args.bundle} (threshold {threshold:.1f}, quantile {predictor.guard.quantile}): "
                         f"{summary['in_distribution_false_flag_rate']:.1%} of {len(test_scores)} course test X-rays "
                         f"flagged, median score {summary['in_distribution_median_score']:.1f}")
@@ -135,10 +134,7 @@ def main() -> None:
     for name, row in rows.items():
         table.add_row(name, str(row["n"]), f"{row['auroc']:.3f}", f"{row['flagged']:.0%}", f"{row['median_score']:.1f}")
     Console().print(table)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"ood-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"written: {out}")
+    print(f"written: {save_result('ood', record)}")
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:

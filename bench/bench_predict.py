@@ -1,7 +1,7 @@
-"""Prediction speed of a bundle: single-image latency (a file in, a result out, model loaded) and
-folder throughput (decode threads + batched inference), plus Grad-CAM and TTA latency.
+""".venv/bin/python bench/bench_predict.py BUNDLE [--data FOLDER] [--repeats 30] [--backend torch|onnx]
 
-    .venv/bin/python bench/bench_predict.py BUNDLE [--data FOLDER] [--repeats 30] [--backend torch|onnx]
+Prediction speed of a bundle: single-image latency (a file in, a result out, model loaded) and
+folder throughput (decode threads + batched inference), plus Grad-CAM and TTA latency.
 
 Prints a table and writes ``bench/results/predict-<date>-<time>.json``. Latencies are medians over
 ``--repeats`` calls after three warm-up calls, cycling over the folder's first images; the folder is
@@ -11,22 +11,21 @@ read twice and the second (warm page cache) pass is the throughput reported next
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from chestxray.predict import expand_inputs, load_model, predict_paths
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_DATA = Path(os.environ.get("CHESTXRAY_DATA", "../shared/datasets")) / "chest_xray_4class" / "test"
+from common import DATA, save_result  # noqa: E402
+
+from chestxray.predict import expand_inputs, load_model, predict_paths  # noqa: E402
+
 WARM_UP = 3
 
 
@@ -52,9 +51,9 @@ def throughput(predictor, folder: Path, batch_size: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path, help="model bundle folder")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of images")
+    parser.add_argument("--data", type=Path, default=DATA / "chest_xray_4class" / "test", help="folder of images")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"))
@@ -74,14 +73,11 @@ def main() -> None:
         results["gradcam_png"] = latency_ms(predictor.gradcam_png, files[:10], max(5, args.repeats // 3))
     meta = predictor.meta
     record = {
-        "created": datetime.now().isoformat(timespec="seconds"), "bundle": str(args.bundle), "arch": meta.arch,
-        "image_size": meta.image_size, "backend": args.backend,
-        "load_model_s": round(load_seconds, 3), "data": str(args.data), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+        "bundle": str(args.bundle), "arch": meta.arch, "image_size": meta.image_size, "backend": args.backend,
+        "load_model_s": round(load_seconds, 3), "data": str(args.data),
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
         "results": results}
-    table = Table(title=f"{meta.arch} at {meta.image_size}px, {args.backend}, {record['cpus']} CPUs, "
+    table = Table(title=f"{meta.arch} at {meta.image_size}px, {args.backend}, {os.cpu_count()} CPUs, "
                         f"load {record['load_average_before']} -> {record['load_average_after']}")
     for column in ("measure", "value"):
         table.add_column(column, justify="left" if column == "measure" else "right")
@@ -92,10 +88,7 @@ def main() -> None:
         elif "images_per_s" in row:
             table.add_row(name, f"{row['images_per_s']:.1f} images/s ({row['images']} in {row['seconds']:.2f} s)")
     Console().print(table)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"predict-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"written: {out}")
+    print(f"written: {save_result('predict', record)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Load test of ``chestxray serve`` on loopback: concurrent clients posting real X-rays, both backends.
+""".venv/bin/python bench/bench_serve.py BUNDLE [--data FOLDER] [--clients 8] [--requests 25]
 
-    .venv/bin/python bench/bench_serve.py BUNDLE [--data FOLDER] [--clients 8] [--requests 25]
+Load test of ``chestxray serve`` on loopback: concurrent clients posting real X-rays, both backends.
 
 The bundle is copied to a temporary folder and exported to ONNX there (the original is not touched);
 for each backend a real uvicorn server runs in its own process (``chestxray.serve.serve``) and
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -24,16 +23,17 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from chestxray.export import export_onnx
-from chestxray.predict import expand_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_DATA = Path(os.environ.get("CHESTXRAY_DATA", "../shared/datasets")) / "chest_xray_4class" / "test"
+from common import DATA, save_result  # noqa: E402
+
+from chestxray.export import export_onnx  # noqa: E402
+from chestxray.predict import expand_inputs  # noqa: E402
+
 START_TIMEOUT_S = 120
 WARM_UP = 3
 SERVER = "import sys; from chestxray.serve import serve; serve(sys.argv[1], port=int(sys.argv[2]), " \
@@ -101,9 +101,10 @@ def load_test(url: str, uploads: list[tuple[str, bytes]], clients: int, requests
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path, help="model bundle folder")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of real X-rays to upload")
+    parser.add_argument("--data", type=Path, default=DATA / "chest_xray_4class" / "test",
+                        help="folder of real X-rays to upload")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=25, help="requests per client")
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=("torch", "onnx"))
@@ -129,17 +130,12 @@ def main() -> None:
                     process.wait(timeout=30)
                 print(name, json.dumps(results[name]))
     record = {
-        "created": datetime.now().isoformat(timespec="seconds"), "bundle": str(args.bundle),
-        "data": str(args.data), "files": len(uploads),
+        "bundle": str(args.bundle), "data": str(args.data), "files": len(uploads),
         "upload_mean_kib": round(statistics.mean(len(d) for _, d in uploads) / 1024, 1),
         "clients": args.clients, "requests_per_client": args.requests, "results": results,
-        "cpus": os.cpu_count(), "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-        "machine": platform.machine(),
+        "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"serve-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = save_result("serve", record)
     print(f"load average {record['load_average_before']} -> {record['load_average_after']} on {os.cpu_count()} "
           f"cores, clients and server on the same machine; wrote {out}")
     if any(r["errors"] for r in results.values()):

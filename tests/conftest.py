@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-DATASETS = Path(os.environ.get("CHESTXRAY_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+DATASETS = Path(os.environ.get("CHESTXRAY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 
 def xray_array(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
@@ -124,7 +124,7 @@ def make_folder(tmp_path: Path) -> Callable[..., Path]:
 def _dataset(relative: str) -> Path:
     path = DATASETS / relative
     if not path.exists():
-        pytest.skip(f"real dataset {path} not present (set CHESTXRAY_DATASETS to the datasets folder)")
+        pytest.skip(f"real dataset {path} not present (set CHESTXRAY_DATA to the datasets folder)")
     return path
 
 

@@ -1,0 +1,37 @@
+"""Shared by the bench scripts: where results go and what machine they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(os.environ.get("CHESTXRAY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+
+
+def machine() -> dict[str, Any]:
+    """CPU, core count, load and library versions, recorded beside every figure."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+                            "python": platform.python_version(), "machine": platform.machine()}
+    try:
+        import torch
+
+        info.update(torch=torch.__version__, cuda=torch.cuda.is_available(), torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return info
+
+
+def save_result(kind: str, record: dict[str, Any]) -> Path:
+    """Write ``record`` plus machine facts as ``bench/results/<kind>-<date>-<time>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{kind}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps({"kind": kind, "date": datetime.now().isoformat(timespec="seconds"),
+                                "machine": machine(), **record}, indent=2, default=str) + "\n")
+    return path

@@ -9,7 +9,8 @@ Training: ``chestxray train`` on a two-class subset of the course data with ever
 training images over the median epoch time after the first (an epoch's time includes its validation
 pass). Prediction: :func:`chestxray.distributed.sharded_predict` over the same files, timed on rank 0
 from model load to the merged table, median of 3. The cache is built before anything is timed. The
-one-core runs set the CPU affinity, which ``chestxray`` sizes its threads by.
+one-core runs set the CPU affinity, which ``chestxray`` sizes its threads by. Communication: the time
+of one gloo all-reduce of the model's gradients (what DDP adds to every step), median of 10.
 Prints a table and writes ``bench/results/ddp-<date>-<time>.json``.
 """
 
@@ -35,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, save_result  # noqa: E402
 
 from chestxray.cache import build_cache  # noqa: E402
+from chestxray.models import create_model  # noqa: E402
 from chestxray.sources import load_samples  # noqa: E402
 
 CLASSES = ("normal", "covid19")
 VAL_FRACTION = 0.25
 PREDICT_REPEATS = 3
+ALLREDUCE_REPEATS = 10
+ARCH = "tf_efficientnet_lite0"
 
 
 @dataclass
@@ -63,7 +67,9 @@ class Setup:
                        f"--nproc-per-node={self.processes}", *program]
         pin = None if self.cores is None else (lambda: os.sched_setaffinity(0, self.cores))
         start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
+        done = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin)
+        if done.returncode:
+            raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-4000:]}")
         return time.perf_counter() - start
 
 
@@ -115,6 +121,31 @@ def predict_worker(bundle: str, manifest: str, batch_size: str, out: str) -> Non
                                          "all_seconds": [round(s, 3) for s in seconds]}))
 
 
+def bench_allreduce(setup: Setup, parameters: int, timing: Path) -> dict:
+    """One all-reduce of ``parameters`` float32 values across the processes (see :func:`allreduce_worker`)."""
+    setup.run([__file__, "--allreduce-worker", str(parameters), str(timing)])
+    return {"setup": setup.label, "processes": setup.processes, "megabytes": round(parameters * 4 / 2**20, 1),
+            **json.loads(timing.read_text())}
+
+
+def allreduce_worker(parameters: str, out: str) -> None:
+    """Runs in every process: times gloo all-reduces of a gradient-sized tensor; rank 0 writes the median."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    gradients = torch.ones(int(parameters))
+    seconds = []
+    for _ in range(ALLREDUCE_REPEATS + 2):  # the first two warm up the connections
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(gradients)
+        seconds.append(time.perf_counter() - start)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps({"allreduce_ms": round(1000 * statistics.median(seconds[2:]), 1)}))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA / "chest_xray_4class" / "train",
@@ -125,9 +156,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
     parser.add_argument("--processes", type=int, nargs="+", default=[2], help="process counts besides 1")
     parser.add_argument("--predict-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--allreduce-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.predict_worker:
         predict_worker(*args.predict_worker)
+        return
+    if args.allreduce_worker:
+        allreduce_worker(*args.allreduce_worker)
         return
     cores = sorted(os.sched_getaffinity(0))
     setups = [Setup(1, {cores[0]}), Setup(1), *(Setup(n) for n in args.processes)]
@@ -140,11 +175,14 @@ def main() -> None:
         bundle = work / "train0" / "bundle"
         prediction = [bench_prediction(setup, bundle, manifest, args.batch_size, work / f"predict{i}.json")
                       for i, setup in enumerate(setups)]
+        parameters = sum(p.numel() for p in create_model(ARCH, len(CLASSES), weights="none").parameters())
+        communication = [bench_allreduce(setup, parameters, work / f"allreduce{i}.json")
+                         for i, setup in enumerate(setups) if setup.processes > 1]
     record = {
         "data": str(args.data), "classes": list(CLASSES), "images": 2 * args.per_class, "image_size": args.size,
-        "epochs": args.epochs, "global_batch": args.batch_size, "arch": "tf_efficientnet_lite0", "cpus": len(cores),
+        "epochs": args.epochs, "global_batch": args.batch_size, "arch": ARCH, "cpus": len(cores),
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-        "train": training, "predict": prediction}
+        "train": training, "predict": prediction, "gradient_allreduce": communication}
     table = Table(title=f"{record['images']} images at {args.size}px, {record['cpus']} CPUs, "
                         f"load {record['load_average_before']} -> {record['load_average_after']}")
     for column in ("task", "setup", "images/s", "vs 1 core"):
@@ -154,6 +192,8 @@ def main() -> None:
             table.add_row(task, row["setup"], f"{row['images_per_s']:.1f}",
                           f"{row['images_per_s'] / rows[0]['images_per_s']:.2f}x")
     Console().print(table)
+    for row in communication:
+        print(f"{row['setup']}: one all-reduce of the {row['megabytes']} MiB of gradients takes {row['allreduce_ms']} ms")
     print(f"written: {save_result('ddp', record)}")
 
 

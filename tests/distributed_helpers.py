@@ -1,13 +1,8 @@
-"""Helpers for test_distributed.py that run in other processes.
-
-As a script, under ``torchrun``: ``distributed_helpers.py BUNDLE OUT.csv BATCH INPUT...`` calls
-:func:`chestxray.distributed.sharded_predict`; rank 0 writes the table as CSV.
-"""
+"""Helpers for test_distributed.py that run in other processes (spawned: they must be importable)."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from multiprocessing.synchronize import Barrier
 
@@ -29,11 +24,3 @@ def build_logged(folder: str, cache_dir: str, log: str, start: Barrier) -> None:
     start.wait()
     cache.build_cache(load_samples(folder), 16, cache_dir=cache_dir, workers=1, progress=False)
 
-
-if __name__ == "__main__":
-    from chestxray.distributed import sharded_predict
-
-    bundle, out, batch, *inputs = sys.argv[1:]
-    table = sharded_predict(bundle, inputs, batch_size=int(batch), progress=False)
-    if table is not None:
-        table.to_csv(out, index=False)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DATASETS, xray_array
+from conftest import xray_array
 from distributed_helpers import build_logged
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
@@ -31,18 +31,16 @@ from chestxray.predict import load_model, predict_paths
 from chestxray.sources import load_samples
 from chestxray.train import fit
 
-TESTS = Path(__file__).resolve().parent
 # torchrun gives each process one thread unless told otherwise; the single-process runs compared
 # with it use one thread too (CPU kernels add in a thread-count-dependent order).
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(*args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N ARGS...``, checked, output captured."""
+def torchrun(*args: str, processes: int = 2, timeout: float = 300, returncode: int = 0) -> None:
+    """``torchrun --standalone --nproc-per-node N ARGS...``, output captured, exit status checked."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
     done = subprocess.run(command, env=ONE_THREAD, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    assert done.returncode == returncode, done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------- helpers, no processes
@@ -136,7 +134,8 @@ def test_sharded_prediction_equals_one_process(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     inputs = [str(images), str(tmp_path / "missing.png"), str(images / "sub" / "*.png"), str(tmp_path / "empty")]
     batch = 3  # 23 rows: rank 0 predicts 4 batches, rank 1 the other 4 (the last one short)
-    torchrun(str(TESTS / "distributed_helpers.py"), str(bundle), str(tmp_path / "sharded.csv"), str(batch), *inputs)
+    torchrun("-m", "chestxray.cli", "predict", str(bundle), *inputs, "--format", "csv", "--out",
+             str(tmp_path / "sharded.csv"), "--batch-size", str(batch), returncode=1)  # 1: some inputs failed
     predictor, threads = load_model(bundle, device="cpu"), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -154,20 +153,16 @@ def test_sharded_prediction_equals_one_process(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- data-parallel training
 
 
-@pytest.fixture(scope="module")
-def xray_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def xray_subset(course_data: Path, tmp_path: Path) -> Path:
     """A manifest of 101 course images, normal vs COVID-19: 20 + 20 train, 31 + 30 validation (odd,
     so the 2-rank sampler pads)."""
-    root = DATASETS / "chest_xray_4class" / "train"
-    if not root.is_dir():
-        pytest.skip(f"real dataset {root} not present")
     rows = []
     for label, n_val in (("normal", 31), ("covid19", 30)):
-        files = sorted((root / label).iterdir())[:20 + n_val]
+        files = sorted((course_data / "train" / label).iterdir())[:20 + n_val]
         rows += [{"path": str(f), "label": label, "split": "train" if i < 20 else "val"} for i, f in enumerate(files)]
-    manifest = tmp_path_factory.mktemp("subset") / "subset.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
+    pd.DataFrame(rows).to_csv(tmp_path / "subset.csv", index=False)
+    return tmp_path / "subset.csv"
 
 
 RUN = dict(image_size=64, epochs=3, freeze_epochs=1, lr=1e-3, seed=0)  # Lite0, offline ImageNet weights

@@ -45,6 +45,11 @@ NameOpt = typer.Option(None, "--name", help="Run name [default: a timestamp].")
 
 def _train_config(config: Optional[Path], ctx: typer.Context):
     from .config import load_config, overrides_from_args
+    from .distributed import world_size
+
+    if ctx.command.name in ("cv", "sweep") and world_size() > 1:
+        raise ChestXrayError(f"`chestxray {ctx.command.name}` runs its models one after the other in one "
+                             "process: launch it without torchrun")
 
     return load_config(config, **overrides_from_args(ctx.args))
 
@@ -65,7 +70,8 @@ def train(ctx: typer.Context, data: Path = DataArg, config: Optional[Path] = Con
 
     settings = None if resume else _train_config(config, ctx)
     result = fit(data, settings, out_dir=out, name=name, resume=resume, cache_dir=cache_dir)
-    console.print(f"bundle: {result.bundle_dir}", soft_wrap=True)
+    if result.metrics:  # rank 0 of a distributed run, or the only process
+        console.print(f"bundle: {result.bundle_dir}", soft_wrap=True)
 
 
 @app.command(context_settings=TRAIN_CONTEXT, epilog=_options_epilog())

@@ -25,9 +25,9 @@ class TrainConfig:
 
     arch: str = "tf_efficientnet_lite0"
     weights: str = "imagenet"
-    image_size: int = 224
+    image_size: int = 320
     fit_mode: str = "pad"
-    epochs: int = 12
+    epochs: int = 15
     batch_size: int = 32
     optimizer: str = "adamw"
     lr: float = 1e-3

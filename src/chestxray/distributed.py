@@ -89,29 +89,25 @@ def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend:
     """:func:`predict.predict_paths` over files, folders and globs, with every rank of a ``torchrun`` launch.
 
     Rank 0 expands the inputs once and sends the list to every rank; each rank predicts a contiguous
-    shard of whole batches, so every image is predicted in the same batch as in one process and the
-    figures are identical; rank 0 gathers the rows in input order. Returns the table on rank 0 and
-    ``None`` on the others; outside a distributed launch it runs in this process. Each rank uses the
-    GPU of its local rank when there is one.
+    shard of whole batches, so every image is predicted in the same batch as in one process (on CPUs
+    the figures equal those of one process with as many threads as each rank); rank 0 gathers the
+    rows in input order. Returns the table on rank 0 and ``None`` on the others; outside a
+    distributed launch it runs in this process. Each rank uses the GPU of its local rank if any.
     """
     cuda = backend == "torch" and torch.cuda.is_available()
     predictor = load_model(model, backend, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else None)
     if world_size() == 1:
         return predict_paths(predictor, inputs, batch_size, progress, tta=tta)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")  # only Python objects travel: gloo works on CPU and GPU nodes alike
-    try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        entries = [expand_inputs(inputs) if rank == 0 else None]
-        dist.broadcast_object_list(entries, src=0)
-        files = [file for file, _ in shard(entries[0], rank, world, block=batch_size)]
-        frame = predict_paths(predictor, files, batch_size, progress and rank == 0, tta=tta)
-        frames: list[pd.DataFrame | None] | None = [None] * world if rank == 0 else None
-        dist.gather_object(frame, frames, dst=0)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    if not dist.is_initialized():  # kept for the life of the process: a group made again after
+        dist.init_process_group("gloo")  # destroy_process_group can hang on torchrun's store
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")  # only Python objects travel
+    rank, world = dist.get_rank(), dist.get_world_size()
+    entries = [expand_inputs(inputs) if rank == 0 else None]
+    dist.broadcast_object_list(entries, src=0, group=group)
+    files = [file for file, _ in shard(entries[0], rank, world, block=batch_size)]
+    frame = predict_paths(predictor, files, batch_size, progress and rank == 0, tta=tta)
+    frames: list[pd.DataFrame | None] | None = [None] * world if rank == 0 else None
+    dist.gather_object(frame, frames, dst=0, group=group)
     if frames is None:
         return None
     parts = [part for part in frames if len(part)]

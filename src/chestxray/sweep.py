@@ -50,7 +50,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "lr": {"low": 1e-4, "high": 3e-3, "log": True},
     "batch_size": [16, 32, 64],
     "optimizer": ["adamw", "adam", "rmsprop", "sgd"],
-    "image_size": [192, 224, 256],
+    "image_size": [224, 256, 320],
     "augment": {"low": 0.0, "high": 1.5},
     "epochs": {"low": 4, "high": 16, "step": 4},
 }

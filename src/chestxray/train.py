@@ -44,7 +44,7 @@ from .splits import load_split, save_split, train_val_split
 console = Console(stderr=True)
 for _logger in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_logger).setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=r".*(LeafSpec|litlogger|does not have many workers).*")
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|litlogger|does not have many workers|sync_dist=True).*")
 
 
 @dataclass

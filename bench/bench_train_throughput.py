@@ -35,21 +35,15 @@ from chestxray.models import create_model  # noqa: E402
 from chestxray.sources import load_samples  # noqa: E402
 
 
-def timed_steps(batches, model, optimizer, steps: int, warmup: int = 2) -> list[float]:
-    """Images/s of each training step after ``warmup`` steps; a step includes getting its batch."""
-    rates = []
-    iterator = iter(batches)
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        images, targets = next(iterator)
-        x = images.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= warmup:
-            rates.append(len(images) / (time.perf_counter() - start))
-    return rates
+def timed_step(batches, model, optimizer) -> float:
+    """Images/s of one training step, getting its batch included."""
+    start = time.perf_counter()
+    images, targets = next(batches)
+    loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return len(images) / (time.perf_counter() - start)
 
 
 def cached_batches(cache, targets: np.ndarray, batch_size: int, rng: np.random.Generator):
@@ -93,10 +87,16 @@ def main() -> None:
                    "naive (PIL decode + torchvision transforms per step)":
                    naive_batches(list(samples.frame["path"]), targets, args.batch_size, args.image_size,
                                  np.random.default_rng(0))}
-        for name, source in batches.items():
-            rates = timed_steps(source, model, optimizer, args.steps)
-            results[name] = {"median_images_per_s": round(statistics.median(rates), 2),
-                             "min": round(min(rates), 2), "max": round(max(rates), 2)}
+        for _ in range(2):  # warm-up: allocator and kernels, for both pipelines
+            for source in batches.values():
+                timed_step(source, model, optimizer)
+        rates: dict[str, list[float]] = {name: [] for name in batches}
+        for _ in range(args.steps):  # interleaved, so that drift in machine speed hits both alike
+            for name, source in batches.items():
+                rates[name].append(timed_step(source, model, optimizer))
+        for name, values in rates.items():
+            results[name] = {"median_images_per_s": round(statistics.median(values), 2),
+                             "min": round(min(values), 2), "max": round(max(values), 2)}
             print(f"{name}: median {results[name]['median_images_per_s']} images/s")
     ours, naive = (v["median_images_per_s"] for v in results.values())
     record = {"arch": config.arch, "image_size": args.image_size, "batch_size": args.batch_size,

@@ -19,7 +19,7 @@ from chestxray.cv import cross_validate
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet
-from chestxray.train import predict_logits
+from chestxray.data import infer_images
 
 # timm's tiny test network: fast even on a busy CPU
 TINY = dict(arch="test_efficientnet", weights="none", image_size=32, epochs=1, batch_size=8,
@@ -96,11 +96,11 @@ def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
     for fold, member in enumerate(model.members):
         rows = oof[oof["fold"] == fold]
         images = np.stack([preprocess(p, 32, "pad") for p in rows["file"]])
-        probs = torch.from_numpy(predict_logits(member, images)).softmax(-1).numpy()
+        probs = torch.from_numpy(infer_images(member, images)[0]).softmax(-1).numpy()
         assert np.allclose(probs, rows[["normal", "pneumonia"]].to_numpy(), atol=1e-5)
     images = np.random.default_rng(1).integers(0, 255, (4, 32, 32), dtype=np.uint8)
-    ensemble = torch.from_numpy(predict_logits(model, images)).softmax(-1)
-    members = torch.stack([torch.from_numpy(predict_logits(m, images)).softmax(-1) for m in model.members])
+    ensemble = torch.from_numpy(infer_images(model, images)[0]).softmax(-1)
+    members = torch.stack([torch.from_numpy(infer_images(m, images)[0]).softmax(-1) for m in model.members])
     assert torch.allclose(ensemble, members.mean(0), atol=1e-5)
 
 

@@ -19,7 +19,8 @@ from chestxray.decode import fit_square
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet, create_model
 from chestxray.ood import fit_guard
-from chestxray.predict import Prediction, Predictor, load_model, logits_and_features, predict_paths, write_cams
+from chestxray.models import logits_and_features
+from chestxray.predict import Prediction, Predictor, load_model, predict_paths, write_cams
 from chestxray.sources import NO_FINDING
 
 SIZE = 64

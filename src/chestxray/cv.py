@@ -39,7 +39,8 @@ from .metrics import fit_temperature
 from .models import ChestXrayNet, EnsembleNet
 from .sources import NO_FINDING, Samples
 from .splits import kfold_splits, save_split, train_val_split
-from .train import console, drop_test_copies, fit, predict_logits, prepare_data, validation_metrics
+from .data import infer_images
+from .train import console, drop_test_copies, fit, prepare_data, validation_metrics
 
 SCORES = ("loss", "accuracy", "balanced_accuracy", "macro_auc")
 
@@ -87,7 +88,7 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
                   progress=progress, split_file=split_file)
         model, _ = load_bundle(run.bundle_dir)
         discard_weights(run.run_dir)
-        logits[held_rows] = predict_logits(model, images[held_rows])
+        logits[held_rows] = infer_images(model, images[held_rows])[0]
         fold_of[held_rows] = index
         rows.append({"fold": index, **_scores(logits[held_rows], targets[held_rows], pool.task)})
         if keep_models:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle
 from .errors import ChestXrayError, InputError
 from .models import ChestXrayNet, EnsembleNet
-from .predict import ONNX_FILE, Predictor, TorchRunner, logits_and_features
+from .models import logits_and_features
+from .predict import ONNX_FILE, Predictor, TorchRunner
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "features")

@@ -112,14 +112,26 @@ class EnsembleNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, C) of the averaged member probabilities."""
-        logits = torch.stack([member(x) for member in self.members])
-        if self.task == "multilabel":
-            return torch.logit(logits.sigmoid().mean(0), eps=1e-6)
-        return logits.log_softmax(-1).logsumexp(0) - math.log(len(logits))
+        return logits_and_features(self, x)[0]
 
     def features(self, x: Tensor) -> Tensor:
         """Members' pooled features side by side (B, K*F)."""
         return torch.cat([member.features(x) for member in self.members], dim=1)
+
+
+def logits_and_features(model: ChestXrayNet | EnsembleNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(x)`` and ``model.features(x)`` from one forward pass."""
+    if isinstance(model, EnsembleNet):
+        parts = [logits_and_features(member, x) for member in model.members]
+        logits = torch.stack([logit for logit, _ in parts])
+        if model.task == "multilabel":
+            combined = torch.logit(logits.sigmoid().mean(0), eps=1e-6)
+        else:
+            combined = logits.log_softmax(-1).logsumexp(0) - math.log(len(parts))
+        return combined, torch.cat([feature for _, feature in parts], dim=1)
+    maps = model.backbone.forward_features((x - model.mean) / model.std)
+    features = model.backbone.forward_head(maps, pre_logits=True)
+    return model.backbone.get_classifier()(features), features
 
 
 def list_models() -> list[str]:

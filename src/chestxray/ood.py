@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import to_model_input
+from .data import infer_images
 from .errors import ChestXrayError
 
 METHOD = "ppca-mahalanobis"
@@ -164,18 +164,6 @@ def _out_of_fold_scores(features: np.ndarray, labels: np.ndarray, n_components: 
     return scores
 
 
-def extract_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Pooled penultimate features (N, F) of uint8 images (N, S, S), batched, without gradients."""
-    model.eval()
-    device = next(model.parameters()).device
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.asarray(images[start:start + batch_size], dtype=np.uint8)).unsqueeze(1)
-            outputs.append(model.features(to_model_input(batch.to(device))).float().cpu())
-    return torch.cat(outputs).numpy()
-
-
 def fit_guard(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray | None = None, *,
               val_images: np.ndarray | None = None, batch_size: int = 64,
               n_components: int = DEFAULT_COMPONENTS, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
@@ -185,9 +173,9 @@ def fit_guard(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray | 
     fits one pooled mean. ``val_images`` (held out from the fit) set the threshold.
     """
     targets = None if targets is None or np.asarray(targets).ndim != 1 else targets
-    features = extract_features(model, images, batch_size)
+    features = infer_images(model, images, batch_size)[1]
     val_features = None
     if val_images is not None and len(val_images):
-        val_features = extract_features(model, val_images, batch_size)
+        val_features = infer_images(model, val_images, batch_size)[1]
     return OODGuard.fit(features, targets, val_features=val_features, n_components=n_components,
                         quantile=quantile).to_dict()

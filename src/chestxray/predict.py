@@ -34,7 +34,7 @@ from .bundle import BundleMeta, load_bundle, read_meta
 from .cam import explained_member, gradcam, overlay, target_layer, to_png
 from .decode import NPZ_SEPARATOR, fit_square, is_image_file, preprocess
 from .errors import ChestXrayError, InputError
-from .models import ChestXrayNet, EnsembleNet
+from .models import ChestXrayNet, EnsembleNet, logits_and_features
 from .ood import OODGuard
 from .sources import NO_FINDING
 
@@ -68,21 +68,6 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
         return asdict(self)
-
-
-def logits_and_features(model: ChestXrayNet | EnsembleNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model(x)`` and ``model.features(x)`` from one forward pass."""
-    if isinstance(model, EnsembleNet):
-        parts = [logits_and_features(member, x) for member in model.members]
-        logits = torch.stack([logit for logit, _ in parts])
-        if model.task == "multilabel":
-            combined = torch.logit(logits.sigmoid().mean(0), eps=1e-6)
-        else:
-            combined = logits.log_softmax(-1).logsumexp(0) - np.log(len(parts))
-        return combined, torch.cat([feature for _, feature in parts], dim=1)
-    maps = model.backbone.forward_features((x - model.mean) / model.std)
-    features = model.backbone.forward_head(maps, pre_logits=True)
-    return model.backbone.get_classifier()(features), features
 
 
 class TorchRunner:

@@ -32,7 +32,7 @@ h1 { margin-bottom: .2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 
 .headline b { display: block; font-size: 1.3em; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-.figures img { max-width: 49%; } .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
+img { max-width: 100%; } .figures img { max-width: 49%; } .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
 .gallery figure { margin: 0; width: 220px; font-size: .85em; word-break: break-all; }
 .gallery img { width: 220px; }
 """
@@ -76,7 +76,7 @@ def _table(rows: dict[str, dict[str, Any]], columns: list[str]) -> str:
 def _training_curves_figure(history: pd.DataFrame) -> Figure:
     """One panel each for losses, learning rate and other numeric columns, against epoch."""
     x_name = "epoch" if "epoch" in history else None
-    numeric = [c for c in history.select_dtypes("number").columns if c not in ("epoch", "step")]
+    numeric = [c for c in history.select_dtypes("number").columns if c not in ("epoch", "step", "seconds")]
     panels = {
         "loss": [c for c in numeric if "loss" in c],
         "learning rate": [c for c in numeric if c.startswith("lr")],

@@ -30,13 +30,13 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from .bundle import BundleMeta, save_bundle
 from .cache import ImageCache, build_cache
 from .config import TrainConfig, load_config, save_config
-from .data import CachedDataset, augment_batch, to_model_input
+from .data import CachedDataset, augment_batch, infer_images, to_model_input
 from .decode import content_hash
 from .distributed import gather_in_order, trainer_layout
 from .errors import ChestXrayError, InputError
 from .metrics import fit_temperature
 from .models import ChestXrayNet, create_model
-from .ood import fit_guard
+from .ood import OODGuard
 from .report import plot_training_curves
 from .sources import Samples, load_samples
 from .splits import load_split, save_split, train_val_split
@@ -298,22 +298,11 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_di
     return RunResult(run_dir, bundle_dir, metrics, history)
 
 
-def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits of uint8 images (N, S, S) in eval mode, batched, without gradients."""
-    model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.asarray(images[start:start + batch_size], dtype=np.uint8)).unsqueeze(1)
-            x = to_model_input(batch).contiguous(memory_format=torch.channels_last)
-            outputs.append(model(x).float())
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
-
-
 def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConfig, run_dir: Path,
                   history: pd.DataFrame) -> tuple[Path, dict[str, Any]]:
     images = np.asarray(prepared.cache.images)
-    val_logits = predict_logits(model, images[prepared.val_rows])
+    train_features = infer_images(model, images[prepared.train_rows])[1]
+    val_logits, val_features = infer_images(model, images[prepared.val_rows])
     val_targets = prepared.targets[prepared.val_rows]
     metrics = validation_metrics(torch.from_numpy(val_logits), torch.from_numpy(val_targets), model.task)
     temperature = 1.0
@@ -323,7 +312,8 @@ def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConf
                                                          torch.from_numpy(val_targets)).item()
     meta = BundleMeta(
         classes=list(prepared.samples.classes), image_size=config.image_size,
-        preprocess={"mode": config.fit_mode}, temperature=float(temperature), ood=_fit_ood(model, prepared),
+        preprocess={"mode": config.fit_mode}, temperature=float(temperature),
+        ood=_fit_ood(train_features, prepared.targets[prepared.train_rows], val_features),
         train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
         extra={"config": config.to_dict(), "trained_on": {
             "origin": prepared.samples.origin, "n_train": int(len(prepared.train_rows)),
@@ -334,12 +324,11 @@ def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConf
     return bundle_dir, metrics
 
 
-def _fit_ood(model: ChestXrayNet, prepared: PreparedData) -> dict[str, Any] | None:
-    """The out-of-distribution guard, fitted on the training images, thresholded on validation."""
-    images = np.asarray(prepared.cache.images)
+def _fit_ood(features: np.ndarray, targets: np.ndarray, val_features: np.ndarray) -> dict[str, Any] | None:
+    """The out-of-distribution guard, fitted on the training features, thresholded on validation."""
     try:
-        return fit_guard(model, images[prepared.train_rows], prepared.targets[prepared.train_rows],
-                         val_images=images[prepared.val_rows])
+        return OODGuard.fit(features, targets if targets.ndim == 1 else None,
+                            val_features=val_features if len(val_features) else None).to_dict()
     except ChestXrayError as err:  # e.g. too few images in a tiny run
         console.print(f"[yellow]no out-of-distribution guard: {err}[/]")
         return None

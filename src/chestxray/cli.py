@@ -195,22 +195,23 @@ def serve(bundle: Path = BundleArg,
 
 
 def _write_table(table, fmt: str, out: Optional[Path]) -> None:
-    if fmt == "csv":
-        text = table.to_csv(index=False)
-    elif fmt == "json":
-        text = table.to_json(orient="records", indent=2)
-    else:
+    """CSV or JSON with every column; the table view shows one line per file (all columns go to --out)."""
+    if fmt == "table":
         from rich.table import Table
 
-        view = Table(show_lines=False)
-        for column in table.columns:
-            view.add_column(str(column), overflow="fold")
+        view = Table("file", "label", "probability", "ood (score)", "error")
         for row in table.itertuples(index=False):
-            view.add_row(*[f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row])
+            error = row.error if isinstance(row.error, str) else ""
+            probability = f"{getattr(row, row.label):.3f}" if row.label in table.columns else ""
+            ood = "" if error else f"{'YES' if row.ood else 'no'} ({row.ood_score:.1f})"
+            view.add_row(Path(row.file).name, row.label, probability, ood, error)
         console.print(view)
-        text = table.to_csv(index=False) if out else None
-    if out is not None and text is not None:
-        out.write_text(text)
+    else:
+        text = table.to_csv(index=False) if fmt == "csv" else table.to_json(orient="records", indent=2)
+        if out is None:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if out is not None:
+        table.to_json(out, orient="records", indent=2) if fmt == "json" else table.to_csv(out, index=False)
         err_console.print(f"results: {out}")
 
 

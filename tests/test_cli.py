@@ -1,0 +1,72 @@
+"""The command line: one-line errors with exit code 2, per-file failures with exit code 1, help."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from test_predict import make_bundle
+from typer.testing import CliRunner
+
+from chestxray.cli import app, main
+from conftest import xray_array
+
+COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve"]
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """Run the console-script entry point; return its exit code and stderr."""
+    monkeypatch.setattr("sys.argv", ["chestxray", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["audit", "/no/such/folder"], "/no/such/folder: no such file or folder"),
+    (["train", "/no/such/folder"], "/no/such/folder: no such file or folder"),
+    (["predict", "/no/such/bundle", "x.png"], "/no/such/bundle: bundle folder not found"),
+    (["train", ".", "--epochz", "3"], "unknown option '--epochz'"),
+    (["train", ".", "--epochs", "many"], "'many' is not a valid int"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, args: list[str], expected: str) -> None:
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2
+    assert expected in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0
+
+
+def test_predict_keeps_going_past_a_bad_file_and_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    good = tmp_path / "good.png"
+    Image.fromarray(xray_array()).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "predictions.csv"
+    code, err = run_main(monkeypatch, capsys, "predict", str(bundle), str(good), str(bad), "--format", "csv",
+                         "--out", str(out))
+    assert code == 1
+    assert f"error: {bad}: not a readable image" in err
+    table = pd.read_csv(out)
+    assert list(table["file"]) == [str(good), str(bad)]
+    assert table["label"].iloc[0] in ("normal", "pneumonia") and pd.isna(table["label"].iloc[1])
+    assert abs(table[["normal", "pneumonia"]].iloc[0].sum() - 1) < 1e-6
+
+
+def test_predict_json_to_stdout(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    image = tmp_path / "x.png"
+    Image.fromarray(xray_array()).save(image)
+    result = CliRunner().invoke(app, ["predict", str(bundle), str(image), "--format", "json"])
+    assert result.exit_code == 0
+    records = pd.read_json(io.StringIO(result.stdout))
+    assert records["file"].tolist() == [str(image)] and {"ood", "ood_score"} <= set(records.columns)

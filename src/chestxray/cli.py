@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .config import load_config, options_help, overrides_from_args
 from .errors import ChestXrayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,23 +45,16 @@ NameOpt = typer.Option(None, "--name", help="Run name [default: a timestamp].")
 
 
 def _train_config(config: Optional[Path], ctx: typer.Context):
-    from .config import load_config, overrides_from_args
+    """The training config from --config and the command's extra flags."""
     from .distributed import world_size
 
     if ctx.command.name in ("cv", "sweep") and world_size() > 1:
         raise ChestXrayError(f"`chestxray {ctx.command.name}` runs its models one after the other in one "
                              "process: launch it without torchrun")
-
     return load_config(config, **overrides_from_args(ctx.args))
 
 
-def _options_epilog() -> str:
-    from .config import options_help
-
-    return options_help()
-
-
-@app.command(context_settings=TRAIN_CONTEXT, epilog=_options_epilog())
+@app.command(context_settings=TRAIN_CONTEXT, epilog=options_help())
 def train(ctx: typer.Context, data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = OutOpt,
           name: Optional[str] = NameOpt,
           resume: bool = typer.Option(False, "--resume", help="Continue the run --name from its last checkpoint."),
@@ -74,7 +68,7 @@ def train(ctx: typer.Context, data: Path = DataArg, config: Optional[Path] = Con
         console.print(f"bundle: {result.bundle_dir}", soft_wrap=True)
 
 
-@app.command(context_settings=TRAIN_CONTEXT, epilog=_options_epilog())
+@app.command(context_settings=TRAIN_CONTEXT, epilog=options_help())
 def cv(ctx: typer.Context, data: Path = DataArg, folds: int = typer.Option(5, "--folds", "-k"),
        keep_models: bool = typer.Option(False, "--keep-models", help="Save the fold models as one ensemble bundle."),
        config: Optional[Path] = ConfigOpt, out: Path = OutOpt, name: Optional[str] = NameOpt,
@@ -89,7 +83,7 @@ def cv(ctx: typer.Context, data: Path = DataArg, folds: int = typer.Option(5, "-
                   soft_wrap=True)
 
 
-@app.command(context_settings=TRAIN_CONTEXT, epilog=_options_epilog())
+@app.command(context_settings=TRAIN_CONTEXT, epilog=options_help())
 def sweep(ctx: typer.Context, data: Path = DataArg, trials: int = typer.Option(20, "--trials", "-n"),
           timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
           config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with a base config under "

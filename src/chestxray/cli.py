@@ -198,7 +198,8 @@ def _write_table(table, fmt: str, out: Optional[Path]) -> None:
             error = row.error if isinstance(row.error, str) else ""
             probability = f"{getattr(row, row.label):.3f}" if row.label in table.columns else ""
             ood = "" if error else f"{'YES' if row.ood else 'no'} ({row.ood_score:.1f})"
-            view.add_row(Path(row.file).name, row.label, probability, ood, error)
+            label = f"[yellow]not a chest X-ray like the training images[/] ({row.label}?)" if row.ood else row.label
+            view.add_row(Path(row.file).name, label, probability, ood, error)
         console.print(view)
     else:
         text = table.to_csv(index=False) if fmt == "csv" else table.to_json(orient="records", indent=2)

@@ -62,7 +62,7 @@ def test_fingerprint_follows_options_and_files(folder_samples):
     key = fingerprint(paths, 16, "pad")
     assert fingerprint(list(paths), 16, "pad") == key
     changed = [fingerprint(paths, 32, "pad"), fingerprint(paths, 16, "crop"), fingerprint(paths[:-1], 16, "pad"),
-               fingerprint(paths[::-1], 16, "pad")]
+               fingerprint(paths[::-1], 16, "pad"), fingerprint(paths, 16, "pad", "clahe")]
     first = Path(paths[0])
     stat = first.stat()
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))

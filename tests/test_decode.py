@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from PIL import Image, ImageFile
 
-from chestxray.decode import MAX_PIXELS, fit_square, load_image, preprocess, probe_image
+from chestxray.decode import MAX_PIXELS, fit_square, load_image, normalize_contrast, preprocess, probe_image, to_square
 from chestxray.errors import InputError
 
 
@@ -108,6 +108,18 @@ def test_fit_square_pads_with_black_or_crops_the_centre():
     assert (cropped == 200).all()
     with pytest.raises(ValueError):
         fit_square(wide, 10, "stretch")
+
+
+def test_clahe_spreads_a_washed_out_image_and_none_leaves_it(xray):
+    washed = (120 + xray(seed=3) // 8).astype(np.uint8)  # grey levels squeezed into 120..151
+    assert normalize_contrast(washed, "none") is washed
+    equalised = normalize_contrast(washed, "clahe")
+    assert equalised.shape == washed.shape and equalised.dtype == np.uint8
+    assert np.ptp(equalised) > 2 * np.ptp(washed)
+    assert np.corrcoef(equalised.ravel(), washed.ravel())[0, 1] > 0.5  # same picture, more contrast
+    assert (to_square(washed, 32, "pad", "clahe") == fit_square(equalised, 32, "pad")).all()
+    with pytest.raises(ValueError):
+        normalize_contrast(washed, "gamma")
 
 
 def test_bytes_decode_like_the_file_and_errors_use_the_given_name(make_image):

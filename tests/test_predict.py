@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.special import softmax
 
 from chestxray.bundle import BundleMeta, save_bundle
-from chestxray.decode import fit_square
+from chestxray.decode import fit_square, normalize_contrast
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet, create_model
 from chestxray.ood import fit_guard
@@ -83,6 +83,15 @@ def test_path_bytes_array_and_list_agree(predictor: Predictor, make_image) -> No
     assert [b.file for b in batch] == ["<array 0>", str(path), "<upload 2>"]
     assert batch[1].probabilities == pytest.approx(from_path.probabilities, abs=1e-6)
     assert predictor.predict(png_bytes(array), names="scan.png").file == "scan.png"
+
+
+def test_the_bundles_preprocessing_is_repeated(make_image) -> None:
+    meta = BundleMeta(classes=["a", "b"], image_size=16, preprocess={"mode": "crop", "contrast": "clahe"})
+    predictor = Predictor(lambda x: (np.zeros((len(x), 2), np.float32), np.zeros((len(x), 4), np.float32)), meta)
+    array = xray_array(48, 64, seed=3)
+    expected = fit_square(normalize_contrast(array, "clahe"), 16, "crop")
+    np.testing.assert_array_equal(predictor.prepare(array), expected)
+    np.testing.assert_array_equal(predictor.prepare(make_image("chest.png", array)), expected)
 
 
 def test_a_bad_input_in_a_list_leaves_the_others(predictor: Predictor, make_image, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .decode import NPZ_SEPARATOR, FitMode, preprocess
+from .decode import NPZ_SEPARATOR, Contrast, FitMode, preprocess
 from .errors import ChestXrayError, InputError
 from .sources import Samples
 
@@ -39,6 +39,7 @@ class ImageCache:
     mode: str
     fingerprint: str
     path: Path
+    contrast: str = "none"
 
     @property
     def ok(self) -> np.ndarray:
@@ -56,9 +57,10 @@ def default_cache_dir() -> Path:
     return base / "chestxray"
 
 
-def fingerprint(paths: list[str], size: int, mode: str) -> str:
+def fingerprint(paths: list[str], size: int, mode: str, contrast: str = "none") -> str:
     """Hash of every file's path, size and mtime plus the preprocessing options."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{mode}".encode())
+    options = f"{size}|{mode}" + ("" if contrast == "none" else f"|{contrast}")  # old caches stay valid
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{options}".encode())
     for ref in paths:
         file = ref.rpartition(NPZ_SEPARATOR)[0] or ref
         try:
@@ -71,8 +73,9 @@ def fingerprint(paths: list[str], size: int, mode: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, cache_dir: str | Path | None = None,
-                workers: int | None = None, progress: bool = True) -> ImageCache:
+def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, contrast: Contrast = "none",
+                cache_dir: str | Path | None = None, workers: int | None = None,
+                progress: bool = True) -> ImageCache:
     """Preprocess every sample to ``size`` x ``size`` once; later calls open the stored memory map.
 
     Files that fail to decode are listed in ``ImageCache.failed`` with the reason; the others
@@ -80,40 +83,41 @@ def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, cache_dir
     wait for the first one and open what it built.
     """
     paths = samples.frame["path"].tolist()
-    key = fingerprint(paths, size, mode)
+    key = fingerprint(paths, size, mode, contrast)
     directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
     if array_path.is_file() and meta_path.is_file():
-        return _open(array_path, meta_path, size, mode, key)
+        return _open(array_path, meta_path, size, mode, contrast, key)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ChestXrayError(f"{directory}: cannot create the cache folder ({err.strerror})") from None
     with _exclusive(directory / f"{key}.lock"):
         if array_path.is_file() and meta_path.is_file():  # built by another process while this one waited
-            return _open(array_path, meta_path, size, mode, key)
+            return _open(array_path, meta_path, size, mode, contrast, key)
         tmp_path = directory / f"{key}.{os.getpid()}.tmp.npy"
         try:
             images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
             failed: dict[int, str] = {}
-            for row, image, reason in _decode_all(paths, size, mode, workers, progress):
+            for row, image, reason in _decode_all(paths, size, mode, contrast, workers, progress):
                 if image is None:
                     failed[row] = reason
                 else:
                     images[row] = image
             images.flush()
             del images
-            meta_path.write_text(json.dumps({"size": size, "mode": mode, "n": len(paths), "failed": failed}))
+            meta_path.write_text(json.dumps({"size": size, "mode": mode, "contrast": contrast, "n": len(paths),
+                                             "failed": failed}))
             os.replace(tmp_path, array_path)  # last: the array's appearance publishes a complete cache
         finally:
             tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
-    return _open(array_path, meta_path, size, mode, key)
+    return _open(array_path, meta_path, size, mode, contrast, key)
 
 
-def _open(array_path: Path, meta_path: Path, size: int, mode: str, key: str) -> ImageCache:
+def _open(array_path: Path, meta_path: Path, size: int, mode: str, contrast: str, key: str) -> ImageCache:
     meta = json.loads(meta_path.read_text())
     failed = {int(k): v for k, v in meta["failed"].items()}
-    return ImageCache(np.load(array_path, mmap_mode="r"), failed, size, mode, key, array_path)
+    return ImageCache(np.load(array_path, mmap_mode="r"), failed, size, mode, key, array_path, contrast)
 
 
 @contextmanager
@@ -127,18 +131,18 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             lock_path.unlink(missing_ok=True)
 
 
-def _decode_one(job: tuple[int, str, int, str]) -> tuple[int, np.ndarray | None, str]:
-    row, path, size, mode = job
+def _decode_one(job: tuple[int, str, int, str, str]) -> tuple[int, np.ndarray | None, str]:
+    row, path, size, mode, contrast = job
     try:
-        return row, preprocess(path, size, mode), ""
+        return row, preprocess(path, size, mode, contrast=contrast), ""
     except InputError as err:
         return row, None, err.reason
     except Exception as err:  # a decoder bug on one file must not lose the others
         return row, None, f"{type(err).__name__}: {err}"
 
 
-def _decode_all(paths: list[str], size: int, mode: str, workers: int | None, progress: bool):
-    jobs = [(row, path, size, mode) for row, path in enumerate(paths)]
+def _decode_all(paths: list[str], size: int, mode: str, contrast: str, workers: int | None, progress: bool):
+    jobs = [(row, path, size, mode, contrast) for row, path in enumerate(paths)]
     workers = workers or os.cpu_count() or 1
     columns = [TextColumn("caching {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=True) as bar:

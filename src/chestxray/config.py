@@ -15,6 +15,7 @@ _CHOICES = {
     "schedule": ("cosine", "plateau", "none"),
     "balance": ("none", "weights", "sampler"),
     "fit_mode": ("pad", "crop"),
+    "contrast": ("none", "clahe"),
     "weights": None,  # "imagenet", "none" or a path: checked by models.create_model
 }
 
@@ -27,6 +28,7 @@ class TrainConfig:
     weights: str = "imagenet"
     image_size: int = 320
     fit_mode: str = "pad"
+    contrast: str = "none"
     epochs: int = 15
     batch_size: int = 32
     optimizer: str = "adamw"
@@ -66,6 +68,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for YAML and checkpoints."""
         return asdict(self)
+
+    def preprocessing(self) -> dict[str, str]:
+        """The image options a bundle must repeat at prediction time."""
+        return {"mode": self.fit_mode, "contrast": self.contrast}
 
     def replace(self, **overrides: Any) -> "TrainConfig":
         """A copy with the non-``None`` ``overrides`` applied (validated)."""

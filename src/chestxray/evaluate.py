@@ -64,7 +64,8 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     predictor = bundle if isinstance(bundle, Predictor) else load_model(bundle)
     samples, split = _select(load_samples(data), split, data)
     samples = _match_classes(samples, predictor, data)
-    cache = build_cache(samples, predictor.image_size, predictor.mode, cache_dir=cache_dir, progress=progress)
+    cache = build_cache(samples, predictor.image_size, predictor.mode, contrast=predictor.contrast,
+                        cache_dir=cache_dir, progress=progress)
     failed = [(samples.frame["path"].iloc[row], reason) for row, reason in sorted(cache.failed.items())]
     ok = cache.ok
     if not ok.any():
@@ -194,8 +195,8 @@ def _error_gallery(predictor: Predictor, files: np.ndarray, images: np.ndarray, 
 def _notes(predictor: Predictor, samples: Samples, split: str, result: EvaluationResult) -> list[str]:
     meta = predictor.meta
     trained = meta.extra.get("trained_on") or {}
-    notes = [f"Model: {meta.arch} at {meta.image_size} px ({predictor.mode}), {len(meta.classes)} classes, "
-             f"created {meta.created}, temperature {meta.temperature:.2f}."]
+    notes = [f"Model: {meta.arch} at {meta.image_size} px ({predictor.mode}, contrast {predictor.contrast}), "
+             f"{len(meta.classes)} classes, created {meta.created}, temperature {meta.temperature:.2f}."]
     if trained:
         counts = ", ".join(f"{k} {v}" for k, v in (trained.get("class_counts") or {}).items())
         notes.append(f"Trained on {trained.get('origin', '?')}: {trained.get('n_train', '?')} training and "

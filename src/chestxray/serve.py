@@ -92,6 +92,7 @@ class ModelOut(BaseModel):
     classes: list[str]
     image_size: int
     fit_mode: str
+    contrast: str
     temperature: float
     ood_guard: bool
     metrics: dict[str, Any]
@@ -194,6 +195,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
     model_info = ModelOut(
         model_id=model_id, arch=meta.arch, task=meta.task, classes=list(meta.classes),
         image_size=meta.image_size, fit_mode=meta.preprocess.get("mode", "pad"),
+        contrast=meta.preprocess.get("contrast", "none"),
         temperature=meta.temperature, ood_guard=bool(meta.ood), metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,

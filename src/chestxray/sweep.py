@@ -52,6 +52,8 @@ DEFAULT_SPACE: dict[str, Any] = {
     "optimizer": ["adamw", "adam", "rmsprop", "sgd"],
     "image_size": [224, 256, 320],
     "augment": {"low": 0.0, "high": 1.5},
+    "fit_mode": ["pad", "crop"],
+    "contrast": ["none", "clahe"],
     "epochs": {"low": 4, "high": 16, "step": 4},
 }
 OBJECTIVE = "val_loss"

@@ -115,3 +115,19 @@ def test_an_interrupted_build_leaves_nothing_behind(folder_samples, cache_dir, m
     with pytest.raises(Interrupted):
         build_cache(folder_samples, 16, progress=False)
     assert list(cache_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "array of another shape", "broken json"])
+def test_a_damaged_cache_is_rebuilt(folder_samples, tmp_path, damage):
+    built = build_cache(folder_samples, 16, cache_dir=tmp_path, workers=1, progress=False)
+    expected = np.array(built.images)
+    meta_path = built.path.with_suffix(".json")
+    if damage == "truncated array":
+        built.path.write_bytes(built.path.read_bytes()[:200])
+    elif damage == "array of another shape":
+        np.save(built.path, np.zeros((2, 8, 8), np.uint8))
+    else:
+        meta_path.write_text("{not json")
+    rebuilt = build_cache(folder_samples, 16, cache_dir=tmp_path, workers=1, progress=False)
+    np.testing.assert_array_equal(rebuilt.images, expected)
+    assert build_cache(folder_samples, 16, cache_dir=tmp_path, workers=1, progress=False).path == rebuilt.path

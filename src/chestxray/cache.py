@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .decode import NPZ_SEPARATOR, Contrast, FitMode, preprocess
@@ -26,6 +27,7 @@ from .errors import ChestXrayError, InputError
 from .sources import Samples
 
 CACHE_VERSION = 1
+_console = Console(stderr=True)
 _INLINE_BELOW = 64  # fewer images than this are decoded in-process: a pool costs more than it saves
 
 
@@ -86,15 +88,18 @@ def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, contrast:
     key = fingerprint(paths, size, mode, contrast)
     directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
-    if array_path.is_file() and meta_path.is_file():
-        return _open(array_path, meta_path, size, mode, contrast, key)
+    shape = (len(paths), size, size)
+    if (cache := _open(array_path, meta_path, shape, mode, contrast, key)) is not None:
+        return cache
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ChestXrayError(f"{directory}: cannot create the cache folder ({err.strerror})") from None
     with _exclusive(directory / f"{key}.lock"):
-        if array_path.is_file() and meta_path.is_file():  # built by another process while this one waited
-            return _open(array_path, meta_path, size, mode, contrast, key)
+        if (cache := _open(array_path, meta_path, shape, mode, contrast, key)) is not None:
+            return cache  # built by another process while this one waited
+        if array_path.is_file():
+            _console.print(f"[yellow]{array_path}: damaged cache file, rebuilding it[/]")
         tmp_path = directory / f"{key}.{os.getpid()}.tmp.npy"
         try:
             images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
@@ -111,13 +116,26 @@ def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, contrast:
             os.replace(tmp_path, array_path)  # last: the array's appearance publishes a complete cache
         finally:
             tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
-    return _open(array_path, meta_path, size, mode, contrast, key)
+    cache = _open(array_path, meta_path, shape, mode, contrast, key)
+    if cache is None:
+        raise ChestXrayError(f"{array_path}: the cache just written cannot be read back (disk full?)")
+    return cache
 
 
-def _open(array_path: Path, meta_path: Path, size: int, mode: str, contrast: str, key: str) -> ImageCache:
-    meta = json.loads(meta_path.read_text())
-    failed = {int(k): v for k, v in meta["failed"].items()}
-    return ImageCache(np.load(array_path, mmap_mode="r"), failed, size, mode, key, array_path, contrast)
+def _open(array_path: Path, meta_path: Path, shape: tuple[int, int, int], mode: str, contrast: str,
+          key: str) -> ImageCache | None:
+    """The stored cache, or ``None`` when it is missing or damaged (truncated, wrong shape, bad JSON)."""
+    if not (array_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        failed = {int(k): str(v) for k, v in meta["failed"].items()}
+        images = np.load(array_path, mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if images.shape != shape or images.dtype != np.uint8:
+        return None
+    return ImageCache(images, failed, shape[1], mode, key, array_path, contrast)
 
 
 @contextmanager

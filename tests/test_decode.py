@@ -149,6 +149,14 @@ def test_dicom_rescale_slope_intercept_and_window_are_applied(make_dicom):
     assert np.abs(load_image(path) - expected).max() <= 1.5
 
 
+def test_dicom_window_keeps_its_output_range(make_dicom):
+    pixels = (900 + dicom_gradient() % 201).astype(np.uint16)  # 900..1100: well inside the window
+    path = make_dicom("soft.dcm", pixels, BitsStored=12, WindowCenter=1000.0, WindowWidth=2000.0)
+    image = load_image(path)
+    expected = ((pixels - 999.5) / 1999 + 0.5) * 255  # a soft image stays soft: no stretch to 0..255
+    assert np.abs(image - expected).max() <= 1.5 and 100 < image.min() and image.max() < 155
+
+
 def test_dicom_monochrome1_is_inverted(make_dicom):
     pixels = dicom_gradient()
     normal = load_image(make_dicom("m2.dcm", pixels, "MONOCHROME2"))

@@ -194,13 +194,13 @@ def _bit_depth(img: Image.Image) -> int:
     return 1 if img.mode == "1" else 8
 
 
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Rescale any numeric array linearly from its own min..max to 0..255."""
+def _to_uint8(pixels: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Rescale any numeric array linearly from ``value_range`` (default: its own min..max) to 0..255."""
     pixels = pixels.astype(np.float32)
-    low, high = float(pixels.min()), float(pixels.max())
+    low, high = value_range or (float(pixels.min()), float(pixels.max()))
     if high <= low:
         return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.round(np.clip((pixels - low) * (255.0 / (high - low)), 0, 255)).astype(np.uint8)
 
 
 def _decode_raster(data: bytes, label: str, min_side: int | None) -> np.ndarray:
@@ -283,7 +283,10 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
         if pixels.ndim == 3:  # colour: pydicom has already converted YBR to RGB
             return _to_uint8(cv2.cvtColor(np.ascontiguousarray(pixels, dtype=np.float32), cv2.COLOR_RGB2GRAY))
         pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
-    gray = _to_uint8(pixels)
+        has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+        # a window maps onto a fixed output range: keep it, so that a soft image stays soft
+        output_range = apply_voi_lut(np.array([-1e12, 1e12]), ds) if has_voi else None
+    gray = _to_uint8(pixels, None if output_range is None else (float(output_range[0]), float(output_range[1])))
     return 255 - gray if photometric == "MONOCHROME1" else gray
 
 

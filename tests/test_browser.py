@@ -14,7 +14,7 @@ from PIL import Image
 from chestxray.predict import Predictor, load_model
 from chestxray.serve import background_server, create_app
 from conftest import xray_array
-from test_serve import CLASSES, build_tiny_bundle
+from factories import CLASSES, build_tiny_bundle
 
 pytestmark = pytest.mark.browser
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from factories import make_bundle
 from PIL import Image
-from test_predict import make_bundle
 from typer.testing import CliRunner
 
 from chestxray.cli import app, main

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from factories import TINY, write_xrays
 
 from chestxray.bundle import load_bundle
 from chestxray.config import TrainConfig
@@ -20,31 +19,6 @@ from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet
 from chestxray.data import infer_images
-
-# timm's tiny test network: fast even on a busy CPU
-TINY = dict(arch="test_efficientnet", weights="none", image_size=32, epochs=1, batch_size=8,
-            freeze_epochs=0, warmup_epochs=0, channels_last=False, val_fraction=0.25)
-
-
-def write_xrays(root: Path, patients: int = 6, per_patient: int = 2) -> Path:
-    """Dark "normal" vs bright "pneumonia" 40x40 PNGs in ``train/``, named so patients are known
-    (Kermany style), plus a ``test/`` split holding a byte copy of one training image, and one
-    training images duplicated under other patients."""
-    rng = np.random.default_rng(0)
-    names = {"normal": "IM-{p:04d}-{i:04d}.png", "pneumonia": "person{p}_bacteria_{i}.png"}
-    for split, count in (("train", patients), ("test", 1)):
-        for label, base in (("normal", 60), ("pneumonia", 170)):
-            folder = root / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for p in range(count):
-                for i in range(per_patient):
-                    pixels = np.clip(rng.normal(base, 20, (40, 40)), 0, 255).astype(np.uint8)
-                    patient = p if split == "train" else 100 + p
-                    Image.fromarray(pixels).save(folder / names[label].format(p=patient, i=i))
-    shutil.copy(root / "train/pneumonia/person0_bacteria_0.png", root / "test/pneumonia/person100_bacteria_9.png")
-    for p in range(min(3, patients)):
-        shutil.copy(root / f"train/normal/IM-{p:04d}-0000.png", root / f"train/normal/IM-{50 + p:04d}-0000.png")
-    return root
 
 
 def _digest(path: str) -> str:

@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import xray_array
 from distributed_helpers import build_logged
+from factories import make_bundle
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
-from test_predict import make_bundle
 from torch.utils.data import DistributedSampler
 
 import chestxray.distributed as distributed

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import xray_array
+from factories import make_bundle
 from PIL import Image
-from test_predict import make_bundle
 
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError

@@ -18,7 +18,7 @@ from chestxray.export import (OUTPUT_NAMES, PROB_TOLERANCE, ExportResult, OnnxRu
 from chestxray.models import EnsembleNet, create_model
 from chestxray.predict import TorchRunner, load_model
 from conftest import xray_array
-from test_serve import CLASSES, IMAGE_SIZE, build_tiny_bundle
+from factories import CLASSES, IMAGE_SIZE, build_tiny_bundle
 
 
 def float_batch(n: int, seed: int = 0) -> np.ndarray:

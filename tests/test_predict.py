@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,36 +10,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import xray_array
-from PIL import Image
+from factories import BINARY_CLASSES, SIZE, make_bundle, png_bytes
 from scipy.special import softmax
 
-from chestxray.bundle import BundleMeta, save_bundle
+from chestxray.bundle import BundleMeta
 from chestxray.decode import fit_square, normalize_contrast
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet, create_model
-from chestxray.ood import fit_guard
 from chestxray.models import logits_and_features
 from chestxray.predict import Prediction, Predictor, load_model, predict_paths, write_cams
 from chestxray.sources import NO_FINDING
-
-SIZE = 64
-CLASSES = ["normal", "pneumonia"]
-
-
-def make_bundle(directory: Path, classes: list[str] = CLASSES, *, task: str = "multiclass",
-                temperature: float = 1.0, guard: bool = True, seed: int = 0) -> Path:
-    """A tiny timm EfficientNet bundle with spread-out logits and, by default, an OOD guard fitted on
-    synthetic X-rays."""
-    torch.manual_seed(seed)
-    model = create_model("test_efficientnet", len(classes), weights="none", task=task).eval()
-    torch.nn.init.normal_(model.backbone.get_classifier().weight, std=1.0)
-    ood = None
-    if guard:
-        images = np.stack([fit_square(xray_array(seed=i), SIZE) for i in range(24)])
-        ood = fit_guard(model, images, np.arange(24) % len(classes))
-    meta = BundleMeta(classes=list(classes), image_size=SIZE, temperature=temperature, ood=ood,
-                      extra={"trained_on": {"origin": "synthetic", "n_train": 24, "n_val": 0}})
-    return save_bundle(directory, model, meta)
 
 
 @pytest.fixture
@@ -51,12 +30,6 @@ def bundle(tmp_path: Path) -> Path:
 @pytest.fixture
 def predictor(bundle: Path) -> Predictor:
     return load_model(bundle, device="cpu")
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def fake_predictor(logits: np.ndarray, task: str = "multiclass", temperature: float = 1.0) -> Predictor:
@@ -99,7 +72,7 @@ def test_a_bad_input_in_a_list_leaves_the_others(predictor: Predictor, make_imag
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     results = predictor.predict([good, corrupt, np.zeros((4, 4), np.float32), tmp_path / "missing.png"])
-    assert results[0].error is None and results[0].label in CLASSES
+    assert results[0].error is None and results[0].label in BINARY_CLASSES
     assert [r.error is not None for r in results] == [False, True, True, True]
     assert "uint8" in results[2].error and "no such file" in results[3].error
     assert results[1].probabilities == {} and results[1].label == "" and results[1].ood_score is None
@@ -183,7 +156,7 @@ def test_backends(bundle: Path) -> None:
         load_model(bundle, backend="onnx")
     with pytest.raises(ChestXrayError, match="unknown backend"):
         load_model(bundle, backend="tensorflow")
-    assert load_model(bundle / "model.json").classes == CLASSES
+    assert load_model(bundle / "model.json").classes == BINARY_CLASSES
     no_torch = Predictor(load_model(bundle).runner, load_model(bundle).meta)
     with pytest.raises(ChestXrayError, match="torch backend"):
         no_torch.gradcam_png(xray_array())
@@ -198,12 +171,12 @@ def test_predict_paths_expands_folders_and_globs(predictor: Predictor, make_imag
     table = predict_paths(predictor, [tmp_path / "scans", str(tmp_path / "other" / "*.png"),
                                       tmp_path / "empty", tmp_path / "nope.png", str(tmp_path / "*.dcm")],
                           batch_size=2, progress=False)
-    assert list(table.columns) == ["file", "label", *CLASSES, "ood", "ood_score", "error"]
+    assert list(table.columns) == ["file", "label", *BINARY_CLASSES, "ood", "ood_score", "error"]
     names = [Path(f).name for f in table["file"]]
     assert names == ["a.png", "b.jpg", "c.png", "d.png", "e.png", "empty", "nope.png", "*.dcm"]
     failed = table["error"].notna()
     assert failed.tolist() == [False] * 4 + [True] * 4
-    assert table.loc[~failed, CLASSES].sum(axis=1).to_numpy() == pytest.approx(1.0)
+    assert table.loc[~failed, BINARY_CLASSES].sum(axis=1).to_numpy() == pytest.approx(1.0)
 
 
 def test_write_cams_uses_safe_unique_names(predictor: Predictor, make_image, tmp_path: Path) -> None:

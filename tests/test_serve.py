@@ -22,34 +22,13 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from chestxray.bundle import META_FILE, BundleMeta, save_bundle
+from chestxray.bundle import META_FILE
 from chestxray.errors import ChestXrayError
-from chestxray.models import create_model
 from chestxray.predict import Predictor, load_model
 from chestxray.serve import (MULTIPART_OVERHEAD_BYTES, ApiError, InferenceQueue, _read_upload, app_from_environment,
                              background_server, create_app, serve)
 from conftest import xray_array
-from test_predict import make_bundle
-
-CLASSES = ["normal", "pneumonia", "covid"]
-IMAGE_SIZE = 64
-
-
-def build_tiny_bundle(directory: Path) -> Path:
-    """A random-weights ResNet-18 bundle at 64 px whose logits differ clearly between images (so that
-    comparisons of probabilities mean something)."""
-    torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=len(CLASSES), weights="none").eval()
-    torch.nn.init.normal_(model.backbone.get_classifier().weight, std=0.5)
-    meta = BundleMeta(classes=CLASSES, image_size=IMAGE_SIZE, temperature=1.5,
-                      metrics={"val_acc": 0.5}, extra={"trained_on": {"n_train": 12}})
-    return save_bundle(directory, model, meta)
-
-
-def png_bytes(array: np.ndarray | None = None, seed: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(xray_array(96, 80, seed) if array is None else array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from factories import CLASSES, IMAGE_SIZE, build_tiny_bundle, make_bundle, png_bytes
 
 
 def jpeg_bytes(seed: int = 0) -> bytes:

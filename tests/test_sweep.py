@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from test_cv import TINY, write_xrays
+from factories import TINY, write_xrays
 
 from chestxray.config import TrainConfig, load_config
 from chestxray.errors import ChestXrayError

@@ -11,6 +11,10 @@ selection uses validation data only; the test split is read once, at the end.
 
     .venv/bin/python bench/bench_protocol.py course [--config cfg.yaml] [any train flag, e.g. --epochs 8]
     .venv/bin/python bench/bench_protocol.py pneumoniamnist
+    .venv/bin/python bench/bench_protocol.py pneumoniamnist --validation-only --contrast clahe
+
+``--validation-only`` trains and reports the validation metrics without reading the test split:
+the way to compare candidate settings.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.config import load_config, overrides_from_args  # noqa: E402
+from chestxray.config import TrainConfig, load_config, overrides_from_args  # noqa: E402
 from chestxray.evaluate import evaluate, headline  # noqa: E402
-from chestxray.train import fit  # noqa: E402
+from chestxray.train import RunResult, fit  # noqa: E402
 
 DATASETS = {
     "course": ("chest_xray_4class", {}),
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--config", type=Path, help="YAML config (flags win)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="parent of the run directory")
+    parser.add_argument("--validation-only", action="store_true", help="train and validate; leave the test split unread")
     args, extra = parser.parse_known_args()
     relative, dataset_defaults = DATASETS[args.dataset]
     data = DATA / relative
@@ -58,6 +63,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="chestxray-bench-cache-") as cache:
         run = fit(data, config, out_dir=args.out, name=name, cache_dir=cache, progress=False)
         trained = time.perf_counter()
+        if args.validation_only:
+            report_validation(args.dataset, data, config, run, trained - start)
+            return
         result = evaluate(run.bundle_dir, data, run.run_dir / "evaluation", cache_dir=cache, progress=False)
     total = time.perf_counter() - start
     metrics = result.metrics
@@ -78,6 +86,16 @@ def main() -> None:
     print(f"wall time {total:.0f} s (training incl. cache {trained - start:.0f} s), peak memory {peak_mb:.0f} MB")
     print(f"anchors: {ANCHORS[args.dataset]}")
     print(f"result: {path}; report: {result.files['report']}")
+
+
+def report_validation(dataset: str, data: Path, config: TrainConfig, run: RunResult, seconds: float) -> None:
+    """Record a candidate's validation metrics: model selection never sees the test split."""
+    record = {"dataset": dataset, "data": str(data), "config": config.to_dict(), "run_dir": str(run.run_dir),
+              "epochs_run": int(len(run.history)), "validation": run.metrics, "seconds_train": round(seconds, 1),
+              "test_evaluations": 0}
+    path = save_result(f"select-{dataset}", record)
+    print(f"validation: {', '.join(f'{k} {v:.4f}' for k, v in run.metrics.items())}")
+    print(f"wall time {seconds:.0f} s; result: {path}")
 
 
 if __name__ == "__main__":

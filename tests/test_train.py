@@ -65,12 +65,15 @@ def test_bundle_outputs_match_trained_model(tmp_path: Path) -> None:
     assert np.array_equal(infer_images(model, images)[0], infer_images(reloaded, images)[0])
 
 
-def test_seed_makes_runs_repeatable(tmp_path: Path) -> None:
+def test_seed_makes_runs_repeatable_with_and_without_mixup(tmp_path: Path) -> None:
     data = _write_classes(tmp_path / "data")
-    config = TrainConfig(**{**TINY, "epochs": 1})
-    first = fit(data, config, out_dir=tmp_path / "runs", name="a", progress=False).history
-    second = fit(data, config, out_dir=tmp_path / "runs", name="b", progress=False).history
+    plain = TrainConfig(**{**TINY, "epochs": 1})
+    mixed = plain.replace(mixup=0.4)
+    first, second, third, fourth = (fit(data, config, out_dir=tmp_path / "runs", name=name, progress=False).history
+                                    for config, name in [(plain, "a"), (plain, "b"), (mixed, "c"), (mixed, "d")])
     assert np.allclose(first["val_loss"], second["val_loss"], atol=1e-5)
+    assert np.allclose(third["train_loss"], fourth["train_loss"], atol=1e-5)
+    assert not np.allclose(first["train_loss"], third["train_loss"], rtol=0, atol=1e-5)  # mixup changed the loss
 
 
 def test_multilabel_training_from_csv(tmp_path: Path) -> None:
@@ -82,7 +85,7 @@ def test_multilabel_training_from_csv(tmp_path: Path) -> None:
         labels = ["Effusion|Cardiomegaly", "No Finding", "Effusion", "Cardiomegaly"][i % 4]
         rows.append({"path": f"{i:08d}_000.png", "label": labels})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
-    result = fit(tmp_path / "labels.csv", TrainConfig(**{**TINY, "epochs": 1}), out_dir=tmp_path / "runs",
+    result = fit(tmp_path / "labels.csv", TrainConfig(**{**TINY, "epochs": 1, "mixup": 0.4}), out_dir=tmp_path / "runs",
                  name="ml", progress=False)
     model, meta = load_bundle(result.bundle_dir)
     assert meta.task == "multilabel" and meta.classes == ["Cardiomegaly", "Effusion"]
@@ -129,6 +132,8 @@ def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:
     assert config.epochs == 3 and config.optimizer == "sgd"
     with pytest.raises(ChestXrayError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ChestXrayError, match="mixup"):
+        TrainConfig(mixup=-1)
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ChestXrayError, match="epochz"):
         load_config(tmp_path / "bad.yaml")

@@ -42,6 +42,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balance: str = "weights"
     augment: float = 1.0
+    mixup: float = 0.0
     hflip: bool = False
     drop_rate: float = 0.2
     val_fraction: float = 0.2
@@ -64,6 +65,9 @@ class TrainConfig:
                 raise ChestXrayError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ChestXrayError(f"lr must be positive, not {self.lr}")
+        for name in ("augment", "mixup", "label_smoothing"):
+            if getattr(self, name) < 0:
+                raise ChestXrayError(f"{name} must be 0 or more, not {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for YAML and checkpoints."""

@@ -83,3 +83,19 @@ def augment_batch(images: torch.Tensor, strength: float = 1.0, hflip: bool = Fal
     brightness = (uniform(-0.1, 0.1) * strength).view(-1, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+
+def mix_batch(images: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup: blend each image with another of the batch, ``lam * x + (1 - lam) * x[order]``.
+
+    ``lam`` is drawn from Beta(``alpha``, ``alpha``); returns the blended batch, ``order`` and ``lam``, so the
+    loss is ``lam * loss(targets) + (1 - lam) * loss(targets[order])``. ``alpha`` 0 returns the batch unmixed.
+    """
+    order = torch.arange(len(images), device=images.device)
+    if alpha <= 0:
+        return images, order, 1.0
+    seed = int(torch.randint(2**31, (1,), generator=generator))  # torch's RNG, so seeded runs repeat
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    return lam * images + (1 - lam) * images[order], order, lam

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from .bundle import BundleMeta, save_bundle
 from .cache import ImageCache, build_cache
 from .config import TrainConfig, load_config, save_config
-from .data import CachedDataset, augment_batch, infer_images, to_model_input
+from .data import CachedDataset, augment_batch, infer_images, mix_batch, to_model_input
 from .decode import content_hash
 from .distributed import gather_in_order, trainer_layout
 from .errors import ChestXrayError, InputError
@@ -150,7 +150,11 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, targets = batch
-        loss = self._loss(self.model(self._inputs(images, train=True)), targets, self.config.label_smoothing)
+        inputs, order, lam = mix_batch(self._inputs(images, train=True), self.config.mixup)
+        logits, smoothing = self.model(inputs), self.config.label_smoothing
+        loss = self._loss(logits, targets, smoothing)
+        if lam < 1:
+            loss = lam * loss + (1 - lam) * self._loss(logits, targets[order], smoothing)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
         return loss
 

@@ -70,3 +70,16 @@ def test_predict_json_to_stdout(tmp_path: Path) -> None:
     assert result.exit_code == 0
     records = pd.read_json(io.StringIO(result.stdout))
     assert records["file"].tolist() == [str(image)] and {"ood", "ood_score"} <= set(records.columns)
+
+
+def test_the_python_api_is_one_import_away() -> None:
+    import chestxray
+    from chestxray import TrainConfig, cross_validate, fit, load_model, load_samples
+    from chestxray.config import TrainConfig as config_class
+    from chestxray.predict import load_model as loader
+
+    assert TrainConfig is config_class and load_model is loader
+    assert all(callable(f) for f in (cross_validate, fit, load_samples))
+    assert set(chestxray.__all__) >= {"fit", "load_model", "TrainConfig"}
+    with pytest.raises(AttributeError, match="no attribute"):
+        chestxray.not_a_thing  # noqa: B018

@@ -2,21 +2,30 @@
 
 Not a diagnostic device: models built with it are research tools.
 
-``from chestxray import load_model`` gives :func:`chestxray.predict.load_model` (imported on first
-use, so that ``import chestxray`` stays light).
+The shortest path, from a notebook::
+
+    from chestxray import TrainConfig, fit, load_model
+    from chestxray.evaluate import evaluate
+
+    run = fit("data/", TrainConfig(epochs=12))          # run directory and model bundle
+    evaluate(run.bundle_dir, "data/", "runs/eval")      # metrics with intervals, report.html
+    load_model(run.bundle_dir).predict("xray.dcm")      # Prediction(label=..., probabilities=...)
+
+Each name is imported on first use, so that ``import chestxray`` stays light.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_model"]
+_LAZY = {"load_model": "predict", "fit": "train", "cross_validate": "cv", "TrainConfig": "config",
+         "load_samples": "sources"}  # not "evaluate": importing the submodule of that name would shadow it
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "load_model":
-        from .predict import load_model
-
-        return load_model
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'chestxray' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import timm.models._builder
 import torch
@@ -107,6 +109,7 @@ def test_imagenet_without_internet_names_offline_choices(monkeypatch) -> None:
 
     # The hub would retry for about a minute without network; fail at once the same way.
     monkeypatch.setattr(timm.models._builder, "load_pretrained", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: [])  # as if the host resolved
     with pytest.raises(ChestXrayError) as err:
         create_model("resnet18", num_classes=2, weights="imagenet")
     message = str(err.value)
@@ -128,3 +131,15 @@ def test_freeze_backbone_leaves_only_the_head_trainable() -> None:
     assert trainable == {id(p) for p in model.head_parameters()} == {id(p) for p in model.backbone.fc.parameters()}
     model.freeze_backbone(False)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_an_unresolvable_hub_fails_at_once(monkeypatch) -> None:
+    def unresolvable(host, *args):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("the hub must not be tried"))
+    with pytest.raises(ChestXrayError, match="huggingface.co is unreachable.*tf_efficientnet_lite0"):
+        create_model("resnet18", num_classes=2, weights="imagenet")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -37,6 +40,19 @@ OFFLINE_CHOICES = (
     "offline choices: weights='imagenet' with tf_efficientnet_lite0 or tf_efficientnet_lite2, "
     "weights=PATH to a local .safetensors/.pth file, or weights='none'"
 )
+
+
+def _check_hub_reachable(arch: str) -> None:
+    """Fail at once when the weights hub's host name does not resolve and no proxy is set: the
+    hub client would otherwise retry for about a minute before giving up."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ChestXrayError(f"cannot download ImageNet weights for '{arch}' ({host} is unreachable); "
+                             f"{OFFLINE_CHOICES}") from None
 
 
 class ChestXrayNet(nn.Module):
@@ -157,6 +173,7 @@ def create_model(
     options = {"in_chans": 1, "num_classes": num_classes, "drop_rate": drop_rate}
     choice = str(weights)
     if choice == "imagenet" and arch not in OFFLINE_IMAGENET:
+        _check_hub_reachable(arch)
         try:
             return ChestXrayNet(_small_head(timm.create_model(arch, pretrained=True, **options)), arch, task)
         except (OSError, RuntimeError) as err:

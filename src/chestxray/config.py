@@ -42,7 +42,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balance: str = "weights"
     augment: float = 1.0
-    mixup: float = 0.0
+    mixup: float = 0.2
     hflip: bool = False
     drop_rate: float = 0.2
     val_fraction: float = 0.2

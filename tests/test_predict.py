@@ -16,8 +16,7 @@ from scipy.special import softmax
 from chestxray.bundle import BundleMeta
 from chestxray.decode import fit_square, normalize_contrast
 from chestxray.errors import ChestXrayError
-from chestxray.models import EnsembleNet, create_model
-from chestxray.models import logits_and_features
+from chestxray.models import EnsembleNet, create_model, logits_and_features
 from chestxray.predict import Prediction, Predictor, load_model, predict_paths, write_cams
 from chestxray.sources import NO_FINDING
 

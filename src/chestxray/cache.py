@@ -102,7 +102,7 @@ def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, contrast:
             _console.print(f"[yellow]{array_path}: damaged cache file, rebuilding it[/]")
         tmp_path = directory / f"{key}.{os.getpid()}.tmp.npy"
         try:
-            images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+            images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape)
             failed: dict[int, str] = {}
             for row, image, reason in _decode_all(paths, size, mode, contrast, workers, progress):
                 if image is None:

@@ -34,12 +34,12 @@ from sklearn.metrics import balanced_accuracy_score
 
 from .bundle import BundleMeta, load_bundle, save_bundle
 from .config import TrainConfig
+from .data import infer_images
 from .errors import ChestXrayError
 from .metrics import fit_temperature
 from .models import ChestXrayNet, EnsembleNet
 from .sources import NO_FINDING, Samples
 from .splits import kfold_splits, save_split, train_val_split
-from .data import infer_images
 from .train import console, drop_test_copies, fit, prepare_data, validation_metrics
 
 SCORES = ("loss", "accuracy", "balanced_accuracy", "macro_auc")

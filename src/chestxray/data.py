@@ -92,9 +92,8 @@ def mix_batch(images: torch.Tensor, alpha: float, generator: torch.Generator | N
     ``lam`` is drawn from Beta(``alpha``, ``alpha``); returns the blended batch, ``order`` and ``lam``, so the
     loss is ``lam * loss(targets) + (1 - lam) * loss(targets[order])``. ``alpha`` 0 returns the batch unmixed.
     """
-    order = torch.arange(len(images), device=images.device)
     if alpha <= 0:
-        return images, order, 1.0
+        return images, torch.arange(len(images), device=images.device), 1.0
     seed = int(torch.randint(2**31, (1,), generator=generator))  # torch's RNG, so seeded runs repeat
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     order = torch.randperm(len(images), generator=generator).to(images.device)

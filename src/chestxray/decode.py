@@ -285,8 +285,8 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
         pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
         has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
         # a window maps onto a fixed output range: keep it, so that a soft image stays soft
-        output_range = apply_voi_lut(np.array([-1e12, 1e12]), ds) if has_voi else None
-    gray = _to_uint8(pixels, None if output_range is None else (float(output_range[0]), float(output_range[1])))
+        low, high = apply_voi_lut(np.array([-1e12, 1e12]), ds) if has_voi else (None, None)
+    gray = _to_uint8(pixels, None if low is None else (float(low), float(high)))
     return 255 - gray if photometric == "MONOCHROME1" else gray
 
 

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle
 from .errors import ChestXrayError, InputError
-from .models import ChestXrayNet, EnsembleNet
-from .models import logits_and_features
+from .models import ChestXrayNet, EnsembleNet, logits_and_features
 from .predict import ONNX_FILE, Predictor, TorchRunner
 
 INPUT_NAME = "image"

@@ -59,11 +59,34 @@ def test_departure_outside_the_training_subspace_is_caught() -> None:
 def test_threshold_is_the_quantile_of_held_out_scores() -> None:
     train, labels = blobs(50, seed=0)
     val, _ = blobs(30, seed=1)
-    with_val = OODGuard.fit(train, labels, val_features=val, quantile=0.9)
-    assert with_val.threshold == pytest.approx(np.quantile(with_val.score(val), 0.9))
     # without validation features: out-of-fold scores, higher than the in-sample ones
     cross_fitted = OODGuard.fit(train, labels, quantile=0.9)
     assert cross_fitted.threshold > np.quantile(cross_fitted.score(train), 0.9)
+    # with them: the validation scores join the out-of-fold ones (the guard itself is the same)
+    with_val = OODGuard.fit(train, labels, val_features=val, quantile=0.9)
+    np.testing.assert_allclose(with_val.score(val), cross_fitted.score(val))
+    assert with_val.threshold != cross_fitted.threshold
+    lowest, highest = sorted([cross_fitted.threshold, np.quantile(with_val.score(val), 0.9)])
+    assert lowest <= with_val.threshold <= highest
+
+
+def test_threshold_flags_about_the_nominal_share_of_new_in_distribution_images() -> None:
+    train, labels = blobs(40, seed=0)
+    val, _ = blobs(10, seed=1)
+    fresh, _ = blobs(1000, seed=2)
+    for quantile in (0.9, 0.99):
+        guard = OODGuard.fit(train, labels, val_features=val, n_components=8, quantile=quantile)
+        assert guard.is_ood(guard.score(fresh)).mean() == pytest.approx(1 - quantile, abs=0.5 * (1 - quantile) + 0.005)
+
+
+def test_validation_images_set_the_threshold_when_a_class_has_one_training_image() -> None:
+    features, labels = blobs(20, seed=0)
+    keep = (labels != 0) | (np.arange(len(labels)) == 0)
+    val, _ = blobs(5, seed=1)
+    guard = OODGuard.fit(features[keep], labels[keep], val_features=val, quantile=0.5)
+    assert guard.threshold == pytest.approx(np.quantile(guard.score(val), 0.5))
+    with pytest.raises(ChestXrayError, match="two training images, or validation images"):
+        OODGuard.fit(features[keep], labels[keep])
 
 
 def test_json_round_trip_keeps_scores() -> None:

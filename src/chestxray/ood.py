@@ -19,8 +19,10 @@ The residual term carries most of the signal: photos, documents, other modalitie
 rotated images excite feature directions that chest X-rays never use. Softmax-based scores (max
 probability, energy) fail on this problem: a photo often gets a *more* confident prediction than
 an X-ray. The threshold is the ``quantile`` (default 0.99) of the scores of held-out in-distribution
-images, the validation images when given, else out-of-fold training images (5-fold cross-fitting):
-scores of the images the guard was fitted on are biased low. At 0.99 about 1% of in-distribution
+images: out-of-fold training images (5-fold cross-fitting; scores of the images the guard was
+fitted on are biased low), pooled with the validation images when given. A 99th percentile of the
+validation images alone (about 100 on the course dataset) is close to their maximum and moves
+with one image; pooling gives five times as many held-out scores. At 0.99 about 1% of in-distribution
 images are flagged by design; a 0.95 threshold flagged 3-10% of real test and other-hospital
 X-rays for no gain on the clearly foreign inputs (``bench/bench_ood.py``).
 
@@ -80,19 +82,21 @@ class OODGuard:
             quantile: float = DEFAULT_QUANTILE) -> OODGuard:
         """Fit on training features (N, F) with class indices (N,) (``None``: one pooled mean).
 
-        The threshold is the ``quantile`` of the scores of ``val_features`` when given, else of
-        out-of-fold scores of the training features.
+        The threshold is the ``quantile`` of the held-out scores: out-of-fold scores of the
+        training features, pooled with the scores of ``val_features`` when given.
         """
         features = np.asarray(features)
         labels = np.zeros(len(features), dtype=int) if targets is None else np.asarray(targets).astype(int)
         if features.ndim != 2 or labels.shape != (len(features),):
             raise ChestXrayError(f"OOD guard: need features (N, F) and one class index each, got "
                                  f"{features.shape} and {labels.shape}")
-        if val_features is not None and len(val_features):
-            held_out = cls._fit_axes(features, labels, n_components).score(val_features)
-        else:
-            held_out = _out_of_fold_scores(features, labels, n_components)
         guard = cls._fit_axes(features, labels, n_components)
+        held_out = _out_of_fold_scores(features, labels, n_components)
+        if val_features is not None and len(val_features):
+            held_out = np.concatenate([held_out, guard.score(val_features)])
+        if not len(held_out):
+            raise ChestXrayError("OOD guard: every class needs two training images, or validation images, "
+                                 "to set a threshold")
         guard.quantile = float(quantile)
         guard.threshold = float(np.quantile(held_out, quantile))
         return guard
@@ -153,10 +157,11 @@ class OODGuard:
 def _out_of_fold_scores(features: np.ndarray, labels: np.ndarray, n_components: int) -> np.ndarray:
     from sklearn.model_selection import StratifiedKFold
 
+    """Scores of each training row under a guard fitted without its fold (empty when a class has one image)."""
     counts = np.bincount(labels)
     folds = min(_FOLDS, int(counts[counts > 0].min()))
     if folds < 2:
-        raise ChestXrayError("OOD guard: every class needs two images to set a threshold without validation images")
+        return np.empty(0)
     scores = np.empty(len(features))
     for fit_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=0).split(features, labels):
         scores[held_rows] = OODGuard._fit_axes(features[fit_rows], labels[fit_rows], n_components).score(
@@ -170,7 +175,8 @@ def fit_guard(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray | 
     """Fit the guard on the training images (uint8 (N, S, S)) and return its dict for ``meta.ood``.
 
     ``targets``: class indices (N,) for multi-class models; a multi-label target matrix or ``None``
-    fits one pooled mean. ``val_images`` (held out from the fit) set the threshold.
+    fits one pooled mean. ``val_images`` (held out from the fit) join the out-of-fold training
+    images that set the threshold.
     """
     targets = None if targets is None or np.asarray(targets).ndim != 1 else targets
     features = infer_images(model, images, batch_size)[1]

@@ -330,7 +330,7 @@ def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConf
 
 
 def _fit_ood(features: np.ndarray, targets: np.ndarray, val_features: np.ndarray) -> dict[str, Any] | None:
-    """The out-of-distribution guard, fitted on the training features, thresholded on validation."""
+    """The out-of-distribution guard, fitted on the training features, thresholded on held-out ones."""
     try:
         return OODGuard.fit(features, targets if targets.ndim == 1 else None,
                             val_features=val_features if len(val_features) else None).to_dict()

@@ -47,12 +47,12 @@ def bench_size(samples: Samples, size: int) -> list[dict]:
     """Cold, warm, one-worker and naive timings at ``size`` pixels."""
     rows = []
     with tempfile.TemporaryDirectory() as cache_dir:
-        build = partial(build_cache, samples, size, "pad", cache_dir=cache_dir, progress=False)
+        build = partial(build_cache, samples, size, cache_dir=cache_dir, progress=False)
         rows.append(("cache, cold", timed(build)))
         rows.append(("cache, warm", timed(build)))
     with tempfile.TemporaryDirectory() as cache_dir:
         rows.append(("cache, cold, 1 worker",
-                     timed(partial(build_cache, samples, size, "pad", cache_dir=cache_dir, progress=False, workers=1))))
+                     timed(partial(build_cache, samples, size, cache_dir=cache_dir, progress=False, workers=1))))
     rows.append(("naive: Pillow decode + resize", timed(partial(naive_decode_resize, samples, size))))
     return [{"method": method, "size": size, "seconds": round(seconds, 4),
              "images_per_s": round(len(samples) / seconds, 1)} for method, seconds in rows]

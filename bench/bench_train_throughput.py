@@ -80,7 +80,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
-        cache = build_cache(samples, args.image_size, "pad", cache_dir=cache_dir, progress=False)
+        cache = build_cache(samples, args.image_size, cache_dir=cache_dir, progress=False)
         cache_seconds = time.perf_counter() - start
         batches = {"chestxray (cache + tensor augmentation)":
                    cached_batches(cache, targets, args.batch_size, np.random.default_rng(0)),

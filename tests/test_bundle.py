@@ -91,6 +91,9 @@ def test_unknown_format_missing_field_and_mismatched_weights(tmp_path) -> None:
     (tmp_path / META_FILE).write_text(json.dumps({**data, "classes": ["a", "b"]}))
     with pytest.raises(ChestXrayError, match="weights do not match"):
         load_bundle(tmp_path)
+    (tmp_path / META_FILE).write_text(json.dumps({**data, "preprocess": {"mode": "stretch"}}))
+    with pytest.raises(ChestXrayError, match="model.json: bad preprocessing options: fit mode"):
+        load_bundle(tmp_path)
 
 
 def test_class_count_must_match_the_model(tmp_path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 import chestxray.cache as cache
 from chestxray.cache import build_cache, fingerprint
-from chestxray.decode import preprocess
+from chestxray.decode import Preprocessing, preprocess
 from chestxray.sources import load_samples
 
 
@@ -23,7 +23,7 @@ def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(cache, "preprocess", fail)
+    monkeypatch.setattr(Preprocessing, "load", fail)
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def medmnist_samples(tmp_path, xray):
 def test_cold_build_then_warm_load_without_decoding(request, tmp_path, cache_dir, monkeypatch, source, mode):
     samples = request.getfixturevalue(source)  # its files are under tmp_path
     before = snapshot(tmp_path)
-    cold = build_cache(samples, 16, mode, progress=False)  # cache folder from $CHESTXRAY_CACHE
+    cold = build_cache(samples, Preprocessing(16, mode), progress=False)  # cache folder from $CHESTXRAY_CACHE
     assert cold.path.parent == cache_dir and cold.failed == {} and cold.ok.all()
     assert cold.images.dtype == np.uint8 and cold.images.shape == (len(samples), 16, 16)
     for row, path in enumerate(samples.frame["path"]):
@@ -51,7 +51,7 @@ def test_cold_build_then_warm_load_without_decoding(request, tmp_path, cache_dir
     assert snapshot(tmp_path) == before  # nothing written next to the data
 
     forbid_decoding(monkeypatch)
-    warm = build_cache(samples, 16, mode, progress=False)
+    warm = build_cache(samples, Preprocessing(16, mode), progress=False)
     assert isinstance(warm.images, np.memmap)
     assert (warm.path, warm.fingerprint) == (cold.path, cold.fingerprint)
     np.testing.assert_array_equal(warm.images, cold.images)
@@ -59,14 +59,16 @@ def test_cold_build_then_warm_load_without_decoding(request, tmp_path, cache_dir
 
 def test_fingerprint_follows_options_and_files(folder_samples):
     paths = folder_samples.frame["path"].tolist()
-    key = fingerprint(paths, 16, "pad")
-    assert fingerprint(list(paths), 16, "pad") == key
-    changed = [fingerprint(paths, 32, "pad"), fingerprint(paths, 16, "crop"), fingerprint(paths[:-1], 16, "pad"),
-               fingerprint(paths[::-1], 16, "pad"), fingerprint(paths, 16, "pad", "clahe")]
+    default = Preprocessing(16)
+    key = fingerprint(paths, default)
+    assert fingerprint(list(paths), Preprocessing(16, "pad", "none")) == key
+    changed = [fingerprint(paths, Preprocessing(32)), fingerprint(paths, Preprocessing(16, "crop")),
+               fingerprint(paths, Preprocessing(16, "pad", "clahe")), fingerprint(paths[:-1], default),
+               fingerprint(paths[::-1], default)]
     first = Path(paths[0])
     stat = first.stat()
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    changed.append(fingerprint(paths, 16, "pad"))
+    changed.append(fingerprint(paths, default))
     assert len({key, *changed}) == len(changed) + 1
 
 
@@ -111,7 +113,7 @@ def test_an_interrupted_build_leaves_nothing_behind(folder_samples, cache_dir, m
     def interrupt(*args, **kwargs):
         raise Interrupted
 
-    monkeypatch.setattr(cache, "preprocess", interrupt)
+    monkeypatch.setattr(Preprocessing, "load", interrupt)
     with pytest.raises(Interrupted):
         build_cache(folder_samples, 16, progress=False)
     assert list(cache_dir.iterdir()) == []

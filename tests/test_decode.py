@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from PIL import Image, ImageFile
 
-from chestxray.decode import MAX_PIXELS, fit_square, load_image, normalize_contrast, preprocess, probe_image, to_square
+from chestxray.decode import (MAX_PIXELS, Preprocessing, fit_square, load_image, normalize_contrast, preprocess,
+                              probe_image)
 from chestxray.errors import InputError
 
 
@@ -117,9 +118,22 @@ def test_clahe_spreads_a_washed_out_image_and_none_leaves_it(xray):
     assert equalised.shape == washed.shape and equalised.dtype == np.uint8
     assert np.ptp(equalised) > 2 * np.ptp(washed)
     assert np.corrcoef(equalised.ravel(), washed.ravel())[0, 1] > 0.5  # same picture, more contrast
-    assert (to_square(washed, 32, "pad", "clahe") == fit_square(equalised, 32, "pad")).all()
+    assert (Preprocessing(32, "pad", "clahe").apply(washed) == fit_square(equalised, 32, "pad")).all()
     with pytest.raises(ValueError):
         normalize_contrast(washed, "gamma")
+
+
+def test_preprocessing_options_round_trip_and_bad_ones_are_named() -> None:
+    prep = Preprocessing(64, "crop", "clahe")
+    assert Preprocessing.from_options(64, prep.options()) == prep
+    assert Preprocessing.from_options(64, {"mode": "pad"}) == Preprocessing(64)  # bundles made before contrast
+    assert Preprocessing(64).key() == "64|pad" and prep.key() == "64|crop|clahe"
+    for bad, message in (({"size": 0}, "image size"), ({"size": 8, "mode": "stretch"}, "fit mode"),
+                         ({"size": 8, "contrast": "gamma"}, "contrast")):
+        with pytest.raises(ValueError, match=message):
+            Preprocessing(**bad)
+    with pytest.raises(ValueError, match="unknown preprocessing option.*lung_mask"):
+        Preprocessing.from_options(64, {"mode": "pad", "lung_mask": "yes"})
 
 
 def test_bytes_decode_like_the_file_and_errors_use_the_given_name(make_image):

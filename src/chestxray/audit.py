@@ -267,7 +267,7 @@ def _scan(samples: Samples, cache_dir: str | Path | None, progress: bool) -> _Sc
             pass
         rows.append(row)
     table = pd.DataFrame(rows, index=samples.frame.index)
-    cache = build_cache(samples, CACHE_SIZE, "pad", cache_dir=cache_dir, progress=progress)
+    cache = build_cache(samples, CACHE_SIZE, cache_dir=cache_dir, progress=progress)
     for row, reason in cache.failed.items():
         if not table.at[row, "problem"]:
             table.at[row, "problem"] = reason

@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from chestxray import __version__
+from chestxray.decode import Preprocessing
 from chestxray.errors import InputError
 from chestxray.models import ChestXrayNet, EnsembleNet, create_model, load_state_strict
 
@@ -45,6 +46,10 @@ class BundleMeta:
     format: int = FORMAT
     channels: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def preprocessing(self) -> Preprocessing:
+        """How an image becomes this model's input: ``image_size`` with the ``preprocess`` options."""
+        return Preprocessing.from_options(self.image_size, self.preprocess)
 
 
 def save_bundle(directory: str | Path, model: ChestXrayNet | EnsembleNet, meta: BundleMeta) -> Path:
@@ -86,7 +91,12 @@ def read_meta(directory: str | Path) -> BundleMeta:
     missing = [name for name in names if name not in data and name != "extra"]
     if missing:
         raise InputError(path, f"missing fields: {', '.join(missing)}")
-    return BundleMeta(**{name: data[name] for name in names if name in data})
+    meta = BundleMeta(**{name: data[name] for name in names if name in data})
+    try:
+        meta.preprocessing()
+    except (TypeError, ValueError) as err:
+        raise InputError(path, f"bad preprocessing options: {err}") from None
+    return meta
 
 
 def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, BundleMeta]:

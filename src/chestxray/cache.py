@@ -22,7 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .decode import NPZ_SEPARATOR, Contrast, FitMode, preprocess
+from .decode import NPZ_SEPARATOR, Preprocessing
 from .errors import ChestXrayError, InputError
 from .sources import Samples
 
@@ -37,11 +37,9 @@ class ImageCache:
 
     images: np.ndarray
     failed: dict[int, str]
-    size: int
-    mode: str
+    preprocessing: Preprocessing
     fingerprint: str
     path: Path
-    contrast: str = "none"
 
     @property
     def ok(self) -> np.ndarray:
@@ -59,10 +57,9 @@ def default_cache_dir() -> Path:
     return base / "chestxray"
 
 
-def fingerprint(paths: list[str], size: int, mode: str, contrast: str = "none") -> str:
+def fingerprint(paths: list[str], preprocessing: Preprocessing) -> str:
     """Hash of every file's path, size and mtime plus the preprocessing options."""
-    options = f"{size}|{mode}" + ("" if contrast == "none" else f"|{contrast}")  # old caches stay valid
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{options}".encode())
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{preprocessing.key()}".encode())
     for ref in paths:
         file = ref.rpartition(NPZ_SEPARATOR)[0] or ref
         try:
@@ -75,28 +72,29 @@ def fingerprint(paths: list[str], size: int, mode: str, contrast: str = "none") 
     return digest.hexdigest()[:24]
 
 
-def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, contrast: Contrast = "none",
-                cache_dir: str | Path | None = None, workers: int | None = None,
-                progress: bool = True) -> ImageCache:
-    """Preprocess every sample to ``size`` x ``size`` once; later calls open the stored memory map.
+def build_cache(samples: Samples, preprocessing: Preprocessing | int, *, cache_dir: str | Path | None = None,
+                workers: int | None = None, progress: bool = True) -> ImageCache:
+    """Preprocess every sample once (an ``int``: that size, default options); later calls open the
+    stored memory map.
 
     Files that fail to decode are listed in ``ImageCache.failed`` with the reason; the others
     are still cached. Processes building the same cache at once (the ranks of a distributed run)
     wait for the first one and open what it built.
     """
+    prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(preprocessing)
     paths = samples.frame["path"].tolist()
-    key = fingerprint(paths, size, mode, contrast)
+    key = fingerprint(paths, prep)
     directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
-    shape = (len(paths), size, size)
-    if (cache := _open(array_path, meta_path, shape, mode, contrast, key)) is not None:
+    shape = (len(paths), prep.size, prep.size)
+    if (cache := _open(array_path, meta_path, shape, prep, key)) is not None:
         return cache
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ChestXrayError(f"{directory}: cannot create the cache folder ({err.strerror})") from None
     with _exclusive(directory / f"{key}.lock"):
-        if (cache := _open(array_path, meta_path, shape, mode, contrast, key)) is not None:
+        if (cache := _open(array_path, meta_path, shape, prep, key)) is not None:
             return cache  # built by another process while this one waited
         if array_path.is_file():
             _console.print(f"[yellow]{array_path}: damaged cache file, rebuilding it[/]")
@@ -104,25 +102,25 @@ def build_cache(samples: Samples, size: int, mode: FitMode = "pad", *, contrast:
         try:
             images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape)
             failed: dict[int, str] = {}
-            for row, image, reason in _decode_all(paths, size, mode, contrast, workers, progress):
+            for row, image, reason in _decode_all(paths, prep, workers, progress):
                 if image is None:
                     failed[row] = reason
                 else:
                     images[row] = image
             images.flush()
             del images
-            meta_path.write_text(json.dumps({"size": size, "mode": mode, "contrast": contrast, "n": len(paths),
+            meta_path.write_text(json.dumps({"size": prep.size, **prep.options(), "n": len(paths),
                                              "failed": failed}))
             os.replace(tmp_path, array_path)  # last: the array's appearance publishes a complete cache
         finally:
             tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
-    cache = _open(array_path, meta_path, shape, mode, contrast, key)
+    cache = _open(array_path, meta_path, shape, prep, key)
     if cache is None:
         raise ChestXrayError(f"{array_path}: the cache just written cannot be read back (disk full?)")
     return cache
 
 
-def _open(array_path: Path, meta_path: Path, shape: tuple[int, int, int], mode: str, contrast: str,
+def _open(array_path: Path, meta_path: Path, shape: tuple[int, int, int], preprocessing: Preprocessing,
           key: str) -> ImageCache | None:
     """The stored cache, or ``None`` when it is missing or damaged (truncated, wrong shape, bad JSON)."""
     if not (array_path.is_file() and meta_path.is_file()):
@@ -135,7 +133,7 @@ def _open(array_path: Path, meta_path: Path, shape: tuple[int, int, int], mode: 
         return None
     if images.shape != shape or images.dtype != np.uint8:
         return None
-    return ImageCache(images, failed, shape[1], mode, key, array_path, contrast)
+    return ImageCache(images, failed, preprocessing, key, array_path)
 
 
 @contextmanager
@@ -149,22 +147,22 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             lock_path.unlink(missing_ok=True)
 
 
-def _decode_one(job: tuple[int, str, int, str, str]) -> tuple[int, np.ndarray | None, str]:
-    row, path, size, mode, contrast = job
+def _decode_one(job: tuple[int, str, Preprocessing]) -> tuple[int, np.ndarray | None, str]:
+    row, path, preprocessing = job
     try:
-        return row, preprocess(path, size, mode, contrast=contrast), ""
+        return row, preprocessing.load(path), ""
     except InputError as err:
         return row, None, err.reason
     except Exception as err:  # a decoder bug on one file must not lose the others
         return row, None, f"{type(err).__name__}: {err}"
 
 
-def _decode_all(paths: list[str], size: int, mode: str, contrast: str, workers: int | None, progress: bool):
-    jobs = [(row, path, size, mode, contrast) for row, path in enumerate(paths)]
+def _decode_all(paths: list[str], preprocessing: Preprocessing, workers: int | None, progress: bool):
+    jobs = [(row, path, preprocessing) for row, path in enumerate(paths)]
     workers = workers or os.cpu_count() or 1
     columns = [TextColumn("caching {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"{len(jobs)} images at {size}px", total=len(jobs))
+        task = bar.add_task(f"{len(jobs)} images at {preprocessing.size}px", total=len(jobs))
         if workers == 1 or len(jobs) < _INLINE_BELOW:
             results = map(_decode_one, jobs)
             pool = None

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from .decode import Preprocessing
 from .errors import ChestXrayError
 
 _CHOICES = {
@@ -73,9 +74,9 @@ class TrainConfig:
         """Plain dict, for YAML and checkpoints."""
         return asdict(self)
 
-    def preprocessing(self) -> dict[str, str]:
+    def preprocessing(self) -> Preprocessing:
         """The image options a bundle must repeat at prediction time."""
-        return {"mode": self.fit_mode, "contrast": self.contrast}
+        return Preprocessing(self.image_size, self.fit_mode, self.contrast)
 
     def replace(self, **overrides: Any) -> "TrainConfig":
         """A copy with the non-``None`` ``overrides`` applied (validated)."""

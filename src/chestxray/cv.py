@@ -194,7 +194,7 @@ def _save_ensemble(directory: Path, members: list[ChestXrayNet], pool: Samples, 
                    fingerprint: str, summary: dict[str, Any]) -> Path:
     oof = summary["oof"]
     meta = BundleMeta(
-        classes=list(pool.classes), image_size=config.image_size, preprocess=config.preprocessing(),
+        classes=list(pool.classes), image_size=config.image_size, preprocess=config.preprocessing().options(),
         temperature=float(oof.get("temperature", 1.0)), train_fingerprint=fingerprint,
         metrics={**oof, "evaluated_on": f"out-of-fold ({len(members)} folds)"},
         extra={"config": config.to_dict(),

@@ -102,15 +102,57 @@ def normalize_contrast(image: np.ndarray, contrast: Contrast = "none") -> np.nda
     return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(tiles, tiles)).apply(image)
 
 
-def to_square(image: np.ndarray, size: int, mode: FitMode = "pad", contrast: Contrast = "none") -> np.ndarray:
-    """A decoded gray image as the model's input: contrast normalised, then fitted to the square."""
-    return fit_square(normalize_contrast(image, contrast), size, mode)
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes the model's input square: one value that the config, the cache
+    key, the bundle and every predictor share, so no option can be forgotten on the way.
+
+    ``size``: side of the square; ``mode``: :func:`fit_square`'s ``pad`` or ``crop``;
+    ``contrast``: :func:`normalize_contrast`'s ``none`` or ``clahe``.
+    """
+
+    size: int
+    mode: FitMode = "pad"
+    contrast: Contrast = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"image size must be a positive integer, not {self.size!r}")
+        if self.mode not in ("pad", "crop"):
+            raise ValueError(f"fit mode must be 'pad' or 'crop', not {self.mode!r}")
+        if self.contrast not in ("none", "clahe"):
+            raise ValueError(f"contrast must be 'none' or 'clahe', not {self.contrast!r}")
+
+    @classmethod
+    def from_options(cls, size: int, options: dict[str, str]) -> Preprocessing:
+        """Rebuild from a bundle's ``image_size`` and ``preprocess`` dict (missing keys: defaults)."""
+        unknown = sorted(set(options) - {"mode", "contrast"})
+        if unknown:
+            raise ValueError(f"unknown preprocessing option(s) {', '.join(unknown)}: made by a newer chestxray?")
+        return cls(int(size), **options)
+
+    def options(self) -> dict[str, str]:
+        """The options besides the size, as a bundle's ``preprocess`` dict stores them."""
+        return {"mode": self.mode, "contrast": self.contrast}
+
+    def key(self) -> str:
+        """Stable text of every option, for cache fingerprints (the ``none`` contrast adds nothing,
+        so caches made before contrast existed stay valid)."""
+        return f"{self.size}|{self.mode}" + ("" if self.contrast == "none" else f"|{self.contrast}")
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """A decoded gray image as the model's input: contrast normalised, then fitted to the square."""
+        return fit_square(normalize_contrast(image, self.contrast), self.size, self.mode)
+
+    def load(self, source: ImageSource, name: str | None = None) -> np.ndarray:
+        """Decode ``source`` (see :func:`load_image`) and :meth:`apply` the options."""
+        return self.apply(load_image(source, min_side=self.size, name=name))
 
 
 def preprocess(source: ImageSource, size: int, mode: FitMode = "pad", *, contrast: Contrast = "none",
                name: str | None = None) -> np.ndarray:
     """Decode ``source`` and turn it into a ``size`` x ``size`` uint8 square: the model's input."""
-    return to_square(load_image(source, min_side=size, name=name), size, mode, contrast)
+    return Preprocessing(size, mode, contrast).load(source, name)
 
 
 def probe_image(path: str | Path) -> ImageInfo:

@@ -64,8 +64,7 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     predictor = bundle if isinstance(bundle, Predictor) else load_model(bundle)
     samples, split = _select(load_samples(data), split, data)
     samples = _match_classes(samples, predictor, data)
-    cache = build_cache(samples, predictor.image_size, predictor.mode, contrast=predictor.contrast,
-                        cache_dir=cache_dir, progress=progress)
+    cache = build_cache(samples, predictor.preprocessing, cache_dir=cache_dir, progress=progress)
     failed = [(samples.frame["path"].iloc[row], reason) for row, reason in sorted(cache.failed.items())]
     ok = cache.ok
     if not ok.any():
@@ -195,7 +194,8 @@ def _error_gallery(predictor: Predictor, files: np.ndarray, images: np.ndarray, 
 def _notes(predictor: Predictor, samples: Samples, split: str, result: EvaluationResult) -> list[str]:
     meta = predictor.meta
     trained = meta.extra.get("trained_on") or {}
-    notes = [f"Model: {meta.arch} at {meta.image_size} px ({predictor.mode}, contrast {predictor.contrast}), "
+    notes = [f"Model: {meta.arch} at {meta.image_size} px ({predictor.preprocessing.mode}, "
+             f"contrast {predictor.preprocessing.contrast}), "
              f"{len(meta.classes)} classes, created {meta.created}, temperature {meta.temperature:.2f}."]
     if trained:
         counts = ", ".join(f"{k} {v}" for k, v in (trained.get("class_counts") or {}).items())

@@ -32,7 +32,7 @@ from scipy.special import expit, softmax
 
 from .bundle import BundleMeta, load_bundle, read_meta
 from .cam import explained_member, gradcam, overlay, target_layer, to_png
-from .decode import NPZ_SEPARATOR, is_image_file, preprocess, to_square
+from .decode import NPZ_SEPARATOR, is_image_file
 from .errors import ChestXrayError, InputError
 from .models import ChestXrayNet, EnsembleNet, logits_and_features
 from .ood import OODGuard
@@ -92,9 +92,8 @@ class Predictor:
         self.meta = meta
         self.model = model
         self.classes: list[str] = list(meta.classes)
-        self.image_size: int = int(meta.image_size)
-        self.mode: str = meta.preprocess.get("mode", "pad")
-        self.contrast: str = meta.preprocess.get("contrast", "none")
+        self.preprocessing = meta.preprocessing()
+        self.image_size: int = self.preprocessing.size
         self.guard = OODGuard.from_dict(meta.ood) if meta.ood else None
         self._cam_model: ChestXrayNet | None = None
         self._cam_layer: torch.nn.Module | None = None
@@ -105,8 +104,8 @@ class Predictor:
     def prepare(self, source: Source, name: str | None = None) -> np.ndarray:
         """The model's input square (S, S) uint8 of a path, raw bytes or an image array."""
         if isinstance(source, np.ndarray):
-            return to_square(_gray_array(source, name or "<array>"), self.image_size, self.mode, self.contrast)
-        return preprocess(source, self.image_size, self.mode, contrast=self.contrast, name=name)
+            return self.preprocessing.apply(_gray_array(source, name or "<array>"))
+        return self.preprocessing.load(source, name)
 
     def forward_arrays(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:
         """Raw ``(logits (N, C), features (N, F))`` of uint8 squares (N, S, S), batched."""

@@ -194,8 +194,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
     explainer = cam_predictor or predictor
     model_info = ModelOut(
         model_id=model_id, arch=meta.arch, task=meta.task, classes=list(meta.classes),
-        image_size=meta.image_size, fit_mode=meta.preprocess.get("mode", "pad"),
-        contrast=meta.preprocess.get("contrast", "none"),
+        image_size=meta.image_size, fit_mode=meta.preprocessing().mode, contrast=meta.preprocessing().contrast,
         temperature=meta.temperature, ood_guard=bool(meta.ood), metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,

@@ -76,14 +76,13 @@ def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: 
     if not len(pool):
         raise ChestXrayError(f"{samples.origin}: every image is in the test split; nothing to train on")
     pool = drop_test_copies(pool, samples.split("test"))
-    cache = build_cache(pool, config.image_size, config.fit_mode, contrast=config.contrast, cache_dir=cache_dir,
-                        progress=progress)
+    cache = build_cache(pool, config.preprocessing(), cache_dir=cache_dir, progress=progress)
     if cache.failed:
         console.print(f"[yellow]skipped {len(cache.failed)} unreadable image(s)[/], e.g. "
                       f"{pool.frame['path'].iloc[next(iter(cache.failed))]}: {next(iter(cache.failed.values()))}")
     usable = pool.subset(cache.ok)
     cache = ImageCache(np.asarray(cache.images)[cache.ok] if cache.failed else cache.images, {},
-                       cache.size, cache.mode, cache.fingerprint, cache.path, cache.contrast)
+                       cache.preprocessing, cache.fingerprint, cache.path)
     if split_file is not None and Path(split_file).is_file():
         assignment = load_split(split_file, usable)
         train_rows, val_rows = assignment["train"], assignment["val"]
@@ -317,7 +316,7 @@ def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConf
                                                          torch.from_numpy(val_targets)).item()
     meta = BundleMeta(
         classes=list(prepared.samples.classes), image_size=config.image_size,
-        preprocess=config.preprocessing(), temperature=float(temperature),
+        preprocess=config.preprocessing().options(), temperature=float(temperature),
         ood=_fit_ood(train_features, prepared.targets[prepared.train_rows], val_features),
         train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
         extra={"config": config.to_dict(), "trained_on": {

@@ -126,6 +126,17 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         fit(tmp_path, None, out_dir=tmp_path, name="missing", resume=True)
 
 
+def test_ema_weights_are_validated_checkpointed_and_bundled(tmp_path: Path) -> None:
+    data = _write_classes(tmp_path / "data")
+    result = fit(data, TrainConfig(**{**TINY, "ema": 0.5}), out_dir=tmp_path / "runs", name="ema", progress=False)
+    best = torch.load(result.run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    averaged, raw = best["state_dict"], best["current_model_state"]
+    name = next(k for k in averaged if k.endswith("classifier.weight"))
+    assert not torch.equal(averaged[name], raw[name])  # the average lags the optimiser's weights
+    bundled = load_bundle(result.bundle_dir)[0].state_dict()
+    assert torch.equal(bundled[name.removeprefix("model.")], averaged[name])
+
+
 def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("epochs: 7\noptimizer: sgd\n")
     config = load_config(tmp_path / "c.yaml", epochs=3, lr=None)
@@ -134,6 +145,8 @@ def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:
         TrainConfig(optimizer="lbfgs")
     with pytest.raises(ChestXrayError, match="mixup"):
         TrainConfig(mixup=-1)
+    with pytest.raises(ChestXrayError, match="ema must be"):
+        TrainConfig(ema=1.0)
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ChestXrayError, match="epochz"):
         load_config(tmp_path / "bad.yaml")

@@ -44,6 +44,7 @@ class TrainConfig:
     balance: str = "weights"
     augment: float = 1.0
     mixup: float = 0.2
+    ema: float = 0.0
     hflip: bool = False
     drop_rate: float = 0.2
     val_fraction: float = 0.2
@@ -69,6 +70,8 @@ class TrainConfig:
         for name in ("augment", "mixup", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ChestXrayError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if not 0 <= self.ema < 1:
+            raise ChestXrayError(f"ema must be at least 0 and below 1 (a decay per step; 0 = off), not {self.ema}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for YAML and checkpoints."""

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -376,6 +376,8 @@ def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool,
                                  mode="min", save_last=True, save_weights_only=False)
     callbacks: list[Callback] = [checkpoint, EarlyStopping("val_loss", patience=config.patience),
                                  EpochLog(run_dir / "metrics.csv", config.epochs), *extra_callbacks]
+    if config.ema:  # validation, checkpoints and the bundle then use the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=config.ema))
     if progress:
         callbacks.append(RichProgressBar(leave=False))
     return L.Trainer(max_epochs=config.epochs, accelerator=accelerator, **trainer_layout(config, accelerator),

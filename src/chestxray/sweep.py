@@ -53,6 +53,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "image_size": [224, 256, 320],
     "augment": {"low": 0.0, "high": 1.5},
     "mixup": [0.0, 0.2, 0.4],
+    "ema": [0.0, 0.95, 0.98],
     "fit_mode": ["pad", "crop"],
     "contrast": ["none", "clahe"],
     "epochs": {"low": 4, "high": 16, "step": 4},

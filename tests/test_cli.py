@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from chestxray.cli import app, main
+from chestxray.config import OPTION_HELP, TrainConfig
 from conftest import xray_array
 
 COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve"]
@@ -29,6 +30,14 @@ def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *ar
 def test_every_command_has_help(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_train_help_explains_every_option_and_keeps_the_defaults_it_names() -> None:
+    output = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output.split())
+    for key, value in TrainConfig().to_dict().items():
+        assert f"--{key.replace('_', '-')} {value}: {OPTION_HELP[key]}" in output
+    assert "(default: a timestamp)" in output  # not eaten as rich markup
+    assert set(OPTION_HELP) == set(TrainConfig().to_dict())
 
 
 @pytest.mark.parametrize("args, expected", [

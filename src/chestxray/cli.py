@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 
 DataArg = typer.Argument(..., help="A class folder tree, a CSV/TSV manifest (path,label[,patient_id,split]) "
                                    "or a MedMNIST .npz file.")
-CacheOpt = typer.Option(None, "--cache-dir", help="Preprocessing cache folder [default: ~/.cache/chestxray].")
+CacheOpt = typer.Option(None, "--cache-dir", help="Preprocessing cache folder (default: ~/.cache/chestxray).")
 
 
 @app.command()
@@ -41,7 +41,7 @@ def audit(data: Path = DataArg,
 TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (e.g. a sweep's best.yaml); flags win.")
 OutOpt = typer.Option(Path("runs"), "--out", help="Parent folder of run directories.")
-NameOpt = typer.Option(None, "--name", help="Run name [default: a timestamp].")
+NameOpt = typer.Option(None, "--name", help="Run name (default: a timestamp).")
 
 
 def _train_config(config: Optional[Path], ctx: typer.Context):
@@ -159,7 +159,7 @@ def predict(bundle: Path = BundleArg,
 @app.command()
 def export(bundle: Path = BundleArg,
            fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
-           out: Optional[Path] = typer.Option(None, "--out", help="File or folder [default: BUNDLE/model.onnx]."),
+           out: Optional[Path] = typer.Option(None, "--out", help="File or folder (default: BUNDLE/model.onnx)."),
            opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer)."),
            parity_images: Optional[list[Path]] = typer.Option(None, "--parity-image",
                                                                help="Real X-rays for the parity check (repeatable).")) -> None:
@@ -179,7 +179,7 @@ def serve(bundle: Path = BundleArg,
           port: int = typer.Option(8000),
           backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
           workers: int = typer.Option(1, help="Server processes, each with its own model."),
-          threads: Optional[int] = typer.Option(None, help="Compute threads per worker [default: cores / workers]."),
+          threads: Optional[int] = typer.Option(None, help="Compute threads per worker (default: cores / workers)."),
           max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload.")) -> None:
     """REST API (POST /v1/predict) and a web page for BUNDLE. Set CHESTXRAY_API_KEY to require a key."""
     from .serve import serve as run_server

@@ -21,6 +21,42 @@ _CHOICES = {
 }
 
 
+OPTION_HELP = {
+    "arch": "timm architecture name",
+    "weights": "imagenet, none, or a .safetensors / state-dict file",
+    "image_size": "side of the square input, in pixels",
+    "fit_mode": "pad (whole image, black borders) or crop (centre square)",
+    "contrast": "none or clahe (adaptive histogram equalisation before resizing)",
+    "epochs": "most training epochs (early stopping may end sooner)",
+    "batch_size": "images per step",
+    "optimizer": "adamw, adam, rmsprop or sgd (with momentum)",
+    "lr": "learning rate of the head",
+    "backbone_lr_ratio": "backbone learning rate as a share of --lr",
+    "weight_decay": "weight decay",
+    "momentum": "momentum of sgd and rmsprop",
+    "schedule": "cosine, plateau (ReduceLROnPlateau) or none",
+    "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "freeze_epochs": "first epochs that train the head on a frozen backbone",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "balance": "none, weights (class-weighted loss) or sampler (balanced batches)",
+    "augment": "strength of rotation/scale/shift/brightness/contrast augmentation (0 = off)",
+    "mixup": "alpha of mixup's Beta(alpha, alpha) blend of image pairs (0 = off)",
+    "ema": "decay per step of an exponential moving average of the weights (0 = off)",
+    "hflip": "also flip horizontally (off: the heart is on the left)",
+    "drop_rate": "dropout before the classifier",
+    "val_fraction": "share of the training images held out for validation (patient-grouped)",
+    "patience": "epochs without a better validation loss before stopping",
+    "seed": "random seed: the same seed repeats a run",
+    "channels_last": "channels-last memory layout (faster on CPUs)",
+    "precision": "auto (16-mixed on GPU, 32-true on CPU) or any Lightning precision",
+    "devices": "auto, a count, or a list of GPUs",
+    "num_nodes": "machines of a distributed run",
+    "strategy": "Lightning strategy (auto, ddp, ...)",
+    "num_workers": "data-loader worker processes",
+}
+"""One line per :class:`TrainConfig` field, for ``--help``."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. Saved as ``config.yaml`` in the run directory."""
@@ -125,9 +161,9 @@ def overrides_from_args(args: list[str]) -> dict[str, Any]:
 
 
 def options_help() -> str:
-    """The training flags with their defaults, for ``--help``."""
-    return "Training options (flags win over --config): " + ", ".join(
-        f"--{key.replace('_', '-')} {value}" for key, value in TrainConfig().to_dict().items())
+    """The training flags with their defaults and meaning, for ``--help``."""
+    lines = [f"--{key.replace('_', '-')} {value}: {OPTION_HELP[key]}" for key, value in TrainConfig().to_dict().items()]
+    return "\n\n".join(["Training options, with their defaults (flags win over --config):", *lines])
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:

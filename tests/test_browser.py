@@ -81,10 +81,11 @@ def test_upload_shows_prediction_bars_and_heatmap(browser: webdriver.Chrome, pre
         names = [bar.find_element(By.CLASS_NAME, "bar-name").text for bar in bars]
         top = browser.find_element(By.CSS_SELECTOR, "#bars li.top .bar-name").text
         ood_hidden = browser.execute_script("return document.getElementById('ood').hidden")
+        ood_score = browser.execute_script("return document.getElementById('ood-score').textContent")
         key_form_shown = browser.find_element(By.ID, "key-form").is_displayed()
     assert label == expected.label == top
     assert sorted(names) == sorted(CLASSES)
-    assert ood_hidden is True and not key_form_shown
+    assert ood_hidden is True and ood_score == "n/a" and not key_form_shown  # this bundle has no guard
     assert Image.open(tmp_path / "page.png").size[0] > 0
 
 

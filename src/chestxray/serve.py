@@ -95,6 +95,7 @@ class ModelOut(BaseModel):
     contrast: str
     temperature: float
     ood_guard: bool
+    ood_threshold: float | None = Field(description="ood_score above which an image is flagged (null: no guard).")
     metrics: dict[str, Any]
     trained_on: dict[str, Any] | None
     train_fingerprint: str
@@ -195,7 +196,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
     model_info = ModelOut(
         model_id=model_id, arch=meta.arch, task=meta.task, classes=list(meta.classes),
         image_size=meta.image_size, fit_mode=meta.preprocessing().mode, contrast=meta.preprocessing().contrast,
-        temperature=meta.temperature, ood_guard=bool(meta.ood), metrics=meta.metrics,
+        temperature=meta.temperature, ood_guard=bool(meta.ood),
+        ood_threshold=meta.ood["threshold"] if meta.ood else None, metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,
         backend="onnx" if isinstance(predictor.runner, OnnxRunner) else "torch",

@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 let apiKey = "";
 let maxUploadBytes = 20 * 1024 * 1024;
+let oodThreshold = null;
 
 function headers() {
   return apiKey ? { "X-API-Key": apiKey } : {};
@@ -45,6 +46,7 @@ async function loadModel() {
   const model = await response.json();
   $("key-form").hidden = true;
   maxUploadBytes = model.max_upload_bytes;
+  oodThreshold = model.ood_threshold;
   $("limit").textContent = megabytes(maxUploadBytes);
   $("model-line").textContent = model.arch + " · " + model.image_size + " px · " +
     model.classes.length + " classes (" + model.classes.join(", ") + ")";
@@ -100,7 +102,7 @@ function renderResult(result, fileName) {
   $("ood").hidden = !result.ood;
   $("result").classList.toggle("unreliable", Boolean(result.ood));
   $("ood-score").textContent = result.ood_score === null || result.ood_score === undefined
-    ? "n/a" : result.ood_score.toFixed(2);
+    ? "n/a" : result.ood_score.toFixed(2) + (oodThreshold === null ? "" : " (flagged above " + oodThreshold.toFixed(2) + ")");
   $("meta").textContent = fileName + " · answered in " + Math.round(result.latency_ms) + " ms";
   const heatmap = $("heatmap");
   if (result.cam_png) {

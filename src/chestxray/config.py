@@ -8,15 +8,15 @@ from typing import Any
 
 import yaml
 
-from .decode import Preprocessing
+from .decode import CONTRASTS, FIT_MODES, Preprocessing
 from .errors import ChestXrayError
 
 _CHOICES = {
     "optimizer": ("adamw", "adam", "rmsprop", "sgd"),
     "schedule": ("cosine", "plateau", "none"),
     "balance": ("none", "weights", "sampler"),
-    "fit_mode": ("pad", "crop"),
-    "contrast": ("none", "clahe"),
+    "fit_mode": FIT_MODES,
+    "contrast": CONTRASTS,
     "weights": None,  # "imagenet", "none" or a path: checked by models.create_model
 }
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import cv2
 import numpy as np
@@ -25,6 +25,8 @@ from .errors import InputError
 ImageSource = Union[str, Path, bytes]
 FitMode = Literal["pad", "crop"]
 Contrast = Literal["none", "clahe"]
+FIT_MODES: tuple[str, ...] = get_args(FitMode)
+CONTRASTS: tuple[str, ...] = get_args(Contrast)
 
 MAX_PIXELS = 80_000_000
 """Largest image accepted (width x height): about 9000 x 9000. Larger files are refused
@@ -74,7 +76,7 @@ def fit_square(image: np.ndarray, size: int, mode: FitMode = "pad") -> np.ndarra
     ``pad`` fits the whole image and fills the borders with black; ``crop`` fills the square and
     cuts the centre out of the longer side.
     """
-    if mode not in ("pad", "crop"):
+    if mode not in FIT_MODES:
         raise ValueError(f"fit mode must be 'pad' or 'crop', not {mode!r}")
     h, w = image.shape
     scale = size / (max(h, w) if mode == "pad" else min(h, w))
@@ -96,7 +98,7 @@ def normalize_contrast(image: np.ndarray, contrast: Contrast = "none") -> np.nda
     for tiles of 32 pixels, one on a 28-pixel MedMNIST image); ``none`` returns ``image``."""
     if contrast == "none":
         return image
-    if contrast != "clahe":
+    if contrast not in CONTRASTS:
         raise ValueError(f"contrast must be 'none' or 'clahe', not {contrast!r}")
     tiles = max(1, min(8, min(image.shape) // 32))
     return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(tiles, tiles)).apply(image)
@@ -118,9 +120,9 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"image size must be a positive integer, not {self.size!r}")
-        if self.mode not in ("pad", "crop"):
+        if self.mode not in FIT_MODES:
             raise ValueError(f"fit mode must be 'pad' or 'crop', not {self.mode!r}")
-        if self.contrast not in ("none", "clahe"):
+        if self.contrast not in CONTRASTS:
             raise ValueError(f"contrast must be 'none' or 'clahe', not {self.contrast!r}")
 
     @classmethod

@@ -155,9 +155,9 @@ class OODGuard:
 
 
 def _out_of_fold_scores(features: np.ndarray, labels: np.ndarray, n_components: int) -> np.ndarray:
+    """Scores of each training row under a guard fitted without its fold (empty when a class has one image)."""
     from sklearn.model_selection import StratifiedKFold
 
-    """Scores of each training row under a guard fitted without its fold (empty when a class has one image)."""
     counts = np.bincount(labels)
     folds = min(_FOLDS, int(counts[counts > 0].min()))
     if folds < 2:

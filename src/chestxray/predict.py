@@ -93,11 +93,15 @@ class Predictor:
         self.model = model
         self.classes: list[str] = list(meta.classes)
         self.preprocessing = meta.preprocessing()
-        self.image_size: int = self.preprocessing.size
         self.guard = OODGuard.from_dict(meta.ood) if meta.ood else None
         self._cam_model: ChestXrayNet | None = None
         self._cam_layer: torch.nn.Module | None = None
         self._cam_lock = threading.Lock()
+
+    @property
+    def image_size(self) -> int:
+        """Side of the model's input square."""
+        return self.preprocessing.size
 
     # ------------------------------------------------------------------ arrays
 

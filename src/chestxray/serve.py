@@ -193,9 +193,10 @@ def create_app(predictor: Any, *, api_key: str | None = None,
     decoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="chestxray-decode")
     model_id = _model_id(meta)
     explainer = cam_predictor or predictor
+    preprocessing = meta.preprocessing()
     model_info = ModelOut(
         model_id=model_id, arch=meta.arch, task=meta.task, classes=list(meta.classes),
-        image_size=meta.image_size, fit_mode=meta.preprocessing().mode, contrast=meta.preprocessing().contrast,
+        image_size=meta.image_size, fit_mode=preprocessing.mode, contrast=preprocessing.contrast,
         temperature=meta.temperature, ood_guard=bool(meta.ood),
         ood_threshold=meta.ood["threshold"] if meta.ood else None, metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,

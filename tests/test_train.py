@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from chestxray.bundle import load_bundle
@@ -137,6 +138,25 @@ def test_ema_weights_are_validated_checkpointed_and_bundled(tmp_path: Path) -> N
     assert torch.equal(bundled[name.removeprefix("model.")], averaged[name])
 
 
+def test_progressive_resizing_grows_the_training_images_to_full_size(tmp_path: Path) -> None:
+    assert [TrainConfig(image_size=384, resize_start=2 / 3, epochs=5).train_size(e) for e in range(6)] == \
+        [256, 288, 320, 352, 384, 384]
+    assert {TrainConfig(image_size=384).train_size(e) for e in range(15)} == {384}
+
+    seen: list[tuple[bool, int]] = []
+
+    class InputSizes(Callback):
+        def on_fit_start(self, trainer, module) -> None:
+            module.model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+
+    config = TrainConfig(**{**TINY, "image_size": 64, "resize_start": 0.5, "epochs": 3})
+    result = fit(_write_classes(tmp_path / "data"), config, out_dir=tmp_path / "runs", name="grow",
+                 progress=False, callbacks=[InputSizes()])
+    assert result.history["train_px"].tolist() == [32, 64, 64]
+    assert {side for training, side in seen if training} == {32, 64}
+    assert {side for training, side in seen if not training} == {64}  # validation always at full size
+
+
 def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("epochs: 7\noptimizer: sgd\n")
     config = load_config(tmp_path / "c.yaml", epochs=3, lr=None)
@@ -147,6 +167,8 @@ def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:
         TrainConfig(mixup=-1)
     with pytest.raises(ChestXrayError, match="ema must be"):
         TrainConfig(ema=1.0)
+    with pytest.raises(ChestXrayError, match="resize_start"):
+        TrainConfig(resize_start=0)
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ChestXrayError, match="epochz"):
         load_config(tmp_path / "bad.yaml")

@@ -25,6 +25,8 @@ OPTION_HELP = {
     "arch": "timm architecture name",
     "weights": "imagenet, none, or a .safetensors / state-dict file",
     "image_size": "side of the square input, in pixels",
+    "resize_start": "progressive resizing: the first epoch trains at this share of --image-size, growing "
+                    "linearly to the full size by the last epoch (1 = always full size)",
     "fit_mode": "pad (whole image, black borders) or crop (centre square)",
     "contrast": "none or clahe (adaptive histogram equalisation before resizing)",
     "epochs": "most training epochs (early stopping may end sooner)",
@@ -64,6 +66,7 @@ class TrainConfig:
     arch: str = "tf_efficientnet_lite0"
     weights: str = "imagenet"
     image_size: int = 320
+    resize_start: float = 1.0
     fit_mode: str = "pad"
     contrast: str = "none"
     epochs: int = 15
@@ -106,6 +109,9 @@ class TrainConfig:
         for name in ("augment", "mixup", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ChestXrayError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if not 0 < self.resize_start <= 1:
+            raise ChestXrayError(f"resize_start must be above 0 and at most 1 (a share of image_size), "
+                                 f"not {self.resize_start}")
         if not 0 <= self.ema < 1:
             raise ChestXrayError(f"ema must be at least 0 and below 1 (a decay per step; 0 = off), not {self.ema}")
 
@@ -116,6 +122,18 @@ class TrainConfig:
     def preprocessing(self) -> Preprocessing:
         """The image options a bundle must repeat at prediction time."""
         return Preprocessing(self.image_size, self.fit_mode, self.contrast)
+
+    def train_size(self, epoch: int) -> int:
+        """Side of the training images at ``epoch`` (0-based): ``image_size`` unless resizing progressively.
+
+        Grows linearly from ``resize_start * image_size`` at the first epoch to ``image_size`` at the
+        last, in steps of 32 pixels (the backbones' stride), never above ``image_size``.
+        """
+        if self.resize_start >= 1 or self.epochs < 2:
+            return self.image_size
+        start = self.resize_start * self.image_size
+        side = start + (self.image_size - start) * min(epoch, self.epochs - 1) / (self.epochs - 1)
+        return min(self.image_size, max(32, 32 * round(side / 32)))
 
     def replace(self, **overrides: Any) -> "TrainConfig":
         """A copy with the non-``None`` ``overrides`` applied (validated)."""

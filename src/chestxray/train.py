@@ -130,6 +130,9 @@ class ClassifierModule(L.LightningModule):
     def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         x = to_model_input(images)
         if train:
+            side = self.config.train_size(self.current_epoch)
+            if side < x.shape[-1]:  # progressive resizing: smaller images in the early epochs
+                x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
             x = augment_batch(x, self.config.augment, self.config.hflip)
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
@@ -242,7 +245,8 @@ class EpochLog(Callback):
         epoch = trainer.current_epoch + 1
         row = {"epoch": epoch, "train_loss": logged.get("train_loss", math.nan), "val_loss": logged["val_loss"],
                "val_acc": logged["val_acc"], "val_auc": logged["val_auc"],
-               "lr": trainer.optimizers[0].param_groups[0]["lr"], "seconds": time.perf_counter() - self._start}
+               "lr": trainer.optimizers[0].param_groups[0]["lr"], "train_px": module.config.train_size(epoch - 1),
+               "seconds": time.perf_counter() - self._start}
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
         pd.DataFrame(self.rows).to_csv(self.path, index=False)
         console.print(f"epoch {epoch:>3}/{self.epochs}  train_loss {row['train_loss']:.4f}  "

@@ -10,7 +10,8 @@ photos, documents, other imaging modalities (a CT phantom, a synthetic chest-CT-
 retina fundus photo, microscopy) and degenerate inputs (blank, noise, gradients, checkerboard).
 
 For each group: the AUROC of the OOD score against the course test X-rays and the share flagged
-at the bundle's threshold. Prints a table and writes ``bench/results/ood-<date>-<time>.json``
+at the bundle's threshold, and the median percentile (where the group falls among held-out training
+X-rays, 50 = typical). Prints a table and writes ``bench/results/ood-<date>-<time>.json``
 with every image's score.
 """
 
@@ -110,29 +111,35 @@ def main() -> None:
     foreign = ("photos", "documents", "other modalities", "blank and synthetic")
     _, test_scores = predictor.predict_arrays(test)
     threshold = predictor.guard.threshold
+
+    def group_row(group_scores: np.ndarray) -> dict[str, float]:
+        return {"n": len(group_scores), "auroc": auroc(test_scores, group_scores),
+                "flagged": float(predictor.guard.is_ood(group_scores).mean()),
+                "median_score": float(np.median(group_scores)),
+                "median_percentile": float(np.median(predictor.ood_percentiles(group_scores)))}
+
     rows, scores = {}, {"course test X-rays": dict(zip(test_names, test_scores.round(2).tolist()))}
     for name, (names, images) in groups.items():
         _, group_scores = predictor.predict_arrays(images)
         scores[name] = dict(zip(names, group_scores.round(2).tolist()))
-        rows[name] = {"n": len(names), "auroc": auroc(test_scores, group_scores),
-                      "flagged": float(predictor.guard.is_ood(group_scores).mean()),
-                      "median_score": float(np.median(group_scores))}
-    all_foreign = np.concatenate([list(scores[g].values()) for g in foreign])
-    rows["all foreign inputs"] = {"n": len(all_foreign), "auroc": auroc(test_scores, all_foreign),
-                                  "flagged": float(predictor.guard.is_ood(all_foreign).mean()),
-                                  "median_score": float(np.median(all_foreign))}
+        rows[name] = group_row(group_scores)
+    rows["all foreign inputs"] = group_row(np.concatenate([list(scores[g].values()) for g in foreign]))
     summary = {"in_distribution_n": len(test_scores), "in_distribution_false_flag_rate":
                float(predictor.guard.is_ood(test_scores).mean()), "in_distribution_median_score":
-               float(np.median(test_scores)), "threshold": threshold, "quantile": predictor.guard.quantile}
+               float(np.median(test_scores)), "in_distribution_median_percentile":
+               float(np.median(predictor.ood_percentiles(test_scores))),
+               "threshold": threshold, "quantile": predictor.guard.quantile}
     record = {"bundle": str(args.bundle), "arch": predictor.meta.arch, "image_size": predictor.image_size, **summary,
               "groups": rows, "scores": scores}
     table = Table(title=f"OOD guard of {args.bundle} (threshold {threshold:.1f}, quantile {predictor.guard.quantile}): "
                         f"{summary['in_distribution_false_flag_rate']:.1%} of {len(test_scores)} course test X-rays "
-                        f"flagged, median score {summary['in_distribution_median_score']:.1f}")
-    for column in ("group", "n", "AUROC vs test X-rays", "flagged", "median score"):
+                        f"flagged, median score {summary['in_distribution_median_score']:.1f} "
+                        f"(percentile {summary['in_distribution_median_percentile']:.0f})")
+    for column in ("group", "n", "AUROC vs test X-rays", "flagged", "median score", "median percentile"):
         table.add_column(column, justify="left" if column == "group" else "right")
     for name, row in rows.items():
-        table.add_row(name, str(row["n"]), f"{row['auroc']:.3f}", f"{row['flagged']:.0%}", f"{row['median_score']:.1f}")
+        table.add_row(name, str(row["n"]), f"{row['auroc']:.3f}", f"{row['flagged']:.0%}",
+                      f"{row['median_score']:.1f}", f"{row['median_percentile']:.0f}")
     Console().print(table)
     print(f"written: {save_result('ood', record)}")
 

@@ -79,6 +79,24 @@ def test_threshold_flags_about_the_nominal_share_of_new_in_distribution_images()
         assert guard.is_ood(guard.score(fresh)).mean() == pytest.approx(1 - quantile, abs=0.5 * (1 - quantile) + 0.005)
 
 
+def test_percentile_places_a_score_among_held_out_in_distribution_scores() -> None:
+    train, labels = blobs(40, seed=0)
+    val, _ = blobs(10, seed=1)
+    fresh, _ = blobs(1000, seed=2)
+    far, _ = blobs(20, seed=3, shift=3.0)
+    guard = OODGuard.fit(train, labels, val_features=val, n_components=8, quantile=0.9)
+    assert len(guard.held_out) == len(train) + len(val)
+    percentiles = guard.percentile(guard.score(fresh))
+    # fresh in-distribution images spread evenly over 0-100; far ones sit at the top
+    assert np.median(percentiles) == pytest.approx(50, abs=12)
+    assert (percentiles >= 90).mean() == pytest.approx(0.1, abs=0.06)
+    assert guard.percentile(guard.score(far)).min() == 100
+    assert guard.percentile(np.array([guard.threshold])) == pytest.approx(90, abs=100 / len(guard.held_out) + 1e-9)
+    assert np.isnan(guard.percentile(np.array([np.nan]))).all()
+    older = {k: v for k, v in guard.to_dict().items() if k != "held_out"}  # bundles written before percentiles
+    assert np.isnan(OODGuard.from_dict(older).percentile(np.array([1.0]))).all()
+
+
 def test_validation_images_set_the_threshold_when_a_class_has_one_training_image() -> None:
     features, labels = blobs(20, seed=0)
     keep = (labels != 0) | (np.arange(len(labels)) == 0)
@@ -97,7 +115,8 @@ def test_json_round_trip_keeps_scores() -> None:
     probe, _ = blobs(10, seed=3, shift=1.0)
     np.testing.assert_allclose(restored.score(probe), guard.score(probe), rtol=1e-4)
     assert restored.threshold == guard.threshold
-    assert len(text) < 4 * 4 * DIM * (N_CLASSES + 32)  # base64 float32, not a list of decimals
+    np.testing.assert_allclose(restored.percentile(guard.score(probe)), guard.percentile(guard.score(probe)))
+    assert len(text) < 4 * 4 * (DIM * (N_CLASSES + 32) + len(train))  # base64 float32, not a list of decimals
 
 
 def test_bad_guards_and_features_are_refused() -> None:

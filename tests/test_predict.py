@@ -118,6 +118,8 @@ def test_ood_score_comes_from_the_guard(predictor: Predictor) -> None:
     results = predictor.predict(list(images))
     assert [r.ood for r in results] == list(scores > predictor.guard.threshold)
     assert [r.ood_score for r in results] == pytest.approx(scores, rel=1e-5)
+    assert [r.ood_percentile for r in results] == pytest.approx(predictor.guard.percentile(scores))
+    assert results[2].ood_percentile > results[0].ood_percentile  # a blank square is less typical
 
 
 def test_tta_averages_views_without_changing_the_ood_score(predictor: Predictor) -> None:
@@ -170,7 +172,7 @@ def test_predict_paths_expands_folders_and_globs(predictor: Predictor, make_imag
     table = predict_paths(predictor, [tmp_path / "scans", str(tmp_path / "other" / "*.png"),
                                       tmp_path / "empty", tmp_path / "nope.png", str(tmp_path / "*.dcm")],
                           batch_size=2, progress=False)
-    assert list(table.columns) == ["file", "label", *BINARY_CLASSES, "ood", "ood_score", "error"]
+    assert list(table.columns) == ["file", "label", *BINARY_CLASSES, "ood", "ood_score", "ood_percentile", "error"]
     names = [Path(f).name for f in table["file"]]
     assert names == ["a.png", "b.jpg", "c.png", "d.png", "e.png", "empty", "nope.png", "*.dcm"]
     failed = table["error"].notna()

@@ -188,16 +188,22 @@ def serve(bundle: Path = BundleArg,
                max_upload_bytes=int(max_upload_mb * 1024 * 1024))
 
 
+def _figure(value: float | None, spec: str) -> str:
+    """``value`` formatted, or "n/a" when missing."""
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
 def _write_table(table, fmt: str, out: Optional[Path]) -> None:
     """CSV or JSON with every column; the table view shows one line per file (all columns go to --out)."""
     if fmt == "table":
         from rich.table import Table
 
-        view = Table("file", "label", "probability", "ood (score)", "error")
+        view = Table("file", "label", "probability", "unusual (score, percentile)", "error")
         for row in table.itertuples(index=False):
             error = row.error if isinstance(row.error, str) else ""
             probability = f"{getattr(row, row.label):.3f}" if row.label in table.columns else ""
-            ood = "" if error else f"{'YES' if row.ood else 'no'} ({row.ood_score:.1f})"
+            ood = "" if error else f"{'YES' if row.ood else 'no'} ({_figure(row.ood_score, '.1f')}, " \
+                                   f"{_figure(row.ood_percentile, '.0f')}%)"
             label = f"[yellow]not a chest X-ray like the training images[/] ({row.label}?)" if row.ood else row.label
             view.add_row(Path(row.file).name, label, probability, ood, error)
         console.print(view)

@@ -160,6 +160,8 @@ def _predictions_frame(samples: Samples, ok: np.ndarray, predictor: Predictor, p
     frame.loc[ok, "ood"] = flags
     frame["ood_score"] = np.nan
     frame.loc[ok, "ood_score"] = scores
+    frame["ood_percentile"] = np.nan
+    frame.loc[ok, "ood_percentile"] = predictor.ood_percentiles(scores)
     reasons = dict(failed)
     frame["error"] = [reasons.get(file, "") for file in frame["file"]]
     return frame

@@ -63,6 +63,7 @@ class Prediction:
     probabilities: dict[str, float]
     ood: bool
     ood_score: float | None
+    ood_percentile: float | None = None
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +131,12 @@ class Predictor:
             return np.full(len(features), np.nan)
         return self.guard.score(features)
 
+    def ood_percentiles(self, scores: np.ndarray) -> np.ndarray:
+        """Share (0-100) of held-out training X-rays less unusual than each score; NaN without a guard."""
+        if self.guard is None:
+            return np.full(np.shape(scores), np.nan)
+        return self.guard.percentile(scores)
+
     def predict_arrays(self, images: np.ndarray, *, tta: bool = False,
                        batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities (N, C) and OOD scores (N,) of uint8 squares (N, S, S).
@@ -187,12 +194,12 @@ class Predictor:
             rows = iter(zip(probs, scores))
             for name, image, error in chunk:
                 if image is None:
-                    yield Prediction(name, "", {}, False, None, error)
+                    yield Prediction(name, "", {}, False, None, None, error)
                     continue
                 p, score = next(rows)
                 flagged = bool(self.guard.is_ood(score)) if self.guard is not None else False
                 yield Prediction(name, self.label(p), {c: float(v) for c, v in zip(self.classes, p)},
-                                 flagged, None if np.isnan(score) else float(score))
+                                 flagged, _number(score), _number(self.ood_percentiles(score)))
 
     # ------------------------------------------------------------------ Grad-CAM
 
@@ -284,7 +291,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
 
 def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size: int = DEFAULT_BATCH,
                   progress: bool = True, *, tta: bool = False) -> pd.DataFrame:
-    """Predict files, folders and globs; one row per file: ``file, label, <class>..., ood, ood_score, error``.
+    """Predict files, folders and globs; one row per file: ``file, label, <class>..., ood, ood_score, ood_percentile, error``.
 
     Files are decoded by a few threads while the model runs; unreadable files get an ``error``.
     """
@@ -300,9 +307,11 @@ def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size
         decoded = _map_ahead(pool, decode, entries, ahead=2 * batch_size)
         for result in predictor._predict_decoded(decoded, tta=tta, batch_size=batch_size):
             rows.append({"file": result.file, "label": result.label, **result.probabilities,
-                         "ood": result.ood, "ood_score": result.ood_score, "error": result.error})
+                         "ood": result.ood, "ood_score": result.ood_score,
+                         "ood_percentile": result.ood_percentile, "error": result.error})
             bar.advance(task)
-    return pd.DataFrame(rows, columns=["file", "label", *predictor.classes, "ood", "ood_score", "error"])
+    return pd.DataFrame(rows, columns=["file", "label", *predictor.classes, "ood", "ood_score", "ood_percentile",
+                                       "error"])
 
 
 def write_cams(predictor: Predictor, inputs: Sequence[str | Path], out_dir: str | Path, *,
@@ -340,6 +349,11 @@ def _gray_array(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 2 or min(array.shape) == 0:
         raise InputError(name, f"expected an (H, W) or (H, W, 3) image array, got shape {array.shape}")
     return array
+
+
+def _number(value: float | np.ndarray) -> float | None:
+    """A float, or ``None`` for NaN (JSON has no NaN)."""
+    return None if np.isnan(value) else float(value)
 
 
 def _default_name(source: Source, index: int, single: bool) -> str:

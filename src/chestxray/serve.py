@@ -78,6 +78,9 @@ class PredictionOut(BaseModel):
     probabilities: dict[str, float] = Field(description="Temperature-calibrated probability of each class.")
     ood: bool = Field(description="True when the image does not look like the training X-rays: distrust the label.")
     ood_score: float | None = Field(description="Distance to the training images (null: no guard in the bundle).")
+    ood_percentile: float | None = Field(
+        None, description="Share (0-100) of held-out training X-rays with a lower ood_score: 50 is typical, "
+                          "the flag starts near 99 (null: no guard, or a bundle without held-out scores).")
     model_id: str = Field(description="Architecture, training-data fingerprint and creation time of the model.")
     latency_ms: float = Field(description="Server time from the received upload to the answer.")
     cam_png: str | None = Field(None, description="Base64 PNG of the Grad-CAM overlay (with ?cam=true).")
@@ -248,7 +251,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
             extra["cam_png"] = base64.b64encode(await queue.call(explainer.gradcam_png, image)).decode("ascii")
         return PredictionOut(
             label=prediction.label, probabilities=prediction.probabilities, ood=prediction.ood,
-            ood_score=prediction.ood_score, model_id=model_id,
+            ood_score=prediction.ood_score, ood_percentile=prediction.ood_percentile, model_id=model_id,
             latency_ms=round((time.perf_counter() - start) * 1000, 2), **extra)
 
     @app.get("/", include_in_schema=False)

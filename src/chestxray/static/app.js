@@ -103,6 +103,8 @@ function renderResult(result, fileName) {
   $("result").classList.toggle("unreliable", Boolean(result.ood));
   $("ood-score").textContent = result.ood_score === null || result.ood_score === undefined
     ? "n/a" : result.ood_score.toFixed(2) + (oodThreshold === null ? "" : " (flagged above " + oodThreshold.toFixed(2) + ")");
+  $("ood-percentile").textContent = result.ood_percentile === null || result.ood_percentile === undefined
+    ? "" : "Less typical than " + Math.round(result.ood_percentile) + "% of held-out training X-rays.";
   $("meta").textContent = fileName + " · answered in " + Math.round(result.latency_ms) + " ms";
   const heatmap = $("heatmap");
   if (result.cam_png) {

@@ -91,6 +91,12 @@ def test_unknown_format_missing_field_and_mismatched_weights(tmp_path) -> None:
     (tmp_path / META_FILE).write_text(json.dumps({**data, "classes": ["a", "b"]}))
     with pytest.raises(ChestXrayError, match="weights do not match"):
         load_bundle(tmp_path)
+    older = {key: v for key, v in data.items() if key not in ("operating_points", "extra")}
+    (tmp_path / META_FILE).write_text(json.dumps(older))  # written before these fields existed
+    assert load_bundle(tmp_path)[1].operating_points == {}
+    (tmp_path / META_FILE).write_text(json.dumps({**data, "operating_points": {"nope": {"youden": 0.5}}}))
+    with pytest.raises(ChestXrayError, match="bad operating_points"):
+        load_bundle(tmp_path)
     (tmp_path / META_FILE).write_text(json.dumps({**data, "preprocess": {"mode": "stretch"}}))
     with pytest.raises(ChestXrayError, match="model.json: bad preprocessing options: fit mode"):
         load_bundle(tmp_path)

@@ -13,6 +13,7 @@ from conftest import xray_array
 from factories import make_bundle
 from PIL import Image
 
+from chestxray.bundle import META_FILE
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
 from chestxray.evaluate import evaluate, headline
@@ -61,6 +62,24 @@ def test_writes_three_files_with_the_direct_metrics(tmp_path: Path, make_folder)
     n_errors = int((frame["truth"] != frame["prediction"]).sum())
     assert ("Most confident errors" in page) == (n_errors > 0)
     assert "Trained on synthetic" in page
+    assert "operating_points" not in written and "Operating points" not in page  # none in this bundle
+
+
+def test_validation_operating_points_are_judged_on_the_evaluated_images(tmp_path: Path, make_folder) -> None:
+    bundle = make_bundle(tmp_path / "bundle", ["pneumonia", "normal"])
+    meta = json.loads((bundle / META_FILE).read_text())
+    meta["operating_points"] = {"pneumonia": {"youden": 0.5, "sensitivity_95": 0.2}}
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    data = make_folder({"test": {"normal": 5, "pneumonia": 5}})
+    result = evaluate(bundle, data, tmp_path / "eval", n_boot=N_BOOT, cam_gallery=0, progress=False)
+    frame = pd.read_csv(result.files["predictions"], keep_default_na=False)
+    written = json.loads(result.files["metrics"].read_text())["operating_points"]["pneumonia"]
+    is_pneumonia = frame["truth"] == "pneumonia"
+    for point, threshold in (("youden", 0.5), ("sensitivity_95", 0.2)):
+        called = frame["pneumonia"] >= threshold
+        assert written[point]["sensitivity"] == pytest.approx(called[is_pneumonia].mean())
+        assert written[point]["specificity"] == pytest.approx((~called[~is_pneumonia]).mean())
+    assert "Operating points" in result.files["report"].read_text()
     lines = headline(result)
     assert any(line.startswith("accuracy") and "95% CI" in line for line in lines)
 

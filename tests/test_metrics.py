@@ -24,7 +24,9 @@ from chestxray.metrics import (
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
+    at_operating_points,
     multilabel_metrics,
+    operating_points,
     reliability_curve,
 )
 
@@ -173,3 +175,37 @@ def test_fit_temperature_recovers_two() -> None:
     y = (rng.random((8000, 1)) > cumulative).sum(1)
     assert fit_temperature(true_logits * 2, y) == pytest.approx(2.0, abs=0.3)
     assert fit_temperature(true_logits, y) == pytest.approx(1.0, abs=0.15)
+
+
+def test_operating_points_reach_their_sensitivity_where_chosen_and_are_judged_elsewhere() -> None:
+    y_val, p_val = make_example(150, seed=1)
+    y_test, p_test = make_example(2000, seed=2)
+    points = operating_points(y_val, p_val, CLASSES)
+    assert set(points) == set(CLASSES)
+    on_val = at_operating_points(y_val, p_val, CLASSES, points)
+    for name, k in zip(CLASSES, range(3)):
+        assert set(points[name]) == {"youden", "sensitivity_90", "sensitivity_95"}
+        assert on_val[name]["sensitivity_95"]["sensitivity"] >= 0.95
+        assert on_val[name]["sensitivity_90"]["sensitivity"] >= 0.90
+        assert points[name]["sensitivity_95"] <= points[name]["sensitivity_90"]  # more sensitive, lower
+        # the highest such threshold: one notch higher loses the target
+        positives = np.sort(p_val[y_val == k, k])
+        assert (positives > points[name]["sensitivity_95"]).mean() < 0.95
+        youden = on_val[name]["youden"]
+        assert youden["sensitivity"] + youden["specificity"] == pytest.approx(
+            max(on_val[name][p]["sensitivity"] + on_val[name][p]["specificity"] for p in on_val[name]))
+    on_test = at_operating_points(y_test, p_test, CLASSES, points)
+    for name, k in zip(CLASSES, range(3)):
+        row = on_test[name]["sensitivity_90"]
+        called = p_test[:, k] >= row["threshold"]
+        assert row["sensitivity"] == pytest.approx(called[y_test == k].mean())
+        assert row["specificity"] == pytest.approx((~called[y_test != k]).mean())
+        low, high = row["sensitivity_ci"]
+        assert low < row["sensitivity"] < high and high - low < 0.07  # Wilson interval, about 670 positives
+        assert row["positives"] == int((y_test == k).sum())
+
+
+def test_operating_points_skip_a_class_without_negatives_and_take_multilabel_truth() -> None:
+    probs = np.array([[0.9, 0.2], [0.7, 0.6], [0.8, 0.1]])
+    assert set(operating_points(np.array([[1, 0], [1, 1], [1, 0]]), probs, ["a", "b"])) == {"b"}
+    assert operating_points(np.array([0, 0, 0]), probs, ["a", "b"]) == {}

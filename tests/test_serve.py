@@ -128,14 +128,17 @@ def test_ood_flag_and_score_come_from_the_bundle_guard(tmp_path: Path, threshold
     bundle = make_bundle(tmp_path / "guarded")  # a bundle with a fitted OOD guard
     meta = json.loads((bundle / META_FILE).read_text())
     meta["ood"]["threshold"] = threshold
+    meta["operating_points"] = {meta["classes"][0]: {"youden": 0.4, "sensitivity_95": 0.1}}
     (bundle / META_FILE).write_text(json.dumps(meta))
     guarded = load_model(bundle)
     with TestClient(create_app(guarded, api_key="")) as client:
         body = post_file(client, "a.png", png_bytes(seed=20)).json()
-        assert client.get("/v1/model").json()["ood_threshold"] == threshold
+        model = client.get("/v1/model").json()
+        assert model["ood_threshold"] == threshold and model["operating_points"] == meta["operating_points"]
     assert body["ood"] is flagged
     assert body["ood_score"] == pytest.approx(guarded.predict(png_bytes(seed=20)).ood_score)
     assert body["ood_score"] > 0
+    assert body["ood_percentile"] == pytest.approx(guarded.guard.percentile(np.array([body["ood_score"]]))[0])
 
 
 # ---------------------------------------------------------------------- refusals
@@ -264,7 +267,7 @@ def test_health_and_model_description(client: TestClient, predictor: Predictor) 
     assert model["temperature"] == meta.temperature and model["metrics"] == meta.metrics
     assert model["trained_on"] == {"n_train": 12} and model["arch"] == "resnet18"
     assert model["version"] == meta.package_version and model["ood_guard"] is False
-    assert model["ood_threshold"] is None
+    assert model["ood_threshold"] is None and model["operating_points"] == {}
     assert model["max_upload_bytes"] == 20 * 1024 * 1024
 
 

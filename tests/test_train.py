@@ -55,6 +55,8 @@ def test_tiny_run_writes_run_directory_and_bundle(tmp_path: Path) -> None:
     model, meta = load_bundle(result.bundle_dir)
     assert meta.classes == ["normal", "pneumonia"] and meta.image_size == 32
     assert meta.temperature > 0 and "val_acc" in meta.metrics
+    assert set(meta.operating_points) == {"normal", "pneumonia"}  # chosen on the validation images
+    assert set(meta.operating_points["normal"]) == {"youden", "sensitivity_90", "sensitivity_95"}
 
 
 def test_bundle_outputs_match_trained_model(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from chestxray.errors import InputError
 from chestxray.models import ChestXrayNet, EnsembleNet, create_model, load_state_strict
 
 FORMAT = 1
+_OPTIONAL = {"extra", "operating_points"}  # fields a bundle may lack (written before they existed)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 
@@ -38,6 +39,7 @@ class BundleMeta:
     std: float = 1.0
     preprocess: dict[str, Any] = field(default_factory=lambda: {"mode": "pad"})
     temperature: float = 1.0
+    operating_points: dict[str, dict[str, float]] = field(default_factory=dict)
     ood: dict[str, Any] | None = None
     train_fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +90,7 @@ def read_meta(directory: str | Path) -> BundleMeta:
     if data.get("format") != FORMAT:
         raise InputError(path, f"unknown bundle format {data.get('format')!r} (this version reads format {FORMAT})")
     names = [f.name for f in dataclasses.fields(BundleMeta)]
-    missing = [name for name in names if name not in data and name != "extra"]
+    missing = [name for name in names if name not in data and name not in _OPTIONAL]
     if missing:
         raise InputError(path, f"missing fields: {', '.join(missing)}")
     meta = BundleMeta(**{name: data[name] for name in names if name in data})
@@ -96,7 +98,16 @@ def read_meta(directory: str | Path) -> BundleMeta:
         meta.preprocessing()
     except (TypeError, ValueError) as err:
         raise InputError(path, f"bad preprocessing options: {err}") from None
+    if not _valid_points(meta.operating_points, meta.classes):
+        raise InputError(path, "bad operating_points: expected {class name: {point name: threshold}}")
     return meta
+
+
+def _valid_points(points: Any, classes: list[str]) -> bool:
+    return isinstance(points, dict) and all(
+        name in classes and isinstance(thresholds, dict)
+        and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds.values())
+        for name, thresholds in points.items())
 
 
 def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, BundleMeta]:

@@ -29,14 +29,13 @@ import pandas as pd
 import torch
 from rich.console import Console
 from rich.table import Table
-from scipy.special import expit, softmax
 from sklearn.metrics import balanced_accuracy_score
 
 from .bundle import BundleMeta, load_bundle, save_bundle
 from .config import TrainConfig
 from .data import infer_images
 from .errors import ChestXrayError
-from .metrics import fit_temperature
+from .metrics import fit_temperature, logits_to_probs, operating_points
 from .models import ChestXrayNet, EnsembleNet
 from .sources import NO_FINDING, Samples
 from .splits import kfold_splits, save_split, train_val_split
@@ -101,7 +100,8 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     oof.to_csv(run_dir / "oof.csv", index=False)
     bundle_dir = None
     if keep_models:
-        bundle_dir = _save_ensemble(run_dir / "bundle", members, pool, config, prepared.cache.fingerprint, summary)
+        bundle_dir = _save_ensemble(run_dir / "bundle", members, pool, config, prepared.cache.fingerprint, summary,
+                                    logits, targets)
     result = CVResult(run_dir, table, summary, oof, bundle_dir)
     render_cv(result, console)
     return result
@@ -184,18 +184,21 @@ def _json_safe(value: Any) -> Any:
 
 def _oof_frame(pool: Samples, fold_of: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
     """One row per pool image: file, truth, patient, fold and the uncalibrated probability of each class."""
-    probs = expit(logits) if pool.task == "multilabel" else softmax(logits.astype(np.float64), axis=1)
+    probs = logits_to_probs(logits, pool.task)
     frame = pd.DataFrame({"file": pool.frame["path"], "truth": pool.frame["label"].replace("", NO_FINDING),
                           "patient_id": pool.frame["patient_id"], "fold": fold_of})
     return pd.concat([frame, pd.DataFrame(probs, columns=pool.classes)], axis=1)
 
 
 def _save_ensemble(directory: Path, members: list[ChestXrayNet], pool: Samples, config: TrainConfig,
-                   fingerprint: str, summary: dict[str, Any]) -> Path:
+                   fingerprint: str, summary: dict[str, Any], logits: np.ndarray, targets: np.ndarray) -> Path:
+    """The fold models as one bundle; temperature and operating points from the out-of-fold logits."""
     oof = summary["oof"]
+    temperature = float(oof.get("temperature", 1.0))
     meta = BundleMeta(
         classes=list(pool.classes), image_size=config.image_size, preprocess=config.preprocessing().options(),
-        temperature=float(oof.get("temperature", 1.0)), train_fingerprint=fingerprint,
+        temperature=temperature, train_fingerprint=fingerprint,
+        operating_points=operating_points(targets, logits_to_probs(logits, pool.task, temperature), pool.classes),
         metrics={**oof, "evaluated_on": f"out-of-fold ({len(members)} folds)"},
         extra={"config": config.to_dict(),
                "trained_on": {"origin": pool.origin, "n_train": len(pool),

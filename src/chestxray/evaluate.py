@@ -18,7 +18,13 @@ import pandas as pd
 
 from .cache import build_cache
 from .errors import ChestXrayError
-from .metrics import classification_metrics, expected_calibration_error, interval_text, multilabel_metrics
+from .metrics import (
+    at_operating_points,
+    classification_metrics,
+    expected_calibration_error,
+    interval_text,
+    multilabel_metrics,
+)
 from .predict import Predictor, load_model
 from .report import write_report
 from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
@@ -83,6 +89,9 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     else:
         metrics = classification_metrics(y_true, probs, predictor.classes, n_boot=n_boot, seed=seed)
         before = {"ece": expected_calibration_error(y_true, predictor.probabilities(logits, temperature=1.0))}
+    if predictor.meta.operating_points:  # thresholds fixed on validation, judged here
+        metrics["operating_points"] = at_operating_points(y_true, probs, predictor.classes,
+                                                          predictor.meta.operating_points)
     out_dir = Path(out_dir)
     result = EvaluationResult(out_dir, metrics, predictor.classes, predictor.meta.task, split,
                               int(ok.sum()), int(flags.sum()), failed)

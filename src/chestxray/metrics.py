@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
-from scipy.stats import rankdata
+from scipy.special import expit, log_softmax, softmax
+from scipy.stats import binomtest, rankdata
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -23,6 +23,7 @@ from sklearn.metrics import (
     log_loss,
     precision_recall_fscore_support,
     roc_auc_score,
+    roc_curve,
 )
 
 from chestxray.errors import ChestXrayError
@@ -30,6 +31,7 @@ from chestxray.errors import ChestXrayError
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
 TEMPERATURE_RANGE = (0.05, 20.0)
+TARGET_SENSITIVITIES = (0.90, 0.95)
 _BATCH_ELEMENTS = 2_000_000  # resamples are evaluated in batches of about this many indices
 
 
@@ -319,6 +321,12 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     return float(np.nansum(gap * count) / count.sum())
 
 
+def logits_to_probs(logits: np.ndarray, task: str, temperature: float = 1.0) -> np.ndarray:
+    """Softmax (multi-class) or sigmoid (multi-label) of ``logits / temperature``, float64."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    return expit(scaled) if task == "multilabel" else softmax(scaled, axis=1)
+
+
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """Temperature ``T`` minimising the NLL of ``softmax(logits / T)``, within ``TEMPERATURE_RANGE``."""
     logits, y_true = np.asarray(logits, dtype=float), np.asarray(y_true).astype(int)
@@ -332,3 +340,67 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     low, high = np.log(TEMPERATURE_RANGE)
     result = minimize_scalar(nll, bounds=(low, high), method="bounded")
     return float(np.clip(np.exp(result.x), *TEMPERATURE_RANGE))
+
+
+# ----------------------------------------------------------------------------- operating points
+
+
+def positives_matrix(y_true: np.ndarray, n_classes: int) -> np.ndarray:
+    """Boolean ``(N, C)`` truth: one-hot of class indices, or the multi-label 0/1 matrix as is."""
+    y_true = np.asarray(y_true)
+    return np.eye(n_classes, dtype=bool)[y_true.astype(int)] if y_true.ndim == 1 else y_true.astype(bool)
+
+
+def operating_points(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                     sensitivities: tuple[float, ...] = TARGET_SENSITIVITIES) -> dict[str, dict[str, float]]:
+    """Per class, thresholds on its probability chosen on this (validation) data, one-vs-rest.
+
+    ``youden``: the threshold maximising sensitivity + specificity; ``sensitivity_90`` etc.: the
+    highest threshold whose sensitivity here is at least the target. A case is called positive when
+    its probability is at or above the threshold. Classes without positives or negatives are left out.
+    Choose them on validation data and judge them on other data (:func:`at_operating_points`).
+    """
+    positives, probs = positives_matrix(y_true, len(classes)), np.asarray(probs, dtype=float)
+    points: dict[str, dict[str, float]] = {}
+    for k, name in enumerate(classes):
+        is_pos = positives[:, k]
+        if is_pos.all() or not is_pos.any():
+            continue
+        fpr, tpr, thresholds = roc_curve(is_pos, probs[:, k])
+        finite = np.isfinite(thresholds)
+        best = np.argmax(np.where(finite, tpr - fpr, -np.inf))
+        points[name] = {"youden": float(thresholds[best])}
+        ranked = np.sort(probs[is_pos, k])[::-1]
+        for target in sensitivities:
+            needed = int(np.ceil(target * len(ranked) - 1e-9))
+            points[name][f"sensitivity_{round(100 * target)}"] = float(ranked[max(needed, 1) - 1])
+    return points
+
+
+def at_operating_points(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                        points: dict[str, dict[str, float]], ci: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Sensitivity and specificity (with Wilson intervals) of each class at each of its ``points``."""
+    positives, probs = positives_matrix(y_true, len(classes)), np.asarray(probs, dtype=float)
+    results: dict[str, dict[str, Any]] = {}
+    for name, thresholds in points.items():
+        if name not in classes:
+            continue
+        k = classes.index(name)
+        is_pos, called = positives[:, k], probs[:, k][:, None] >= np.array(list(thresholds.values()))[None]
+        results[name] = {}
+        for column, (point, threshold) in enumerate(thresholds.items()):
+            hits, correct_negatives = int(called[is_pos, column].sum()), int((~called[~is_pos, column]).sum())
+            sens, sens_ci = _proportion(hits, int(is_pos.sum()), ci)
+            spec, spec_ci = _proportion(correct_negatives, int((~is_pos).sum()), ci)
+            results[name][point] = {"threshold": threshold, "sensitivity": sens, "sensitivity_ci": sens_ci,
+                                    "specificity": spec, "specificity_ci": spec_ci,
+                                    "positives": int(is_pos.sum()), "negatives": int((~is_pos).sum())}
+    return results
+
+
+def _proportion(successes: int, trials: int, ci: float) -> tuple[float | None, list[float | None]]:
+    """``successes / trials`` with its Wilson score interval; ``None`` when there are no trials."""
+    if not trials:
+        return None, [None, None]
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=ci, method="wilson")
+    return successes / trials, [float(interval.low), float(interval.high)]

@@ -28,12 +28,12 @@ import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from scipy.special import expit, softmax
 
 from .bundle import BundleMeta, load_bundle, read_meta
 from .cam import explained_member, gradcam, overlay, target_layer, to_png
 from .decode import NPZ_SEPARATOR, is_image_file
 from .errors import ChestXrayError, InputError
+from .metrics import logits_to_probs
 from .models import ChestXrayNet, EnsembleNet, logits_and_features
 from .ood import OODGuard
 from .sources import NO_FINDING
@@ -122,8 +122,7 @@ class Predictor:
 
     def probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Softmax (multi-class) or sigmoid (multi-label) of ``logits / temperature`` (default: the bundle's)."""
-        scaled = np.asarray(logits, dtype=np.float64) / (self.meta.temperature if temperature is None else temperature)
-        return expit(scaled) if self.meta.task == "multilabel" else softmax(scaled, axis=1)
+        return logits_to_probs(logits, self.meta.task, self.meta.temperature if temperature is None else temperature)
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray:
         """OOD guard scores (N,); NaN when the bundle has no guard."""

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from chestxray.metrics import interval_text, reliability_curve
+from chestxray.metrics import interval_text, positives_matrix, reliability_curve
 
 NOTICE = (
     "Research software, not a diagnostic device. These figures describe this model on this test "
@@ -187,6 +187,26 @@ def _calibration_section(metrics: dict[str, Any], y_true: np.ndarray, probs: np.
     return f"<h2>Calibration</h2>{_img(_reliability_png(y_true, probs, title), title)}"
 
 
+def _operating_points_section(points: dict[str, dict[str, dict[str, Any]]]) -> str:
+    def share(value: float | None, interval: list[float | None]) -> str:
+        if value is None:
+            return "–"
+        low, high = interval
+        return f"{100 * value:.1f}% ({100 * low:.1f}–{100 * high:.1f})"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(point.replace('_', ' '))}</td>"
+        f"<td>{row['threshold']:.3f}</td><td>{share(row['sensitivity'], row['sensitivity_ci'])}</td>"
+        f"<td>{share(row['specificity'], row['specificity_ci'])}</td></tr>"
+        for name, by_point in points.items() for point, row in by_point.items())
+    return ("<h2>Operating points</h2><p>Each class called positive when its probability reaches a threshold "
+            "chosen on the validation images (one-vs-rest): at the best sensitivity + specificity (youden) "
+            "or at the highest threshold that reached a target sensitivity there. Here is what they give on "
+            "these images (95% Wilson intervals); a target reached on validation may be missed here.</p>"
+            "<table><tr><th>class</th><th>point</th><th>threshold</th><th>sensitivity</th><th>specificity</th>"
+            f"</tr>{rows}</table>")
+
+
 def write_report(
     out_path: Path,
     *,
@@ -207,7 +227,7 @@ def write_report(
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     multilabel = "per_label" in metrics
-    positives = y_true.astype(bool) if multilabel else np.eye(len(classes), dtype=bool)[y_true.astype(int)]
+    positives = positives_matrix(y_true, len(classes))
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes or [])
     parts = [
         f"<h1>{html.escape(title)}</h1>",
@@ -227,6 +247,8 @@ def write_report(
         _img(_curves_png(positives, probs, classes, "pr"), "precision-recall curves"),
         "</div>",
     ]
+    if metrics.get("operating_points"):
+        parts.append(_operating_points_section(metrics["operating_points"]))
     if not multilabel:
         parts.append(_calibration_section(metrics, y_true, probs, metrics_before_calibration))
     if history is not None:

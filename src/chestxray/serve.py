@@ -99,6 +99,10 @@ class ModelOut(BaseModel):
     temperature: float
     ood_guard: bool
     ood_threshold: float | None = Field(description="ood_score above which an image is flagged (null: no guard).")
+    operating_points: dict[str, dict[str, float]] = Field(
+        description="Per class, thresholds on its probability chosen on the validation images: youden (best "
+                    "sensitivity + specificity) and sensitivity_90/95 (the highest reaching that sensitivity). "
+                    "A class is called when its probability is at or above the threshold.")
     metrics: dict[str, Any]
     trained_on: dict[str, Any] | None
     train_fingerprint: str
@@ -201,7 +205,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         model_id=model_id, arch=meta.arch, task=meta.task, classes=list(meta.classes),
         image_size=meta.image_size, fit_mode=preprocessing.mode, contrast=preprocessing.contrast,
         temperature=meta.temperature, ood_guard=bool(meta.ood),
-        ood_threshold=meta.ood["threshold"] if meta.ood else None, metrics=meta.metrics,
+        ood_threshold=meta.ood["threshold"] if meta.ood else None, operating_points=meta.operating_points,
+        metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,
         backend="onnx" if isinstance(predictor.runner, OnnxRunner) else "torch",

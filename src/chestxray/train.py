@@ -34,7 +34,7 @@ from .data import CachedDataset, augment_batch, infer_images, mix_batch, to_mode
 from .decode import content_hash
 from .distributed import gather_in_order, trainer_layout
 from .errors import ChestXrayError, InputError
-from .metrics import fit_temperature
+from .metrics import fit_temperature, logits_to_probs, operating_points
 from .models import ChestXrayNet, create_model
 from .ood import OODGuard
 from .report import plot_training_curves
@@ -318,9 +318,12 @@ def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConf
         temperature = fit_temperature(val_logits, val_targets)
         metrics["val_loss_calibrated"] = F.cross_entropy(torch.from_numpy(val_logits) / temperature,
                                                          torch.from_numpy(val_targets)).item()
+    classes = list(prepared.samples.classes)
     meta = BundleMeta(
-        classes=list(prepared.samples.classes), image_size=config.image_size,
+        classes=classes, image_size=config.image_size,
         preprocess=config.preprocessing().options(), temperature=float(temperature),
+        operating_points=operating_points(val_targets, logits_to_probs(val_logits, model.task, temperature), classes)
+        if len(val_logits) else {},
         ood=_fit_ood(train_features, prepared.targets[prepared.train_rows], val_features),
         train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
         extra={"config": config.to_dict(), "trained_on": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import io
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from factories import make_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
+from chestxray.bundle import META_FILE
 from chestxray.cli import app, main
 from chestxray.config import OPTION_HELP, TrainConfig
 from conftest import xray_array
@@ -79,6 +81,27 @@ def test_predict_json_to_stdout(tmp_path: Path) -> None:
     assert result.exit_code == 0
     records = pd.read_json(io.StringIO(result.stdout))
     assert records["file"].tolist() == [str(image)] and {"ood", "ood_score"} <= set(records.columns)
+
+
+def test_predict_calls_classes_at_an_operating_point(tmp_path: Path, monkeypatch, capsys) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    meta = json.loads((bundle / META_FILE).read_text())
+    meta["operating_points"] = {"pneumonia": {"sensitivity_95": 0.0, "youden": 1.1}, "normal": {"youden": 0.5}}
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    image, out = tmp_path / "x.png", tmp_path / "p.csv"
+    Image.fromarray(xray_array()).save(image)
+    assert run_main(monkeypatch, capsys, "predict", str(bundle), str(image), "--format", "csv", "--out", str(out),
+                    "--operating-point", "sensitivity_95")[0] == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns[:3]) == ["file", "label", "called"] and table["called"].tolist() == ["pneumonia"]
+    run_main(monkeypatch, capsys, "predict", str(bundle), str(image), "--format", "csv", "--out", str(out),
+             "--operating-point", "youden")
+    expected = "normal" if pd.read_csv(out)["normal"].iloc[0] >= 0.5 else ""
+    assert pd.read_csv(out, keep_default_na=False)["called"].tolist() == [expected]  # 1.1: never pneumonia
+    shown = CliRunner().invoke(app, ["predict", str(bundle), str(image), "--operating-point", "sensitivity_95"])
+    assert shown.exit_code == 0 and "called" in shown.stdout and "pneumonia" in shown.stdout
+    code, err = run_main(monkeypatch, capsys, "predict", str(bundle), str(image), "--operating-point", "f1")
+    assert code == 2 and "operating point 'f1' is not in this bundle (it has: sensitivity_95, youden)" in err
 
 
 def test_the_python_api_is_one_import_away() -> None:

@@ -128,11 +128,16 @@ def predict(bundle: Path = BundleArg,
             out: Optional[Path] = typer.Option(None, "--out", help="Write the results to this file."),
             cam: Optional[Path] = typer.Option(None, "--cam", help="Write Grad-CAM overlays (PNG) into this folder."),
             tta: bool = typer.Option(False, "--tta", help="Average over mild test-time augmentations."),
+            operating_point: Optional[str] = typer.Option(
+                None, "--operating-point",
+                help="Add a 'called' column: the classes at or above their threshold at this point, "
+                     "chosen on validation (youden, sensitivity_90 or sensitivity_95)."),
             backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
             batch_size: int = typer.Option(32, "--batch-size")) -> None:
     """Predict files, folders and globs; flags out-of-distribution inputs. Exit 1 if any input failed."""
     from .distributed import sharded_predict, world_size
-    from .predict import load_model, predict_paths, write_cams
+    from .bundle import read_meta
+    from .predict import apply_operating_point, load_model, predict_paths, write_cams
 
     if fmt not in ("table", "csv", "json"):
         raise ChestXrayError(f"--format must be table, csv or json, not {fmt!r}")
@@ -145,6 +150,8 @@ def predict(bundle: Path = BundleArg,
     else:
         predictor = load_model(bundle, backend=backend)
         table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
+    if operating_point:
+        table = apply_operating_point(table, read_meta(bundle).operating_points, operating_point)
     _write_table(table, fmt, out)
     if cam is not None:
         written = write_cams(predictor or load_model(bundle), inputs, cam, progress=progress)
@@ -198,14 +205,16 @@ def _write_table(table, fmt: str, out: Optional[Path]) -> None:
     if fmt == "table":
         from rich.table import Table
 
-        view = Table("file", "label", "probability", "unusual (score, percentile)", "error")
+        called = "called" in table.columns
+        view = Table("file", "label", *(["called"] if called else []), "probability", "unusual (score, percentile)",
+                     "error")
         for row in table.itertuples(index=False):
             error = row.error if isinstance(row.error, str) else ""
             probability = f"{getattr(row, row.label):.3f}" if row.label in table.columns else ""
             ood = "" if error else f"{'YES' if row.ood else 'no'} ({_figure(row.ood_score, '.1f')}, " \
                                    f"{_figure(row.ood_percentile, '.0f')}%)"
             label = f"[yellow]not a chest X-ray like the training images[/] ({row.label}?)" if row.ood else row.label
-            view.add_row(Path(row.file).name, label, probability, ood, error)
+            view.add_row(Path(row.file).name, label, *([row.called] if called else []), probability, ood, error)
         console.print(view)
     else:
         text = table.to_csv(index=False) if fmt == "csv" else table.to_json(orient="records", indent=2)

@@ -313,6 +313,22 @@ def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size
                                        "error"])
 
 
+def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float]], point: str) -> pd.DataFrame:
+    """``table`` (from :func:`predict_paths`) with a ``called`` column after ``label``: the classes whose
+    probability is at or above their ``point`` threshold (see ``BundleMeta.operating_points``), joined by '|'."""
+    available = sorted({name for thresholds in points.values() for name in thresholds})
+    if point not in available:
+        raise ChestXrayError(f"operating point {point!r} is not in this bundle "
+                             f"(it has: {', '.join(available) or 'none; retrain to get them'})")
+    thresholds = {name: by_point[point] for name, by_point in points.items() if point in by_point}
+    called = ["" if isinstance(row.get("error"), str) and row["error"] else
+              "|".join(name for name, t in thresholds.items() if row[name] >= t)
+              for row in table.to_dict("records")]
+    table = table.copy()
+    table.insert(table.columns.get_loc("label") + 1, "called", called)
+    return table
+
+
 def write_cams(predictor: Predictor, inputs: Sequence[str | Path], out_dir: str | Path, *,
                target: str | int | None = None, progress: bool = True) -> list[Path]:
     """Write ``<stem>_cam.png`` Grad-CAM overlays for the inputs (as :func:`predict_paths` expands them)

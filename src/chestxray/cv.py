@@ -192,7 +192,11 @@ def _oof_frame(pool: Samples, fold_of: np.ndarray, logits: np.ndarray) -> pd.Dat
 
 def _save_ensemble(directory: Path, members: list[ChestXrayNet], pool: Samples, config: TrainConfig,
                    fingerprint: str, summary: dict[str, Any], logits: np.ndarray, targets: np.ndarray) -> Path:
-    """The fold models as one bundle; temperature and operating points from the out-of-fold logits."""
+    """The fold models as one bundle; temperature and operating points from the out-of-fold logits.
+
+    No held-out data is left for the ensemble itself, so each fold model's outputs on the fold it did
+    not see stand in for the ensemble's (which average five models and are a little less spread).
+    """
     oof = summary["oof"]
     temperature = float(oof.get("temperature", 1.0))
     meta = BundleMeta(

@@ -151,7 +151,8 @@ def predict(bundle: Path = BundleArg,
         predictor = load_model(bundle, backend=backend)
         table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
     if operating_point:
-        table = apply_operating_point(table, read_meta(bundle).operating_points, operating_point)
+        meta = predictor.meta if predictor is not None else read_meta(bundle)  # a sharded run loads none here
+        table = apply_operating_point(table, meta.operating_points, operating_point)
     _write_table(table, fmt, out)
     if cam is not None:
         written = write_cams(predictor or load_model(bundle), inputs, cam, progress=progress)

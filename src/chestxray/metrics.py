@@ -35,7 +35,7 @@ TARGET_SENSITIVITIES = (0.90, 0.95)
 _BATCH_ELEMENTS = 2_000_000  # resamples are evaluated in batches of about this many indices
 
 
-def _number(value: float) -> float | None:
+def json_number(value: float) -> float | None:
     """A plain float for JSON, ``None`` for NaN."""
     return None if np.isnan(value) else float(value)
 
@@ -163,7 +163,7 @@ def _bootstrap_intervals(
     """Intervals of every metric ``resample_fn`` computes on a batch of resample indices."""
     batches = [resample_fn(idx) for idx in _index_batches(y_true, n_boot, seed, stratified)]
     return {
-        name: [_number(v) for v in _percentile_interval(np.concatenate([b[name] for b in batches]), ci)]
+        name: [json_number(v) for v in _percentile_interval(np.concatenate([b[name] for b in batches]), ci)]
         for name in batches[0]
     }
 
@@ -209,10 +209,10 @@ def classification_metrics(
         name: {
             "precision": float(precision[k]),
             "sensitivity": float(recall[k]),
-            "specificity": _number(specificity[k]),
+            "specificity": json_number(specificity[k]),
             "f1": float(f1[k]),
-            "roc_auc": _number(auc[k]),
-            "pr_auc": _number(pr_auc[k]),
+            "roc_auc": json_number(auc[k]),
+            "pr_auc": json_number(pr_auc[k]),
             "support": int(support[k]),
         }
         for k, name in enumerate(classes)
@@ -224,7 +224,7 @@ def classification_metrics(
         "cross_entropy": float(log_loss(y_true, probs, labels=labels)),
         "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(y_true, pred, labels=labels, average="weighted", zero_division=0)),
-        "macro_auc": _number(_nanmean_rows(auc)),
+        "macro_auc": json_number(_nanmean_rows(auc)),
         "ece": expected_calibration_error(y_true, probs),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
@@ -254,8 +254,8 @@ def multilabel_metrics(
     auc, pr_auc = np.array([_binary_scores(y_true[:, k], probs[:, k]) for k in range(len(classes))]).T
     per_label = {
         name: {
-            "roc_auc": _number(auc[k]),
-            "pr_auc": _number(pr_auc[k]),
+            "roc_auc": json_number(auc[k]),
+            "pr_auc": json_number(pr_auc[k]),
             "f1": float(f1_score(y_true[:, k], probs[:, k] >= 0.5, zero_division=0)),
             "support": int(y_true[:, k].sum()),
         }
@@ -263,7 +263,7 @@ def multilabel_metrics(
     }
     return {
         "n": len(y_true),
-        "mean_auc": _number(_nanmean_rows(auc)),
+        "mean_auc": json_number(_nanmean_rows(auc)),
         "per_label": per_label,
         "ci_level": ci,
         "ci": _bootstrap_intervals(
@@ -307,8 +307,8 @@ def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -
         mean_conf = np.bincount(bins, confidence, n_bins) / count
         accuracy = np.bincount(bins, correct, n_bins) / count
     return {
-        "bin_confidence": [_number(v) for v in mean_conf],
-        "bin_accuracy": [_number(v) for v in accuracy],
+        "bin_confidence": [json_number(v) for v in mean_conf],
+        "bin_accuracy": [json_number(v) for v in accuracy],
         "bin_count": count.tolist(),
     }
 
@@ -386,12 +386,12 @@ def at_operating_points(y_true: np.ndarray, probs: np.ndarray, classes: list[str
         if name not in classes:
             continue
         k = classes.index(name)
-        is_pos, called = positives[:, k], probs[:, k][:, None] >= np.array(list(thresholds.values()))[None]
+        is_pos = positives[:, k]
         results[name] = {}
-        for column, (point, threshold) in enumerate(thresholds.items()):
-            hits, correct_negatives = int(called[is_pos, column].sum()), int((~called[~is_pos, column]).sum())
-            sens, sens_ci = _proportion(hits, int(is_pos.sum()), ci)
-            spec, spec_ci = _proportion(correct_negatives, int((~is_pos).sum()), ci)
+        for point, threshold in thresholds.items():
+            called = probs[:, k] >= threshold
+            sens, sens_ci = _proportion(int(called[is_pos].sum()), int(is_pos.sum()), ci)
+            spec, spec_ci = _proportion(int((~called[~is_pos]).sum()), int((~is_pos).sum()), ci)
             results[name][point] = {"threshold": threshold, "sensitivity": sens, "sensitivity_ci": sens_ci,
                                     "specificity": spec, "specificity_ci": spec_ci,
                                     "positives": int(is_pos.sum()), "negatives": int((~is_pos).sum())}

@@ -33,7 +33,7 @@ from .bundle import BundleMeta, load_bundle, read_meta
 from .cam import explained_member, gradcam, overlay, target_layer, to_png
 from .decode import NPZ_SEPARATOR, is_image_file
 from .errors import ChestXrayError, InputError
-from .metrics import logits_to_probs
+from .metrics import json_number, logits_to_probs
 from .models import ChestXrayNet, EnsembleNet, logits_and_features
 from .ood import OODGuard
 from .sources import NO_FINDING
@@ -198,7 +198,7 @@ class Predictor:
                 p, score = next(rows)
                 flagged = bool(self.guard.is_ood(score)) if self.guard is not None else False
                 yield Prediction(name, self.label(p), {c: float(v) for c, v in zip(self.classes, p)},
-                                 flagged, _number(score), _number(self.ood_percentiles(score)))
+                                 flagged, json_number(score), json_number(self.ood_percentiles(score)))
 
     # ------------------------------------------------------------------ Grad-CAM
 
@@ -364,11 +364,6 @@ def _gray_array(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 2 or min(array.shape) == 0:
         raise InputError(name, f"expected an (H, W) or (H, W, 3) image array, got shape {array.shape}")
     return array
-
-
-def _number(value: float | np.ndarray) -> float | None:
-    """A float, or ``None`` for NaN (JSON has no NaN)."""
-    return None if np.isnan(value) else float(value)
 
 
 def _default_name(source: Source, index: int, single: bool) -> str:

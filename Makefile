@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export CHESTXRAY_DATA ?= $(abspath ../shared/datasets)
 
-.PHONY: demo test install install-dev browser clean
+.PHONY: demo test install install-dev browser pacs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
-test: install-dev browser
+# Debian's Orthanc (with its DICOMweb plugin) is the real PACS of the DICOM network tests.
+pacs:
+	command -v Orthanc >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb)
+
+test: install-dev browser pacs
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -390,17 +390,46 @@ def at_operating_points(y_true: np.ndarray, probs: np.ndarray, classes: list[str
         results[name] = {}
         for point, threshold in thresholds.items():
             called = probs[:, k] >= threshold
-            sens, sens_ci = _proportion(int(called[is_pos].sum()), int(is_pos.sum()), ci)
-            spec, spec_ci = _proportion(int((~called[~is_pos]).sum()), int((~is_pos).sum()), ci)
+            sens, sens_ci = proportion_interval(int(called[is_pos].sum()), int(is_pos.sum()), ci)
+            spec, spec_ci = proportion_interval(int((~called[~is_pos]).sum()), int((~is_pos).sum()), ci)
             results[name][point] = {"threshold": threshold, "sensitivity": sens, "sensitivity_ci": sens_ci,
                                     "specificity": spec, "specificity_ci": spec_ci,
                                     "positives": int(is_pos.sum()), "negatives": int((~is_pos).sum())}
     return results
 
 
-def _proportion(successes: int, trials: int, ci: float) -> tuple[float | None, list[float | None]]:
+def proportion_interval(successes: int, trials: int, ci: float = 0.95) -> tuple[float | None, list[float | None]]:
     """``successes / trials`` with its Wilson score interval; ``None`` when there are no trials."""
     if not trials:
         return None, [None, None]
     interval = binomtest(successes, trials).proportion_ci(confidence_level=ci, method="wilson")
     return successes / trials, [float(interval.low), float(interval.high)]
+
+
+# ----------------------------------------------------------------------------- selective prediction
+
+
+def risk_coverage(correct: np.ndarray, confidence: np.ndarray) -> dict[str, list[float]]:
+    """Accuracy on the predictions kept against the share kept, keeping the most confident first.
+
+    ``correct`` (N,) bool, ``confidence`` (N,) (e.g. the top probability). Point ``k`` keeps the
+    ``k + 1`` most confident images (ties broken by input order).
+    """
+    correct, confidence = np.asarray(correct, dtype=float), np.asarray(confidence, dtype=float)
+    if correct.shape != confidence.shape or correct.ndim != 1:
+        raise ChestXrayError(f"risk-coverage: need one confidence per prediction, got {confidence.shape} "
+                             f"and {correct.shape}")
+    order = np.argsort(-confidence, kind="stable")
+    kept = np.arange(1, len(order) + 1)
+    return {"coverage": (kept / max(1, len(order))).tolist(),
+            "accuracy": (np.cumsum(correct[order]) / kept).tolist()}
+
+
+def accuracy_at_coverage(correct: np.ndarray, confidence: np.ndarray, share: float,
+                         ci: float = 0.95) -> dict[str, Any]:
+    """Accuracy (Wilson interval) of the ``share`` most confident predictions (at least one)."""
+    correct, confidence = np.asarray(correct, dtype=bool), np.asarray(confidence, dtype=float)
+    kept = max(1, int(round(share * len(correct)))) if len(correct) else 0
+    chosen = np.argsort(-confidence, kind="stable")[:kept]
+    accuracy, interval = proportion_interval(int(correct[chosen].sum()), kept, ci)
+    return {"coverage": share, "kept": kept, "accuracy": accuracy, "accuracy_ci": interval}

@@ -172,7 +172,8 @@ def test_predict_paths_expands_folders_and_globs(predictor: Predictor, make_imag
     table = predict_paths(predictor, [tmp_path / "scans", str(tmp_path / "other" / "*.png"),
                                       tmp_path / "empty", tmp_path / "nope.png", str(tmp_path / "*.dcm")],
                           batch_size=2, progress=False)
-    assert list(table.columns) == ["file", "label", *BINARY_CLASSES, "ood", "ood_score", "ood_percentile", "error"]
+    assert list(table.columns) == ["file", "label", *BINARY_CLASSES, "ood", "ood_score", "ood_percentile", "error",
+                                   "model_id"]
     names = [Path(f).name for f in table["file"]]
     assert names == ["a.png", "b.jpg", "c.png", "d.png", "e.png", "empty", "nope.png", "*.dcm"]
     failed = table["error"].notna()

@@ -16,9 +16,10 @@ from chestxray import __version__
 from chestxray.decode import Preprocessing
 from chestxray.errors import InputError
 from chestxray.models import ChestXrayNet, EnsembleNet, create_model, load_state_strict
+from chestxray.provenance import describe, file_sha256, model_id
 
 FORMAT = 1
-_OPTIONAL = {"extra", "operating_points"}  # fields a bundle may lack (written before they existed)
+_OPTIONAL = {"extra", "operating_points", "provenance"}  # fields a bundle may lack (written before they existed)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 
@@ -48,6 +49,18 @@ class BundleMeta:
     format: int = FORMAT
     channels: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """``weights_sha256``, ``package_version``, ``torch_version``, ``timm_version``, ``python_version``
+    and ``git_commit`` (see :func:`chestxray.provenance.describe`); filled by ``save_bundle``."""
+
+    @property
+    def model_id(self) -> str:
+        """``<arch>@<weights sha256 prefix>``, the id every result names (older bundles without a
+        recorded hash: ``arch:fingerprint:created``)."""
+        sha = self.provenance.get("weights_sha256")
+        if sha:
+            return model_id(self.arch, sha)
+        return ":".join(part for part in (self.arch, self.train_fingerprint[:12], self.created) if part)
 
     def preprocessing(self) -> Preprocessing:
         """How an image becomes this model's input: ``image_size`` with the ``preprocess`` options."""
@@ -69,6 +82,7 @@ def save_bundle(directory: str | Path, model: ChestXrayNet | EnsembleNet, meta: 
     )
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS_FILE)
+    meta = dataclasses.replace(meta, provenance=describe(directory / WEIGHTS_FILE))
     (directory / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
     return directory
 
@@ -103,6 +117,17 @@ def read_meta(directory: str | Path) -> BundleMeta:
     return meta
 
 
+def _check_weights_hash(meta: BundleMeta, weights: Path) -> BundleMeta:
+    """``meta`` with the weights' sha256: refused when it differs from the recorded one, recorded (in
+    memory) when the bundle predates provenance."""
+    sha = file_sha256(weights)
+    recorded = meta.provenance.get("weights_sha256")
+    if recorded and recorded != sha:
+        raise InputError(weights, f"sha256 {sha[:12]}... differs from the {recorded[:12]}... recorded in "
+                                  f"{META_FILE}: the weights were changed after the bundle was saved")
+    return meta if recorded else dataclasses.replace(meta, provenance={**meta.provenance, "weights_sha256": sha})
+
+
 def _valid_points(points: Any, classes: list[str]) -> bool:
     return isinstance(points, dict) and all(
         name in classes and isinstance(thresholds, dict)
@@ -120,6 +145,7 @@ def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, Bund
         state = load_file(path)
     except (SafetensorError, OSError) as err:
         raise InputError(path, f"cannot read weights ({err})") from err
+    meta = _check_weights_hash(meta, path)
 
     def build() -> ChestXrayNet:
         return create_model(meta.arch, len(meta.classes), weights="none", task=meta.task)

@@ -290,7 +290,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
 
 def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size: int = DEFAULT_BATCH,
                   progress: bool = True, *, tta: bool = False) -> pd.DataFrame:
-    """Predict files, folders and globs; one row per file: ``file, label, <class>..., ood, ood_score, ood_percentile, error``.
+    """Predict files, folders and globs; one row per file: ``file, label, <class>..., ood, ood_score, ood_percentile,
+    error, model_id``.
 
     Files are decoded by a few threads while the model runs; unreadable files get an ``error``.
     """
@@ -309,8 +310,10 @@ def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size
                          "ood": result.ood, "ood_score": result.ood_score,
                          "ood_percentile": result.ood_percentile, "error": result.error})
             bar.advance(task)
-    return pd.DataFrame(rows, columns=["file", "label", *predictor.classes, "ood", "ood_score", "ood_percentile",
-                                       "error"])
+    table = pd.DataFrame(rows, columns=["file", "label", *predictor.classes, "ood", "ood_score", "ood_percentile",
+                                        "error"])
+    table["model_id"] = predictor.meta.model_id
+    return table
 
 
 def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float]], point: str) -> pd.DataFrame:

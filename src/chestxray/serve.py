@@ -81,7 +81,7 @@ class PredictionOut(BaseModel):
     ood_percentile: float | None = Field(
         None, description="Share (0-100) of held-out training X-rays with a lower ood_score: 50 is typical, "
                           "the flag starts near 99 (null: no guard, or a bundle without held-out scores).")
-    model_id: str = Field(description="Architecture, training-data fingerprint and creation time of the model.")
+    model_id: str = Field(description="<arch>@<first 12 hex digits of the weights' sha256>: which weights answered.")
     latency_ms: float = Field(description="Server time from the received upload to the answer.")
     cam_png: str | None = Field(None, description="Base64 PNG of the Grad-CAM overlay (with ?cam=true).")
 
@@ -198,7 +198,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     queue = InferenceQueue(predictor, max_batch)
     decoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="chestxray-decode")
-    model_id = _model_id(meta)
+    model_id = meta.model_id
     explainer = cam_predictor or predictor
     preprocessing = meta.preprocessing()
     model_info = ModelOut(
@@ -338,12 +338,6 @@ def _app_for_bundle(bundle_dir: str, backend: str, api_key: str | None, max_uplo
     predictor = load_model(bundle_dir, backend=backend)
     cam_predictor = load_model(bundle_dir, backend="torch") if backend == "onnx" else None
     return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor)
-
-
-def _model_id(meta: Any) -> str:
-    """Architecture, training-data fingerprint and creation time: which model answered."""
-    parts = [meta.arch, meta.train_fingerprint[:12], meta.created]
-    return ":".join(part for part in parts if part)
 
 
 def _key_guard(key: str) -> Callable[..., Any]:

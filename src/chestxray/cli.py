@@ -5,6 +5,7 @@ Every :class:`ChestXrayError` becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,61 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, evaluate, explain and serve chest X-ray classifiers. Not a diagnostic device.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _versions() -> dict[str, str]:
+    """chestxray's version and those of the libraries it runs on, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    found = {"chestxray": __version__}
+    for package in ("torch", "timm", "lightning", "onnxruntime"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from .allocator import active_allocator
+
+        versions = _versions()
+        console.print(f"chestxray {versions.pop('chestxray')} ("
+                      + ", ".join(f"{name} {v}" for name, v in versions.items())
+                      + f"; allocator {active_allocator()})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Show the version, the libraries' versions and the allocator.")) -> None:
+    """Train, evaluate, explain and serve chest X-ray classifiers. Not a diagnostic device."""
+
+
+@app.command()
+def info() -> None:
+    """The machine as chestxray sees it: versions, allocator, compute threads, accelerators, ONNX providers."""
+    import torch
+
+    from .allocator import ENV, active_allocator, find_library
+
+    for name, value in _versions().items():
+        console.print(f"{name:<12} {value}", highlight=False)
+    library = find_library()
+    console.print(f"{'allocator':<12} {active_allocator()} ({ENV}={os.environ.get(ENV, 'tcmalloc')}; "
+                  f"library {library or 'not found'})", highlight=False, soft_wrap=True)
+    console.print(f"{'threads':<12} {torch.get_num_threads()}", highlight=False)
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    console.print(f"{'cuda':<12} {', '.join(cuda) if cuda else 'none'}", highlight=False)
+    try:
+        import onnxruntime
+
+        console.print(f"{'onnx':<12} {', '.join(onnxruntime.get_available_providers())}", highlight=False)
+    except ImportError:
+        console.print(f"{'onnx':<12} onnxruntime not installed", highlight=False)
 
 DataArg = typer.Argument(..., help="A class folder tree, a CSV/TSV manifest (path,label[,patient_id,split]) "
                                    "or a MedMNIST .npz file.")
@@ -227,7 +283,10 @@ def _write_table(table, fmt: str, out: Optional[Path]) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: first onto the fast allocator (see :mod:`chestxray.allocator`), then the app."""
+    from .allocator import ensure_allocator
+
+    ensure_allocator()
     try:
         app()
     except ChestXrayError as err:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from rich.console import Console
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from .allocator import active_allocator
 from .bundle import BundleMeta, save_bundle
 from .cache import ImageCache, build_cache
 from .config import TrainConfig, load_config, save_config
@@ -290,8 +292,11 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_di
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         save_split(run_dir / "split.csv", samples, {"train": prepared.train_rows, "val": prepared.val_rows})
+        runtime = runtime_environment()
+        (run_dir / "environment.json").write_text(json.dumps(runtime, indent=2))
         console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
-                      f"{len(prepared.val_rows)} ({len(samples.classes)} classes, {config.image_size}px) -> {run_dir}")
+                      f"{len(prepared.val_rows)} ({len(samples.classes)} classes, {config.image_size}px; "
+                      f"{runtime['threads']} threads, allocator {runtime['allocator']}) -> {run_dir}")
     trainer.fit(module, *_loaders(prepared, config), ckpt_path=last if resume else None, weights_only=True)
     if not trainer.is_global_zero:  # rank 0 alone wrote the checkpoints and metrics (maybe on another node)
         return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
@@ -391,6 +396,13 @@ def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool,
                      precision=precision, callbacks=callbacks, logger=False, enable_progress_bar=progress,
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
                      default_root_dir=run_dir, log_every_n_steps=1)
+
+
+def runtime_environment() -> dict[str, Any]:
+    """What this run ran on (the run folder's ``environment.json``): versions, allocator, threads, device."""
+    return {"torch": torch.__version__, "lightning": L.__version__, "allocator": active_allocator(),
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
 def _set_threads(config: TrainConfig) -> None:

@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import pytest, skimage"
+	$(BIN)/python -c "import pytest, skimage, hypothesis"
 	touch $@
 
 install: $(VENV)/.installed allocator

@@ -272,3 +272,18 @@ def test_course_dataset(course_data, tmp_path):
     exact_cross = [p for p in report.duplicates if p.kind == "exact" and p.scope == "train vs test"]
     assert len(exact_cross) == copied_into_test
     assert report.unreadable == [] and report.shortcut.flagged
+
+
+def test_a_damaged_dicom_is_listed_and_the_audit_goes_on(make_folder, make_dicom, tmp_path):
+    """Issue 17: a DICOM whose header is damaged (an unknown value representation) aborted the audit."""
+    import struct
+
+    root = make_folder({"normal": 3, "pneumonia": 3})
+    data = bytearray(make_dicom("x.dcm", np.full((16, 16), 100, np.uint16), BitsStored=12).read_bytes())
+    at = data.index(struct.pack("<HH", 0x0002, 0x0010), 132)  # the transfer syntax, read with the header
+    data[at + 4:at + 6] = b"ZZ"
+    damaged = root / "normal" / "damaged.dcm"
+    damaged.write_bytes(bytes(data))
+    report = audit(root, out_dir=tmp_path / "report")
+    assert [issue.path for issue in report.unreadable] == [str(damaged)]
+    assert report.unreadable[0].reason and report.images == 7

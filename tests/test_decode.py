@@ -331,3 +331,69 @@ def test_real_large_jpeg_fast_path(dicom_samples):
     full = load_image(path)
     assert load_image(path, min_side=256).shape[0] < full.shape[0]
     assert mean_abs_diff(preprocess(path, 256), fit_square(full, 256)) < 2
+
+
+# ------------------------------------------------------------------ hardening (issue 17)
+
+def test_damaged_files_are_refused_at_the_decoding_boundary(tmp_path):
+    from fuzzing import damaged_files
+
+    for name, data in damaged_files().items():
+        with pytest.raises(InputError) as err:
+            load_image(data, name=name)
+        assert_one_line_error(err, name, "")
+        path = tmp_path / name
+        path.write_bytes(data)
+        try:
+            probe_image(path)
+        except InputError:
+            pass  # a header damaged beyond reading is refused the same way
+
+
+def test_any_exception_of_a_decoder_becomes_an_input_error(monkeypatch, make_image):
+    import chestxray.decode as decode
+
+    def broken(*args, **kwargs):
+        raise OverflowError("Python int too large to convert to C long")
+
+    monkeypatch.setattr(decode, "_pil_to_gray", broken)
+    with pytest.raises(InputError) as err:
+        load_image(make_image("x.png"))
+    assert_one_line_error(err, "x.png", "overflowerror")
+
+
+def _never_read_whole(monkeypatch):
+    from pathlib import Path
+
+    def whole(self):
+        raise AssertionError(f"{self} was read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole)
+
+
+def test_a_sparse_file_over_the_size_limit_is_refused_without_reading_it(tmp_path, monkeypatch):
+    from chestxray.decode import MAX_FILE_BYTES
+
+    path = tmp_path / "sparse.png"
+    with open(path, "wb") as handle:  # a valid small PNG header, then 3 GB of holes
+        handle.write(_png_header(64, 64))
+        handle.truncate(3 * 2**30)
+    assert path.stat().st_size > MAX_FILE_BYTES
+    _never_read_whole(monkeypatch)
+    for call in (load_image, probe_image):
+        with pytest.raises(InputError) as err:
+            call(path)
+        assert_one_line_error(err, "sparse.png", "exceeds the limit")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_the_header_is_checked_before_the_file_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "claims.png"
+    with open(path, "wb") as handle:  # under the byte limit, but its header claims 12000 x 12000 pixels
+        handle.write(_png_header(12000, 12000))
+        handle.truncate(200 * 2**20)
+    _never_read_whole(monkeypatch)
+    with pytest.raises(InputError) as err:
+        load_image(path)
+    assert_one_line_error(err, "claims.png", "decompression")
+    assert probe_image(path).width == 12000  # the probe reads the header only

@@ -257,10 +257,8 @@ def _scan(samples: Samples, cache_dir: str | Path | None, progress: bool) -> _Sc
             info = probe_image(ref)
             row.update(width=info.width, height=info.height, format=info.format, mode=info.mode,
                        bit_depth=info.bit_depth, file_bytes=info.n_bytes)
-        except InputError as err:
+        except InputError as err:  # the decoding boundary: whatever a header parser raises
             row["problem"] = err.reason
-        except (OSError, ValueError, SyntaxError) as err:  # header parsers raise these on odd files
-            row["problem"] = f"unreadable header ({type(err).__name__}: {err})"
         try:
             row["sha256"] = content_hash(ref)
         except (OSError, InputError):

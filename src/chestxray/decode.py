@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Union, get_args
+from typing import BinaryIO, Literal, Union, get_args
 
 import cv2
 import numpy as np
@@ -31,6 +31,10 @@ CONTRASTS: tuple[str, ...] = get_args(Contrast)
 MAX_PIXELS = 80_000_000
 """Largest image accepted (width x height): about 9000 x 9000. Larger files are refused
 before their pixels are decoded, as decompression bombs."""
+
+MAX_FILE_BYTES = 1 << 30
+"""Largest file accepted (1 GiB): a larger one is refused from its size alone, before any byte is read.
+Every file is also checked from its header (its width and height) before it is read whole."""
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 NPZ_SEPARATOR = "::"
@@ -50,6 +54,8 @@ class ImageInfo:
     mode: str
     bit_depth: int
     n_bytes: int
+    frames: int = 1
+    """Frames of a multi-frame DICOM, all of which its decoder reads (other formats: their first page only)."""
 
 
 def load_image(source: ImageSource, *, min_side: int | None = None, name: str | None = None) -> np.ndarray:
@@ -62,12 +68,32 @@ def load_image(source: ImageSource, *, min_side: int | None = None, name: str | 
     if isinstance(source, (str, Path)) and NPZ_SEPARATOR in str(source):
         return _load_npz_item(str(source))
     label = name or ("<upload>" if isinstance(source, bytes) else str(source))
-    data = source if isinstance(source, bytes) else _read_file(Path(source))
-    if not data:
-        raise InputError(label, "empty file (0 bytes)")
-    if _is_dicom(data, label):
-        return _decode_dicom(data, label)
-    return _decode_raster(data, label, min_side)
+    with decoding(label):
+        if isinstance(source, bytes):
+            data = source
+        else:
+            info = probe_image(source)  # header first: an oversized image is refused before it is read
+            _check_size(info.width, info.height, label, info.frames)
+            data = _read_file(Path(source))
+        if not data:
+            raise InputError(label, "empty file (0 bytes)")
+        if len(data) > MAX_FILE_BYTES:
+            raise InputError(label, f"{len(data):,} bytes exceeds the limit of {MAX_FILE_BYTES:,} bytes")
+        if _is_dicom(data, label):
+            return _decode_dicom(data, label)
+        return _decode_raster(data, label, min_side)
+
+
+@contextmanager
+def decoding(label: str) -> Iterator[None]:
+    """The decoding boundary: any exception a decoder raises (PIL, OpenCV, pydicom and its pixel
+    handlers raise dozens of types on damaged files) becomes an :class:`InputError` naming ``label``."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the boundary: whatever a third-party decoder raises
+        raise InputError(label, f"cannot decode the image ({type(err).__name__}: {_one_line(err)})") from None
 
 
 def fit_square(image: np.ndarray, size: int, mode: FitMode = "pad") -> np.ndarray:
@@ -158,24 +184,26 @@ def preprocess(source: ImageSource, size: int, mode: FitMode = "pad", *, contras
 
 
 def probe_image(path: str | Path) -> ImageInfo:
-    """Read the size, format, mode and bit depth of an image from its header."""
+    """Read the size, format, mode and bit depth of an image from its header, never the whole file
+    (a file over :data:`MAX_FILE_BYTES` is refused from its size)."""
     ref = str(path)
     if NPZ_SEPARATOR in ref:
         image = _load_npz_item(ref)
         return ImageInfo(image.shape[1], image.shape[0], "NPZ", "L", 8, image.nbytes)
     path = Path(path)
-    n_bytes = path.stat().st_size if path.is_file() else 0
-    data = _read_file(path)
-    if not data:
-        raise InputError(path, "empty file (0 bytes)")
-    if _is_dicom(data, str(path)):
-        ds = _read_dicom(data, str(path), stop_before_pixels=True)
-        with _dicom_errors(str(path)):
-            mode = str(ds.get("PhotometricInterpretation", "?"))
-            return ImageInfo(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), "DICOM", mode,
-                             int(ds.get("BitsStored", ds.get("BitsAllocated", 0))), n_bytes)
-    with _open_pil(data, str(path)) as img:
-        return ImageInfo(img.width, img.height, img.format or "?", img.mode, _bit_depth(img), n_bytes)
+    n_bytes = _file_size(path)
+    with decoding(ref), open(path, "rb") as handle:
+        head = handle.read(132)
+        handle.seek(0)
+        if _is_dicom(head, ref):
+            ds = _read_dicom(handle, ref, stop_before_pixels=True)
+            with _dicom_errors(ref):
+                mode = str(ds.get("PhotometricInterpretation", "?"))
+                return ImageInfo(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), "DICOM", mode,
+                                 int(ds.get("BitsStored", ds.get("BitsAllocated", 0))), n_bytes,
+                                 int(ds.get("NumberOfFrames", 1) or 1))
+        with _open_pil(handle, ref) as img:
+            return ImageInfo(img.width, img.height, img.format or "?", img.mode, _bit_depth(img), n_bytes)
 
 
 def content_hash(ref: str) -> str:
@@ -196,11 +224,25 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _read_file(path: Path) -> bytes:
+def _file_size(path: Path) -> int:
+    """The size of an image file, refused when missing, not a file, empty or over :data:`MAX_FILE_BYTES`."""
     if not path.exists():
         raise InputError(path, "no such file")
     if not path.is_file():
         raise InputError(path, "not a file")
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise InputError(path, f"cannot read ({err.strerror or err})") from None
+    if size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+    if size > MAX_FILE_BYTES:
+        raise InputError(path, f"file of {size:,} bytes exceeds the limit of {MAX_FILE_BYTES:,} bytes")
+    return size
+
+
+def _read_file(path: Path) -> bytes:
+    _file_size(path)
     try:
         return path.read_bytes()
     except OSError as err:
@@ -211,17 +253,18 @@ def _is_dicom(data: bytes, label: str) -> bool:
     return data[128:132] == b"DICM" or label.lower().endswith((".dcm", ".dicom"))
 
 
-def _check_size(width: int, height: int, label: str) -> None:
+def _check_size(width: int, height: int, label: str, frames: int = 1) -> None:
     if width <= 0 or height <= 0:
         raise InputError(label, f"invalid image size {width}x{height}")
-    if width * height > MAX_PIXELS:
-        raise InputError(label, f"image of {width}x{height} pixels exceeds the limit of "
+    if width * height * max(frames, 1) > MAX_PIXELS:
+        size = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
+        raise InputError(label, f"image of {size} pixels exceeds the limit of "
                                 f"{MAX_PIXELS:,} pixels (decompression-bomb guard)")
 
 
-def _open_pil(data: bytes, label: str) -> Image.Image:
+def _open_pil(data: bytes | BinaryIO, label: str) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except UnidentifiedImageError:
         raise InputError(label, "not a readable image (unrecognised or corrupt format)") from None
     except Image.DecompressionBombError as err:
@@ -290,12 +333,13 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8).copy()
 
 
-def _read_dicom(data: bytes, label: str, *, stop_before_pixels: bool = False):
+def _read_dicom(data: bytes | BinaryIO, label: str, *, stop_before_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, force=True,
+                               stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as err:
         raise InputError(label, f"not a readable DICOM file ({_one_line(err)})") from None
 
@@ -319,7 +363,7 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
     if "PixelData" not in ds:
         raise InputError(label, "DICOM file has no pixel data")
     with _dicom_errors(label):
-        _check_size(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), label)
+        _check_size(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), label, int(ds.get("NumberOfFrames", 1) or 1))
         pixels = ds.pixel_array
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:

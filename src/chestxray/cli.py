@@ -244,12 +244,15 @@ def serve(bundle: Path = BundleArg,
           backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
           workers: int = typer.Option(1, help="Server processes, each with its own model."),
           threads: Optional[int] = typer.Option(None, help="Compute threads per worker (default: cores / workers)."),
-          max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload.")) -> None:
+          max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload."),
+          max_per_client: int = typer.Option(32, "--max-connections-per-client",
+                                             help="Open connections allowed from one address (raise it behind "
+                                                  "a reverse proxy).")) -> None:
     """REST API (POST /v1/predict) and a web page for BUNDLE. Set CHESTXRAY_API_KEY to require a key."""
     from .serve import serve as run_server
 
     run_server(bundle, host, port, backend, workers=workers, threads=threads,
-               max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_per_client=max_per_client)
 
 
 def _figure(value: float | None, spec: str) -> str:

@@ -8,6 +8,14 @@ Safety: uploads are read in memory only, counted while streaming and refused abo
 with an API key, ``/v1/*`` needs ``X-API-Key`` or ``Authorization: Bearer``. All inference runs on
 ONE thread (concurrent torch passes collapse on few cores); requests that queue while it is busy
 are run together as one batch.
+
+Hostile clients: :class:`GuardedH11Protocol` closes a connection that has not sent a whole request
+head within :data:`HEADER_TIMEOUT_S` of opening or of its previous answer (idle and slow-header
+connections), and refuses connections beyond :data:`MAX_CONNECTIONS_PER_CLIENT` per client address
+or :data:`MAX_CONNECTIONS` in all; an upload must arrive within :data:`BODY_TIMEOUT_S` (408); at most
+:data:`MAX_ACTIVE_REQUESTS` requests run at once (503 beyond; ``/healthz`` always answers). Idle
+connections cost no request slot: uvicorn's own ``limit_concurrency`` counted them, so 64 idle
+sockets made every request 503.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -58,6 +67,21 @@ _IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"
 _DICOM_TYPES = ("application/dicom", "application/dicom+octet-stream")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SERVE_ENV = "CHESTXRAY_SERVE_"
+HEADER_TIMEOUT_S = 10.0
+"""Seconds a connection may take to send a whole request head, from its opening or its previous answer."""
+KEEP_ALIVE_S = 5
+"""Seconds an idle keep-alive connection is kept after an answer (uvicorn's ``timeout_keep_alive``)."""
+BODY_TIMEOUT_S = 60.0
+"""Seconds an upload may take to arrive once its headers are in (408 beyond)."""
+MAX_CONNECTIONS_PER_CLIENT = 32
+"""Open connections allowed from one client address; more are answered 503 and closed. Behind a
+reverse proxy every client has the proxy's address: raise it there (``serve(max_per_client=...)``)."""
+MAX_CONNECTIONS = 1000
+"""Open connections allowed in all; more are answered 503 and closed."""
+MAX_ACTIVE_REQUESTS = 64
+"""Requests handled at once (each may hold an upload in memory); more are answered 503."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest request head (h11's ``max_incomplete_event_size``): a longer one gets 400 and is closed."""
 log = logging.getLogger("chestxray.serve")
 T = TypeVar("T")
 
@@ -186,6 +210,98 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus what uvicorn lacks against hostile clients: a deadline for each
+    request head, and caps on the open connections per client address and in all.
+
+    The limits are class attributes: :func:`guarded_protocol` makes a subclass with others.
+    """
+
+    header_timeout: float = HEADER_TIMEOUT_S
+    max_per_client: int = int(os.environ.get(_SERVE_ENV + "MAX_PER_CLIENT") or MAX_CONNECTIONS_PER_CLIENT)
+    max_connections: int = MAX_CONNECTIONS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        host = self.client[0] if self.client else None
+        if len(self.connections) > self.max_connections:
+            self._refuse("too many open connections to the server")
+        elif host is not None and sum(getattr(c, "client", None) is not None and c.client[0] == host
+                                      for c in self.connections) > self.max_per_client:
+            self._refuse(f"too many open connections from {host}")
+        else:
+            self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_deadline()  # the next request head has the same deadline (slow keep-alive requests)
+
+    def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        self._deadline = self.loop.call_later(self.header_timeout, self._deadline_passed)
+
+    def _disarm_deadline(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:  # no request head came in time
+            self.transport.close()
+
+    def _refuse(self, reason: str) -> None:
+        body = f'{{"error": "{reason}"}}'.encode()
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\nretry-after: 1\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+        self.transport.close()
+
+
+def guarded_protocol(header_timeout: float = HEADER_TIMEOUT_S, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+                     max_connections: int = MAX_CONNECTIONS) -> type[GuardedH11Protocol]:
+    """:class:`GuardedH11Protocol` with other limits (for one server process: not picklable for workers)."""
+    if header_timeout <= 0 or max_per_client < 1 or max_connections < 1:
+        raise ChestXrayError("the header timeout and the connection limits must be positive")
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {
+        "header_timeout": header_timeout, "max_per_client": max_per_client, "max_connections": max_connections})
+
+
+def uvicorn_options(protocol: type[GuardedH11Protocol] = GuardedH11Protocol) -> dict[str, Any]:
+    """The uvicorn settings every chestxray server runs with (``serve`` and ``background_server``)."""
+    return {"http": protocol, "timeout_keep_alive": KEEP_ALIVE_S, "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+            "limit_concurrency": None, "server_header": False}
+
+
+class _RequestLimit:
+    """At most ``limit`` requests in progress; more are answered 503 at once (``/healthz`` is exempt)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_ACTIVE_REQUESTS) -> None:
+        self.app = app
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            await JSONResponse({"error": "server busy: too many requests at once, retry shortly"}, status_code=503,
+                               headers={"Retry-After": "1"})(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 def create_app(predictor: Any, *, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, cam_predictor: Any | None = None,
                max_batch: int = MAX_BATCH) -> FastAPI:
@@ -220,10 +336,11 @@ def create_app(predictor: Any, *, api_key: str | None = None,
 
     app = FastAPI(title="chestxray", version=__version__, lifespan=lifespan,
                   description="Chest X-ray classification. A research tool, **not a diagnostic device**.")
+    app.add_middleware(_RequestLimit)
     app.add_middleware(_SecurityHeaders)
     _add_error_handlers(app)
     guard = [Depends(_key_guard(key))] if key else []
-    refusals = {status: {"model": ErrorOut} for status in (400, 401, 413, 415, 422)}
+    refusals = {status: {"model": ErrorOut} for status in (400, 401, 408, 413, 415, 422, 503)}
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
@@ -269,13 +386,15 @@ def create_app(predictor: Any, *, api_key: str | None = None,
 
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "torch", *,
           workers: int = 1, threads: int | None = None, api_key: str | None = None,
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info") -> None:
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info",
+          max_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
     """Serve the bundle's model with uvicorn until interrupted (Ctrl-C).
 
     ``backend`` is ``torch`` or ``onnx`` (needs ``chestxray export`` first). Each of the ``workers``
     processes loads its own model and computes with ``threads`` threads (default: torch's, the cores, divided
     among the workers; on a CPU shared with other busy processes, 1 thread avoids the collapse of
-    oversubscribed torch threads).
+    oversubscribed torch threads). ``max_per_client``: open connections allowed from one address
+    (see :data:`MAX_CONNECTIONS_PER_CLIENT`).
     """
     if backend not in ("torch", "onnx"):
         raise ChestXrayError(f"unknown backend '{backend}': use torch or onnx")
@@ -288,13 +407,15 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
                     "(set %s)", host, API_KEY_ENV)
     settings = {"BUNDLE": str(Path(bundle_dir).resolve()), "BACKEND": backend, "MAX_UPLOAD": str(max_upload_bytes),
                 "THREADS": str(threads)}
-    options = {"host": host, "port": port, "log_level": log_level, "limit_concurrency": 64,
-               "server_header": False}
+    protocol = guarded_protocol(max_per_client=max_per_client)
+    options = {"host": host, "port": port, "log_level": log_level, **uvicorn_options(protocol)}
     if workers == 1:
         uvicorn.run(_app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads), **options)
         return
     _app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads)  # fail here, not in every worker
     os.environ.update({_SERVE_ENV + name: value for name, value in settings.items()})
+    os.environ[_SERVE_ENV + "MAX_PER_CLIENT"] = str(max_per_client)  # read by each worker's GuardedH11Protocol
+    options["http"] = GuardedH11Protocol  # a class the worker processes can import
     if key:
         os.environ[API_KEY_ENV] = key
     uvicorn.run("chestxray.serve:app_from_environment", factory=True, workers=workers, **options)
@@ -307,15 +428,17 @@ def app_from_environment() -> FastAPI:
 
 
 @contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free port in a background thread; yields its base URL.
+def background_server(app: FastAPI, host: str = "127.0.0.1",
+                      protocol: type[GuardedH11Protocol] = GuardedH11Protocol) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free port in a background thread, with :func:`serve`'s settings
+    (``protocol``: other connection limits, see :func:`guarded_protocol`); yields its base URL.
 
     For tests, notebooks and benchmarks; the server stops when the block ends.
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **uvicorn_options(protocol)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -355,9 +478,10 @@ def _key_guard(key: str) -> Callable[..., Any]:
     return require_key
 
 
-async def _read_upload(request: Request, limit: int) -> tuple[bytes, str, str]:
+async def _read_upload(request: Request, limit: int, timeout: float | None = None) -> tuple[bytes, str, str]:
     """The multipart field ``file`` read into memory, counting bytes while they stream in: returns
-    the bytes, the client's file name (a label only, never a path) and the declared content type."""
+    the bytes, the client's file name (a label only, never a path) and the declared content type.
+    An upload that takes more than ``timeout`` seconds (default :data:`BODY_TIMEOUT_S`) is refused (408)."""
     body_limit = limit + MULTIPART_OVERHEAD_BYTES
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > body_limit):
@@ -375,10 +499,14 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str, str]:
 
     parser = MultiPartParser(request.headers, counted(), max_files=1, max_fields=8)
     parser.spool_max_size = body_limit  # keep the file in memory: nothing from a request touches the disk
+    seconds = BODY_TIMEOUT_S if timeout is None else timeout
     try:
-        form = await parser.parse()
+        async with asyncio.timeout(seconds):
+            form = await parser.parse()
     except MultiPartException as err:
         raise ApiError(422, f"malformed multipart body ({err.message})") from None
+    except TimeoutError:
+        raise ApiError(408, f"upload not received within {seconds:g} s") from None
     upload = form.get("file")
     try:
         if not isinstance(upload, UploadFile):

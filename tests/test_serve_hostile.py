@@ -1,0 +1,177 @@
+"""The server under hostile clients (issue 17), on a real uvicorn server over loopback sockets:
+idle and slow-header connections are closed after a deadline and never starve others, one address
+may hold a bounded number of connections, and a slow upload is cut off."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chestxray.predict import load_model
+from chestxray.serve import (MAX_CONNECTIONS_PER_CLIENT, _RequestLimit, background_server, create_app,
+                             guarded_protocol)
+from factories import make_bundle, png_bytes
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory: pytest.TempPathFactory):
+    return load_model(make_bundle(tmp_path_factory.mktemp("bundle")))
+
+
+@pytest.fixture
+def app(predictor):
+    return create_app(predictor, api_key="")  # an app's executors end with its server: one per test
+
+
+def _connect(url: str, source: str = "127.0.0.1") -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))  # every 127.x.y.z is loopback on Linux: other client addresses
+    sock.connect((host, int(port)))
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """True when the server closed ``sock`` (EOF or a reset) within ``wait`` seconds."""
+    sock.settimeout(wait)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _answers_everyone_else(url: str) -> None:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200
+        response = client.post("/v1/predict", files={"file": ("x.png", png_bytes(), "image/png")})
+        assert response.status_code == 200, response.text
+        assert response.json()["probabilities"]
+
+
+def test_200_idle_and_slow_header_connections_leave_the_server_answering(app):
+    """Before: uvicorn's limit_concurrency counted connections that never sent a request, so 64 of
+    them made every request 503, /healthz included."""
+    with background_server(app, protocol=guarded_protocol(header_timeout=60)) as url:
+        hostile = []
+        for i in range(200):  # 20 per address, within the per-address cap
+            sock = _connect(url, f"127.0.0.{2 + i // 20}")
+            if i % 2:  # half of them start a request and never finish its head
+                sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data")
+            hostile.append(sock)
+        try:
+            _answers_everyone_else(url)
+            assert not any(_closed_by_server(sock, 0.01) for sock in hostile[:10])  # held, not dropped at once
+        finally:
+            for sock in hostile:
+                sock.close()
+
+
+def test_idle_and_slow_header_connections_are_closed_after_the_deadline(app):
+    with background_server(app, protocol=guarded_protocol(header_timeout=0.5)) as url:
+        idle, dribbling = _connect(url), _connect(url)
+        start = time.monotonic()
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        closed = False
+        for byte in request:  # one byte every 50 ms: each resets uvicorn's keep-alive timer, not the deadline
+            try:
+                dribbling.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.05)
+        assert closed or _closed_by_server(dribbling, 2)
+        assert _closed_by_server(idle, 2)
+        assert time.monotonic() - start < 6
+        # a keep-alive connection that sends its next request head slowly is closed the same way
+        keep = _connect(url)
+        keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in keep.recv(4096)
+        keep.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert _closed_by_server(keep, 3)
+        _answers_everyone_else(url)
+
+
+def test_connections_beyond_the_cap_of_one_address_are_refused(app):
+    with background_server(app, protocol=guarded_protocol(header_timeout=60, max_per_client=5)) as url:
+        held = [_connect(url, "127.0.0.9") for _ in range(5)]
+        extra = _connect(url, "127.0.0.9")
+        extra.settimeout(5)
+        answer = extra.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many open connections from 127.0.0.9" in answer
+        assert _closed_by_server(extra, 2)
+        assert not _closed_by_server(held[0], 0.05)
+        _answers_everyone_else(url)  # from another address
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        again = _connect(url, "127.0.0.9")  # the slots are free again once the connections close
+        again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        again.settimeout(5)
+        assert b"200 OK" in again.recv(4096)
+        again.close()
+    assert MAX_CONNECTIONS_PER_CLIENT >= 8  # a browser opens about 6
+
+
+def test_an_upload_that_does_not_arrive_in_time_gets_408(app, monkeypatch):
+    import chestxray.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "BODY_TIMEOUT_S", 0.5)
+    with background_server(app) as url:
+        sock = _connect(url)
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                     b"filename=\"x.png\"\r\n\r\n\x89PNG")
+        sock.settimeout(10)
+        answer = b""
+        while b'"error"' not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"upload not received within 0.5 s" in answer, answer
+        sock.close()
+        _answers_everyone_else(url)
+
+
+def test_requests_beyond_the_active_limit_get_503_but_healthz_answers():
+    import asyncio
+
+    asyncio.run(_overload())
+
+
+async def _overload() -> None:
+    import asyncio
+
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limit = _RequestLimit(slow_app, limit=2)
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "path": "/v1/model", "method": "GET", "headers": []}
+    running = [asyncio.ensure_future(limit(dict(scope), receive, send)) for _ in range(2)]
+    await asyncio.sleep(0)
+    await limit(dict(scope), receive, send)  # the third is refused at once
+    assert sent[0]["status"] == 503
+    healthz = asyncio.ensure_future(limit({**scope, "path": "/healthz"}, receive, send))
+    await asyncio.sleep(0)
+    assert not healthz.done()  # /healthz is not refused (it waits on the same slow app here)
+    release.set()
+    await asyncio.gather(*running, healthz)
+    assert limit.active == 0

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.export import OnnxRunner, export_onnx  # noqa: E402
+from chestxray.export import export_onnx  # noqa: E402
+from chestxray.runners import OnnxRunner  # noqa: E402
 from chestxray.predict import expand_inputs, load_model  # noqa: E402
 
 BATCH = 16

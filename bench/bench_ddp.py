@@ -7,7 +7,7 @@ shared out, one process per core at most).
 Training: ``chestxray train`` on a two-class subset of the course data with every layer trained
 (``--freeze-epochs 0``), the global batch split over the processes (``--strategy ddp``); images/s is
 training images over the median epoch time after the first (an epoch's time includes its validation
-pass). Prediction: :func:`chestxray.distributed.sharded_predict` over the same files, timed on rank 0
+pass). Prediction: :func:`chestxray.predict.sharded_predict` over the same files, timed on rank 0
 from model load to the merged table, median of 3. The cache is built before anything is timed. The
 one-core runs set the CPU affinity, which ``chestxray`` sizes its threads by. Communication: the time
 of one gloo all-reduce of the model's gradients (what DDP adds to every step), median of 10.
@@ -108,7 +108,7 @@ def bench_prediction(setup: Setup, bundle: Path, manifest: Path, batch_size: int
 def predict_worker(bundle: str, manifest: str, batch_size: str, out: str) -> None:
     """Runs in every process: sharded prediction of the manifest's files, :data:`PREDICT_REPEATS` times;
     rank 0 writes the median time to ``out``."""
-    from chestxray.distributed import sharded_predict
+    from chestxray.predict import sharded_predict
 
     files = pd.read_csv(manifest)["path"].tolist()
     seconds = []

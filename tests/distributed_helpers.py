@@ -1,4 +1,4 @@
-"""Helpers for test_distributed.py that run in other processes (spawned: they must be importable)."""
+"""Helpers for test_launch.py that run in other processes (spawned: they must be importable)."""
 
 from __future__ import annotations
 

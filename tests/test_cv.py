@@ -18,7 +18,7 @@ from chestxray.cv import cross_validate
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet
-from chestxray.data import infer_images
+from chestxray.runners import as_runner, run_images
 
 
 def _digest(path: str) -> str:
@@ -75,11 +75,11 @@ def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
     for fold, member in enumerate(model.members):
         rows = oof[oof["fold"] == fold]
         images = np.stack([preprocess(p, 32, "pad") for p in rows["file"]])
-        probs = torch.from_numpy(infer_images(member, images)[0]).softmax(-1).numpy()
+        probs = torch.from_numpy(run_images(as_runner(member), images)[0]).softmax(-1).numpy()
         assert np.allclose(probs, rows[["normal", "pneumonia"]].to_numpy(), atol=1e-5)
     images = np.random.default_rng(1).integers(0, 255, (4, 32, 32), dtype=np.uint8)
-    ensemble = torch.from_numpy(infer_images(model, images)[0]).softmax(-1)
-    members = torch.stack([torch.from_numpy(infer_images(m, images)[0]).softmax(-1) for m in model.members])
+    ensemble = torch.from_numpy(run_images(as_runner(model), images)[0]).softmax(-1)
+    members = torch.stack([torch.from_numpy(run_images(as_runner(m), images)[0]).softmax(-1) for m in model.members])
     assert torch.allclose(ensemble, members.mean(0), atol=1e-5)
 
 

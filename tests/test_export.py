@@ -13,10 +13,10 @@ import torch
 
 from chestxray.bundle import BundleMeta, load_bundle, save_bundle
 from chestxray.errors import ChestXrayError, InputError
-from chestxray.export import (OUTPUT_NAMES, PROB_TOLERANCE, ExportResult, OnnxRunner, bundle_onnx_runner,
-                              export_onnx)
+from chestxray.export import PROB_TOLERANCE, ExportResult, export_onnx
 from chestxray.models import EnsembleNet, create_model
-from chestxray.predict import TorchRunner, load_model
+from chestxray.predict import load_model
+from chestxray.runners import OUTPUT_NAMES, OnnxRunner, TorchRunner
 from conftest import xray_array
 from factories import CLASSES, IMAGE_SIZE, build_tiny_bundle
 
@@ -106,13 +106,13 @@ def test_failed_parity_leaves_no_file_and_keeps_the_previous_export(exported: Ex
 
 def test_stale_export_is_refused(exported: ExportResult, tmp_path: Path) -> None:
     bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
-    assert bundle_onnx_runner(bundle).metadata["chestxray.classes"] == ",".join(CLASSES)
+    assert load_model(bundle, backend="onnx").runner.metadata["chestxray.classes"] == ",".join(CLASSES)
     model, meta = load_bundle(bundle)
     with torch.no_grad():
         model.backbone.get_classifier().bias.add_(1.0)
     save_bundle(bundle, model, meta)  # retrained into the same folder; model.onnx is now stale
     with pytest.raises(InputError, match="export it again"):
-        bundle_onnx_runner(bundle)
+        load_model(bundle, backend="onnx")
 
 
 def test_bad_requests_are_clear_errors(exported: ExportResult, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 from chestxray.bundle import load_bundle
 from chestxray.config import TrainConfig, load_config
 from chestxray.errors import ChestXrayError
-from chestxray.data import infer_images
+from chestxray.runners import as_runner, run_images
 from chestxray.train import fit
 
 TINY = dict(arch="tf_efficientnet_lite0", weights="none", image_size=32, epochs=2, batch_size=8,
@@ -65,7 +65,7 @@ def test_bundle_outputs_match_trained_model(tmp_path: Path) -> None:
     model, _ = load_bundle(result.bundle_dir)
     reloaded, _ = load_bundle(result.bundle_dir)
     images = np.random.default_rng(1).integers(0, 255, (3, 32, 32), dtype=np.uint8)
-    assert np.array_equal(infer_images(model, images)[0], infer_images(reloaded, images)[0])
+    assert np.array_equal(run_images(as_runner(model), images)[0], run_images(as_runner(reloaded), images)[0])
 
 
 def test_seed_makes_runs_repeatable_with_and_without_mixup(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_multilabel_training_from_csv(tmp_path: Path) -> None:
                  name="ml", progress=False)
     model, meta = load_bundle(result.bundle_dir)
     assert meta.task == "multilabel" and meta.classes == ["Cardiomegaly", "Effusion"]
-    logits = infer_images(model, np.zeros((2, 32, 32), np.uint8))[0]
+    logits = run_images(as_runner(model), np.zeros((2, 32, 32), np.uint8))[0]
     assert logits.shape == (2, 2)
 
 

@@ -1,8 +1,14 @@
-"""Model bundle: a folder with ``model.safetensors`` (state dict) and ``model.json`` (metadata). Never unpickles."""
+"""Model bundle: a folder with ``model.safetensors`` (state dict), ``model.json`` (metadata) and,
+after ``chestxray export``, ``model.onnx``. Never unpickles.
+
+This module owns the bundle's file names and the check that an exported graph holds the bundle's
+weights (:func:`weights_digest`, :func:`check_onnx`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +28,12 @@ FORMAT = 1
 _OPTIONAL = {"extra", "operating_points", "provenance"}  # fields a bundle may lack (written before they existed)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+ONNX_WEIGHTS_KEY = "chestxray.weights_sha256"
+"""The ONNX metadata entry holding :func:`weights_digest` of the weights the graph was exported from."""
+
+__all__ = ["BundleMeta", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
+           "WEIGHTS_FILE", "META_FILE", "ONNX_FILE", "ONNX_WEIGHTS_KEY"]
 
 
 @dataclass
@@ -154,3 +166,20 @@ def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, Bund
     model = EnsembleNet([build() for _ in range(members)]) if members else build()
     load_state_strict(model, state, path)
     return model.eval(), meta
+
+
+def weights_digest(directory: str | Path) -> str:
+    """The sha256 of the bundle's weights file (hex)."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_FILE, "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_onnx(directory: str | Path, metadata: dict[str, str], onnx_path: str | Path | None = None) -> None:
+    """Refuse an ONNX graph (its custom ``metadata``) exported from other weights than the bundle's."""
+    if metadata.get(ONNX_WEIGHTS_KEY) != weights_digest(directory):
+        raise InputError(onnx_path or Path(directory) / ONNX_FILE,
+                         "exported from other weights than the bundle's; export it again "
+                         "with `chestxray export BUNDLE --format onnx`")

@@ -102,7 +102,7 @@ NameOpt = typer.Option(None, "--name", help="Run name (default: a timestamp).")
 
 def _train_config(config: Optional[Path], ctx: typer.Context):
     """The training config from --config and the command's extra flags."""
-    from .distributed import world_size
+    from .launch import world_size
 
     if ctx.command.name in ("cv", "sweep") and world_size() > 1:
         raise ChestXrayError(f"`chestxray {ctx.command.name}` runs its models one after the other in one "
@@ -191,9 +191,9 @@ def predict(bundle: Path = BundleArg,
             backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
             batch_size: int = typer.Option(32, "--batch-size")) -> None:
     """Predict files, folders and globs; flags out-of-distribution inputs. Exit 1 if any input failed."""
-    from .distributed import sharded_predict, world_size
     from .bundle import read_meta
-    from .predict import apply_operating_point, load_model, predict_paths, write_cams
+    from .launch import world_size
+    from .predict import apply_operating_point, load_model, predict_paths, sharded_predict, write_cams
 
     if fmt not in ("table", "csv", "json"):
         raise ChestXrayError(f"--format must be table, csv or json, not {fmt!r}")

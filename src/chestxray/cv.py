@@ -33,10 +33,10 @@ from sklearn.metrics import balanced_accuracy_score
 
 from .bundle import BundleMeta, load_bundle, save_bundle
 from .config import TrainConfig
-from .data import infer_images
 from .errors import ChestXrayError
 from .metrics import fit_temperature, logits_to_probs, operating_points
 from .models import ChestXrayNet, EnsembleNet
+from .runners import TorchRunner, run_images
 from .sources import NO_FINDING, Samples
 from .splits import kfold_splits, save_split, train_val_split
 from .train import console, drop_test_copies, fit, prepare_data, validation_metrics
@@ -87,7 +87,7 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
                   progress=progress, split_file=split_file)
         model, _ = load_bundle(run.bundle_dir)
         discard_weights(run.run_dir)
-        logits[held_rows] = infer_images(model, images[held_rows])[0]
+        logits[held_rows] = run_images(TorchRunner(model), images[held_rows], 64)[0]
         fold_of[held_rows] = index
         rows.append({"fold": index, **_scores(logits[held_rows], targets[held_rows], pool.task)})
         if keep_models:

@@ -36,25 +36,6 @@ def to_model_input(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(255.0)
 
 
-def infer_images(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and pooled features (N, F) of uint8 images (N, S, S): eval mode, batched, no gradients."""
-    from .models import logits_and_features
-
-    model.eval()
-    device = next(model.parameters()).device
-    logits, features = [], []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.asarray(images[start:start + batch_size], dtype=np.uint8)).unsqueeze(1)
-            x = to_model_input(batch.to(device)).contiguous(memory_format=torch.channels_last)
-            batch_logits, batch_features = logits_and_features(model, x)
-            logits.append(batch_logits.float().cpu())
-            features.append(batch_features.float().cpu())
-    if not logits:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return torch.cat(logits).numpy(), torch.cat(features).numpy()
-
-
 def augment_batch(images: torch.Tensor, strength: float = 1.0, hflip: bool = False,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Random X-ray-safe augmentation of a float batch (B, 1, S, S) in [0, 1].

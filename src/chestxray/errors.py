@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = ["ChestXrayError", "InputError", "first_line"]
+
 
 class ChestXrayError(Exception):
     """An error whose message is shown to the user as is (the CLI prints it on one line)."""
@@ -16,3 +18,8 @@ class InputError(ChestXrayError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's (often very long) text, or its type's name."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)

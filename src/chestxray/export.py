@@ -1,4 +1,4 @@
-"""ONNX export of a bundle's model, checked against PyTorch on preprocessed images, and its runner.
+"""ONNX export of a bundle's model, checked against PyTorch on preprocessed images.
 
 The graph takes ``image`` float (N, 1, S, S) in [0, 1] with a dynamic batch axis and returns
 ``logits`` (N, C) and ``features`` (N, F) (ARCHITECTURE.md, inference contract). A file is only
@@ -9,7 +9,6 @@ left on disk once onnxruntime reproduces PyTorch's calibrated probabilities with
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import time
@@ -22,13 +21,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle
-from .errors import ChestXrayError, InputError
+from .bundle import ONNX_FILE, ONNX_WEIGHTS_KEY, BundleMeta, load_bundle, weights_digest
+from .errors import ChestXrayError, first_line
 from .models import ChestXrayNet, EnsembleNet, logits_and_features
-from .predict import ONNX_FILE, Predictor, TorchRunner
+from .predict import Predictor
+from .runners import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, TorchRunner
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "features")
+__all__ = ["export_onnx", "ExportResult", "DEFAULT_OPSET", "MIN_OPSET", "PROB_TOLERANCE", "FEATURE_TOLERANCE"]
 DEFAULT_OPSET = 18
 """The opset the dynamo exporter writes natively; other opsets go through the legacy exporter
 (converting the dynamo graph fails, e.g. for the Pad of TF-style "same" padding)."""
@@ -36,7 +35,6 @@ MIN_OPSET = 17
 PROB_TOLERANCE = 1e-4
 FEATURE_TOLERANCE = 1e-3
 """Largest feature difference allowed, relative to the largest feature magnitude (at least 1)."""
-WEIGHTS_DIGEST_KEY = "chestxray.weights_sha256"
 N_SYNTHETIC = 3
 
 
@@ -70,54 +68,6 @@ class _LogitsAndFeatures(nn.Module):
         return logits_and_features(self.model, image)
 
 
-class OnnxRunner:
-    """An onnxruntime session as a runner: ``runner(images float32 (N, 1, S, S)) -> (logits, features)``.
-
-    CUDA is used when onnxruntime offers it, else the CPU with ``threads`` intra-op threads (default:
-    ``torch.get_num_threads()``, every physical core unless the process lowered it, so one setting
-    governs both backends). The session is read-only, so one runner may serve several threads.
-    """
-
-    def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(onnx_path)
-        if not self.path.is_file():
-            raise InputError(self.path, "ONNX model not found (create it with `chestxray export BUNDLE --format onnx`)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Idle workers sleep instead of spinning: spinning threads starve the decoding threads of a
-        # server, and on a busy shared CPU spinning made batch-16 inference 2-3x slower (measured).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-        providers = [p for p in wanted if p in ort.get_available_providers()]
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as err:  # onnxruntime raises its own exception types for any bad file
-            raise InputError(self.path, f"not a loadable ONNX model ({_first_line(err)})") from None
-        names = tuple(o.name for o in self.session.get_outputs())
-        if names != OUTPUT_NAMES:
-            raise InputError(self.path, f"ONNX outputs are {names}, expected {OUTPUT_NAMES}")
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N, C) and features (N, F) for float images (N, 1, S, S) in [0, 1]."""
-        logits, features = self.session.run(OUTPUT_NAMES, {INPUT_NAME: np.ascontiguousarray(images, np.float32)})
-        return logits, features
-
-
-def bundle_onnx_runner(bundle_dir: str | Path, threads: int | None = None) -> OnnxRunner:
-    """The runner of ``<bundle>/model.onnx``, refused when it was exported from other weights."""
-    bundle_dir = Path(bundle_dir)
-    runner = OnnxRunner(bundle_dir / ONNX_FILE, threads)
-    if runner.metadata.get(WEIGHTS_DIGEST_KEY) != _weights_digest(bundle_dir):
-        raise InputError(runner.path, "exported from other weights than the bundle's; export it again "
-                                      "with `chestxray export BUNDLE --format onnx`")
-    return runner
-
-
 def export_onnx(bundle_dir: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
                 parity_images: list[str | Path] | None = None) -> ExportResult:
     """Export the bundle's model to ONNX and check it against PyTorch; ``out`` is a file or a folder
@@ -143,7 +93,7 @@ def export_onnx(bundle_dir: str | Path, out: str | Path | None = None, opset: in
     partial = target.with_name(target.name + ".partial")
     try:
         exporter = _export(_LogitsAndFeatures(model).eval(), torch.from_numpy(images[:2]), partial, opset)
-        _add_metadata(partial, meta, _weights_digest(bundle_dir), opset)
+        _add_metadata(partial, meta, weights_digest(bundle_dir), opset)
         prob_diff, feature_diff, batch_sizes = _check_parity(reference, OnnxRunner(partial), images)
         partial.replace(target)
     finally:
@@ -172,11 +122,11 @@ def _export(wrapper: nn.Module, example: Tensor, path: Path, opset: int) -> str:
                               output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
                               dynamic_axes=axes)
     except Exception as err:
-        raise ChestXrayError(f"ONNX export of {type(wrapper.model).__name__} failed: {_first_line(err)}") from err
+        raise ChestXrayError(f"ONNX export of {type(wrapper.model).__name__} failed: {first_line(err)}") from err
     return "legacy"
 
 
-def _add_metadata(path: Path, meta: BundleMeta, weights_digest: str, opset: int) -> None:
+def _add_metadata(path: Path, meta: BundleMeta, digest: str, opset: int) -> None:
     """Check the written opset and record which bundle weights the graph holds (to detect a stale export)."""
     import onnx
 
@@ -184,7 +134,7 @@ def _add_metadata(path: Path, meta: BundleMeta, weights_digest: str, opset: int)
     written = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise ChestXrayError(f"ONNX export: the exporter wrote opset {written} instead of {opset}")
-    entries = {WEIGHTS_DIGEST_KEY: weights_digest, "chestxray.arch": meta.arch,
+    entries = {ONNX_WEIGHTS_KEY: digest, "chestxray.arch": meta.arch,
                "chestxray.classes": ",".join(meta.classes), "chestxray.image_size": str(meta.image_size)}
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=value)
@@ -224,14 +174,6 @@ def _check_parity(reference: Predictor, runner: OnnxRunner, images: np.ndarray) 
     return prob_diff, feature_diff, batch_sizes
 
 
-def _weights_digest(bundle_dir: Path) -> str:
-    digest = hashlib.sha256()
-    with open(bundle_dir / WEIGHTS_FILE, "rb") as weights:
-        for block in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporters' progress lines, warnings and converter tracebacks."""
@@ -246,8 +188,3 @@ def _quiet():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exporter's or onnxruntime's (often very long) error text."""
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)

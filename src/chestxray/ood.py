@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import infer_images
 from .errors import ChestXrayError
+from .runners import as_runner, run_images
 
 METHOD = "ppca-mahalanobis"
 VERSION = 1
@@ -198,9 +198,10 @@ def fit_guard(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray | 
     images that set the threshold.
     """
     targets = None if targets is None or np.asarray(targets).ndim != 1 else targets
-    features = infer_images(model, images, batch_size)[1]
+    runner = as_runner(model)
+    features = run_images(runner, images, batch_size)[1]
     val_features = None
     if val_images is not None and len(val_images):
-        val_features = infer_images(model, val_images, batch_size)[1]
+        val_features = run_images(runner, val_images, batch_size)[1]
     return OODGuard.fit(features, targets, val_features=val_features, n_components=n_components,
                         quantile=quantile).to_dict()

@@ -1,8 +1,10 @@
 """Inference with a model bundle: decode, batch, calibrated probabilities, OOD flag and Grad-CAM.
 
-A :class:`Predictor` wraps a *runner* (``TorchRunner`` here, ``export.OnnxRunner`` for ONNX): a
-callable taking float images (N, 1, S, S) in [0, 1] and returning ``(logits (N, C), features (N, F))``
+A :class:`Predictor` wraps a *runner* (:mod:`chestxray.runners`: ``TorchRunner`` or ``OnnxRunner``):
+a callable taking float images (N, 1, S, S) in [0, 1] and returning ``(logits (N, C), features (N, F))``
 as numpy arrays. It holds no per-request state, so one predictor serves many threads.
+:func:`predict_paths` predicts files, folders and globs; :func:`sharded_predict` does the same
+with every rank of a ``torchrun`` launch.
 
 Labels: the most probable class for multi-class models; for multi-label models every class with a
 probability of 0.5 or more, joined by ``|``, or ``"No Finding"`` when none reaches 0.5 (never the
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -29,21 +31,24 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .bundle import BundleMeta, load_bundle, read_meta
+from .bundle import ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
 from .cam import explained_member, gradcam, overlay, target_layer, to_png
 from .decode import NPZ_SEPARATOR, is_image_file
 from .errors import ChestXrayError, InputError
+from .launch import local_rank, world_size
 from .metrics import json_number, logits_to_probs
-from .models import ChestXrayNet, EnsembleNet, logits_and_features
+from .models import ChestXrayNet, EnsembleNet
 from .ood import OODGuard
+from .runners import DEFAULT_BATCH, OnnxRunner, Runner, TorchRunner, run_images
 from .sources import NO_FINDING
 
-Source = str | Path | bytes | np.ndarray
-Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+__all__ = ["Predictor", "Prediction", "load_model", "predict_paths", "sharded_predict", "expand_inputs",
+           "apply_operating_point", "write_cams", "shard", "BACKENDS", "TTA_VIEWS"]
 
-ONNX_FILE = "model.onnx"
+Source = str | Path | bytes | np.ndarray
+T = TypeVar("T")
+
 BACKENDS = ("torch", "onnx")
-DEFAULT_BATCH = 32
 MULTILABEL_THRESHOLD = 0.5
 TTA_VIEWS = ((1.0, 0.0, 0.0), (1.05, 0.0, 0.0), (0.95, 0.0, 0.0), (1.0, 0.03, 0.0), (1.0, -0.03, 0.0))
 """Test-time views as (scale, shift x, shift y), shifts in fractions of the side: identity, zoom in
@@ -71,20 +76,6 @@ class Prediction:
         return asdict(self)
 
 
-class TorchRunner:
-    """The PyTorch runner: float images (N, 1, S, S) in [0, 1] -> (logits, features) numpy arrays."""
-
-    def __init__(self, model: ChestXrayNet | EnsembleNet) -> None:
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-            logits, features = logits_and_features(self.model, x)
-        return logits.float().cpu().numpy(), features.float().cpu().numpy()
-
-
 class Predictor:
     """A loaded model: ``predict`` inputs, score arrays, explain with Grad-CAM (torch backend)."""
 
@@ -98,6 +89,11 @@ class Predictor:
         self._cam_model: ChestXrayNet | None = None
         self._cam_layer: torch.nn.Module | None = None
         self._cam_lock = threading.Lock()
+
+    @property
+    def backend(self) -> str:
+        """The runner's backend name: ``"torch"``, ``"onnx"`` (or ``"custom"`` for another runner)."""
+        return getattr(self.runner, "backend", "custom")
 
     @property
     def image_size(self) -> int:
@@ -114,11 +110,9 @@ class Predictor:
 
     def forward_arrays(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:
         """Raw ``(logits (N, C), features (N, F))`` of uint8 squares (N, S, S), batched."""
-        outputs = [self.runner(np.asarray(images[i:i + batch_size], dtype=np.float32)[:, None] / 255.0)
-                   for i in range(0, len(images), batch_size)]
-        if not outputs:
+        if not len(images):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
+        return run_images(self.runner, images, batch_size)
 
     def probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Softmax (multi-class) or sigmoid (multi-label) of ``logits / temperature`` (default: the bundle's)."""
@@ -237,12 +231,13 @@ class Predictor:
         raise ChestXrayError(f"unknown class {target!r}: the model's classes are {', '.join(self.classes)}")
 
 
-def load_model(path: str | Path, backend: str = "torch", *, device: str | None = None) -> Predictor:
+def load_model(path: str | Path, backend: str = "torch", *, device: str | None = None,
+               threads: int | None = None) -> Predictor:
     """Load a bundle folder (or a file in it) as a :class:`Predictor`.
 
     ``backend="onnx"`` runs the bundle's ``model.onnx`` (made by ``chestxray export``; refused when
-    exported from other weights) with onnxruntime; Grad-CAM then is not available. ``device`` (torch
-    only): default CUDA when available.
+    exported from other weights) with onnxruntime, with ``threads`` intra-op threads (see
+    ``OnnxRunner``); Grad-CAM then is not available. ``device`` (torch only): default CUDA when available.
     """
     directory = Path(path)
     if directory.is_file():
@@ -258,9 +253,9 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
         if not onnx_path.is_file():
             raise ChestXrayError(f"{directory}: no {ONNX_FILE} in the bundle; create it with "
                                  f"`chestxray export {directory} --format onnx` or use the torch backend")
-        from .export import bundle_onnx_runner
-
-        return Predictor(bundle_onnx_runner(directory), meta)
+        runner = OnnxRunner(onnx_path, threads)
+        check_onnx(directory, runner.metadata, onnx_path)
+        return Predictor(runner, meta)
     raise ChestXrayError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
 
 
@@ -314,6 +309,49 @@ def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size
                                         "error"])
     table["model_id"] = predictor.meta.model_id
     return table
+
+
+def shard(items: Sequence[T], rank: int, world: int, block: int = 1) -> Sequence[T]:
+    """Rank ``rank``'s contiguous share of ``items`` in whole blocks of ``block`` items, as even as can be.
+
+    The shards of ranks ``0 .. world - 1``, concatenated, are ``items``.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    blocks = -(-len(items) // block)
+    return items[blocks * rank // world * block: blocks * (rank + 1) // world * block]
+
+
+def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend: str = "torch",
+                    batch_size: int = DEFAULT_BATCH, progress: bool = True, tta: bool = False) -> pd.DataFrame | None:
+    """:func:`predict_paths` over files, folders and globs, with every rank of a ``torchrun`` launch.
+
+    Rank 0 expands the inputs once and sends the list to every rank; each rank predicts a contiguous
+    shard of whole batches, so every image is predicted in the same batch as in one process (on CPUs
+    the figures equal those of one process with as many threads as each rank); rank 0 gathers the
+    rows in input order. Returns the table on rank 0 and ``None`` on the others; outside a
+    distributed launch it runs in this process. Each rank uses the GPU of its local rank if any.
+    """
+    import torch.distributed as dist
+
+    cuda = backend == "torch" and torch.cuda.is_available()
+    predictor = load_model(model, backend, device=f"cuda:{local_rank()}" if cuda else None)
+    if world_size() == 1:
+        return predict_paths(predictor, inputs, batch_size, progress, tta=tta)
+    if not dist.is_initialized():  # kept for the life of the process: a group made again after
+        dist.init_process_group("gloo")  # destroy_process_group can hang on torchrun's store
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")  # only Python objects travel
+    rank, world = dist.get_rank(), dist.get_world_size()
+    entries = [expand_inputs(inputs) if rank == 0 else None]
+    dist.broadcast_object_list(entries, src=0, group=group)
+    files = [file for file, _ in shard(entries[0], rank, world, block=batch_size)]
+    frame = predict_paths(predictor, files, batch_size, progress and rank == 0, tta=tta)
+    frames: list[pd.DataFrame | None] | None = [None] * world if rank == 0 else None
+    dist.gather_object(frame, frames, dst=0, group=group)
+    if frames is None:
+        return None
+    parts = [part for part in frames if len(part)]
+    return pd.concat(parts, ignore_index=True) if parts else frame
 
 
 def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float]], point: str) -> pd.DataFrame:

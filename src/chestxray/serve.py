@@ -52,7 +52,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .decode import IMAGE_SUFFIXES, load_image
 from .errors import ChestXrayError, InputError
-from .export import OnnxRunner
 from .predict import load_model
 
 API_KEY_ENV = "CHESTXRAY_API_KEY"
@@ -325,7 +324,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,
-        backend="onnx" if isinstance(predictor.runner, OnnxRunner) else "torch",
+        backend=predictor.backend,
         max_upload_bytes=max_upload_bytes)
 
     @asynccontextmanager

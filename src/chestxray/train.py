@@ -32,14 +32,15 @@ from .allocator import active_allocator
 from .bundle import BundleMeta, save_bundle
 from .cache import ImageCache, build_cache
 from .config import TrainConfig, load_config, save_config
-from .data import CachedDataset, augment_batch, infer_images, mix_batch, to_model_input
+from .data import CachedDataset, augment_batch, mix_batch, to_model_input
 from .decode import content_hash
-from .distributed import gather_in_order, trainer_layout
 from .errors import ChestXrayError, InputError
+from .launch import gather_in_order, trainer_layout
 from .metrics import fit_temperature, logits_to_probs, operating_points
 from .models import ChestXrayNet, create_model
 from .ood import OODGuard
 from .report import plot_training_curves
+from .runners import TorchRunner, run_images
 from .sources import Samples, load_samples
 from .splits import load_split, save_split, train_val_split
 
@@ -314,8 +315,9 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_di
 def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConfig, run_dir: Path,
                   history: pd.DataFrame) -> tuple[Path, dict[str, Any]]:
     images = np.asarray(prepared.cache.images)
-    train_features = infer_images(model, images[prepared.train_rows])[1]
-    val_logits, val_features = infer_images(model, images[prepared.val_rows])
+    runner = TorchRunner(model)
+    train_features = run_images(runner, images[prepared.train_rows], 64)[1]
+    val_logits, val_features = run_images(runner, images[prepared.val_rows], 64)
     val_targets = prepared.targets[prepared.val_rows]
     metrics = validation_metrics(torch.from_numpy(val_logits), torch.from_numpy(val_targets), model.task)
     temperature = 1.0

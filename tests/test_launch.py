@@ -22,12 +22,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-import chestxray.distributed as distributed
 from chestxray.cache import build_cache
 from chestxray.config import TrainConfig
-from chestxray.distributed import gather_in_order, shard, trainer_layout
+from chestxray.launch import gather_in_order, trainer_layout
 from chestxray.errors import ChestXrayError
-from chestxray.predict import load_model, predict_paths
+from chestxray.predict import load_model, predict_paths, shard
 from chestxray.sources import load_samples
 from chestxray.train import fit
 
@@ -72,8 +71,8 @@ def test_gather_in_order_undoes_the_distributed_sampler(monkeypatch: pytest.Monk
         for part, theirs in zip(parts, per_rank):
             part.copy_(theirs)
 
-    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: world)
-    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
     assert torch.equal(gather_in_order(per_rank[0], total), values)
 
 

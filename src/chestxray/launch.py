@@ -1,0 +1,83 @@
+"""The process layout of a launch: ``torchrun``'s environment, the trainer's devices/nodes/strategy,
+and validation outputs gathered from every rank.
+
+``torchrun`` starts one process per device on every node and sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``; see ``docs/distributed.md``. Reading the environment
+(:func:`world_size`) imports nothing heavy, so the command line can ask it before loading torch.
+Sharded prediction is :func:`chestxray.predict.sharded_predict`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from .errors import ChestXrayError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import TrainConfig
+
+__all__ = ["world_size", "local_rank", "torchrun_layout", "trainer_layout", "gather_in_order"]
+
+
+def world_size() -> int:
+    """Number of processes of this launch (``$WORLD_SIZE``; 1 outside a distributed launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's index on its node (``$LOCAL_RANK``; 0 outside a distributed launch)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def torchrun_layout() -> tuple[int, int] | None:
+    """``(processes per node, nodes)`` when this process was started by ``torchrun``, else ``None``."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    if not TorchElasticEnvironment.detect():
+        return None
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    return per_node, world_size() // per_node
+
+
+def trainer_layout(config: TrainConfig, accelerator: str) -> dict[str, Any]:
+    """Lightning's ``devices``, ``num_nodes`` and ``strategy`` for ``config``.
+
+    Under ``torchrun`` the launcher's layout is used (``--devices`` and ``--num-nodes`` may be left
+    out; values that contradict it are an error). Several processes mean DDP; DDP then looks for
+    unused parameters when the first epochs train the head only, since frozen weights get no gradient.
+    """
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    devices: int | str = int(config.devices) if str(config.devices).isdigit() else config.devices
+    num_nodes = config.num_nodes
+    launched = torchrun_layout()
+    if launched is not None:
+        per_node, nodes = launched
+        if devices not in ("auto", per_node) or num_nodes not in (1, nodes):
+            raise ChestXrayError(f"--devices {config.devices} --num-nodes {num_nodes} contradict torchrun's "
+                                 f"{per_node} process(es) per node on {nodes} node(s); leave them out under torchrun")
+        devices, num_nodes = per_node, nodes
+    per_node_count = devices if isinstance(devices, int) else (
+        torch.cuda.device_count() if accelerator == "gpu" and devices == "auto" else 1)
+    strategy: str | DDPStrategy = config.strategy
+    if config.strategy == "ddp" or (config.strategy == "auto" and per_node_count * num_nodes > 1):
+        strategy = DDPStrategy(find_unused_parameters=config.freeze_epochs > 0)
+    return {"devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+
+
+def gather_in_order(rows: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's ``rows`` of an unshuffled ``DistributedSampler`` pass, on every rank, in dataset
+    order and without the sampler's padding (its repeated first rows): ``(total, ...)``.
+
+    Rank ``r`` saw the rows ``r, r + world, r + 2 * world, ...`` of the padded index list.
+    """
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)[:total]

@@ -1,0 +1,105 @@
+"""Runners: the numeric core of inference, shared by training-time scoring, prediction, evaluation,
+export and serving.
+
+A *runner* is a callable taking float images ``(N, 1, S, S)`` in [0, 1] and returning
+``(logits (N, C), features (N, F))`` as numpy arrays (ARCHITECTURE.md, inference contract).
+:class:`TorchRunner` runs a PyTorch model, :class:`OnnxRunner` an onnxruntime session of the
+exported graph. :func:`run_images` feeds a runner uint8 squares ``(N, S, S)`` in batches: the one
+path from cached or decoded images to model outputs. Runners hold no per-call state, so one
+runner may serve several threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError, first_line
+from .models import ChestXrayNet, EnsembleNet, logits_and_features
+
+__all__ = ["Runner", "TorchRunner", "OnnxRunner", "as_runner", "run_images", "DEFAULT_BATCH", "INPUT_NAME",
+           "OUTPUT_NAMES"]
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+DEFAULT_BATCH = 32
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "features")
+"""The input and output names of the ONNX graph."""
+
+
+class TorchRunner:
+    """The PyTorch runner: float images (N, 1, S, S) in [0, 1] -> (logits, features) numpy arrays."""
+
+    backend = "torch"
+
+    def __init__(self, model: ChestXrayNet | EnsembleNet) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            logits, features = logits_and_features(self.model, x)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
+
+
+class OnnxRunner:
+    """An onnxruntime session as a runner: ``runner(images float32 (N, 1, S, S)) -> (logits, features)``.
+
+    CUDA is used when onnxruntime offers it, else the CPU with ``threads`` intra-op threads (default:
+    ``torch.get_num_threads()``, every physical core unless the process lowered it, so one setting
+    governs both backends). The session is read-only, so one runner may serve several threads.
+    ``metadata`` holds the graph's custom metadata (see ``bundle.check_onnx``).
+    """
+
+    backend = "onnx"
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise InputError(self.path, "ONNX model not found (create it with `chestxray export BUNDLE --format onnx`)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Idle workers sleep instead of spinning: spinning threads starve the decoding threads of a
+        # server, and on a busy shared CPU spinning made batch-16 inference 2-3x slower (measured).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types for any bad file
+            raise InputError(self.path, f"not a loadable ONNX model ({first_line(err)})") from None
+        names = tuple(o.name for o in self.session.get_outputs())
+        if names != OUTPUT_NAMES:
+            raise InputError(self.path, f"ONNX outputs are {names}, expected {OUTPUT_NAMES}")
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, C) and features (N, F) for float images (N, 1, S, S) in [0, 1]."""
+        logits, features = self.session.run(OUTPUT_NAMES, {INPUT_NAME: np.ascontiguousarray(images, np.float32)})
+        return logits, features
+
+
+def as_runner(model: Runner | torch.nn.Module) -> Runner:
+    """``model`` as a runner: a PyTorch module is wrapped in a :class:`TorchRunner`, a runner is returned as is."""
+    return TorchRunner(model) if isinstance(model, torch.nn.Module) else model
+
+
+def run_images(runner: Runner, images: np.ndarray, batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits (N, C), features (N, F))`` of uint8 squares ``(N, S, S)``, in batches of ``batch_size``.
+
+    The uint8 values are divided by 255 (the model's input contract). With no images the arrays
+    are empty, ``(0, 0)``.
+    """
+    outputs = [runner(np.asarray(images[i:i + batch_size], dtype=np.float32)[:, None] / 255.0)
+               for i in range(0, len(images), batch_size)]
+    if not outputs:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])

@@ -17,9 +17,9 @@ import chestxray
 PACKAGE = Path(chestxray.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "allocator", "provenance"),
     ("decode", "metrics"),
-    ("sources",),
+    ("sources", "dicomcheck", "conformal"),
     ("cache",),
     ("splits", "audit"),
     ("data",),

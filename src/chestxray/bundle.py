@@ -8,7 +8,6 @@ weights (:func:`weights_digest`, :func:`check_onnx`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -170,11 +169,7 @@ def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, Bund
 
 def weights_digest(directory: str | Path) -> str:
     """The sha256 of the bundle's weights file (hex)."""
-    digest = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_FILE, "rb") as weights:
-        for block in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(directory) / WEIGHTS_FILE)
 
 
 def check_onnx(directory: str | Path, metadata: dict[str, str], onnx_path: str | Path | None = None) -> None:

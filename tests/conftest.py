@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The CLI's entry point re-executes its process onto tcmalloc (chestxray.allocator); tests call it
+# in-process, so the suite runs on the system allocator. test_allocator.py switches it on explicitly.
+os.environ["CHESTXRAY_ALLOCATOR"] = "system"
+
 DATASETS = Path(os.environ.get("CHESTXRAY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 

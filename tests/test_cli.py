@@ -115,3 +115,22 @@ def test_the_python_api_is_one_import_away() -> None:
     assert set(chestxray.__all__) >= {"fit", "load_model", "TrainConfig"}
     with pytest.raises(AttributeError, match="no attribute"):
         chestxray.not_a_thing  # noqa: B018
+
+
+@pytest.mark.parametrize("onnx", [True, False])
+def test_train_exports_onnx_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                               tmp_path: Path, onnx: bool) -> None:
+    from factories import write_xrays
+
+    data = write_xrays(tmp_path / "data")
+    code, err = run_main(monkeypatch, capsys, "train", str(data), "--out", str(tmp_path / "runs"), "--name", "r",
+                         "--arch", "tf_efficientnet_lite0", "--weights", "none", "--image-size", "32",
+                         "--epochs", "1", "--batch-size", "8", "--freeze-epochs", "0",
+                         *([] if onnx else ["--no-onnx"]))
+    bundle = tmp_path / "runs" / "r" / "bundle"
+    assert code == 0, err
+    assert (bundle / "model.onnx").is_file() == onnx
+    if onnx:
+        from chestxray.predict import load_model
+
+        assert load_model(bundle, backend="auto").backend == "onnx"  # its weights digest matches

@@ -4,12 +4,15 @@ no file left behind by a failed check, stale exports refused, and the ONNX backe
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from chestxray.bundle import BundleMeta, load_bundle, save_bundle
 from chestxray.errors import ChestXrayError, InputError
@@ -123,3 +126,35 @@ def test_bad_requests_are_clear_errors(exported: ExportResult, tmp_path: Path) -
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
     with pytest.raises(InputError, match="not a loadable ONNX model"):
         OnnxRunner(tmp_path / "junk.onnx")
+
+
+def test_auto_backend_takes_onnx_when_the_bundle_has_it(exported: ExportResult, tmp_path: Path) -> None:
+    assert load_model(exported.path.parent, backend="auto").backend == "onnx"
+    plain = Path(shutil.copytree(exported.path.parent, tmp_path / "plain"))
+    (plain / "model.onnx").unlink()
+    assert load_model(plain, backend="auto").backend == "torch"
+
+
+def test_auto_backend_falls_back_to_torch_on_a_stale_export(exported: ExportResult, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    model, meta = load_bundle(bundle)
+    with torch.no_grad():
+        model.backbone.get_classifier().bias.add_(1.0)
+    save_bundle(bundle, model, meta)
+    assert load_model(bundle, backend="auto").backend == "torch"
+    assert "export it again" in caplog.text and "using the torch backend" in caplog.text
+
+
+def test_onnx_prediction_never_imports_torch(exported: ExportResult, tmp_path: Path) -> None:
+    """The ONNX path is what makes `chestxray predict` start fast: torch, timm and scikit-learn stay unloaded."""
+    image = tmp_path / "x.png"
+    Image.fromarray(xray_array(60, 80)).save(image)
+    code = ("import sys; from chestxray.predict import load_model, predict_paths; "
+            f"p = load_model({str(exported.path.parent)!r}, backend='auto'); "
+            f"table = predict_paths(p, [{str(image)!r}], progress=False); "
+            "assert p.backend == 'onnx' and table['error'].isna().all(), table; "
+            "print(sorted(m for m in ('torch', 'timm', 'sklearn', 'lightning') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

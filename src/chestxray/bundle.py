@@ -12,16 +12,17 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from chestxray import __version__
 from chestxray.decode import Preprocessing
 from chestxray.errors import InputError
-from chestxray.models import ChestXrayNet, EnsembleNet, create_model, load_state_strict
 from chestxray.provenance import describe, file_sha256, model_id
+
+if TYPE_CHECKING:  # torch and timm load only when a model is built: reading model.json stays light
+    from chestxray.models import ChestXrayNet, EnsembleNet
 
 FORMAT = 1
 _OPTIONAL = {"extra", "operating_points", "provenance"}  # fields a bundle may lack (written before they existed)
@@ -80,6 +81,10 @@ class BundleMeta:
 
 def save_bundle(directory: str | Path, model: ChestXrayNet | EnsembleNet, meta: BundleMeta) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into `directory` (created if needed); return the folder."""
+    from safetensors.torch import save_file
+
+    from chestxray.models import EnsembleNet
+
     directory = Path(directory)
     if len(meta.classes) != model.num_classes:
         raise InputError(directory, f"{len(meta.classes)} class names for a model with {model.num_classes} outputs")
@@ -148,6 +153,10 @@ def _valid_points(points: Any, classes: list[str]) -> bool:
 
 def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, BundleMeta]:
     """Rebuild the model of a bundle in eval mode, with its metadata."""
+    from safetensors.torch import load_file
+
+    from chestxray.models import EnsembleNet, create_model, load_state_strict
+
     meta = read_meta(directory)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():

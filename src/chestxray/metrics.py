@@ -1,5 +1,8 @@
 """Classification metrics with stratified bootstrap intervals, and calibration.
 
+scikit-learn and the heavier parts of scipy are imported inside the functions that use them, so that
+prediction (which needs only :func:`logits_to_probs`) starts fast.
+
 Everything works on plain arrays: ``y_true`` holds class indices ``(N,)`` (multiclass) or a 0/1
 matrix ``(N, C)`` (multi-label), ``probs`` holds probabilities ``(N, C)``. The returned dicts are
 JSON-serialisable: undefined values (an AUC for a class with no positives) are ``None``.
@@ -11,20 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
-from scipy.stats import binomtest, rankdata
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
 
 from chestxray.errors import ChestXrayError
 
@@ -125,6 +115,8 @@ def _resampled_macro_auc(idx: np.ndarray, positives: np.ndarray, probs: np.ndarr
 
     Labels with no positives or no negatives in a resample are left out of its mean.
     """
+    from scipy.stats import rankdata
+
     aucs = np.empty((len(idx), probs.shape[1]))
     for k in range(probs.shape[1]):
         is_pos = positives[idx, k]
@@ -173,6 +165,8 @@ def _bootstrap_intervals(
 
 def _binary_scores(is_pos: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     """ROC-AUC and average precision of one label; NaN when it has a single class."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     if is_pos.all() or not is_pos.any():
         return float("nan"), float("nan")
     return roc_auc_score(is_pos, scores), average_precision_score(is_pos, scores)
@@ -192,6 +186,9 @@ def classification_metrics(
     ``y_true`` holds class indices ``(N,)``, ``probs`` softmax probabilities ``(N, C)``.
     Classes absent from ``y_true`` get ``None`` AUCs and are left out of ``macro_auc``.
     """
+    from sklearn.metrics import (
+        accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support)
+
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
     _check_probs(y_true, probs, classes, multilabel=False)
     labels = list(range(len(classes)))
@@ -248,6 +245,8 @@ def multilabel_metrics(
     ``y_true`` is a 0/1 matrix ``(N, C)``, ``probs`` sigmoid outputs ``(N, C)``. The bootstrap
     resamples whole samples (not stratified); labels with a single class get ``None`` AUCs.
     """
+    from sklearn.metrics import f1_score
+
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     _check_probs(y_true, probs, classes, multilabel=True)
     y_true = y_true.astype(bool)
@@ -329,6 +328,8 @@ def logits_to_probs(logits: np.ndarray, task: str, temperature: float = 1.0) -> 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """Temperature ``T`` minimising the NLL of ``softmax(logits / T)``, within ``TEMPERATURE_RANGE``."""
+    from scipy.optimize import minimize_scalar
+
     logits, y_true = np.asarray(logits, dtype=float), np.asarray(y_true).astype(int)
     if logits.ndim != 2 or y_true.shape != logits.shape[:1]:
         raise ChestXrayError(f"logits must be (N, C) with one label each, got {logits.shape} and {y_true.shape}")
@@ -360,6 +361,8 @@ def operating_points(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
     its probability is at or above the threshold. Classes without positives or negatives are left out.
     Choose them on validation data and judge them on other data (:func:`at_operating_points`).
     """
+    from sklearn.metrics import roc_curve
+
     positives, probs = positives_matrix(y_true, len(classes)), np.asarray(probs, dtype=float)
     points: dict[str, dict[str, float]] = {}
     for k, name in enumerate(classes):
@@ -400,6 +403,8 @@ def at_operating_points(y_true: np.ndarray, probs: np.ndarray, classes: list[str
 
 def proportion_interval(successes: int, trials: int, ci: float = 0.95) -> tuple[float | None, list[float | None]]:
     """``successes / trials`` with its Wilson score interval; ``None`` when there are no trials."""
+    from scipy.stats import binomtest
+
     if not trials:
         return None, [None, None]
     interval = binomtest(successes, trials).proportion_ci(confidence_level=ci, method="wilson")

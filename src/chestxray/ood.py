@@ -40,11 +40,15 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from .errors import ChestXrayError
 from .runners import as_runner, run_images
+
+if TYPE_CHECKING:
+    import torch
 
 METHOD = "ppca-mahalanobis"
 VERSION = 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import logging
 import re
 import threading
 from collections import deque
@@ -22,33 +23,36 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .bundle import ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
-from .cam import explained_member, gradcam, overlay, target_layer, to_png
 from .decode import NPZ_SEPARATOR, is_image_file
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
 from .metrics import json_number, logits_to_probs
-from .models import ChestXrayNet, EnsembleNet
 from .ood import OODGuard
 from .runners import DEFAULT_BATCH, OnnxRunner, Runner, TorchRunner, run_images
 from .sources import NO_FINDING
 
+if TYPE_CHECKING:  # torch, timm and Grad-CAM load with the torch backend only: ONNX predicts without them
+    import torch
+
+    from .models import ChestXrayNet, EnsembleNet
+
 __all__ = ["Predictor", "Prediction", "load_model", "predict_paths", "sharded_predict", "expand_inputs",
-           "apply_operating_point", "write_cams", "shard", "BACKENDS", "TTA_VIEWS"]
+           "apply_operating_point", "write_cams", "shard", "resolve_backend", "BACKENDS", "TTA_VIEWS"]
 
 Source = str | Path | bytes | np.ndarray
 T = TypeVar("T")
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
+log = logging.getLogger(__name__)
 MULTILABEL_THRESHOLD = 0.5
 TTA_VIEWS = ((1.0, 0.0, 0.0), (1.05, 0.0, 0.0), (0.95, 0.0, 0.0), (1.0, 0.03, 0.0), (1.0, -0.03, 0.0))
 """Test-time views as (scale, shift x, shift y), shifts in fractions of the side: identity, zoom in
@@ -203,6 +207,10 @@ class Predictor:
         """
         if self.model is None:
             raise ChestXrayError("Grad-CAM needs the torch backend (load_model(path, backend='torch'))")
+        import torch
+
+        from .cam import explained_member, gradcam, target_layer
+
         image = self.prepare(x)
         if target is None:
             probs, _ = self.predict_arrays(image[None])
@@ -220,6 +228,8 @@ class Predictor:
 
     def gradcam_png(self, x: Source, target: str | int | None = None) -> bytes:
         """PNG of the Grad-CAM heatmap over the model's input square (see :meth:`gradcam`)."""
+        from .cam import overlay, to_png
+
         image, heatmap, _ = self.gradcam(x, target)
         return to_png(overlay(image, heatmap))
 
@@ -231,18 +241,38 @@ class Predictor:
         raise ChestXrayError(f"unknown class {target!r}: the model's classes are {', '.join(self.classes)}")
 
 
+def resolve_backend(path: str | Path, backend: str) -> str:
+    """The backend ``load_model(path, backend)`` runs: ``"auto"`` is ``"onnx"`` when the bundle holds
+    ``model.onnx`` (written by ``chestxray export`` after its parity check), else ``"torch"``."""
+    if backend != "auto":
+        return backend
+    directory = Path(path)
+    return "onnx" if (directory.parent if directory.is_file() else directory).joinpath(ONNX_FILE).is_file() else "torch"
+
+
 def load_model(path: str | Path, backend: str = "torch", *, device: str | None = None,
                threads: int | None = None) -> Predictor:
     """Load a bundle folder (or a file in it) as a :class:`Predictor`.
 
     ``backend="onnx"`` runs the bundle's ``model.onnx`` (made by ``chestxray export``; refused when
     exported from other weights) with onnxruntime, with ``threads`` intra-op threads (see
-    ``OnnxRunner``); Grad-CAM then is not available. ``device`` (torch only): default CUDA when available.
+    ``OnnxRunner``), and never imports torch: the fastest start. Grad-CAM then is not available.
+    ``backend="auto"`` takes ONNX when the bundle has it (and torch, with a warning, when that file was
+    exported from other weights). ``device`` (torch only): default CUDA when available.
     """
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
+    if backend == "auto":
+        if resolve_backend(directory, backend) == "onnx":
+            try:
+                return load_model(directory, "onnx", threads=threads)
+            except InputError as err:
+                log.warning("%s; using the torch backend", err)
+        return load_model(directory, "torch", device=device, threads=threads)
     if backend == "torch":
+        import torch
+
         model, meta = load_bundle(directory)
         # channels-last convolutions: about 1.5x the CPU throughput at batch 16 (Lite0, 224 px)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), memory_format=torch.channels_last)
@@ -334,7 +364,9 @@ def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend:
     """
     import torch.distributed as dist
 
-    cuda = backend == "torch" and torch.cuda.is_available()
+    import torch
+
+    cuda = resolve_backend(model, backend) == "torch" and torch.cuda.is_available()
     predictor = load_model(model, backend, device=f"cuda:{local_rank()}" if cuda else None)
     if world_size() == 1:
         return predict_paths(predictor, inputs, batch_size, progress, tta=tta)

@@ -11,14 +11,20 @@ runner may serve several threads.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import InputError, first_line
-from .models import ChestXrayNet, EnsembleNet, logits_and_features
+
+if TYPE_CHECKING:  # torch is imported only by the torch runner: the ONNX path runs without it
+    import torch
+
+    from .models import ChestXrayNet, EnsembleNet
 
 __all__ = ["Runner", "TorchRunner", "OnnxRunner", "as_runner", "run_images", "DEFAULT_BATCH", "INPUT_NAME",
            "OUTPUT_NAMES"]
@@ -40,6 +46,10 @@ class TorchRunner:
         self.device = next(model.parameters()).device
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from .models import logits_and_features
+
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
             logits, features = logits_and_features(self.model, x)
@@ -50,8 +60,7 @@ class OnnxRunner:
     """An onnxruntime session as a runner: ``runner(images float32 (N, 1, S, S)) -> (logits, features)``.
 
     CUDA is used when onnxruntime offers it, else the CPU with ``threads`` intra-op threads (default:
-    ``torch.get_num_threads()``, every physical core unless the process lowered it, so one setting
-    governs both backends). The session is read-only, so one runner may serve several threads.
+    :func:`default_threads`). The session is read-only, so one runner may serve several threads.
     ``metadata`` holds the graph's custom metadata (see ``bundle.check_onnx``).
     """
 
@@ -64,7 +73,7 @@ class OnnxRunner:
         if not self.path.is_file():
             raise InputError(self.path, "ONNX model not found (create it with `chestxray export BUNDLE --format onnx`)")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Idle workers sleep instead of spinning: spinning threads starve the decoding threads of a
@@ -87,9 +96,19 @@ class OnnxRunner:
         return logits, features
 
 
+def default_threads() -> int:
+    """Compute threads for a runner: torch's setting when torch is loaded (so one setting governs both
+    backends), else the cores this process may run on."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def as_runner(model: Runner | torch.nn.Module) -> Runner:
     """``model`` as a runner: a PyTorch module is wrapped in a :class:`TorchRunner`, a runner is returned as is."""
-    return TorchRunner(model) if isinstance(model, torch.nn.Module) else model
+    torch = sys.modules.get("torch")  # without torch loaded, nothing can be a torch module
+    return TorchRunner(model) if torch is not None and isinstance(model, torch.nn.Module) else model
 
 
 def run_images(runner: Runner, images: np.ndarray, batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:

@@ -52,7 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .decode import IMAGE_SUFFIXES, load_image
 from .errors import ChestXrayError, InputError
-from .predict import load_model
+from .predict import BACKENDS, load_model
 
 API_KEY_ENV = "CHESTXRAY_API_KEY"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -389,14 +389,15 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
           max_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
     """Serve the bundle's model with uvicorn until interrupted (Ctrl-C).
 
-    ``backend`` is ``torch`` or ``onnx`` (needs ``chestxray export`` first). Each of the ``workers``
+    ``backend`` is ``torch``, ``onnx`` (needs ``chestxray export`` first) or ``auto`` (ONNX when the bundle
+    has it, else torch; see ``predict.load_model``). Each of the ``workers``
     processes loads its own model and computes with ``threads`` threads (default: torch's, the cores, divided
     among the workers; on a CPU shared with other busy processes, 1 thread avoids the collapse of
     oversubscribed torch threads). ``max_per_client``: open connections allowed from one address
     (see :data:`MAX_CONNECTIONS_PER_CLIENT`).
     """
-    if backend not in ("torch", "onnx"):
-        raise ChestXrayError(f"unknown backend '{backend}': use torch or onnx")
+    if backend not in BACKENDS:
+        raise ChestXrayError(f"unknown backend '{backend}': use {', '.join(BACKENDS)}")
     if workers < 1 or (threads is not None and threads < 1):
         raise ChestXrayError(f"workers and threads must be at least 1, not {workers} and {threads}")
     threads = threads or max(1, torch.get_num_threads() // workers)
@@ -458,7 +459,7 @@ def _app_for_bundle(bundle_dir: str, backend: str, api_key: str | None, max_uplo
                     threads: int) -> FastAPI:
     torch.set_num_threads(threads)  # the ONNX runner follows torch's setting
     predictor = load_model(bundle_dir, backend=backend)
-    cam_predictor = load_model(bundle_dir, backend="torch") if backend == "onnx" else None
+    cam_predictor = load_model(bundle_dir, backend="torch") if predictor.backend != "torch" else None
     return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor)
 
 

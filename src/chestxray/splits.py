@@ -56,17 +56,28 @@ def save_split(path: str | Path, samples: Samples, assignment: dict[str, np.ndar
 
 def load_split(path: str | Path, samples: Samples) -> dict[str, np.ndarray]:
     """Read a split file written by :func:`save_split` back into row indices of ``samples``."""
+    table = _read_split(path)
+    row_of = {p: i for i, p in enumerate(samples.frame["path"])}
+    missing = [p for p in table["path"] if p not in row_of]
+    if missing:
+        raise ChestXrayError(f"{path}: {len(missing)} file(s) of the split are not in the data, e.g. {missing[0]}")
+    return {name: np.array([row_of[p] for p in group["path"]]) for name, group in table.groupby("subset")}
+
+
+def split_files(path: str | Path, subset: str) -> list[str]:
+    """The files of one subset (``"train"``, ``"val"``) of a split file written by :func:`save_split`."""
+    table = _read_split(path)
+    return table.loc[table["subset"] == subset, "path"].tolist()
+
+
+def _read_split(path: str | Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as err:
         raise ChestXrayError(f"{path}: cannot read the split file ({str(err).splitlines()[0]})") from None
     if not {"path", "subset"} <= set(table.columns):
         raise ChestXrayError(f"{path}: not a split file (needs the columns path and subset)")
-    row_of = {p: i for i, p in enumerate(samples.frame["path"])}
-    missing = [p for p in table["path"] if p not in row_of]
-    if missing:
-        raise ChestXrayError(f"{path}: {len(missing)} file(s) of the split are not in the data, e.g. {missing[0]}")
-    return {name: np.array([row_of[p] for p in group["path"]]) for name, group in table.groupby("subset")}
+    return table
 
 
 def _check_class_sizes(samples: Samples) -> None:

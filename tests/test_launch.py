@@ -175,7 +175,7 @@ def test_ddp_training_matches_one_process(xray_subset: Path, tmp_path: Path) -> 
              *flags, "--batch-size=4", "--strategy=ddp", "--cache-dir", str(cache_dir), timeout=600)
     run = tmp_path / "runs" / "ddp"
     assert sorted(p.name for p in run.iterdir()) == ["bundle", "checkpoints", "config.yaml", "curves.png",
-                                                      "metrics.csv", "split.csv"]
+                                                      "environment.json", "metrics.csv", "split.csv"]
     assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".npy"]
     ddp = json.loads((run / "bundle" / "model.json").read_text())["metrics"]
     history = pd.read_csv(run / "metrics.csv")

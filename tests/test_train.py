@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -42,9 +43,10 @@ def test_tiny_run_writes_run_directory_and_bundle(tmp_path: Path) -> None:
     data = _write_classes(tmp_path / "data")
     result = fit(data, TrainConfig(**TINY), out_dir=tmp_path / "runs", name="tiny", progress=False)
     run = result.run_dir
-    for name in ("config.yaml", "split.csv", "metrics.csv", "curves.png", "checkpoints/last.ckpt",
+    for name in ("config.yaml", "environment.json", "split.csv", "metrics.csv", "curves.png", "checkpoints/last.ckpt",
                  "bundle/model.safetensors", "bundle/model.json"):
         assert (run / name).is_file(), name
+    assert json.loads((run / "environment.json").read_text())["allocator"] == "system"  # tests: see conftest
     history = pd.read_csv(run / "metrics.csv")
     assert list(history["epoch"]) == [1, 2]
     assert {"train_loss", "val_loss", "val_acc", "val_auc", "lr"} <= set(history.columns)

@@ -86,7 +86,7 @@ def test_unknown_format_missing_field_and_mismatched_weights(tmp_path) -> None:
     with pytest.raises(ChestXrayError, match="unknown bundle format"):
         load_bundle(tmp_path)
     (tmp_path / META_FILE).write_text(json.dumps({key: v for key, v in data.items() if key != "arch"}))
-    with pytest.raises(ChestXrayError, match="missing fields: arch"):
+    with pytest.raises(ChestXrayError, match="arch: Field required"):
         load_bundle(tmp_path)
     (tmp_path / META_FILE).write_text(json.dumps({**data, "classes": ["a", "b"]}))
     with pytest.raises(ChestXrayError, match="weights do not match"):
@@ -105,3 +105,74 @@ def test_unknown_format_missing_field_and_mismatched_weights(tmp_path) -> None:
 def test_class_count_must_match_the_model(tmp_path) -> None:
     with pytest.raises(ChestXrayError, match="class names"):
         save_bundle(tmp_path, tiny_model(), BundleMeta(classes=["a", "b"], image_size=64))
+
+
+# ------------------------------------------------------------------ schema (issue 17)
+
+def _small_bundle(tmp_path, members: int = 0):
+    torch.manual_seed(0)
+    build = lambda: create_model("test_efficientnet", 3, weights="none").eval()  # noqa: E731
+    model = EnsembleNet([build() for _ in range(members)]) if members else build()
+    return save_bundle(tmp_path / "bundle", model, meta())
+
+
+def _rewrite(bundle, **changes):
+    data = json.loads((bundle / META_FILE).read_text())
+    for key, value in changes.items():
+        if "." in key:
+            outer, inner = key.split(".")
+            data[outer] = {**data[outer], inner: value}
+        else:
+            data[key] = value
+    (bundle / META_FILE).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"classes": 3}, "classes"),
+    ({"classes": ["a", "a", "b"]}, "classes"),
+    ({"temperature": "1.0"}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"extra": "notes"}, "extra"),
+    ({"image_size": 100000}, "image_size"),
+    ({"image_size": True}, "image_size"),
+    ({"extra.members": 1000}, "extra.members"),
+    ({"extra.members": "2"}, "extra.members"),
+    ({"task": "regression"}, "task"),
+    ({"operating_points": {"normal": {"youden": "high"}}}, "operating_points"),
+])
+def test_model_json_of_the_wrong_type_or_range_is_one_line_naming_the_field(tmp_path, changes, field):
+    bundle = _small_bundle(tmp_path)
+    _rewrite(bundle, **changes)
+    with pytest.raises(ChestXrayError) as err:
+        load_bundle(bundle)
+    message = str(err.value)
+    assert "\n" not in message and META_FILE in message and field in message, message
+
+
+def test_no_model_is_built_before_the_weights_match_the_declared_members(tmp_path, monkeypatch):
+    """Before: extra.members = 1000 built 1000 models (15 GB, killed) before any check."""
+    import chestxray.bundle as bundle_module
+
+    bundle = _small_bundle(tmp_path)
+    _rewrite(bundle, **{"extra.members": 30})
+    built = []
+    real = bundle_module.create_model
+    monkeypatch.setattr(bundle_module, "create_model",
+                        lambda *a, **k: built.append(torch.empty(0).device.type) or real(*a, **k))
+    with pytest.raises(ChestXrayError, match="weights do not match the 30 x test_efficientnet") as err:
+        load_bundle(bundle)
+    assert "\n" not in str(err.value)
+    assert built == ["meta"]  # one member on the meta device: no memory, no weights
+
+
+def test_an_ensemble_bundle_still_loads(tmp_path):
+    model, loaded = load_bundle(_small_bundle(tmp_path, members=2))
+    assert len(model.members) == 2 and loaded.extra["members"] == 2
+
+
+def test_the_schema_covers_every_bundle_field():
+    import dataclasses
+
+    from chestxray.bundle import BundleSchema
+
+    assert {f.name for f in dataclasses.fields(BundleMeta)} <= set(BundleSchema.model_fields)

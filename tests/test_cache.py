@@ -133,3 +133,69 @@ def test_a_damaged_cache_is_rebuilt(folder_samples, tmp_path, damage):
     rebuilt = build_cache(folder_samples, 16, cache_dir=tmp_path, workers=1, progress=False)
     np.testing.assert_array_equal(rebuilt.images, expected)
     assert build_cache(folder_samples, 16, cache_dir=tmp_path, workers=1, progress=False).path == rebuilt.path
+
+
+# ------------------------------------------------------------------ faults (issue 17)
+
+def test_a_cache_zeroed_at_the_same_size_is_rebuilt(folder_samples, cache_dir):
+    """Before: the pixels were trusted, so a zeroed file trained on black images."""
+    built = build_cache(folder_samples, 32, cache_dir=cache_dir)
+    expected = np.array(built.images)
+    path = built.path
+    header = len(path.read_bytes()) - expected.nbytes
+    del built
+    with open(path, "r+b") as handle:
+        handle.seek(header)
+        handle.write(b"\0" * expected.nbytes)
+    rebuilt = build_cache(folder_samples, 32, cache_dir=cache_dir)
+    np.testing.assert_array_equal(rebuilt.images, expected)
+    assert np.asarray(rebuilt.images).any()
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(folder_samples, cache_dir, monkeypatch):
+    """Before: SIGBUS (exit 135) while writing the memory map of a sparse file, a .tmp.npy and a lock left."""
+    import errno
+
+    from chestxray.errors import ChestXrayError
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ChestXrayError) as err:
+        build_cache(folder_samples, 32, cache_dir=cache_dir)
+    message = str(err.value)
+    assert str(cache_dir) in message and "disk is full" in message and "\n" not in message
+    assert list(cache_dir.iterdir()) == []
+
+
+def _small_tmpfs(path: Path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir()
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                capture_output=True).returncode == 0
+
+
+def test_a_real_full_disk_gives_an_error_not_a_sigbus(make_folder, tmp_path):
+    """On a 1 MiB tmpfs (root only, else skipped): a cache of 4 MiB must fail with one line."""
+    import subprocess
+    import sys
+
+    mount = tmp_path / "small"
+    if not _small_tmpfs(mount, "1m"):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        data = make_folder({"a": 40, "b": 40})
+        code = ("import sys; from chestxray.cache import build_cache; from chestxray.sources import load_samples\n"
+                "from chestxray.errors import ChestXrayError\n"
+                "try:\n    build_cache(load_samples(sys.argv[1]), 160, cache_dir=sys.argv[2], progress=False)\n"
+                "except ChestXrayError as err:\n    print(err); sys.exit(2)\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        run = subprocess.run([sys.executable, "-c", code, str(data), str(mount / "cache")], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert run.returncode == 2, (run.returncode, run.stderr[-2000:])  # -7 would be the SIGBUS
+        assert "disk is full" in run.stdout and str(mount / "cache") in run.stdout
+        assert list((mount / "cache").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -12,28 +12,76 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from safetensors import SafetensorError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError, safe_open
 
 from chestxray import __version__
 from chestxray.decode import Preprocessing
-from chestxray.errors import InputError
+from chestxray.errors import ChestXrayError, InputError
 from chestxray.provenance import describe, file_sha256, model_id
+from chestxray.storage import atomic_path, make_folder, write_text
 
 if TYPE_CHECKING:  # torch and timm load only when a model is built: reading model.json stays light
     from chestxray.models import ChestXrayNet, EnsembleNet
 
 FORMAT = 1
-_OPTIONAL = {"extra", "operating_points", "provenance"}  # fields a bundle may lack (written before they existed)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 ONNX_WEIGHTS_KEY = "chestxray.weights_sha256"
 """The ONNX metadata entry holding :func:`weights_digest` of the weights the graph was exported from."""
 
-__all__ = ["BundleMeta", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
+MAX_IMAGE_SIZE = 2048
+"""Largest input side a bundle may declare (its model is built at that size for every image)."""
+MAX_MEMBERS = 32
+"""Most ensemble members a bundle may declare (each is a whole model in memory)."""
+MAX_CLASSES = 10_000
+
+__all__ = ["BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
            "WEIGHTS_FILE", "META_FILE", "ONNX_FILE", "ONNX_WEIGHTS_KEY"]
+
+
+class _Extra(BaseModel):
+    """The parts of ``extra`` the code reads; anything else is kept as is."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    members: int | None = Field(None, ge=1, le=MAX_MEMBERS)
+    trained_on: dict[str, Any] | None = None
+
+
+class BundleSchema(BaseModel):
+    """What ``model.json`` must hold, checked before any model is built: types, ranges and sizes.
+    Fields with a default may be absent (bundles written before they existed); every field of
+    :class:`BundleMeta` has one here (a test keeps them in step)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    format: Literal[1]
+    classes: list[str] = Field(min_length=1, max_length=MAX_CLASSES)
+    image_size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
+    arch: str = Field(min_length=1, max_length=200)
+    task: Literal["multiclass", "multilabel"]
+    channels: Literal[1]
+    mean: float
+    std: float = Field(gt=0)
+    preprocess: dict[str, str]
+    temperature: float = Field(gt=0)
+    operating_points: dict[str, dict[str, float]] = {}
+    ood: dict[str, Any] | None
+    train_fingerprint: str
+    metrics: dict[str, Any]
+    package_version: str
+    created: str
+    extra: _Extra = _Extra()
+    provenance: dict[str, Any] = {}
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_names(cls, classes: list[str]) -> list[str]:
+        if any(not name for name in classes) or len(set(classes)) != len(classes):
+            raise ValueError("class names must be distinct and not empty")
+        return classes
 
 
 @dataclass
@@ -96,15 +144,20 @@ def save_bundle(directory: str | Path, model: ChestXrayNet | EnsembleNet, meta: 
     meta = dataclasses.replace(
         meta, arch=model.arch, task=model.task, mean=float(model.mean), std=float(model.std), extra=extra
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS_FILE)
+    make_folder(directory, "bundle folder")
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:  # each file appears complete or not at all
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+        except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
+            raise ChestXrayError(f"{directory / WEIGHTS_FILE}: cannot write the weights ({err})") from None
     meta = dataclasses.replace(meta, provenance=describe(directory / WEIGHTS_FILE))
-    (directory / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
+    write_text(directory / META_FILE, json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
     return directory
 
 
 def read_meta(directory: str | Path) -> BundleMeta:
-    """The bundle's ``model.json``, checked for format and required fields."""
+    """The bundle's ``model.json``, validated against :class:`BundleSchema` (one-line
+    :class:`InputError` naming the fields on failure)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(directory, "bundle folder not found")
@@ -119,18 +172,52 @@ def read_meta(directory: str | Path) -> BundleMeta:
         raise InputError(path, "not a JSON object")
     if data.get("format") != FORMAT:
         raise InputError(path, f"unknown bundle format {data.get('format')!r} (this version reads format {FORMAT})")
+    try:
+        BundleSchema.model_validate(data)
+    except ValidationError as err:
+        raise InputError(path, f"invalid model.json: {_problems(err)}") from None
     names = [f.name for f in dataclasses.fields(BundleMeta)]
-    missing = [name for name in names if name not in data and name not in _OPTIONAL]
-    if missing:
-        raise InputError(path, f"missing fields: {', '.join(missing)}")
     meta = BundleMeta(**{name: data[name] for name in names if name in data})
     try:
         meta.preprocessing()
     except (TypeError, ValueError) as err:
         raise InputError(path, f"bad preprocessing options: {err}") from None
-    if not _valid_points(meta.operating_points, meta.classes):
+    if not set(meta.operating_points) <= set(meta.classes):
         raise InputError(path, "bad operating_points: expected {class name: {point name: threshold}}")
     return meta
+
+
+def _problems(err: ValidationError, shown: int = 3) -> str:
+    """pydantic's findings on one line: ``field.path: message`` for the first few."""
+    found = [f"{'.'.join(map(str, e['loc'])) or 'model.json'}: {e['msg']}" for e in err.errors()]
+    return "; ".join(found[:shown]) + (f" (and {len(found) - shown} more)" if len(found) > shown else "")
+
+
+def _check_weight_shapes(meta: BundleMeta, path: Path) -> None:
+    """Compare the weights file's tensor names and shapes (read from its header, no tensor loaded)
+    with those of the declared architecture, built on the meta device (no memory, no time)."""
+    import torch
+
+    from chestxray.models import create_model
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            stored = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except (SafetensorError, OSError) as err:
+        raise InputError(path, f"cannot read weights ({err})") from None
+    with torch.device("meta"):
+        member = create_model(meta.arch, len(meta.classes), weights="none", task=meta.task)
+    one = {key: tuple(value.shape) for key, value in member.state_dict().items()}
+    members = meta.extra.get("members")
+    expected = {f"member{i}.{key}": shape for i in range(members) for key, shape in one.items()} if members else one
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
+    misshaped = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
+    problems = [f"{len(keys)} {kind} (e.g. {keys[0]})" for kind, keys in
+                (("missing", missing), ("unexpected", unexpected), ("with another shape", misshaped)) if keys]
+    if problems:
+        what = f"{members} x {meta.arch}" if members else meta.arch
+        raise InputError(path, f"weights do not match the {what} declared in {META_FILE}: {'; '.join(problems)}")
 
 
 def _check_weights_hash(meta: BundleMeta, weights: Path) -> BundleMeta:
@@ -144,13 +231,6 @@ def _check_weights_hash(meta: BundleMeta, weights: Path) -> BundleMeta:
     return meta if recorded else dataclasses.replace(meta, provenance={**meta.provenance, "weights_sha256": sha})
 
 
-def _valid_points(points: Any, classes: list[str]) -> bool:
-    return isinstance(points, dict) and all(
-        name in classes and isinstance(thresholds, dict)
-        and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds.values())
-        for name, thresholds in points.items())
-
-
 def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, BundleMeta]:
     """Rebuild the model of a bundle in eval mode, with its metadata."""
     from safetensors.torch import load_file
@@ -161,6 +241,7 @@ def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, Bund
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise InputError(path, "missing: the bundle has no weights")
+    _check_weight_shapes(meta, path)
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as err:

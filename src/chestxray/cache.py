@@ -3,6 +3,10 @@
 The cache file is keyed by a fingerprint of each file's identity (path, size, modification time)
 and of every preprocessing option, so a changed file or option builds a new cache and a warm run
 only opens a memory map. It never writes into the data folder.
+
+A cache is published by renaming a complete file into place; its disk space is reserved before
+any pixel is written (a full disk is an error naming the folder, never a SIGBUS of the memory map);
+a CRC-32 of its pixels is checked each time it is opened, and a cache that fails it is rebuilt.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -25,10 +30,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .decode import NPZ_SEPARATOR, Preprocessing
 from .errors import ChestXrayError, InputError
 from .sources import Samples
+from .storage import make_folder, reserve, write_error, write_text
 
 CACHE_VERSION = 1
 _console = Console(stderr=True)
 _INLINE_BELOW = 64  # fewer images than this are decoded in-process: a pool costs more than it saves
+_CHECKSUM_BLOCK = 64 * 2**20  # bytes of pixels per CRC-32 step
 
 
 @dataclass
@@ -89,35 +96,57 @@ def build_cache(samples: Samples, preprocessing: Preprocessing | int, *, cache_d
     shape = (len(paths), prep.size, prep.size)
     if (cache := _open(array_path, meta_path, shape, prep, key)) is not None:
         return cache
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ChestXrayError(f"{directory}: cannot create the cache folder ({err.strerror})") from None
+    make_folder(directory, "cache folder")
     with _exclusive(directory / f"{key}.lock"):
         if (cache := _open(array_path, meta_path, shape, prep, key)) is not None:
             return cache  # built by another process while this one waited
         if array_path.is_file():
             _console.print(f"[yellow]{array_path}: damaged cache file, rebuilding it[/]")
-        tmp_path = directory / f"{key}.{os.getpid()}.tmp.npy"
-        try:
-            images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape)
-            failed: dict[int, str] = {}
-            for row, image, reason in _decode_all(paths, prep, workers, progress):
-                if image is None:
-                    failed[row] = reason
-                else:
-                    images[row] = image
-            images.flush()
-            del images
-            meta_path.write_text(json.dumps({"size": prep.size, **prep.options(), "n": len(paths),
-                                             "failed": failed}))
-            os.replace(tmp_path, array_path)  # last: the array's appearance publishes a complete cache
-        finally:
-            tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
+        _write(array_path, meta_path, paths, prep, shape, workers, progress)
     cache = _open(array_path, meta_path, shape, prep, key)
     if cache is None:
         raise ChestXrayError(f"{array_path}: the cache just written cannot be read back (disk full?)")
     return cache
+
+
+def pixel_checksum(images: np.ndarray) -> str:
+    """CRC-32 of every pixel of a cache array, read in blocks (a memory map is never loaded whole)."""
+    rows = max(1, _CHECKSUM_BLOCK // max(1, images[0].nbytes)) if len(images) else 1
+    crc = 0
+    for start in range(0, len(images), rows):
+        crc = zlib.crc32(np.ascontiguousarray(images[start:start + rows]).data, crc)
+    return f"crc32:{crc:08x}"
+
+
+def _write(array_path: Path, meta_path: Path, paths: list[str], prep: Preprocessing, shape: tuple[int, int, int],
+           workers: int | None, progress: bool) -> None:
+    """Decode every image into a temporary array, then publish it (metadata first, array last).
+    On any failure nothing of it is left behind; an ``OSError`` names the path and the reason."""
+    tmp_path = array_path.with_name(f"{array_path.stem}.{os.getpid()}.tmp.npy")
+    try:
+        images = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape)
+        with open(tmp_path, "r+b") as handle:
+            reserve(handle, tmp_path.stat().st_size, array_path.parent)
+        failed: dict[int, str] = {}
+        for row, image, reason in _decode_all(paths, prep, workers, progress):
+            if image is None:
+                failed[row] = reason
+            else:
+                images[row] = image
+        images.flush()
+        checksum = pixel_checksum(images)
+        del images
+        write_text(meta_path, json.dumps({"size": prep.size, **prep.options(), "n": len(paths), "failed": failed,
+                                          "checksum": checksum}))
+        os.replace(tmp_path, array_path)  # last: the array's appearance publishes a complete cache
+    except OSError as err:
+        meta_path.unlink(missing_ok=True)
+        raise write_error(array_path.parent, err, "write the cache") from None
+    except BaseException:
+        meta_path.unlink(missing_ok=True)
+        raise
+    finally:
+        tmp_path.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
 
 
 def _open(array_path: Path, meta_path: Path, shape: tuple[int, int, int], preprocessing: Preprocessing,
@@ -131,15 +160,19 @@ def _open(array_path: Path, meta_path: Path, shape: tuple[int, int, int], prepro
         images = np.load(array_path, mmap_mode="r")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if images.shape != shape or images.dtype != np.uint8:
-        return None
+    if images.shape != shape or images.dtype != np.uint8 or meta.get("checksum") != pixel_checksum(images):
+        return None  # a cache without a checksum predates it: rebuilt once
     return ImageCache(images, failed, preprocessing, key, array_path)
 
 
 @contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path``; the file is removed on release."""
-    with open(lock_path, "w") as handle:
+    try:
+        handle = open(lock_path, "w")
+    except OSError as err:
+        raise write_error(lock_path, err, "create the cache lock") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,23 @@ def test_the_schema_covers_every_bundle_field():
     from chestxray.bundle import BundleSchema
 
     assert {f.name for f in dataclasses.fields(BundleMeta)} <= set(BundleSchema.model_fields)
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_bundle_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    import chestxray.bundle as bundle_module
+
+    bundle = _small_bundle(tmp_path)
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+
+    def full_disk(tensors, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_module, "save_file", full_disk)
+    with pytest.raises(ChestXrayError) as err:
+        save_bundle(bundle, create_model("test_efficientnet", 3, weights="none"), meta())
+    assert str(bundle / WEIGHTS_FILE) in str(err.value) and "disk is full" in str(err.value)
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before  # no .tmp, the old files intact
+    load_bundle(bundle)

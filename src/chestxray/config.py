@@ -10,6 +10,7 @@ import yaml
 
 from .decode import CONTRASTS, FIT_MODES, Preprocessing
 from .errors import ChestXrayError
+from .storage import write_text
 
 _CHOICES = {
     "optimizer": ("adamw", "adam", "rmsprop", "sgd"),
@@ -202,7 +203,5 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
-    """Write ``config`` as YAML."""
-    path = Path(path)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return path
+    """Write ``config`` as YAML (atomically: a failure leaves no empty or partial file)."""
+    return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -10,6 +10,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from .errors import ChestXrayError
 from .sources import Samples
+from .storage import atomic_path
 
 
 def stratify_labels(samples: Samples) -> np.ndarray:
@@ -49,9 +50,9 @@ def save_split(path: str | Path, samples: Samples, assignment: dict[str, np.ndar
     """Write which file went where (``path,label,patient_id,subset``) so a run can be reproduced."""
     parts = [samples.frame.iloc[rows][["path", "label", "patient_id"]].assign(subset=name)
              for name, rows in assignment.items()]
-    path = Path(path)
-    pd.concat(parts).to_csv(path, index=False)
-    return path
+    with atomic_path(path) as tmp:
+        pd.concat(parts).to_csv(tmp, index=False)
+    return Path(path)
 
 
 def load_split(path: str | Path, samples: Samples) -> dict[str, np.ndarray]:

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import math
 import os
+import random
 import time
 import warnings
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
@@ -37,12 +40,13 @@ from .decode import content_hash
 from .errors import ChestXrayError, InputError
 from .launch import gather_in_order, trainer_layout
 from .metrics import fit_temperature, logits_to_probs, operating_points
-from .models import ChestXrayNet, create_model
+from .models import ChestXrayNet, create_model, load_state_strict
 from .ood import OODGuard
 from .report import plot_training_curves
 from .runners import TorchRunner, run_images
 from .sources import Samples, load_samples
 from .splits import load_split, save_split, train_val_split
+from .storage import atomic_path, make_folder, temporary_name, write_error, write_text
 
 console = Console(stderr=True)
 for _logger in ("lightning.pytorch", "lightning.fabric"):
@@ -79,19 +83,63 @@ def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: 
     if not len(pool):
         raise ChestXrayError(f"{samples.origin}: every image is in the test split; nothing to train on")
     pool = drop_test_copies(pool, samples.split("test"))
+    _refuse_conflicting_paths(pool)
     cache = build_cache(pool, config.preprocessing(), cache_dir=cache_dir, progress=progress)
+    if not cache.ok.any():
+        row, reason = next(iter(cache.failed.items()))
+        raise ChestXrayError(f"{samples.origin}: none of the {len(pool)} training images could be read "
+                             f"(e.g. {pool.frame['path'].iloc[row]}: {reason})")
     if cache.failed:
         console.print(f"[yellow]skipped {len(cache.failed)} unreadable image(s)[/], e.g. "
                       f"{pool.frame['path'].iloc[next(iter(cache.failed))]}: {next(iter(cache.failed.values()))}")
     usable = pool.subset(cache.ok)
     cache = ImageCache(np.asarray(cache.images)[cache.ok] if cache.failed else cache.images, {},
                        cache.preprocessing, cache.fingerprint, cache.path)
+    _refuse_single_class(usable)
+    _refuse_conflicting_pixels(usable, cache.images)
     if split_file is not None and Path(split_file).is_file():
         assignment = load_split(split_file, usable)
         train_rows, val_rows = assignment["train"], assignment["val"]
     else:
         train_rows, val_rows = train_val_split(usable, config.val_fraction, config.seed)
     return PreparedData(usable, cache, usable.targets(), train_rows, val_rows)
+
+
+def _refuse_conflicting_paths(pool: Samples) -> None:
+    """One file listed under two labels (a manifest row twice) makes the labels contradict each other."""
+    labels = pool.frame.groupby("path")["label"].nunique()
+    conflicting = labels[labels > 1]
+    if len(conflicting):
+        path = conflicting.index[0]
+        names = sorted(pool.frame.loc[pool.frame["path"] == path, "label"].unique())
+        raise ChestXrayError(f"{pool.origin}: {len(conflicting)} file(s) listed under more than one label, e.g. "
+                             f"{path} as {' and '.join(map(repr, names))}: keep one label per file "
+                             f"(multi-label data: one row with labels joined by '|')")
+
+
+def _refuse_single_class(usable: Samples) -> None:
+    """A classifier needs at least two classes among the images it can read."""
+    if usable.task != "multiclass":
+        return
+    present = usable.frame["label"].unique()
+    if len(present) < 2:
+        raise ChestXrayError(f"{usable.origin}: the readable training images are all of one class "
+                             f"({present[0]!r}, {len(usable)} images): a classifier needs at least two classes")
+
+
+def _refuse_conflicting_pixels(usable: Samples, images: np.ndarray) -> None:
+    """The same image (identical preprocessed pixels) under two different labels: copies of one file in two
+    class folders, or the same file under two names."""
+    targets = usable.targets()
+    seen: dict[bytes, int] = {}
+    for row in range(len(images)):
+        digest = hashlib.blake2b(np.ascontiguousarray(images[row]).data, digest_size=16).digest()
+        first = seen.setdefault(digest, row)
+        if first != row and not np.array_equal(targets[first], targets[row]):
+            paths, labels = usable.frame["path"], usable.frame["label"]
+            raise ChestXrayError(f"{usable.origin}: the same image is labelled {labels.iloc[first]!r} as "
+                                 f"{paths.iloc[first]} and {labels.iloc[row]!r} as {paths.iloc[row]}: "
+                                 f"remove one copy or fix its label")
 
 
 def drop_test_copies(pool: Samples, test: Samples) -> Samples:
@@ -229,6 +277,59 @@ def _make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.
     return torch.optim.SGD(groups, weight_decay=config.weight_decay, momentum=config.momentum, nesterov=True)
 
 
+def check_checkpoint(path: Path, module: L.LightningModule) -> None:
+    """Refuse, in one line, a checkpoint that cannot be resumed from: unreadable, damaged, holding
+    anything but tensors and plain values (never unpickled: ``weights_only``), or of another model."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types on a damaged or hostile file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(path, f"cannot resume from this checkpoint ({type(err).__name__}: {first[:200]})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) \
+            or "epoch" not in checkpoint:
+        raise InputError(path, "not a training checkpoint (no state_dict or epoch)")
+    load_state_strict(module, checkpoint["state_dict"], path)
+
+
+class RandomState(Callback):
+    """Puts the random generators' states (torch, NumPy, Python) in every checkpoint and restores them
+    on resume, so a resumed run draws the same shuffles, augmentations and dropout as an uninterrupted
+    one. Stored as tensors and lists: checkpoints stay loadable with ``weights_only``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        python_state = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+                "python": [python_state[0], list(python_state[1]), python_state[2]],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary name and renamed: a crash or a full disk while saving
+    keeps the previous ``last.ckpt`` whole."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        tmp = temporary_name(path)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        except OSError as err:  # fit() turns it into one line that says how to resume
+            err.filename = str(path)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 class EpochLog(Callback):
     """One line per epoch on the console, and ``metrics.csv`` in the run directory."""
 
@@ -251,7 +352,8 @@ class EpochLog(Callback):
                "lr": trainer.optimizers[0].param_groups[0]["lr"], "train_px": module.config.train_size(epoch - 1),
                "seconds": time.perf_counter() - self._start}
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
-        pd.DataFrame(self.rows).to_csv(self.path, index=False)
+        with atomic_path(self.path) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
         console.print(f"epoch {epoch:>3}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
                       f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_auc {row['val_auc']:.3f}  "
                       f"lr {row['lr']:.2e}  {row['seconds']:.0f}s", soft_wrap=True)
@@ -288,17 +390,23 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_di
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     module = ClassifierModule(model, config, _class_weights(prepared, config))
+    if resume:
+        check_checkpoint(last, module)
     trainer = _make_trainer(config, run_dir, progress, callbacks)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir, "run folder")
         save_config(config, run_dir / "config.yaml")
         save_split(run_dir / "split.csv", samples, {"train": prepared.train_rows, "val": prepared.val_rows})
         runtime = runtime_environment()
-        (run_dir / "environment.json").write_text(json.dumps(runtime, indent=2))
+        write_text(run_dir / "environment.json", json.dumps(runtime, indent=2))
         console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
                       f"{len(prepared.val_rows)} ({len(samples.classes)} classes, {config.image_size}px; "
                       f"{runtime['threads']} threads, allocator {runtime['allocator']}) -> {run_dir}")
-    trainer.fit(module, *_loaders(prepared, config), ckpt_path=last if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, *_loaders(prepared, config), ckpt_path=last if resume else None, weights_only=True)
+    except OSError as err:  # a checkpoint or metrics.csv that cannot be written: the last complete one is kept
+        kept = f"; resume from the last complete checkpoint with --resume --name {run_dir.name}" if last.is_file() else ""
+        raise write_error(getattr(err, "filename", None) or run_dir, err, f"write the run{kept}") from None
     if not trainer.is_global_zero:  # rank 0 alone wrote the checkpoints and metrics (maybe on another node)
         return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -386,16 +494,21 @@ def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool,
     precision = config.precision
     if precision == "auto":  # bf16 is 5-10x slower on CPUs without native bf16: mixed precision on GPU only
         precision = "16-mixed" if accelerator == "gpu" else "32-true"
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
-                                 mode="min", save_last=True, save_weights_only=False)
-    callbacks: list[Callback] = [checkpoint, EarlyStopping("val_loss", patience=config.patience),
-                                 EpochLog(run_dir / "metrics.csv", config.epochs), *extra_callbacks]
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
+                           save_weights_only=False, enable_version_counter=False)
+    # last.ckpt after every epoch, whatever val_loss does (save_last=True on the monitored checkpoint
+    # writes it only when that one improves), after metrics.csv has its row (train-epoch end)
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           save_on_train_epoch_end=True, save_weights_only=False, enable_version_counter=False)
+    callbacks: list[Callback] = [best, last, EarlyStopping("val_loss", patience=config.patience),
+                                 EpochLog(run_dir / "metrics.csv", config.epochs), RandomState(), *extra_callbacks]
     if config.ema:  # validation, checkpoints and the bundle then use the averaged weights
         callbacks.append(EMAWeightAveraging(decay=config.ema))
     if progress:
         callbacks.append(RichProgressBar(leave=False))
     return L.Trainer(max_epochs=config.epochs, accelerator=accelerator, **trainer_layout(config, accelerator),
                      precision=precision, callbacks=callbacks, logger=False, enable_progress_bar=progress,
+                     plugins=[AtomicCheckpointIO()],
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
                      default_root_dir=run_dir, log_every_n_steps=1)
 

@@ -30,6 +30,7 @@ from .cache import build_cache
 from .decode import content_hash, probe_image
 from .errors import ChestXrayError, InputError
 from .sources import SPLIT_NAMES, Samples, load_samples
+from .storage import atomic_path, make_folder, write_text
 
 ReportFormat = Literal["md", "html"]
 
@@ -543,18 +544,16 @@ def _kinds(pairs: list[DuplicatePair]) -> str:
 
 
 def _write(report: AuditReport, scan: _Scan, out_dir: Path, fmt: ReportFormat) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ChestXrayError(f"{out_dir}: cannot create the report folder ({err.strerror})") from None
+    make_folder(out_dir, "report folder")
     report.files = {"report": str(out_dir / f"audit.{fmt}"), "json": str(out_dir / "audit.json"),
                     "images": str(out_dir / "images.csv")}
     markdown = _markdown(report)
-    Path(report.files["report"]).write_text(markdown if fmt == "md" else _html(markdown, report.data))
-    Path(report.files["json"]).write_text(report.to_json())
+    write_text(report.files["report"], markdown if fmt == "md" else _html(markdown, report.data))
+    write_text(report.files["json"], report.to_json())
     images = pd.concat([scan.samples.frame, scan.table], axis=1)
     images["phash"] = [row.tobytes().hex() for row in scan.hashes]
-    images.to_csv(report.files["images"], index=False)
+    with atomic_path(report.files["images"]) as tmp:
+        images.to_csv(tmp, index=False)
 
 
 def _class_rows(report: AuditReport) -> list[str]:

@@ -170,6 +170,7 @@ def sweep(ctx: typer.Context, data: Path = DataArg, trials: int = typer.Option(2
 
 
 BundleArg = typer.Argument(..., help="A model bundle folder (runs/<name>/bundle).")
+MAX_LISTED = 20  # unreadable files named on the terminal; metrics.json lists them all
 
 
 @app.command()
@@ -182,7 +183,10 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
              cam_gallery: int = typer.Option(8, "--cam-gallery", help="Most confident errors shown with Grad-CAM."),
              batch_size: int = typer.Option(32, "--batch-size"),
              cache_dir: Optional[Path] = CacheOpt) -> None:
-    """Metrics with 95% bootstrap intervals, calibration and an HTML report of BUNDLE on DATA."""
+    """Metrics with 95% bootstrap intervals, calibration and an HTML report of BUNDLE on DATA.
+
+    Exit 1 if any file was unreadable: named on stderr, left out of the metrics, listed in metrics.json.
+    """
     from .evaluate import evaluate as run_evaluate, headline
 
     result = run_evaluate(bundle, data, out, split=split, n_boot=n_boot, seed=seed, cam_gallery=cam_gallery,
@@ -190,6 +194,13 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
     for line in headline(result):
         console.print(line, soft_wrap=True)
     console.print(f"report: {result.out_dir / 'report.html'}", soft_wrap=True)
+    if result.failed:  # the figures leave these out: name them, and exit 1 as predict does
+        for file, reason in result.failed[:MAX_LISTED]:
+            err_console.print(f"unreadable: {file}: {reason}", markup=False, highlight=False, soft_wrap=True)
+        more = len(result.failed) - MAX_LISTED
+        err_console.print(f"{len(result.failed)} unreadable file(s) left out of the metrics"
+                          + (f" ({more} more listed in {result.files['metrics']})" if more > 0 else ""))
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -213,6 +224,8 @@ def predict(bundle: Path = BundleArg,
 
     if fmt not in ("table", "csv", "json"):
         raise ChestXrayError(f"--format must be table, csv or json, not {fmt!r}")
+    if out is not None:  # before predicting: an output that cannot be written must not cost the work
+        _check_output(out)
     progress = err_console.is_terminal
     predictor = None
     if world_size() > 1:  # launched by torchrun: each rank predicts its shard, rank 0 gets the whole table
@@ -299,8 +312,20 @@ def _write_table(table, fmt: str, out: Optional[Path]) -> None:
         if out is None:
             console.print(text, markup=False, highlight=False, soft_wrap=True)
     if out is not None:
-        table.to_json(out, orient="records", indent=2) if fmt == "json" else table.to_csv(out, index=False)
+        from .storage import atomic_path
+
+        with atomic_path(out) as tmp:
+            table.to_json(tmp, orient="records", indent=2) if fmt == "json" else table.to_csv(tmp, index=False)
         err_console.print(f"results: {out}")
+
+
+def _check_output(out: Path) -> None:
+    """``--out`` names a file whose folder exists or can be made (made here)."""
+    from .storage import make_folder
+
+    if out.is_dir():
+        raise ChestXrayError(f"{out}: --out is a folder; give a file name (e.g. {out / 'predictions.csv'})")
+    make_folder(out.parent, "output folder")
 
 
 def main() -> None:

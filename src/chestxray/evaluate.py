@@ -28,6 +28,7 @@ from .metrics import (
 from .predict import Predictor, load_model
 from .report import write_report
 from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
+from .storage import atomic_path, make_folder, write_text
 
 SPLITS = ("auto", "all", *SPLIT_NAMES)
 MISUSE_NOTE = (
@@ -68,6 +69,7 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     listed in ``metrics.json`` and left out of the metrics.
     """
     predictor = bundle if isinstance(bundle, Predictor) else load_model(bundle)
+    make_folder(out_dir, "evaluation folder")  # before the work: a folder that cannot be made loses nothing
     samples, split = _select(load_samples(data), split, data)
     samples = _match_classes(samples, predictor, data)
     cache = build_cache(samples, predictor.preprocessing, cache_dir=cache_dir, progress=progress)
@@ -95,15 +97,15 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     out_dir = Path(out_dir)
     result = EvaluationResult(out_dir, metrics, predictor.classes, predictor.meta.task, split,
                               int(ok.sum()), int(flags.sum()), failed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = {**metrics, "ece_before_calibration": before["ece"] if before else None,
                "temperature": predictor.meta.temperature,
                "bundle": "" if isinstance(bundle, Predictor) else str(bundle), "data": str(data), "split": split,
                "n_failed": len(failed), "failed": [{"file": f, "reason": r} for f, r in failed], "n_ood": result.n_ood,
                "ood_threshold": predictor.guard.threshold if predictor.guard is not None else None}
-    result.files["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(result.files["metrics"], json.dumps(summary, indent=2) + "\n")
     predictions = _predictions_frame(samples, ok, predictor, probs, scores, flags, failed)
-    predictions.to_csv(result.files["predictions"], index=False)
+    with atomic_path(result.files["predictions"]) as tmp:
+        predictions.to_csv(tmp, index=False)
     gallery = _error_gallery(predictor, samples.frame["path"].to_numpy()[ok], images, y_true, probs, cam_gallery)
     history = predictor.meta.extra.get("history")
     write_report(result.files["report"], title=f"Evaluation on {Path(str(data)).name} ({split})", metrics=metrics,

@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from chestxray.metrics import interval_text, positives_matrix, reliability_curve
+from chestxray.storage import make_folder, write_bytes, write_text
 
 NOTICE = (
     "Research software, not a diagnostic device. These figures describe this model on this test "
@@ -100,7 +101,7 @@ def plot_training_curves(history: pd.DataFrame, out_png: Path) -> Path:
     """Save the training curves (every numeric column of ``history`` against epoch) as a PNG."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    out_png.write_bytes(_png_bytes(_training_curves_figure(history)))
+    write_bytes(out_png, _png_bytes(_training_curves_figure(history)))
     return out_png
 
 
@@ -258,6 +259,6 @@ def write_report(
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(page, encoding="utf-8")
+    make_folder(out_path.parent, "report folder")
+    write_text(out_path, page)
     return out_path

@@ -18,7 +18,7 @@ PACKAGE = Path(chestxray.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "allocator", "provenance"),
-    ("decode", "metrics"),
+    ("decode", "metrics", "storage"),
     ("sources", "dicomcheck", "conformal"),
     ("cache",),
     ("splits", "audit"),

@@ -16,7 +16,6 @@ from factories import BINARY_CLASSES, make_bundle
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     monkeypatch.setattr("sys.argv", ["chestxray", *args])
-    monkeypatch.setenv("CHESTXRAY_ALLOCATOR", "system")  # main() would re-execute the test process on tcmalloc
     with pytest.raises(SystemExit) as exit_info:
         main()
     return exit_info.value.code or 0, capsys.readouterr().err

@@ -152,13 +152,13 @@ def test_model_json_of_the_wrong_type_or_range_is_one_line_naming_the_field(tmp_
 
 def test_no_model_is_built_before_the_weights_match_the_declared_members(tmp_path, monkeypatch):
     """Before: extra.members = 1000 built 1000 models (15 GB, killed) before any check."""
-    import chestxray.bundle as bundle_module
+    import chestxray.models as models_module
 
     bundle = _small_bundle(tmp_path)
     _rewrite(bundle, **{"extra.members": 30})
     built = []
-    real = bundle_module.create_model
-    monkeypatch.setattr(bundle_module, "create_model",
+    real = models_module.create_model
+    monkeypatch.setattr(models_module, "create_model",
                         lambda *a, **k: built.append(torch.empty(0).device.type) or real(*a, **k))
     with pytest.raises(ChestXrayError, match="weights do not match the 30 x test_efficientnet") as err:
         load_bundle(bundle)
@@ -182,7 +182,7 @@ def test_the_schema_covers_every_bundle_field():
 def test_a_full_disk_while_saving_keeps_the_previous_bundle_and_leaves_no_partial_file(tmp_path, monkeypatch):
     import errno
 
-    import chestxray.bundle as bundle_module
+    import safetensors.torch
 
     bundle = _small_bundle(tmp_path)
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
@@ -191,7 +191,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_bundle_and_leaves_no_partia
         Path(path).write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(bundle_module, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # bundle imports it when it saves
     with pytest.raises(ChestXrayError) as err:
         save_bundle(bundle, create_model("test_efficientnet", 3, weights="none"), meta())
     assert str(bundle / WEIGHTS_FILE) in str(err.value) and "disk is full" in str(err.value)

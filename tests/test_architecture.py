@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("launch",),
     ("train", "predict"),
     ("cv", "evaluate", "export"),
-    ("sweep", "serve"),
+    ("sweep", "serve", "quantize"),
     ("cli",),
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}

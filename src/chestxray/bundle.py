@@ -30,6 +30,8 @@ FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
+"""The INT8 graph written by ``chestxray export --quantize int8`` (``quantize.py``)."""
 ONNX_WEIGHTS_KEY = "chestxray.weights_sha256"
 """The ONNX metadata entry holding :func:`weights_digest` of the weights the graph was exported from."""
 
@@ -40,7 +42,7 @@ MAX_MEMBERS = 32
 MAX_CLASSES = 10_000
 
 __all__ = ["BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
-           "WEIGHTS_FILE", "META_FILE", "ONNX_FILE", "ONNX_WEIGHTS_KEY"]
+           "WEIGHTS_FILE", "META_FILE", "ONNX_FILE", "INT8_ONNX_FILE", "ONNX_WEIGHTS_KEY"]
 
 
 class _Extra(BaseModel):
@@ -265,6 +267,7 @@ def weights_digest(directory: str | Path) -> str:
 def check_onnx(directory: str | Path, metadata: dict[str, str], onnx_path: str | Path | None = None) -> None:
     """Refuse an ONNX graph (its custom ``metadata``) exported from other weights than the bundle's."""
     if metadata.get(ONNX_WEIGHTS_KEY) != weights_digest(directory):
-        raise InputError(onnx_path or Path(directory) / ONNX_FILE,
-                         "exported from other weights than the bundle's; export it again "
-                         "with `chestxray export BUNDLE --format onnx`")
+        path = Path(onnx_path or Path(directory) / ONNX_FILE)
+        again = " --quantize int8 --calibration-data DATA" if path.name == INT8_ONNX_FILE else ""
+        raise InputError(path, "exported from other weights than the bundle's; export it again "
+                               f"with `chestxray export BUNDLE --format onnx{again}`")

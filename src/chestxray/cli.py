@@ -171,6 +171,8 @@ def sweep(ctx: typer.Context, data: Path = DataArg, trials: int = typer.Option(2
 
 BundleArg = typer.Argument(..., help="A model bundle folder (runs/<name>/bundle).")
 MAX_LISTED = 20  # unreadable files named on the terminal; metrics.json lists them all
+BACKEND_HELP = ("auto (onnx when the bundle has model.onnx, made by `chestxray export`, else torch), torch, onnx, "
+                "or onnx-int8 (model.int8.onnx, made by `chestxray export --quantize int8`).")
 
 
 @app.command()
@@ -214,8 +216,7 @@ def predict(bundle: Path = BundleArg,
                 None, "--operating-point",
                 help="Add a 'called' column: the classes at or above their threshold at this point, "
                      "chosen on validation (youden, sensitivity_90 or sensitivity_95)."),
-            backend: str = typer.Option("auto", help="auto (onnx when the bundle has model.onnx, made by "
-                                                     "`chestxray export`, else torch), torch or onnx."),
+            backend: str = typer.Option("auto", help=BACKEND_HELP),
             batch_size: int = typer.Option(32, "--batch-size")) -> None:
     """Predict files, folders and globs; flags out-of-distribution inputs. Exit 1 if any input failed."""
     from .bundle import read_meta
@@ -253,26 +254,59 @@ def predict(bundle: Path = BundleArg,
 @app.command()
 def export(bundle: Path = BundleArg,
            fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
-           out: Optional[Path] = typer.Option(None, "--out", help="File or folder (default: BUNDLE/model.onnx)."),
+           out: Optional[Path] = typer.Option(None, "--out", help="File or folder (default: BUNDLE/model.onnx, "
+                                              "with --quantize int8 BUNDLE/model.int8.onnx)."),
            opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer)."),
            parity_images: Optional[list[Path]] = typer.Option(None, "--parity-image",
-                                                               help="Real X-rays for the parity check (repeatable).")) -> None:
-    """Export BUNDLE to ONNX; refuses to write a model whose outputs differ from PyTorch's."""
-    from .export import export_onnx
-
+                                                               help="Real X-rays for the parity check (repeatable)."),
+           quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: static INT8 quantization "
+                                                  "(onnxruntime, QDQ), calibrated on --calibration-data."),
+           calibration_data: Optional[Path] = typer.Option(
+               None, "--calibration-data", help="Training images to calibrate INT8 on (a folder, CSV or .npz; "
+                                                "its test split is never read); the others check parity."),
+           calibration_images: int = typer.Option(256, "--calibration-images", help="Images calibrated on."),
+           parity_data: Optional[Path] = typer.Option(
+               None, "--parity-data", help="Other real X-rays for the INT8 parity check (default: calibration "
+                                           "data images not calibrated on)."),
+           min_agreement: float = typer.Option(0.99, "--min-agreement",
+                                               help="Refuse the INT8 model below this share of labels agreeing "
+                                                    "with the FP32 model.")) -> None:
+    """Export BUNDLE to ONNX; refuses to write a model whose outputs differ from PyTorch's (INT8: whose
+    labels differ from the FP32 model's on more than 1% of real X-rays)."""
     if fmt != "onnx":
         raise ChestXrayError(f"--format {fmt!r} is not supported: use onnx")
-    result = export_onnx(bundle, out, opset=opset, parity_images=parity_images)
-    console.print(f"{result.path}: opset {result.opset}, {result.size_bytes / 1e6:.1f} MB, parity on "
-                  f"{result.n_images} images: max probability difference {result.max_prob_diff:.1e}", soft_wrap=True)
+    if quantize is None:
+        if calibration_data is not None or parity_data is not None:
+            raise ChestXrayError("--calibration-data and --parity-data go with --quantize int8")
+        from .export import export_onnx
+
+        result = export_onnx(bundle, out, opset=opset, parity_images=parity_images)
+        console.print(f"{result.path}: opset {result.opset}, {result.size_bytes / 1e6:.1f} MB, parity on "
+                      f"{result.n_images} images: max probability difference {result.max_prob_diff:.1e}",
+                      soft_wrap=True)
+        return
+    if quantize != "int8":
+        raise ChestXrayError(f"--quantize {quantize!r} is not supported: use int8")
+    if calibration_data is None:
+        raise ChestXrayError("--quantize int8 needs --calibration-data: a few hundred of the training images")
+    from .quantize import quantize_bundle
+
+    result = quantize_bundle(bundle, calibration_data, out, n_calibration=calibration_images, parity_data=parity_data,
+                             min_agreement=min_agreement, opset=opset, parity_images=parity_images,
+                             progress=err_console.is_terminal)
+    parity = result.parity
+    ood = "" if parity.ood_flag_agreement is None else f", OOD flags agree on {parity.ood_flag_agreement:.1%}"
+    console.print(f"{result.path}: INT8, {result.size_bytes / 1e6:.1f} MB, calibrated on {result.n_calibration} "
+                  f"images; parity on {parity.n_images} other real X-rays: labels agree on "
+                  f"{parity.label_agreement:.1%}, max probability difference {parity.max_prob_diff:.3f}{ood}",
+                  soft_wrap=True)
 
 
 @app.command()
 def serve(bundle: Path = BundleArg,
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
           port: int = typer.Option(8000),
-          backend: str = typer.Option("auto", help="auto (onnx when the bundle has model.onnx, made by "
-                                                   "`chestxray export`, else torch), torch or onnx."),
+          backend: str = typer.Option("auto", help=BACKEND_HELP),
           workers: int = typer.Option(1, help="Server processes, each with its own model."),
           threads: Optional[int] = typer.Option(None, help="Compute threads per worker (default: cores / workers)."),
           max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload."),

@@ -27,7 +27,8 @@ from .models import ChestXrayNet, EnsembleNet, logits_and_features
 from .predict import Predictor
 from .runners import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, TorchRunner
 
-__all__ = ["export_onnx", "ExportResult", "DEFAULT_OPSET", "MIN_OPSET", "PROB_TOLERANCE", "FEATURE_TOLERANCE"]
+__all__ = ["export_onnx", "ExportResult", "quiet_tools", "DEFAULT_OPSET", "MIN_OPSET", "PROB_TOLERANCE",
+           "FEATURE_TOLERANCE"]
 DEFAULT_OPSET = 18
 """The opset the dynamo exporter writes natively; other opsets go through the legacy exporter
 (converting the dynamo graph fails, e.g. for the Pad of TF-style "same" padding)."""
@@ -107,7 +108,7 @@ def _export(wrapper: nn.Module, example: Tensor, path: Path, opset: int) -> str:
     fails; returns the exporter's name."""
     if opset == DEFAULT_OPSET:
         try:
-            with _quiet():
+            with quiet_tools():
                 torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
                                   output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=True,
                                   external_data=False, verbose=False,
@@ -117,7 +118,7 @@ def _export(wrapper: nn.Module, example: Tensor, path: Path, opset: int) -> str:
             logging.getLogger(__name__).info("dynamo ONNX export failed (%s); using the legacy exporter", err)
     axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
     try:
-        with _quiet():
+        with quiet_tools():
             torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
                               output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
                               dynamic_axes=axes)
@@ -175,9 +176,10 @@ def _check_parity(reference: Predictor, runner: OnnxRunner, images: np.ndarray) 
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence the exporters' progress lines, warnings and converter tracebacks."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "torch.export")]
+def quiet_tools():
+    """Silence the exporters' and onnxruntime's quantization tools' progress lines, warnings and
+    converter tracebacks (the latter log on the root logger)."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "torch.export", "")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)

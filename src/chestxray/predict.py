@@ -31,7 +31,7 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .bundle import ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
+from .bundle import INT8_ONNX_FILE, ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
 from .decode import NPZ_SEPARATOR, is_image_file
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
@@ -51,7 +51,9 @@ __all__ = ["Predictor", "Prediction", "load_model", "predict_paths", "sharded_pr
 Source = str | Path | bytes | np.ndarray
 T = TypeVar("T")
 
-BACKENDS = ("auto", "torch", "onnx")
+ONNX_BACKENDS = {"onnx": ONNX_FILE, "onnx-int8": INT8_ONNX_FILE}
+"""The bundle file each onnxruntime backend runs."""
+BACKENDS = ("auto", "torch", *ONNX_BACKENDS)
 log = logging.getLogger(__name__)
 MULTILABEL_THRESHOLD = 0.5
 TTA_VIEWS = ((1.0, 0.0, 0.0), (1.05, 0.0, 0.0), (0.95, 0.0, 0.0), (1.0, 0.03, 0.0), (1.0, -0.03, 0.0))
@@ -96,7 +98,7 @@ class Predictor:
 
     @property
     def backend(self) -> str:
-        """The runner's backend name: ``"torch"``, ``"onnx"`` (or ``"custom"`` for another runner)."""
+        """The runner's backend name: ``"torch"``, ``"onnx"``, ``"onnx-int8"`` (or ``"custom"`` for another runner)."""
         return getattr(self.runner, "backend", "custom")
 
     @property
@@ -257,7 +259,8 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
     ``backend="onnx"`` runs the bundle's ``model.onnx`` (made by ``chestxray export``; refused when
     exported from other weights) with onnxruntime, with ``threads`` intra-op threads (see
     ``OnnxRunner``), and never imports torch: the fastest start. Grad-CAM then is not available.
-    ``backend="auto"`` takes ONNX when the bundle has it (and torch, with a warning, when that file was
+    ``backend="onnx-int8"`` runs ``model.int8.onnx`` (``chestxray export --quantize int8``) the same
+    way, refused likewise. ``backend="auto"`` takes ONNX when the bundle has it (and torch, with a warning, when that file was
     exported from other weights). ``device`` (torch only): default CUDA when available.
     """
     directory = Path(path)
@@ -277,16 +280,17 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
         # channels-last convolutions: about 1.5x the CPU throughput at batch 16 (Lite0, 224 px)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), memory_format=torch.channels_last)
         return Predictor(TorchRunner(model), meta, model)
-    if backend == "onnx":
+    if backend in ONNX_BACKENDS:
         meta = read_meta(directory)
-        onnx_path = directory / ONNX_FILE
+        onnx_path = directory / ONNX_BACKENDS[backend]
         if not onnx_path.is_file():
-            raise ChestXrayError(f"{directory}: no {ONNX_FILE} in the bundle; create it with "
-                                 f"`chestxray export {directory} --format onnx` or use the torch backend")
+            how = " --quantize int8 --calibration-data DATA" if backend == "onnx-int8" else ""
+            raise ChestXrayError(f"{directory}: no {onnx_path.name} in the bundle; create it with "
+                                 f"`chestxray export {directory} --format onnx{how}` or use the torch backend")
         runner = OnnxRunner(onnx_path, threads)
         check_onnx(directory, runner.metadata, onnx_path)
         return Predictor(runner, meta)
-    raise ChestXrayError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
+    raise ChestXrayError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 
 
 # ---------------------------------------------------------------------- files, folders, globs

@@ -11,11 +11,12 @@ runner may serve several threads.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,13 +28,17 @@ if TYPE_CHECKING:  # torch is imported only by the torch runner: the ONNX path r
     from .models import ChestXrayNet, EnsembleNet
 
 __all__ = ["Runner", "TorchRunner", "OnnxRunner", "as_runner", "run_images", "DEFAULT_BATCH", "INPUT_NAME",
-           "OUTPUT_NAMES"]
+           "OUTPUT_NAMES", "PRECISION_KEY", "QUANTIZATION_KEY"]
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 DEFAULT_BATCH = 32
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "features")
 """The input and output names of the ONNX graph."""
+PRECISION_KEY = "chestxray.precision"
+"""ONNX metadata entry: ``int8`` in a model quantized by ``quantize.py``; absent in an FP32 one."""
+QUANTIZATION_KEY = "chestxray.quantization"
+"""ONNX metadata entry: JSON of a quantized model's settings, calibration data and parity figures."""
 
 
 class TorchRunner:
@@ -61,10 +66,9 @@ class OnnxRunner:
 
     CUDA is used when onnxruntime offers it, else the CPU with ``threads`` intra-op threads (default:
     :func:`default_threads`). The session is read-only, so one runner may serve several threads.
-    ``metadata`` holds the graph's custom metadata (see ``bundle.check_onnx``).
+    ``metadata`` holds the graph's custom metadata (see ``bundle.check_onnx``); an INT8 graph
+    (``chestxray export --quantize int8``) runs the same way and says so in :attr:`backend`.
     """
-
-    backend = "onnx"
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -89,6 +93,17 @@ class OnnxRunner:
         if names != OUTPUT_NAMES:
             raise InputError(self.path, f"ONNX outputs are {names}, expected {OUTPUT_NAMES}")
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def backend(self) -> str:
+        """``"onnx"``, or ``"onnx-int8"`` for a quantized graph."""
+        return "onnx-int8" if self.metadata.get(PRECISION_KEY) == "int8" else "onnx"
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """How a quantized graph was made: settings, calibration data, parity figures (None: FP32)."""
+        text = self.metadata.get(QUANTIZATION_KEY)
+        return json.loads(text) if text else None
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, C) and features (N, F) for float images (N, 1, S, S) in [0, 1]."""

@@ -132,7 +132,10 @@ class ModelOut(BaseModel):
     created: str
     version: str
     server_version: str
-    backend: str
+    backend: str = Field(description="What computes the answers: torch, onnx (FP32) or onnx-int8.")
+    quantization: dict[str, Any] | None = Field(
+        None, description="onnx-int8 only: how the model was quantized and calibrated, and its parity with the "
+                          "FP32 model on real X-rays (label agreement, largest probability difference).")
     max_upload_bytes: int
 
 
@@ -324,7 +327,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,
-        backend=predictor.backend,
+        backend=predictor.backend, quantization=getattr(predictor.runner, "quantization", None),
         max_upload_bytes=max_upload_bytes)
 
     @asynccontextmanager
@@ -389,8 +392,9 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
           max_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
     """Serve the bundle's model with uvicorn until interrupted (Ctrl-C).
 
-    ``backend`` is ``torch``, ``onnx`` (needs ``chestxray export`` first) or ``auto`` (ONNX when the bundle
-    has it, else torch; see ``predict.load_model``). Each of the ``workers``
+    ``backend`` is ``torch``, ``onnx`` (needs ``chestxray export`` first), ``onnx-int8`` (needs
+    ``chestxray export --quantize int8``) or ``auto`` (ONNX when the bundle has it, else torch; see
+    ``predict.load_model``). Each of the ``workers``
     processes loads its own model and computes with ``threads`` threads (default: torch's, the cores, divided
     among the workers; on a CPU shared with other busy processes, 1 thread avoids the collapse of
     oversubscribed torch threads). ``max_per_client``: open connections allowed from one address

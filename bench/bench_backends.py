@@ -128,6 +128,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     split_file = args.split_file or args.bundle.resolve().parent / "split.csv"
     split = pd.read_csv(split_file, dtype=str, keep_default_na=False)
+    split["path"] = [str(Path(path).resolve()) for path in split["path"]]  # written relative to the training's cwd
     predictor = load_model(args.bundle)
     meta = predictor.meta
     test = load_samples(args.data).split("test")

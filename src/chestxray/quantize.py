@@ -17,7 +17,6 @@ backend="onnx-int8")`` runs it; ``OnnxRunner.quantization`` reads the record bac
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,6 @@ CALIBRATION_BATCH = 8
 _METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
             "entropy": CalibrationMethod.Entropy}
 METHODS = tuple(_METHODS)
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

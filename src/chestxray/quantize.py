@@ -42,9 +42,6 @@ DEFAULT_PARITY_IMAGES = 500
 MIN_CALIBRATION_IMAGES = 8
 MIN_PARITY_IMAGES = 20
 CALIBRATION_BATCH = 8
-_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-            "entropy": CalibrationMethod.Entropy}
-METHODS = tuple(_METHODS)
 
 
 @dataclass(frozen=True)
@@ -54,17 +51,13 @@ class QuantSettings:
     ``reduce_range`` keeps weights to 7 bits: onnxruntime's u8s8 kernels on AVX2 CPUs without VNNI add
     pairs of 8-bit products in 16 bits, which saturates with full-range weights. ``per_channel``
     gives every output channel of a convolution its own weight scale (depthwise convolutions vary
-    a lot between channels). ``method`` chooses activation ranges: ``minmax``, ``percentile``
-    (99.999th) or ``entropy``.
+    a lot between channels). Activation ranges are the calibration images' min and max
+    (onnxruntime's histogram methods keep every activation of every calibration image in memory:
+    gigabytes for a few hundred images at 320 px).
     """
 
     per_channel: bool = True
     reduce_range: bool = True
-    method: str = "minmax"
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ChestXrayError(f"unknown calibration method {self.method!r}: use {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)
@@ -142,7 +135,8 @@ def quantize_bundle(bundle_dir: str | Path, calibration_data: str | Path, out: s
                     f"INT8 model refused: its labels agree with the FP32 model's on {parity.label_agreement:.1%} of "
                     f"{parity.n_images} real X-rays (needs {100 * min_agreement:g}%); largest probability difference "
                     f"{parity.max_prob_diff:.3f}; no file written")
-            record = {"format": "QDQ", "activations": "uint8", "weights": "int8", **asdict(settings),
+            record = {"format": "QDQ", "activations": "uint8", "weights": "int8", "ranges": "minmax",
+                      **asdict(settings),
                       "calibration": {"data": str(calibration_data), "images": len(calibration), "seed": seed},
                       "parity": {**asdict(parity), "min_agreement": min_agreement,
                                  "data": str(parity_data or calibration_data), "reference": "fp32 onnx"},
@@ -229,7 +223,7 @@ def _quantize(fp32: Path, prepared: Path, out: Path, images: np.ndarray, setting
             quantize_static(str(prepared), str(out), _Batches(INPUT_NAME, images), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=settings.per_channel, reduce_range=settings.reduce_range,
-                            calibrate_method=_METHODS[settings.method])
+                            calibrate_method=CalibrationMethod.MinMax)
     except Exception as err:  # onnxruntime's tools raise many types; the user needs one line
         raise ChestXrayError(f"INT8 quantization failed: {first_line(err)}") from err
 

@@ -264,7 +264,8 @@ def export(bundle: Path = BundleArg,
            calibration_data: Optional[Path] = typer.Option(
                None, "--calibration-data", help="Training images to calibrate INT8 on (a folder, CSV or .npz; "
                                                 "its test split is never read); the others check parity."),
-           calibration_images: int = typer.Option(256, "--calibration-images", help="Images calibrated on."),
+           calibration_images: int = typer.Option(256, "--calibration-images", help="Images calibrated on "
+                                                  "(at most half of --calibration-data without --parity-data)."),
            parity_data: Optional[Path] = typer.Option(
                None, "--parity-data", help="Other real X-rays for the INT8 parity check (default: calibration "
                                            "data images not calibrated on)."),

@@ -102,9 +102,10 @@ def quantize_bundle(bundle_dir: str | Path, calibration_data: str | Path, out: s
     bundle, as :data:`~chestxray.bundle.INT8_ONNX_FILE`) once it passes parity.
 
     ``calibration_data`` is anything :func:`~chestxray.sources.load_samples` reads (its ``test``
-    split is never read): ``n_calibration`` of its images, drawn with ``seed``, calibrate the
-    activation ranges, and up to ``n_parity`` of the others are the parity images, unless
-    ``parity_data`` names other images (all of them are used). The model is refused
+    split is never read): ``n_calibration`` of its images (at most half of them), drawn with
+    ``seed``, calibrate the activation ranges, and up to ``n_parity`` of the others are the parity
+    images; or, when ``parity_data`` names other images, up to ``n_calibration`` calibrate and up to
+    ``n_parity`` of ``parity_data`` check. The model is refused
     (:class:`ChestXrayError`, no file left) when its labels agree with the FP32 model's on fewer than
     ``min_agreement`` of the parity images. ``opset`` and ``parity_images`` go to the FP32 export
     (:func:`~chestxray.export.export_onnx`), checked against PyTorch first.

@@ -144,6 +144,7 @@ def main() -> None:
         int8 = quantize_bundle(args.bundle, train_manifest, Path(scratch) / "model.int8.onnx",
                                cache_dir=Path(scratch) / "cache")
         files = {"onnx": export.path, "onnx-int8": int8.path}
+        sizes_mb = {name: round(path.stat().st_size / 1e6, 2) for name, path in files.items()}  # gone after the block
         full = {"torch": predictor.runner, **{name: OnnxRunner(path) for name, path in files.items()}}
         if args.openvino:
             full.update({f"openvino{name[4:]}": openvino_runner(path, default_threads) for name, path in files.items()})
@@ -170,7 +171,7 @@ def main() -> None:
         "int8": {"settings": int8.settings.__dict__, "calibration_images": int8.n_calibration,
                  "calibrated_on": "training images of the split (not val, not test)",
                  "export_parity": int8.parity.__dict__, "seconds": round(int8.seconds, 1),
-                 "size_mb": round(int8.size_bytes / 1e6, 2), "fp32_size_mb": round(export.size_bytes / 1e6, 2)},
+                 "size_mb": sizes_mb["onnx-int8"], "fp32_size_mb": sizes_mb["onnx"]},
         "parity": parity, "test_accuracy": accuracy, "results": results, "onnxruntime": onnxruntime.__version__,
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
     }

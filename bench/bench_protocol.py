@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, save_result  # noqa: E402
 
 from chestxray.config import TrainConfig, load_config, overrides_from_args  # noqa: E402
-from chestxray.evaluate import evaluate, headline  # noqa: E402
+from chestxray.evaluation import evaluate, headline  # noqa: E402
 from chestxray.train import RunResult, fit  # noqa: E402
 
 DATASETS = {

@@ -2,9 +2,9 @@
 collects nothing): tiny model bundles, PNG bytes, and the fake Kermany-style data set and the tiny
 training configuration used by cross-validation and sweeps.
 
-- :func:`make_bundle`: a tiny timm EfficientNet bundle (``BINARY_CLASSES`` by default, ``SIZE`` px)
-  with an OOD guard;
-- :func:`build_tiny_bundle`: a random-weights ResNet-18 bundle (``CLASSES``, ``IMAGE_SIZE`` px);
+- :func:`make_bundle`: the one bundle factory (a tiny timm EfficientNet, ``BINARY_CLASSES``,
+  ``SIZE`` px, with an OOD guard by default; any architecture, classes, temperature);
+- :func:`build_tiny_bundle`: its three-class ResNet-18 variant (``CLASSES``, ``IMAGE_SIZE`` px);
 - :func:`png_bytes`: an array, or a synthetic X-ray, encoded as PNG;
 - :func:`write_xrays` and ``TINY``: a small patient-named folder data set and a fast ``TrainConfig``.
 """
@@ -23,7 +23,8 @@ from PIL import Image
 from chestxray.bundle import BundleMeta, save_bundle
 from chestxray.decode import fit_square
 from chestxray.models import create_model
-from chestxray.ood import fit_guard
+from chestxray.ood import OODGuard
+from chestxray.runners import as_runner, run_images
 
 # make_bundle: two classes at 64 px
 SIZE = 64
@@ -35,34 +36,31 @@ IMAGE_SIZE = 64
 
 # timm's tiny test network: fast even on a busy CPU
 TINY = dict(arch="test_efficientnet", weights="none", image_size=32, epochs=1, batch_size=8,
-            freeze_epochs=0, warmup_epochs=0, channels_last=False, val_fraction=0.25)
+            freeze_epochs=0, warmup_epochs=0, val_fraction=0.25)
 
 
-def make_bundle(directory: Path, classes: list[str] = BINARY_CLASSES, *, task: str = "multiclass",
-                temperature: float = 1.0, guard: bool = True, seed: int = 0) -> Path:
-    """A tiny timm EfficientNet bundle with spread-out logits and, by default, an OOD guard fitted on
-    synthetic X-rays."""
+def make_bundle(directory: Path, classes: list[str] = BINARY_CLASSES, *, arch: str = "test_efficientnet",
+                task: str = "multiclass", temperature: float = 1.0, guard: bool = True, seed: int = 0,
+                weight_std: float = 1.0) -> Path:
+    """The one test bundle: a random-weights ``arch`` at ``SIZE`` px whose classifier weights have
+    ``weight_std`` (spread-out logits, so comparisons of probabilities mean something) and, with
+    ``guard``, an OOD guard fitted on synthetic X-rays."""
     torch.manual_seed(seed)
-    model = create_model("test_efficientnet", len(classes), weights="none", task=task).eval()
-    torch.nn.init.normal_(model.backbone.get_classifier().weight, std=1.0)
+    model = create_model(arch, len(classes), weights="none", task=task).eval()
+    torch.nn.init.normal_(model.backbone.get_classifier().weight, std=weight_std)
     ood = None
     if guard:
         images = np.stack([fit_square(xray_array(seed=i), SIZE) for i in range(24)])
-        ood = fit_guard(model, images, np.arange(24) % len(classes))
+        ood = OODGuard.fit(run_images(as_runner(model), images)[1], np.arange(24) % len(classes)).to_dict()
     meta = BundleMeta(classes=list(classes), image_size=SIZE, temperature=temperature, ood=ood,
                       extra={"trained_on": {"origin": "synthetic", "n_train": 24, "n_val": 0}})
     return save_bundle(directory, model, meta)
 
 
 def build_tiny_bundle(directory: Path) -> Path:
-    """A random-weights ResNet-18 bundle at 64 px whose logits differ clearly between images (so that
-    comparisons of probabilities mean something)."""
-    torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=len(CLASSES), weights="none").eval()
-    torch.nn.init.normal_(model.backbone.get_classifier().weight, std=0.5)
-    meta = BundleMeta(classes=CLASSES, image_size=IMAGE_SIZE, temperature=1.5,
-                      metrics={"val_acc": 0.5}, extra={"trained_on": {"n_train": 12}})
-    return save_bundle(directory, model, meta)
+    """:func:`make_bundle` as a three-class ResNet-18 at temperature 1.5 without a guard (the export,
+    serve and browser tests' model)."""
+    return make_bundle(directory, CLASSES, arch="resnet18", temperature=1.5, guard=False, weight_std=0.5)
 
 
 def png_bytes(array: np.ndarray | None = None, seed: int = 0) -> bytes:

@@ -26,11 +26,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("runners", "cam"),
     ("ood", "report"),
+    ("calibration",),
     ("bundle", "config"),
     ("launch",),
     ("train", "predict"),
-    ("cv", "evaluate", "export"),
-    ("sweep", "serve", "quantize"),
+    ("cv", "sweep", "evaluation", "export"),
+    ("serve", "quantize"),
     ("cli",),
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from factories import make_bundle
+from factories import TINY, make_bundle, write_xrays
 from PIL import Image
 from typer.testing import CliRunner
 
 from chestxray.bundle import META_FILE
 from chestxray.cli import app, main
-from chestxray.config import OPTION_HELP, TrainConfig
+from chestxray.config import RuntimeSettings, TrainConfig, declared_options
 from conftest import xray_array
 
 COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve"]
@@ -34,20 +34,46 @@ def test_every_command_has_help(command: str) -> None:
     assert result.exit_code == 0 and "Usage" in result.output
 
 
-def test_train_help_explains_every_option_and_keeps_the_defaults_it_names() -> None:
-    output = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output.split())
-    for key, value in TrainConfig().to_dict().items():
-        assert f"--{key.replace('_', '-')} {value}: {OPTION_HELP[key]}" in output
+@pytest.mark.parametrize("command", ["train", "cv", "sweep"])
+def test_every_training_option_is_a_typed_option_with_its_declared_help_and_default(command: str) -> None:
+    output = " ".join(CliRunner().invoke(app, [command, "--help"], terminal_width=250).output.split())
+    for cls in (TrainConfig, RuntimeSettings):
+        for name, default, meta in declared_options(cls):
+            flag = "--" + name.replace("_", "-")
+            shown = str(default).lower() if isinstance(default, bool) else str(default)
+            assert f"{flag} " in output and f"{meta['help']} (default: {shown}" in output, name
+            if isinstance(default, bool):
+                assert f"--no-{flag[2:]}" in output
     assert "(default: a timestamp)" in output  # not eaten as rich markup
-    assert set(OPTION_HELP) == set(TrainConfig().to_dict())
+    for panel in ("Model options", "Optimisation options", "Hardware options"):
+        assert panel in output
+
+
+def test_training_flags_are_typed_and_reach_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen = {}
+
+    def fake_fit(data, config, runtime, **kwargs):
+        seen.update(config=config, runtime=runtime)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("chestxray.train.fit", fake_fit)
+    (tmp_path / "old.yaml").write_text("epochs: 4\nchannels_last: false\ndevices: 1\n")  # an older config
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--config", str(tmp_path / "old.yaml"), "--hflip",
+                                      "--lr", "0.01", "--num-workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == TrainConfig(epochs=4, hflip=True, lr=0.01)
+    assert seen["runtime"] == RuntimeSettings(channels_last=False, devices="1", num_workers=2)
+    assert "devices" not in seen["config"].to_dict()
+    for args in (["--hflip", "False"], ["--channels-last=false"], ["--epochs", "many"], ["--optimizer", "lbfgs"]):
+        refused = CliRunner().invoke(app, ["train", str(tmp_path), *args])
+        assert refused.exit_code == 2, args
 
 
 @pytest.mark.parametrize("args, expected", [
     (["audit", "/no/such/folder"], "/no/such/folder: no such file or folder"),
     (["train", "/no/such/folder"], "/no/such/folder: no such file or folder"),
     (["predict", "/no/such/bundle", "x.png"], "/no/such/bundle: bundle folder not found"),
-    (["train", ".", "--epochz", "3"], "unknown option '--epochz'"),
-    (["train", ".", "--epochs", "many"], "'many' is not a valid int"),
+    (["train", ".", "--epochs", "0"], "epochs must be at least 1, not 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, args: list[str], expected: str) -> None:
     code, err = run_main(monkeypatch, capsys, *args)
@@ -106,12 +132,14 @@ def test_predict_calls_classes_at_an_operating_point(tmp_path: Path, monkeypatch
 
 def test_the_python_api_is_one_import_away() -> None:
     import chestxray
-    from chestxray import TrainConfig, cross_validate, fit, load_model, load_samples
+    from chestxray import TrainConfig, cross_validate, evaluate, fit, load_model, load_samples
     from chestxray.config import TrainConfig as config_class
     from chestxray.predict import load_model as loader
 
     assert TrainConfig is config_class and load_model is loader
-    assert all(callable(f) for f in (cross_validate, fit, load_samples))
+    import chestxray.evaluation  # noqa: F401 - importing the module must not shadow the function
+
+    assert all(callable(f) for f in (cross_validate, chestxray.evaluate, evaluate, fit, load_samples))
     assert set(chestxray.__all__) >= {"fit", "load_model", "TrainConfig"}
     with pytest.raises(AttributeError, match="no attribute"):
         chestxray.not_a_thing  # noqa: B018
@@ -120,8 +148,6 @@ def test_the_python_api_is_one_import_away() -> None:
 @pytest.mark.parametrize("onnx", [True, False])
 def test_train_exports_onnx_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                                tmp_path: Path, onnx: bool) -> None:
-    from factories import write_xrays
-
     data = write_xrays(tmp_path / "data")
     code, err = run_main(monkeypatch, capsys, "train", str(data), "--out", str(tmp_path / "runs"), "--name", "r",
                          "--arch", "tf_efficientnet_lite0", "--weights", "none", "--image-size", "32",
@@ -134,3 +160,18 @@ def test_train_exports_onnx_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, 
         from chestxray.predict import load_model
 
         assert load_model(bundle, backend="auto").backend == "onnx"  # its weights digest matches
+
+
+def test_cv_and_sweep_print_their_results_once(tmp_path: Path) -> None:
+    data = write_xrays(tmp_path / "data", patients=4)
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
+    runs = str(tmp_path / "runs")
+    cv = CliRunner().invoke(app, ["cv", str(data), "--folds", "2", "--out", runs, "--name", "c", *flags])
+    assert cv.exit_code == 0, cv.output
+    assert cv.stdout.count("2-fold cross-validation") == 1 and cv.stdout.count("out-of-fold") == 1
+    assert cv.stdout.count("mean ± std") == 1 and cv.stdout.count("results:") == 1
+    sweep = CliRunner().invoke(app, ["sweep", str(data), "--trials", "1", "--out", runs, "--name", "s", *flags])
+    assert sweep.exit_code == 0, sweep.output
+    assert sweep.stdout.count("best trial 0") == 1 and sweep.stdout.count("best config:") == 1
+    again = CliRunner().invoke(app, ["cv", str(data), "--folds", "2", "--out", runs, "--name", "c", *flags])
+    assert again.exit_code != 0 and "already holds a run" in str(again.exception or again.output)

@@ -13,7 +13,7 @@ import torch
 from factories import TINY, write_xrays
 
 from chestxray.bundle import load_bundle
-from chestxray.config import TrainConfig
+from chestxray.config import RuntimeSettings, TrainConfig
 from chestxray.cv import cross_validate
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
@@ -92,4 +92,5 @@ def test_more_folds_than_patients_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("layout", [{"strategy": "ddp"}, {"devices": "2"}, {"num_nodes": 2}])
 def test_multi_process_layouts_are_refused(tmp_path: Path, layout: dict) -> None:
     with pytest.raises(ChestXrayError, match="one device in one process"):
-        cross_validate(tmp_path, TrainConfig(**{**TINY, **layout}), out_dir=tmp_path / "runs", progress=False)
+        cross_validate(tmp_path, TrainConfig(**TINY), runtime=RuntimeSettings(**layout), out_dir=tmp_path / "runs",
+                       progress=False)

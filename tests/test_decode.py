@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import sys
 import zlib
@@ -11,8 +12,8 @@ import pydicom
 import pytest
 from PIL import Image, ImageFile
 
-from chestxray.decode import (MAX_PIXELS, Preprocessing, fit_square, load_image, normalize_contrast, preprocess,
-                              probe_image)
+from chestxray.decode import (MAX_PIXELS, Preprocessing, fit_geometry, fit_square, gray_array, load_image,
+                              normalize_contrast, preprocess, probe_image)
 from chestxray.errors import InputError
 
 
@@ -397,3 +398,26 @@ def test_the_header_is_checked_before_the_file_is_read(tmp_path, monkeypatch):
         load_image(path)
     assert_one_line_error(err, "claims.png", "decompression")
     assert probe_image(path).width == 12000  # the probe reads the header only
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_an_array_and_a_file_of_the_same_pixels_give_the_same_gray_image(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    pixels = rng.integers(0, 256, (30, 20, channels), dtype=np.uint8)
+    if channels == 4:
+        pixels[..., 3] = np.linspace(0, 255, 20, dtype=np.uint8)  # every opacity, from clear to opaque
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    assert np.array_equal(gray_array(pixels), load_image(buffer.getvalue()))
+    with pytest.raises(InputError, match="uint8"):
+        gray_array(pixels.astype(np.float32))
+    with pytest.raises(InputError, match="shape"):
+        gray_array(pixels[..., :2])
+
+
+def test_fit_geometry_places_the_image_as_fit_square_does() -> None:
+    image = np.full((50, 100), 200, np.uint8)
+    _, new_h, new_w, top, left = fit_geometry(50, 100, 64, "pad")
+    square = fit_square(image, 64, "pad")
+    assert (new_h, new_w) == (32, 64) and square[top:top + new_h, left:left + new_w].min() == 200
+    assert square[:top].max() == 0 and square[top + new_h:].max() == 0

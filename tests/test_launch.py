@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from chestxray.cache import build_cache
-from chestxray.config import TrainConfig
+from chestxray.config import RuntimeSettings, TrainConfig
 from chestxray.launch import gather_in_order, trainer_layout
 from chestxray.errors import ChestXrayError
 from chestxray.predict import load_model, predict_paths, shard
@@ -80,22 +80,22 @@ def test_layout_follows_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                         "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "job1"}.items():
         monkeypatch.setenv(name, value)
-    layout = trainer_layout(TrainConfig(), "cpu")
+    layout = trainer_layout(RuntimeSettings(), "cpu", freeze_epochs=1)
     assert (layout["devices"], layout["num_nodes"]) == (2, 2)
     assert isinstance(layout["strategy"], DDPStrategy)
     assert layout["strategy"]._ddp_kwargs["find_unused_parameters"]  # the frozen first epoch
-    assert not trainer_layout(TrainConfig(freeze_epochs=0), "cpu")["strategy"]._ddp_kwargs["find_unused_parameters"]
-    assert trainer_layout(TrainConfig(devices="2", num_nodes=2), "cpu")["devices"] == 2
+    assert not trainer_layout(RuntimeSettings(), "cpu", freeze_epochs=0)["strategy"]._ddp_kwargs["find_unused_parameters"]
+    assert trainer_layout(RuntimeSettings(devices="2", num_nodes=2), "cpu")["devices"] == 2
     with pytest.raises(ChestXrayError, match="torchrun"):
-        trainer_layout(TrainConfig(devices="4"), "cpu")
+        trainer_layout(RuntimeSettings(devices="4"), "cpu")
     with pytest.raises(ChestXrayError, match="torchrun"):
-        trainer_layout(TrainConfig(num_nodes=3), "cpu")
+        trainer_layout(RuntimeSettings(num_nodes=3), "cpu")
 
 
 def test_layout_without_torchrun() -> None:
-    assert trainer_layout(TrainConfig(), "cpu") == {"devices": "auto", "num_nodes": 1, "strategy": "auto"}
-    assert isinstance(trainer_layout(TrainConfig(devices="2"), "cpu")["strategy"], DDPStrategy)
-    assert trainer_layout(TrainConfig(devices="2", strategy="ddp_spawn"), "cpu")["strategy"] == "ddp_spawn"
+    assert trainer_layout(RuntimeSettings(), "cpu") == {"devices": "auto", "num_nodes": 1, "strategy": "auto"}
+    assert isinstance(trainer_layout(RuntimeSettings(devices="2"), "cpu")["strategy"], DDPStrategy)
+    assert trainer_layout(RuntimeSettings(devices="2", strategy="ddp_spawn"), "cpu")["strategy"] == "ddp_spawn"
 
 
 # ---------------------------------------------------------------------- the cache, built once
@@ -175,7 +175,7 @@ def test_ddp_training_matches_one_process(xray_subset: Path, tmp_path: Path) -> 
              *flags, "--batch-size=4", "--strategy=ddp", "--cache-dir", str(cache_dir), timeout=600)
     run = tmp_path / "runs" / "ddp"
     assert sorted(p.name for p in run.iterdir()) == ["bundle", "checkpoints", "config.yaml", "curves.png",
-                                                      "environment.json", "metrics.csv", "split.csv"]
+                                                      "environment.json", "logs", "metrics.csv", "split.csv"]
     assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".npy"]
     ddp = json.loads((run / "bundle" / "model.json").read_text())["metrics"]
     history = pd.read_csv(run / "metrics.csv")

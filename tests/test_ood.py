@@ -7,12 +7,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from chestxray.errors import ChestXrayError
-from chestxray.models import create_model
-from chestxray.ood import OODGuard, fit_guard
+from chestxray.ood import OODGuard
 
 N_CLASSES, DIM = 3, 40
 
@@ -135,15 +133,3 @@ def test_bad_guards_and_features_are_refused() -> None:
 def test_nan_scores_are_not_flagged() -> None:
     guard = OODGuard.fit(*blobs(20, seed=0))
     assert guard.is_ood(np.array([np.nan, guard.threshold + 1])).tolist() == [False, True]
-
-
-def test_fit_guard_on_a_model_gives_a_json_dict() -> None:
-    torch.manual_seed(0)
-    model = create_model("test_efficientnet", 2, weights="none").eval()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)
-    data = fit_guard(model, images, np.arange(16) % 2, val_images=images[:4])
-    guard = OODGuard.from_dict(json.loads(json.dumps(data)))
-    assert guard.means.shape == (2, 256)
-    pooled = OODGuard.from_dict(fit_guard(model, images, np.eye(2)[np.arange(16) % 2]))  # multi-label targets
-    assert pooled.means.shape == (1, 256)

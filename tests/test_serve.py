@@ -265,7 +265,7 @@ def test_health_and_model_description(client: TestClient, predictor: Predictor) 
     meta = predictor.meta
     assert model["classes"] == CLASSES and model["image_size"] == IMAGE_SIZE and model["task"] == "multiclass"
     assert model["temperature"] == meta.temperature and model["metrics"] == meta.metrics
-    assert model["trained_on"] == {"n_train": 12} and model["arch"] == "resnet18"
+    assert model["trained_on"]["n_train"] == 24 and model["arch"] == "resnet18"
     assert model["version"] == meta.package_version and model["ood_guard"] is False
     assert model["ood_threshold"] is None and model["operating_points"] == {}
     assert model["max_upload_bytes"] == 20 * 1024 * 1024

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from factories import TINY, write_xrays
 
+from chestxray.bundle import load_bundle
 from chestxray.config import TrainConfig, load_config
 from chestxray.errors import ChestXrayError
 from chestxray.sweep import DEFAULT_SPACE, check_space, default_space, load_space, suggest, sweep
@@ -39,8 +40,11 @@ def test_sweep_writes_trials_and_a_reusable_best_config(tmp_path: Path) -> None:
     for number in range(3):
         trial_dir = run / "trials" / str(number)
         assert (trial_dir / "metrics.csv").is_file()
-        assert (trial_dir / "bundle").is_dir() == (number == result.best_trial), "only the best trial keeps weights"
-        assert (trial_dir / "checkpoints").is_dir() == (number == result.best_trial)
+        assert (trial_dir / "bundle").is_dir() == (number == result.best_trial), "only the best trial is saved"
+        assert not (trial_dir / "checkpoints").exists(), "trials train in memory"
+    assert result.bundle_dir == run / "trials" / str(result.best_trial) / "bundle"
+    meta = load_bundle(result.bundle_dir)[1]
+    assert meta.metrics["val_loss"] == pytest.approx(result.best_value) and meta.extra["config"]["lr"] == best["lr"]
 
 
 def test_pruned_trials_stop_early(tmp_path: Path) -> None:
@@ -82,6 +86,7 @@ def test_space_from_yaml_next_to_the_base_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("space", "message"), [
     ({"learning_rate": [0.1]}, "unknown config key 'learning_rate'"),
+    ({"devices": ["1", "2"]}, "unknown config key 'devices'"),  # hardware is not a hyper-parameter
     ({"optimizer": ["adam", "lbfgs"]}, "optimizer must be one of"),
     ({"lr": {"low": 1e-2, "high": 1e-4}}, "lr needs low < high"),
     ({"lr": {"low": "small", "high": 1e-2}}, "lr bound 'small' is not a number"),

@@ -21,10 +21,10 @@ from chestxray.bundle import load_bundle
 from chestxray.config import TrainConfig, load_config
 from chestxray.errors import ChestXrayError
 from chestxray.runners import as_runner, run_images
-from chestxray.train import fit
+from chestxray.train import fit, run_directory
 
 TINY = dict(arch="tf_efficientnet_lite0", weights="none", image_size=32, epochs=2, batch_size=8,
-            freeze_epochs=1, warmup_epochs=0, channels_last=False)
+            freeze_epochs=1, warmup_epochs=0)
 
 
 def _write_classes(root: Path, per_class: int = 12) -> Path:
@@ -49,7 +49,9 @@ def test_tiny_run_writes_run_directory_and_bundle(tmp_path: Path) -> None:
     assert json.loads((run / "environment.json").read_text())["allocator"] == "system"  # tests: see conftest
     history = pd.read_csv(run / "metrics.csv")
     assert list(history["epoch"]) == [1, 2]
-    assert {"train_loss", "val_loss", "val_acc", "val_auc", "lr"} <= set(history.columns)
+    assert {"train_loss", "val_loss", "val_acc", "val_auc", "lr", "lr_backbone"} <= set(history.columns)
+    logged = pd.read_csv(run / "logs" / "metrics.csv")  # Lightning's CSVLogger: every parameter group's rate
+    assert {"lr-AdamW/pg1", "lr-AdamW/pg2", "val_loss"} <= set(logged.columns)
     split = pd.read_csv(run / "split.csv")
     train_patients = set(split[split.subset == "train"].patient_id)
     assert not train_patients & set(split[split.subset == "val"].patient_id)
@@ -176,3 +178,19 @@ def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ChestXrayError, match="epochz"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_an_existing_run_is_never_silently_replaced(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("epochs: 1\n")
+    (run / "checkpoints").mkdir()
+    with pytest.raises(ChestXrayError, match="already holds a run.*--resume.*--overwrite"):
+        run_directory(tmp_path / "runs", "x")
+    assert run_directory(tmp_path / "runs", "x", resume=True) == run and (run / "config.yaml").is_file()
+    assert run_directory(tmp_path / "runs", "x", overwrite=True) == run and not run.exists()
+    (tmp_path / "runs" / "notes.txt").write_text("mine")
+    with pytest.raises(ChestXrayError, match="not a run folder"):
+        run_directory(tmp_path, "runs", overwrite=True)
+    assert (tmp_path / "runs" / "notes.txt").is_file()
+    assert run_directory(tmp_path / "runs", "fresh") == tmp_path / "runs" / "fresh"

@@ -4,8 +4,7 @@ Not a diagnostic device: models built with it are research tools.
 
 The shortest path, from a notebook::
 
-    from chestxray import TrainConfig, fit, load_model
-    from chestxray.evaluate import evaluate
+    from chestxray import TrainConfig, evaluate, fit, load_model
 
     run = fit("data/", TrainConfig(epochs=12))          # run directory and model bundle
     evaluate(run.bundle_dir, "data/", "runs/eval")      # metrics with intervals, report.html
@@ -20,8 +19,10 @@ from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
-_LAZY = {"load_model": "predict", "fit": "train", "cross_validate": "cv", "TrainConfig": "config",
-         "load_samples": "sources"}  # not "evaluate": importing the submodule of that name would shadow it
+_LAZY = {"load_model": "predict", "predict_files": "predict", "fit": "train", "prepare_data": "train",
+         "train_model": "train", "calibrate": "calibration", "cross_validate": "cv", "evaluate": "evaluation",
+         "TrainConfig": "config", "RuntimeSettings": "config", "load_samples": "sources"}
+# Never a name that is also a submodule's (e.g. sweep): once the submodule is imported it would shadow the function.
 __all__ = ["__version__", *_LAZY]
 
 

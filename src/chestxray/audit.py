@@ -27,10 +27,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .cache import build_cache
-from .decode import content_hash, probe_image
+from .decode import content_hash, fit_geometry, probe_image
 from .errors import ChestXrayError, InputError
 from .sources import SPLIT_NAMES, Samples, load_samples
 from .storage import atomic_path, make_folder, write_text
+
+__all__ = ["NEAR_DUPLICATE_MAX_DISTANCE", "AGAINST_SCOPE", "NO_FINDING", "Spread", "ImageStats", "FileIssue",
+           "DuplicatePair", "PatientOverlap", "ShortcutCheck", "AuditReport", "audit", "perceptual_hashes",
+           "render_terminal"]
 
 ReportFormat = Literal["md", "html"]
 
@@ -283,10 +287,7 @@ def _unpadded(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
     Hashing the black padding would make any two images of similar aspect ratio look alike.
     """
-    size = image.shape[0]
-    scale = size / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    top, left = (size - new_h) // 2, (size - new_w) // 2
+    _, new_h, new_w, top, left = fit_geometry(height, width, image.shape[0], "pad")
     return np.asarray(image[top:top + new_h, left:left + new_w])
 
 

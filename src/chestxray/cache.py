@@ -32,6 +32,8 @@ from .errors import ChestXrayError, InputError
 from .sources import Samples
 from .storage import make_folder, reserve, write_error, write_text
 
+__all__ = ["ImageCache", "default_cache_dir", "fingerprint", "build_cache"]
+
 CACHE_VERSION = 1
 _console = Console(stderr=True)
 _INLINE_BELOW = 64  # fewer images than this are decoded in-process: a pool costs more than it saves

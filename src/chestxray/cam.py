@@ -26,6 +26,8 @@ from torch import nn
 from .errors import ChestXrayError
 from .models import ChestXrayNet, EnsembleNet
 
+__all__ = ["explained_member", "target_layer", "gradcam", "overlay", "to_png"]
+
 DEFAULT_ALPHA = 0.4
 _PROBE_SIZE = 64
 

@@ -5,15 +5,18 @@ Every :class:`ChestXrayError` becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from .config import load_config, options_help, overrides_from_args
 from .errors import ChestXrayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -94,38 +97,79 @@ def audit(data: Path = DataArg,
     render_terminal(report, console)
 
 
-TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (e.g. a sweep's best.yaml); flags win.")
 OutOpt = typer.Option(Path("runs"), "--out", help="Parent folder of run directories.")
 NameOpt = typer.Option(None, "--name", help="Run name (default: a timestamp).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing run folder of this --name.")
 
 
-def _train_config(config: Optional[Path], ctx: typer.Context):
-    """The training config from --config and the command's extra flags."""
+def training_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one typed option per field of ``TrainConfig`` and ``RuntimeSettings``, generated
+    from their declarations (help, default, constraint; shown in one ``--help`` panel per group;
+    booleans as ``--flag/--no-flag``). The command receives the options given as
+    ``settings=(config overrides, runtime overrides)``; options left out are not in them."""
+    from .config import Choices, RuntimeSettings, TrainConfig, declared_options
+
+    signature = inspect.signature(command)
+    hints = typing.get_type_hints(command)
+    params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "settings"]
+    groups = {cls: declared_options(cls) for cls in (TrainConfig, RuntimeSettings)}
+    for options in groups.values():
+        for name, default, meta in options:
+            flag = name.replace("_", "-")
+            check = meta["check"]
+            shown = str(default).lower() if isinstance(default, bool) else default
+            limit = f"; {check}" if check is not None and not isinstance(check, Choices) else ""
+            text = f"{meta['help']} (default: {shown}{limit})"
+            metavar = "[" + "|".join(map(str, check.values)) + "]" if isinstance(check, Choices) else None
+            declared = typer.Option(None, f"--{flag}/--no-{flag}" if isinstance(default, bool) else f"--{flag}",
+                                    help=text, metavar=metavar, show_default=False,
+                                    rich_help_panel=f"{meta['group']} options")
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=declared,
+                                            annotation=Optional[type(default)]))
+
+    @functools.wraps(command)
+    def with_settings(**values: object) -> None:
+        given = [{name: values.pop(name) for name, _, _ in options} for options in groups.values()]
+        command(**values, settings=tuple({k: v for k, v in part.items() if v is not None} for part in given))
+
+    with_settings.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    with_settings.__annotations__ = {p.name: p.annotation for p in params}
+    return with_settings
+
+
+def _settings(command: str, config: Optional[Path], settings: tuple[dict, dict]):
+    """The training config and runtime settings from --config and the command's flags (flags win)."""
+    from .config import load_config, load_runtime
     from .launch import world_size
 
-    if ctx.command.name in ("cv", "sweep") and world_size() > 1:
-        raise ChestXrayError(f"`chestxray {ctx.command.name}` runs its models one after the other in one "
+    if command in ("cv", "sweep") and world_size() > 1:
+        raise ChestXrayError(f"`chestxray {command}` runs its models one after the other in one "
                              "process: launch it without torchrun")
-    return load_config(config, **overrides_from_args(ctx.args))
+    train_overrides, runtime_overrides = settings
+    return load_config(config, **train_overrides), load_runtime(config, **runtime_overrides)
 
 
 ONNX_PARITY_IMAGES = 16
 """Validation X-rays on which `train` checks the exported ONNX model against PyTorch."""
 
 
-@app.command(context_settings=TRAIN_CONTEXT, epilog=options_help())
-def train(ctx: typer.Context, data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = OutOpt,
+@app.command()
+@training_options
+def train(data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = OutOpt,
           name: Optional[str] = NameOpt,
-          resume: bool = typer.Option(False, "--resume", help="Continue the run --name from its last checkpoint."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the run --name from its last checkpoint "
+                                      "(with its saved config; hardware options still apply)."),
+          overwrite: bool = OverwriteOpt,
           onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export the bundle to ONNX (parity-checked "
                                     "on validation X-rays): predict and serve then start fast and run 2-5x faster."),
-          cache_dir: Optional[Path] = CacheOpt) -> None:
+          cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Fine-tune a model on DATA (its test split is never used) and write a run directory and bundle."""
     from .train import fit
 
-    settings = None if resume else _train_config(config, ctx)
-    result = fit(data, settings, out_dir=out, name=name, resume=resume, cache_dir=cache_dir)
+    training, runtime = _settings("train", config, settings)
+    result = fit(data, None if resume else training, runtime, out_dir=out, name=name, resume=resume,
+                 overwrite=overwrite, cache_dir=cache_dir)
     if not result.metrics:  # a rank other than 0 of a distributed run
         return
     if onnx:
@@ -139,34 +183,41 @@ def train(ctx: typer.Context, data: Path = DataArg, config: Optional[Path] = Con
     console.print(f"bundle: {result.bundle_dir}", soft_wrap=True)
 
 
-@app.command(context_settings=TRAIN_CONTEXT, epilog=options_help())
-def cv(ctx: typer.Context, data: Path = DataArg, folds: int = typer.Option(5, "--folds", "-k"),
+@app.command()
+@training_options
+def cv(data: Path = DataArg, folds: int = typer.Option(5, "--folds", "-k"),
        keep_models: bool = typer.Option(False, "--keep-models", help="Save the fold models as one ensemble bundle."),
        config: Optional[Path] = ConfigOpt, out: Path = OutOpt, name: Optional[str] = NameOpt,
-       cache_dir: Optional[Path] = CacheOpt) -> None:
+       overwrite: bool = OverwriteOpt, cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Stratified, patient-grouped k-fold cross-validation on DATA's training images."""
-    from .cv import cross_validate, render_cv
+    from .cv import cross_validate
 
-    result = cross_validate(data, _train_config(config, ctx), folds, out_dir=out, name=name,
-                            keep_models=keep_models, cache_dir=cache_dir)
-    render_cv(result, console)
+    training, runtime = _settings("cv", config, settings)
+    result = cross_validate(data, training, folds, runtime, out_dir=out, name=name, keep_models=keep_models,
+                            overwrite=overwrite, cache_dir=cache_dir)
+    _render_cv(result)
     console.print(f"results: {result.run_dir}" + (f"\nbundle: {result.bundle_dir}" if result.bundle_dir else ""),
                   soft_wrap=True)
 
 
-@app.command(context_settings=TRAIN_CONTEXT, epilog=options_help())
-def sweep(ctx: typer.Context, data: Path = DataArg, trials: int = typer.Option(20, "--trials", "-n"),
+@app.command()
+@training_options
+def sweep(data: Path = DataArg, trials: int = typer.Option(20, "--trials", "-n"),
           timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
           config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with a base config under "
                                                 "`train:` and an optional search `space:`."),
-          out: Path = OutOpt, name: Optional[str] = NameOpt, cache_dir: Optional[Path] = CacheOpt) -> None:
+          out: Path = OutOpt, name: Optional[str] = NameOpt, overwrite: bool = OverwriteOpt,
+          cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Optuna hyperparameter search with pruning; writes trials.csv and best.yaml (for train --config)."""
-    from .sweep import load_space, render_sweep, sweep as run_sweep
+    from .sweep import load_space, sweep as run_sweep
 
-    result = run_sweep(data, _train_config(config, ctx), trials, out_dir=out, name=name, timeout=timeout,
-                       cache_dir=cache_dir, space=load_space(config) if config else None)
-    render_sweep(result, console)
-    console.print(f"best config: {result.run_dir / 'best.yaml'}", soft_wrap=True)
+    training, runtime = _settings("sweep", config, settings)
+    result = run_sweep(data, training, trials, runtime, out_dir=out, name=name, timeout=timeout,
+                       cache_dir=cache_dir, space=load_space(config) if config else None, overwrite=overwrite)
+    _render_sweep(result)
+    best = result.run_dir / "best.yaml"
+    console.print(f"best config: {best} (retrain with: chestxray train DATA --config {best})"
+                  + (f"\nbundle of the best trial: {result.bundle_dir}" if result.bundle_dir else ""), soft_wrap=True)
 
 
 BundleArg = typer.Argument(..., help="A model bundle folder (runs/<name>/bundle).")
@@ -184,15 +235,18 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
              seed: int = typer.Option(0, help="Bootstrap seed."),
              cam_gallery: int = typer.Option(8, "--cam-gallery", help="Most confident errors shown with Grad-CAM."),
              batch_size: int = typer.Option(32, "--batch-size"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier evaluation "
+                                            "in --out."),
              cache_dir: Optional[Path] = CacheOpt) -> None:
     """Metrics with 95% bootstrap intervals, calibration and an HTML report of BUNDLE on DATA.
 
     Exit 1 if any file was unreadable: named on stderr, left out of the metrics, listed in metrics.json.
     """
-    from .evaluate import evaluate as run_evaluate, headline
+    from .evaluation import evaluate as run_evaluate, headline
 
     result = run_evaluate(bundle, data, out, split=split, n_boot=n_boot, seed=seed, cam_gallery=cam_gallery,
-                          batch_size=batch_size, cache_dir=cache_dir, progress=err_console.is_terminal)
+                          batch_size=batch_size, cache_dir=cache_dir, progress=err_console.is_terminal,
+                          overwrite=overwrite)
     for line in headline(result):
         console.print(line, soft_wrap=True)
     console.print(f"report: {result.out_dir / 'report.html'}", soft_wrap=True)
@@ -219,35 +273,22 @@ def predict(bundle: Path = BundleArg,
             backend: str = typer.Option("auto", help=BACKEND_HELP),
             batch_size: int = typer.Option(32, "--batch-size")) -> None:
     """Predict files, folders and globs; flags out-of-distribution inputs. Exit 1 if any input failed."""
-    from .bundle import read_meta
-    from .launch import world_size
-    from .predict import apply_operating_point, load_model, predict_paths, sharded_predict, write_cams
+    from .predict import predict_files
 
     if fmt not in ("table", "csv", "json"):
         raise ChestXrayError(f"--format must be table, csv or json, not {fmt!r}")
     if out is not None:  # before predicting: an output that cannot be written must not cost the work
         _check_output(out)
-    progress = err_console.is_terminal
-    predictor = None
-    if world_size() > 1:  # launched by torchrun: each rank predicts its shard, rank 0 gets the whole table
-        table = sharded_predict(bundle, inputs, backend=backend, batch_size=batch_size, progress=progress, tta=tta)
-        if table is None:  # a rank other than 0
-            return
-    else:
-        predictor = load_model(bundle, backend=backend)
-        table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
-    if operating_point:
-        meta = predictor.meta if predictor is not None else read_meta(bundle)  # a sharded run loads none here
-        table = apply_operating_point(table, meta.operating_points, operating_point)
-    _write_table(table, fmt, out)
+    run = predict_files(bundle, inputs, backend=backend, batch_size=batch_size, tta=tta,
+                        operating_point=operating_point, cam_dir=cam, progress=err_console.is_terminal)
+    if run is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return
+    _write_table(run.table, fmt, out)
     if cam is not None:
-        explainer = predictor if predictor is not None and predictor.backend == "torch" else load_model(bundle)
-        written = write_cams(explainer, inputs, cam, progress=progress)  # Grad-CAM needs the torch model
-        err_console.print(f"{len(written)} Grad-CAM overlay(s) in {cam}")
-    failed = table["error"].notna() & (table["error"] != "")
-    if failed.any():
-        for file, error in table.loc[failed, ["file", "error"]].itertuples(index=False):
-            err_console.print(f"error: {file}: {error}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"{len(run.cams)} Grad-CAM overlay(s) in {cam}")
+    for file, error in run.failed:
+        err_console.print(f"error: {file}: {error}", markup=False, highlight=False, soft_wrap=True)
+    if run.failed:
         raise typer.Exit(1)
 
 
@@ -321,9 +362,45 @@ def serve(bundle: Path = BundleArg,
                max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_per_client=max_per_client)
 
 
-def _figure(value: float | None, spec: str) -> str:
-    """``value`` formatted, or "n/a" when missing."""
-    return "n/a" if value is None or value != value else format(value, spec)
+def _figure(value: object, spec: str = ".3f") -> str:
+    """A number formatted with ``spec``, "n/a" when missing (``None`` or NaN); anything else as text."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _render_cv(result) -> None:
+    """The per-fold scores, their mean ± std and the out-of-fold figures as one table."""
+    from rich.table import Table
+
+    from .cv import SCORES
+
+    table = Table(title=f"{len(result.folds)}-fold cross-validation ({result.run_dir})")
+    for column in ("fold", "n", *SCORES):
+        table.add_column(column.replace("_", " "), justify="right")
+    for row in result.folds.to_dict("records"):
+        table.add_row(str(row["fold"]), str(row["n"]), *(_figure(row[s]) for s in SCORES))
+    mean, std = result.summary["mean"], result.summary["std"]
+    table.add_row("mean ± std", "", *(f"{_figure(mean[s])} ± {_figure(std[s])}" for s in SCORES), end_section=True)
+    oof = result.summary["oof"]
+    table.add_row("out-of-fold", str(oof["n"]), *(_figure(oof[s]) for s in SCORES))
+    console.print(table)
+
+
+def _render_sweep(result) -> None:
+    """Every trial, best first, as one table."""
+    from rich.table import Table
+
+    frame = result.trials.sort_values("value", na_position="last")
+    params = list(result.study.best_trial.params)
+    table = Table(title=f"sweep {result.run_dir}: best trial {result.best_trial}, "
+                        f"validation loss {result.best_value:.4f}")
+    for column in ("trial", "state", "val_loss", "val_acc", *params, "seconds"):
+        table.add_column(column, justify="right", overflow="fold")
+    for row in frame.to_dict("records"):
+        cells = [row.get("value"), row.get("val_acc"), *(row.get(p) for p in params), row.get("seconds")]
+        table.add_row(str(row["number"]), str(row["state"]).lower(), *(_figure(v, ".3g") for v in cells))
+    console.print(table)
 
 
 def _write_table(table, fmt: str, out: Optional[Path]) -> None:

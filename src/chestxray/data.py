@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+__all__ = ["CachedDataset", "to_model_input", "augment_batch", "mix_batch"]
+
 
 class CachedDataset(Dataset):
     """``(image uint8 (1, S, S), target)`` pairs read from a cache array at the given rows."""

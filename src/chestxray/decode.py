@@ -14,13 +14,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Literal, Union, get_args
+from typing import BinaryIO, Literal, NamedTuple, Union, get_args
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+
+__all__ = ["FIT_MODES", "CONTRASTS", "MAX_PIXELS", "MAX_FILE_BYTES", "IMAGE_SUFFIXES", "NPZ_SEPARATOR",
+           "ImageInfo", "load_image", "decoding", "FitGeometry", "fit_geometry", "fit_square",
+           "normalize_contrast", "Preprocessing", "preprocess", "probe_image", "content_hash", "is_image_file",
+           "gray_array"]
 
 ImageSource = Union[str, Path, bytes]
 FitMode = Literal["pad", "crop"]
@@ -96,24 +101,40 @@ def decoding(label: str) -> Iterator[None]:
         raise InputError(label, f"cannot decode the image ({type(err).__name__}: {_one_line(err)})") from None
 
 
+class FitGeometry(NamedTuple):
+    """How :func:`fit_square` places an image in its square: the resize ``scale``, the resized size
+    and the offset of the resized image in the square (``pad``) or of the square in it (``crop``)."""
+
+    scale: float
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+
+
+def fit_geometry(height: int, width: int, size: int, mode: FitMode = "pad") -> FitGeometry:
+    """The :class:`FitGeometry` of a ``height`` x ``width`` image fitted to a ``size`` square."""
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit mode must be 'pad' or 'crop', not {mode!r}")
+    scale = size / (max(height, width) if mode == "pad" else min(height, width))
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    if mode == "crop":
+        return FitGeometry(scale, new_h, new_w, (new_h - size) // 2, (new_w - size) // 2)
+    return FitGeometry(scale, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2)
+
+
 def fit_square(image: np.ndarray, size: int, mode: FitMode = "pad") -> np.ndarray:
     """Resize ``image`` to ``size`` x ``size`` keeping its aspect ratio.
 
     ``pad`` fits the whole image and fills the borders with black; ``crop`` fills the square and
-    cuts the centre out of the longer side.
+    cuts the centre out of the longer side (:func:`fit_geometry` gives the placement).
     """
-    if mode not in FIT_MODES:
-        raise ValueError(f"fit mode must be 'pad' or 'crop', not {mode!r}")
-    h, w = image.shape
-    scale = size / (max(h, w) if mode == "pad" else min(h, w))
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    scale, new_h, new_w, top, left = fit_geometry(*image.shape, size, mode)
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
     if mode == "crop":
-        top, left = (new_h - size) // 2, (new_w - size) // 2
         return np.ascontiguousarray(resized[top:top + size, left:left + size])
     out = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top:top + new_h, left:left + new_w] = resized
     return out
 
@@ -315,6 +336,18 @@ def _decode_jpeg_reduced(data: bytes, shorter_side: int, min_side: int | None) -
         if shorter_side // factor >= min_side:
             return cv2.imdecode(np.frombuffer(data, np.uint8), flag)  # None if corrupt: PIL decides
     return None
+
+
+def gray_array(array: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """A 2-D uint8 image from a gray (H, W), RGB (H, W, 3) or RGBA (H, W, 4) uint8 array, converted
+    exactly as a decoded file of the same pixels is (alpha composited on black, ITU-R 601 luma)."""
+    if array.dtype != np.uint8:
+        raise InputError(name, f"expected a uint8 image array, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] in (3, 4) and min(array.shape[:2]) > 0:
+        return _pil_to_gray(Image.fromarray(np.ascontiguousarray(array), "RGBA" if array.shape[2] == 4 else "RGB"))
+    if array.ndim != 2 or min(array.shape) == 0:
+        raise InputError(name, f"expected an (H, W), (H, W, 3) or (H, W, 4) image array, got shape {array.shape}")
+    return array
 
 
 def _pil_to_gray(img: Image.Image) -> np.ndarray:

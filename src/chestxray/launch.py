@@ -17,9 +17,9 @@ from .errors import ChestXrayError
 if TYPE_CHECKING:
     import torch
 
-    from .config import TrainConfig
+    from .config import RuntimeSettings
 
-__all__ = ["world_size", "local_rank", "torchrun_layout", "trainer_layout", "gather_in_order"]
+__all__ = ["world_size", "local_rank", "is_first_process", "torchrun_layout", "trainer_layout", "gather_in_order", "one_device"]
 
 
 def world_size() -> int:
@@ -32,6 +32,14 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_first_process() -> bool:
+    """Whether this is rank 0 of the launch (or the only process): ``$RANK``, else Lightning's
+    ``$NODE_RANK``/``$LOCAL_RANK`` of the processes it starts itself."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return os.environ.get("NODE_RANK", "0") == "0" and local_rank() == 0
+
+
 def torchrun_layout() -> tuple[int, int] | None:
     """``(processes per node, nodes)`` when this process was started by ``torchrun``, else ``None``."""
     from lightning.fabric.plugins.environments import TorchElasticEnvironment
@@ -42,31 +50,41 @@ def torchrun_layout() -> tuple[int, int] | None:
     return per_node, world_size() // per_node
 
 
-def trainer_layout(config: TrainConfig, accelerator: str) -> dict[str, Any]:
-    """Lightning's ``devices``, ``num_nodes`` and ``strategy`` for ``config``.
+def trainer_layout(runtime: RuntimeSettings, accelerator: str, freeze_epochs: int = 0) -> dict[str, Any]:
+    """Lightning's ``devices``, ``num_nodes`` and ``strategy`` for ``runtime``.
 
     Under ``torchrun`` the launcher's layout is used (``--devices`` and ``--num-nodes`` may be left
     out; values that contradict it are an error). Several processes mean DDP; DDP then looks for
-    unused parameters when the first epochs train the head only, since frozen weights get no gradient.
+    unused parameters when the first ``freeze_epochs`` train the head only, since frozen weights get
+    no gradient.
     """
     import torch
     from lightning.pytorch.strategies import DDPStrategy
 
-    devices: int | str = int(config.devices) if str(config.devices).isdigit() else config.devices
-    num_nodes = config.num_nodes
+    devices: int | str = int(runtime.devices) if runtime.devices.isdigit() else runtime.devices
+    num_nodes = runtime.num_nodes
     launched = torchrun_layout()
     if launched is not None:
         per_node, nodes = launched
         if devices not in ("auto", per_node) or num_nodes not in (1, nodes):
-            raise ChestXrayError(f"--devices {config.devices} --num-nodes {num_nodes} contradict torchrun's "
+            raise ChestXrayError(f"--devices {runtime.devices} --num-nodes {num_nodes} contradict torchrun's "
                                  f"{per_node} process(es) per node on {nodes} node(s); leave them out under torchrun")
         devices, num_nodes = per_node, nodes
     per_node_count = devices if isinstance(devices, int) else (
         torch.cuda.device_count() if accelerator == "gpu" and devices == "auto" else 1)
-    strategy: str | DDPStrategy = config.strategy
-    if config.strategy == "ddp" or (config.strategy == "auto" and per_node_count * num_nodes > 1):
-        strategy = DDPStrategy(find_unused_parameters=config.freeze_epochs > 0)
+    strategy: str | DDPStrategy = runtime.strategy
+    if runtime.strategy == "ddp" or (runtime.strategy == "auto" and per_node_count * num_nodes > 1):
+        strategy = DDPStrategy(find_unused_parameters=freeze_epochs > 0)
     return {"devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+
+
+def one_device(runtime: RuntimeSettings) -> RuntimeSettings:
+    """``runtime`` on a single device: cross-validation folds and sweep trials train one after another
+    in this process, so a multi-process layout is refused."""
+    if runtime.num_nodes > 1 or runtime.strategy != "auto" or runtime.devices not in ("auto", "1"):
+        raise ChestXrayError("cross-validation and sweeps train on one device in one process: "
+                             "leave --devices, --num-nodes and --strategy at their defaults")
+    return runtime.replace(devices="1")
 
 
 def gather_in_order(rows: torch.Tensor, total: int) -> torch.Tensor:

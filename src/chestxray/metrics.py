@@ -10,13 +10,21 @@ JSON-serialisable: undefined values (an AUC for a class with no positives) are `
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.special import expit, log_softmax, softmax
 
 from chestxray.errors import ChestXrayError
+
+__all__ = ["json_number", "json_safe", "bootstrap_ci", "classification_metrics", "multilabel_metrics",
+           "interval_text", "accuracy_interval_text", "reliability_curve", "expected_calibration_error",
+           "LogitScores", "logit_scores", "logits_to_probs", "fit_temperature", "positives_matrix",
+           "operating_points", "at_operating_points", "proportion_interval", "risk_coverage",
+           "accuracy_at_coverage"]
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -28,6 +36,19 @@ _BATCH_ELEMENTS = 2_000_000  # resamples are evaluated in batches of about this 
 def json_number(value: float) -> float | None:
     """A plain float for JSON, ``None`` for NaN."""
     return None if np.isnan(value) else float(value)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (nested dicts and lists) with NaN as ``None`` and numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:
@@ -318,6 +339,51 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     count = np.array(curve["bin_count"])
     gap = np.abs(np.array(curve["bin_accuracy"], dtype=float) - np.array(curve["bin_confidence"], dtype=float))
     return float(np.nansum(gap * count) / count.sum())
+
+
+@dataclass(frozen=True)
+class LogitScores:
+    """Quick figures of raw logits against their targets: the validation figures of every epoch, of
+    calibration and of each cross-validation fold (NaN where undefined, e.g. an AUC with a class absent).
+
+    ``loss`` is the cross-entropy (multi-class) or the binary cross-entropy (multi-label) of the
+    logits; ``accuracy`` the share of right arg-maxes (multi-label: of right labels at 0.5);
+    ``balanced_accuracy`` the mean recall (multi-class only); ``macro_auc`` the one-vs-rest macro ROC-AUC.
+    """
+
+    n: int
+    loss: float
+    accuracy: float
+    balanced_accuracy: float
+    macro_auc: float
+
+
+def logit_scores(logits: np.ndarray, targets: np.ndarray, task: str) -> LogitScores:
+    """:class:`LogitScores` of ``logits`` (N, C) for class indices (N,) or a 0/1 matrix (N, C) (``task`` multilabel)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    logits_t, targets_t = torch.as_tensor(logits).float(), torch.as_tensor(targets)
+    if task == "multilabel":
+        loss = F.binary_cross_entropy_with_logits(logits_t, targets_t.float()).item()
+        probs, truth = logits_t.sigmoid().numpy(), targets_t.numpy()
+        accuracy = float(((probs > 0.5) == (truth > 0.5)).mean())
+        present = [c for c in range(truth.shape[1]) if 0 < truth[:, c].sum() < len(truth)]
+        auc = float(np.mean([roc_auc_score(truth[:, c], probs[:, c]) for c in present])) if present else np.nan
+        return LogitScores(len(truth), loss, accuracy, np.nan, auc)
+    loss = F.cross_entropy(logits_t, targets_t).item()
+    probs, truth = logits_t.softmax(-1).numpy(), targets_t.numpy()
+    accuracy = float((probs.argmax(1) == truth).mean())
+    try:
+        auc = float(roc_auc_score(truth, probs, multi_class="ovr", labels=list(range(probs.shape[1])))
+                    if probs.shape[1] > 2 else roc_auc_score(truth, probs[:, 1]))
+    except ValueError:
+        auc = np.nan
+    with warnings.catch_warnings():  # a class absent from a small validation set is expected
+        warnings.simplefilter("ignore")
+        balanced = float(balanced_accuracy_score(truth, np.asarray(logits).argmax(1)))
+    return LogitScores(len(truth), loss, accuracy, balanced, auc)
 
 
 def logits_to_probs(logits: np.ndarray, task: str, temperature: float = 1.0) -> np.ndarray:

@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 from chestxray.errors import ChestXrayError, InputError
 
+__all__ = ["ChestXrayNet", "EnsembleNet", "logits_and_features", "list_models", "create_model", "read_state_file",
+           "load_state_strict", "load_backbone_state"]
+
 DEFAULT_ARCH = "tf_efficientnet_lite0"
 NAMED_ARCHS = (
     "tf_efficientnet_lite0",

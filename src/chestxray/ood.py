@@ -40,15 +40,11 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from .errors import ChestXrayError
-from .runners import as_runner, run_images
 
-if TYPE_CHECKING:
-    import torch
+__all__ = ["power_normalise", "OODGuard"]
 
 METHOD = "ppca-mahalanobis"
 VERSION = 1
@@ -89,13 +85,15 @@ class OODGuard:
     def fit(cls, features: np.ndarray, targets: np.ndarray | None = None, *,
             val_features: np.ndarray | None = None, n_components: int = DEFAULT_COMPONENTS,
             quantile: float = DEFAULT_QUANTILE) -> OODGuard:
-        """Fit on training features (N, F) with class indices (N,) (``None``: one pooled mean).
+        """Fit on training features (N, F) with class indices (N,) (``None`` or a multi-label 0/1
+        matrix: one pooled mean).
 
         The threshold is the ``quantile`` of the held-out scores: out-of-fold scores of the
         training features, pooled with the scores of ``val_features`` when given.
         """
         features = np.asarray(features)
-        labels = np.zeros(len(features), dtype=int) if targets is None else np.asarray(targets).astype(int)
+        pooled = targets is None or np.asarray(targets).ndim != 1
+        labels = np.zeros(len(features), dtype=int) if pooled else np.asarray(targets).astype(int)
         if features.ndim != 2 or labels.shape != (len(features),):
             raise ChestXrayError(f"OOD guard: need features (N, F) and one class index each, got "
                                  f"{features.shape} and {labels.shape}")
@@ -190,22 +188,3 @@ def _out_of_fold_scores(features: np.ndarray, labels: np.ndarray, n_components: 
         scores[held_rows] = OODGuard._fit_axes(features[fit_rows], labels[fit_rows], n_components).score(
             features[held_rows])
     return scores
-
-
-def fit_guard(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray | None = None, *,
-              val_images: np.ndarray | None = None, batch_size: int = 64,
-              n_components: int = DEFAULT_COMPONENTS, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
-    """Fit the guard on the training images (uint8 (N, S, S)) and return its dict for ``meta.ood``.
-
-    ``targets``: class indices (N,) for multi-class models; a multi-label target matrix or ``None``
-    fits one pooled mean. ``val_images`` (held out from the fit) join the out-of-fold training
-    images that set the threshold.
-    """
-    targets = None if targets is None or np.asarray(targets).ndim != 1 else targets
-    runner = as_runner(model)
-    features = run_images(runner, images, batch_size)[1]
-    val_features = None
-    if val_images is not None and len(val_images):
-        val_features = run_images(runner, val_images, batch_size)[1]
-    return OODGuard.fit(features, targets, val_features=val_features, n_components=n_components,
-                        quantile=quantile).to_dict()

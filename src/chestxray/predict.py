@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .bundle import INT8_ONNX_FILE, ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
-from .decode import NPZ_SEPARATOR, is_image_file
+from .decode import NPZ_SEPARATOR, gray_array, is_image_file
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
 from .metrics import json_number, logits_to_probs
@@ -45,8 +45,9 @@ if TYPE_CHECKING:  # torch, timm and Grad-CAM load with the torch backend only: 
 
     from .models import ChestXrayNet, EnsembleNet
 
-__all__ = ["Predictor", "Prediction", "load_model", "predict_paths", "sharded_predict", "expand_inputs",
-           "apply_operating_point", "write_cams", "shard", "resolve_backend", "BACKENDS", "TTA_VIEWS"]
+__all__ = ["Predictor", "Prediction", "PredictionRun", "load_model", "predict_files", "predict_paths",
+           "sharded_predict", "expand_inputs", "apply_operating_point", "write_cams", "shard", "resolve_backend",
+           "BACKENDS", "TTA_VIEWS"]
 
 Source = str | Path | bytes | np.ndarray
 T = TypeVar("T")
@@ -111,7 +112,7 @@ class Predictor:
     def prepare(self, source: Source, name: str | None = None) -> np.ndarray:
         """The model's input square (S, S) uint8 of a path, raw bytes or an image array."""
         if isinstance(source, np.ndarray):
-            return self.preprocessing.apply(_gray_array(source, name or "<array>"))
+            return self.preprocessing.apply(gray_array(source, name or "<array>"))
         return self.preprocessing.load(source, name)
 
     def forward_arrays(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:
@@ -277,8 +278,7 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
         import torch
 
         model, meta = load_bundle(directory)
-        # channels-last convolutions: about 1.5x the CPU throughput at batch 16 (Lite0, 224 px)
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), memory_format=torch.channels_last)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return Predictor(TorchRunner(model), meta, model)
     if backend in ONNX_BACKENDS:
         meta = read_meta(directory)
@@ -390,6 +390,48 @@ def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend:
     return pd.concat(parts, ignore_index=True) if parts else frame
 
 
+@dataclass
+class PredictionRun:
+    """What :func:`predict_files` produced: the table (see :func:`predict_paths`) and the Grad-CAM files."""
+
+    table: pd.DataFrame
+    cams: list[Path]
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """``(file, error)`` of every input that could not be predicted."""
+        rows = self.table["error"].notna() & (self.table["error"] != "")
+        return [tuple(pair) for pair in self.table.loc[rows, ["file", "error"]].itertuples(index=False)]
+
+
+def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: str = "auto",
+                  batch_size: int = DEFAULT_BATCH, tta: bool = False, operating_point: str | None = None,
+                  cam_dir: str | Path | None = None, progress: bool = False) -> PredictionRun | None:
+    """Everything ``chestxray predict`` does: predict files, folders and globs with ``bundle``, add the
+    ``called`` column at ``operating_point`` (:func:`apply_operating_point`), write Grad-CAM overlays
+    into ``cam_dir`` (:func:`write_cams`).
+
+    Under ``torchrun`` every rank predicts its shard (:func:`sharded_predict`); rank 0 gets the
+    result and the others ``None`` (Grad-CAM runs on rank 0 alone).
+    """
+    predictor = None
+    if world_size() > 1:
+        table = sharded_predict(bundle, inputs, backend=backend, batch_size=batch_size, progress=progress, tta=tta)
+        if table is None:  # a rank other than 0
+            return None
+    else:
+        predictor = load_model(bundle, backend=backend)
+        table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
+    if operating_point:
+        meta = predictor.meta if predictor is not None else read_meta(bundle)  # a sharded run loads none here
+        table = apply_operating_point(table, meta.operating_points, operating_point)
+    cams: list[Path] = []
+    if cam_dir is not None:
+        explainer = predictor if predictor is not None and predictor.model is not None else load_model(bundle)
+        cams = write_cams(explainer, inputs, cam_dir, progress=progress)
+    return PredictionRun(table, cams)
+
+
 def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float]], point: str) -> pd.DataFrame:
     """``table`` (from :func:`predict_paths`) with a ``called`` column after ``label``: the classes whose
     probability is at or above their ``point`` threshold (see ``BundleMeta.operating_points``), joined by '|'."""
@@ -430,17 +472,6 @@ def write_cams(predictor: Predictor, inputs: Sequence[str | Path], out_dir: str 
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _gray_array(array: np.ndarray, name: str) -> np.ndarray:
-    """A 2-D uint8 image from a gray, RGB or RGBA uint8 array."""
-    if array.dtype != np.uint8:
-        raise InputError(name, f"expected a uint8 image array, got {array.dtype}")
-    if array.ndim == 3 and array.shape[2] in (3, 4):
-        return cv2.cvtColor(np.ascontiguousarray(array[..., :3]), cv2.COLOR_RGB2GRAY)
-    if array.ndim != 2 or min(array.shape) == 0:
-        raise InputError(name, f"expected an (H, W) or (H, W, 3) image array, got shape {array.shape}")
-    return array
 
 
 def _default_name(source: Source, index: int, single: bool) -> str:

@@ -19,6 +19,8 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from chestxray.metrics import interval_text, positives_matrix, reliability_curve
 from chestxray.storage import make_folder, write_bytes, write_text
 
+__all__ = ["plot_training_curves", "write_report"]
+
 NOTICE = (
     "Research software, not a diagnostic device. These figures describe this model on this test "
     "set only; they are no evidence of safety or performance in clinical use."

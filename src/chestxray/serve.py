@@ -54,6 +54,10 @@ from .decode import IMAGE_SUFFIXES, load_image
 from .errors import ChestXrayError, InputError
 from .predict import BACKENDS, load_model
 
+__all__ = ["MULTIPART_OVERHEAD_BYTES", "BODY_TIMEOUT_S", "MAX_CONNECTIONS_PER_CLIENT", "ApiError",
+           "PredictionOut", "ModelOut", "ErrorOut", "InferenceQueue", "GuardedH11Protocol", "guarded_protocol",
+           "uvicorn_options", "create_app", "serve", "app_from_environment", "background_server"]
+
 API_KEY_ENV = "CHESTXRAY_API_KEY"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 16 * 1024

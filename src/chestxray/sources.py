@@ -19,6 +19,8 @@ import pandas as pd
 from .decode import NPZ_SEPARATOR, is_image_file
 from .errors import ChestXrayError
 
+__all__ = ["COLUMNS", "SPLIT_NAMES", "NO_FINDING", "Samples", "load_samples", "patient_id_from_name"]
+
 Task = Literal["multiclass", "multilabel"]
 COLUMNS = ["path", "label", "split", "patient_id", "source"]
 SPLIT_NAMES = ("train", "val", "test")
@@ -74,6 +76,18 @@ class Samples:
         """The samples whose ``split`` column is ``name``."""
         return self.subset(self.frame["split"] == name)
 
+    def with_classes(self, classes: list[str], *, task: str | None = None, known_as: str = "expected") -> "Samples":
+        """These samples with ``classes`` as their class list (in that order, which fixes the target
+        indices); an error names each label outside ``classes``, or a ``task`` other than theirs."""
+        if task is not None and task != self.task:
+            raise ChestXrayError(f"{self.origin}: {self.task} labels, but the {known_as} task is {task}")
+        present = sorted({name for label in self.frame["label"] for name in label.split("|") if name})
+        unknown = [name for name in present if name not in classes]
+        if unknown:
+            raise ChestXrayError(f"{self.origin}: class(es) {', '.join(unknown)} unknown to the {known_as} classes "
+                                 f"({', '.join(classes)})")
+        return Samples(self.frame, list(classes), self.task, self.origin, self.skipped)
+
 
 def load_samples(data: str | Path, *, classes: list[str] | None = None) -> Samples:
     """Read a folder, a CSV/TSV manifest or a MedMNIST ``.npz`` into a :class:`Samples` table."""
@@ -94,7 +108,7 @@ def load_samples(data: str | Path, *, classes: list[str] | None = None) -> Sampl
             detail = f" ({len(samples.skipped)} listed, all skipped; first: {': '.join(samples.skipped[0])})"
         raise ChestXrayError(f"{path}: no labelled images found{detail}")
     if classes is not None:
-        samples = _restrict_classes(samples, classes, path)
+        samples = samples.with_classes(classes)
     return samples
 
 
@@ -218,10 +232,3 @@ def _from_medmnist(npz: Path) -> Samples:
             rows.append({"path": f"{npz}{NPZ_SEPARATOR}{split}/{i}", "label": label, "split": split,
                          "patient_id": "", "source": "medmnist"})
     return Samples(_frame(rows), classes, "multilabel" if multilabel else "multiclass", str(npz))
-
-
-def _restrict_classes(samples: Samples, classes: list[str], origin: Path) -> Samples:
-    unknown = sorted(set(samples.classes) - set(classes))
-    if unknown and samples.task == "multiclass":
-        raise ChestXrayError(f"{origin}: classes {unknown} are not among the expected {classes}")
-    return Samples(samples.frame, list(classes), samples.task, samples.origin, samples.skipped)

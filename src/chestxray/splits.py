@@ -12,6 +12,8 @@ from .errors import ChestXrayError
 from .sources import Samples
 from .storage import atomic_path
 
+__all__ = ["stratify_labels", "kfold_splits", "train_val_split", "save_split", "load_split"]
+
 
 def stratify_labels(samples: Samples) -> np.ndarray:
     """The label each sample is stratified on (multi-label rows: their label combination)."""

@@ -2,9 +2,10 @@
 
 Every trial is a :func:`chestxray.train.fit` run on the same train/validation split (the base
 config's ``val_fraction`` and ``seed``, which the space should not change) in
-``runs/<name>/trials/<n>``. The objective is the **validation loss** (cross-entropy of the best
-epoch, uncalibrated, minimised): less noisy than accuracy on small validation sets. Only the best
-trial keeps its weights (``checkpoints/`` and ``bundle/``); the others keep their logs.
+``runs/<name>/trials/<n>`` (its logs: config, split, epoch metrics, curves). The objective is the
+**validation loss** (cross-entropy of the best epoch, uncalibrated, minimised): less noisy than
+accuracy on small validation sets. The trials train in memory (checkpoints in a temporary folder);
+the best trial's model is kept and, once the search ends, calibrated and saved as its ``bundle/``.
 ``runs/<name>/trials.csv`` lists every trial (number, state, value, seconds, parameters, validation
 accuracy and AUC, error) and ``best.yaml`` holds the best trial's full config under ``train:``, so
 ``chestxray train --config best.yaml`` retrains it.
@@ -24,24 +25,30 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from rich.console import Console
-from rich.table import Table
 
-from .config import TrainConfig
-from .cv import discard_weights, one_device
+from .bundle import save_bundle
+from .calibration import SCORING_BATCH
+from .config import RuntimeSettings, TrainConfig
 from .errors import ChestXrayError, InputError
+from .launch import one_device
+from .metrics import logit_scores
+from .runners import TorchRunner, run_images
 from .sources import Samples, load_samples
-from .train import console, fit
+from .train import (MONITOR, bundle_meta, calibrate_on_validation, console, prepare_data, run_directory,
+                    train_model)
+
+__all__ = ["sweep", "SweepResult", "PruneTrial", "DEFAULT_SPACE", "default_space", "load_space", "check_space",
+           "suggest", "trials_table"]
 
 # Fast on a CPU and with ImageNet weights available offline. mobilenetv3_large_100 and resnet18 are
 # fast too but need their weights downloaded (or weights: none): add them to the space to try them.
@@ -58,13 +65,12 @@ DEFAULT_SPACE: dict[str, Any] = {
     "contrast": ["none", "clahe"],
     "epochs": {"low": 4, "high": 16, "step": 4},
 }
-OBJECTIVE = "val_loss"
 RANGE_KEYS = {"low", "high", "log", "step"}
 
 
 @dataclass
 class SweepResult:
-    """The finished study, every trial as a table and the best config."""
+    """The finished study, every trial as a table, the best config and the best trial's bundle."""
 
     run_dir: Path
     best_config: TrainConfig
@@ -72,22 +78,24 @@ class SweepResult:
     best_trial: int
     trials: pd.DataFrame
     study: optuna.Study
+    bundle_dir: Path | None = None
 
 
 class PruneTrial(Callback):
-    """Report each epoch's validation loss to an Optuna trial; raise ``TrialPruned`` when the pruner says so."""
+    """Report each epoch's validation loss (``train.MONITOR``) to an Optuna trial; raise ``TrialPruned``
+    when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
 
     def on_train_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
-        value = trainer.callback_metrics.get(OBJECTIVE)
+        value = trainer.callback_metrics.get(MONITOR)
         if value is None:
             return
         epoch = trainer.current_epoch + 1
         self.trial.report(float(value), epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch} ({OBJECTIVE} {float(value):.4f})")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} (validation loss {float(value):.4f})")
 
 
 def default_space(base: TrainConfig) -> dict[str, Any]:
@@ -147,10 +155,12 @@ def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, trials: int = 20, *,
+def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, trials: int = 20,
+          runtime: RuntimeSettings | None = None, *,
           out_dir: str | Path = "runs", name: str | None = None, timeout: float | None = None,
           cache_dir: str | Path | None = None, space: Mapping[str, Any] | None = None,
-          pruner: optuna.pruners.BasePruner | None = None, progress: bool | None = None) -> SweepResult:
+          pruner: optuna.pruners.BasePruner | None = None, overwrite: bool = False,
+          progress: bool | None = None) -> SweepResult:
     """Search ``space`` (default :func:`default_space`) for the config with the lowest validation loss.
 
     Runs at most ``trials`` trials and stops starting new ones after ``timeout`` seconds. The
@@ -159,30 +169,40 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
     run out of GPU memory are recorded as failed and the search goes on.
     """
     base = base_config or TrainConfig()
-    trial_base = one_device(base)  # trials train one after another; best.yaml keeps the base layout
+    progress = console.is_terminal if progress is None else progress
+    runtime = one_device(runtime or RuntimeSettings())  # trials train one after another in this process
     samples = data if isinstance(data, Samples) else load_samples(data)  # a bad path fails once, not per trial
     space = check_space(space if space is not None else default_space(base), base)
-    run_dir = Path(out_dir) / (name or datetime.now().strftime("sweep-%Y%m%d-%H%M%S"))
+    run_dir = run_directory(out_dir, name, prefix="sweep-", overwrite=overwrite)
     trials_dir = run_dir / "trials"
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    best: dict[str, Any] = {}  # the best finished trial's model and data, saved as a bundle at the end
+
     def objective(trial: optuna.Trial) -> float:
-        config = trial_base.replace(**suggest(trial, space))
+        config = base.replace(**suggest(trial, space))
         try:
-            result = fit(samples, config, out_dir=trials_dir, name=str(trial.number), cache_dir=cache_dir,
-                         progress=progress, callbacks=[PruneTrial(trial)])
+            prepared = prepare_data(samples, config, cache_dir=cache_dir, progress=progress)
+            model, history = train_model(prepared, config, runtime, run_dir=trials_dir / str(trial.number),
+                                         keep_checkpoints=False, progress=progress,
+                                         callbacks=[PruneTrial(trial)])
         except (ChestXrayError, torch.OutOfMemoryError) as err:
             trial.set_user_attr("error", str(err).splitlines()[0] if str(err) else type(err).__name__)
             return math.nan  # optuna records the trial as failed and goes on
-        trial.set_user_attr("val_acc", result.metrics["val_acc"])
-        trial.set_user_attr("val_auc", result.metrics["val_auc"])
-        return result.metrics[OBJECTIVE]
+        images = np.asarray(prepared.cache.images)[prepared.val_rows]
+        logits = run_images(TorchRunner(model), images, SCORING_BATCH)[0]
+        scores = logit_scores(logits, prepared.targets[prepared.val_rows], prepared.samples.task)
+        trial.set_user_attr("val_acc", scores.accuracy)
+        trial.set_user_attr("val_auc", scores.macro_auc)
+        if not best or scores.loss < best["loss"]:
+            best.update(number=trial.number, loss=scores.loss, model=model, prepared=prepared, config=config,
+                        history=history)
+        return scores.loss
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        _keep_best_weights(study, trials_dir)
         trials_table(study).to_csv(run_dir / "trials.csv", index=False)
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            detail = f"{OBJECTIVE} {trial.value:.4f}"
+            detail = f"validation loss {trial.value:.4f}"
         elif trial.state == optuna.trial.TrialState.PRUNED:
             detail = f"after epoch {trial.last_step}"
         else:
@@ -203,15 +223,19 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
         errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
         raise ChestXrayError(f"no trial of the sweep {run_dir} finished"
                              + (f"; first error: {errors[0]}" if errors else " (all pruned or none started)"))
-    best = study.best_trial
-    best_config = base.replace(**best.params)
+    winner = study.best_trial
+    best_config = base.replace(**winner.params)
     (run_dir / "best.yaml").write_text(yaml.safe_dump(
         {"train": best_config.to_dict(),
-         "sweep": {"trial": best.number, "objective": f"{OBJECTIVE} (min)", "value": best.value,
-                   "params": best.params, "run_dir": str(trials_dir / str(best.number))}}, sort_keys=False))
-    result = SweepResult(run_dir, best_config, float(best.value), best.number, trials_table(study), study)
-    render_sweep(result, console)
-    return result
+         "sweep": {"trial": winner.number, "objective": "validation loss (min)", "value": winner.value,
+                   "params": winner.params, "run_dir": str(trials_dir / str(winner.number))}}, sort_keys=False))
+    bundle_dir = None
+    if best.get("number") == winner.number:
+        model, prepared = best["model"], best["prepared"]
+        meta = bundle_meta(prepared, best["config"], calibrate_on_validation(model, prepared), best["history"])
+        bundle_dir = save_bundle(trials_dir / str(winner.number) / "bundle", model, meta)
+    return SweepResult(run_dir, best_config, float(winner.value), winner.number, trials_table(study), study,
+                       bundle_dir)
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -223,30 +247,6 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return frame.rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
 
 
-def render_sweep(result: SweepResult, console: Console) -> None:
-    """Every trial, best first, as a table."""
-    frame = result.trials.sort_values("value", na_position="last")
-    params = list(result.study.best_trial.params)
-    table = Table(title=f"sweep {result.run_dir}: best trial {result.best_trial}, {OBJECTIVE} {result.best_value:.4f}")
-    for column in ("trial", "state", OBJECTIVE, "val_acc", *params, "seconds"):
-        table.add_column(column, justify="right", overflow="fold")
-    for row in frame.to_dict("records"):
-        cells = [row.get("value"), row.get("val_acc"), *(row.get(p) for p in params), row.get("seconds")]
-        table.add_row(str(row["number"]), str(row["state"]).lower(), *(_cell(v) for v in cells))
-    console.print(table)
-    best = result.run_dir / "best.yaml"
-    console.print(f"best config: {best} (retrain with: chestxray train DATA --config {best})", soft_wrap=True)
-
-
-def _keep_best_weights(study: optuna.Study, trials_dir: Path) -> None:
-    """Delete the weights of every finished trial but the best one."""
-    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    best = study.best_trial.number if completed else None
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state.is_finished() and trial.number != best:
-            discard_weights(trials_dir / str(trial.number))
-
-
 def _number(value: Any, key: str) -> int | float:
     """An int or float from YAML (which reads ``1e-4`` as a string)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -255,11 +255,3 @@ def _number(value: Any, key: str) -> int | float:
         return float(value)
     except (TypeError, ValueError):
         raise ChestXrayError(f"search space: {key} bound {value!r} is not a number") from None
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)

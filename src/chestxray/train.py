@@ -1,17 +1,26 @@
 """Training on Lightning: fine-tune a pretrained backbone on cached images and write a run directory.
 
-``runs/<name>/`` holds ``config.yaml``, ``split.csv``, ``metrics.csv`` (one row per epoch),
-``checkpoints/`` (best and last, for ``--resume``), ``curves.png`` and the model ``bundle/``.
+The steps, each public, that :func:`fit` composes (and cross-validation and sweeps reuse in memory):
+:func:`prepare_data` (samples, cache, train/validation split) -> :func:`train_model` (the model at
+its best epoch and the per-epoch history) -> :func:`calibrate_on_validation` (temperature, operating
+points, OOD guard: :mod:`chestxray.calibration`) -> :func:`bundle_meta` and ``bundle.save_bundle``.
+
+``runs/<name>/`` holds ``config.yaml``, ``split.csv``, ``environment.json``, ``metrics.csv`` (one row
+per epoch), ``checkpoints/`` (best and last, for ``--resume``), ``curves.png`` and the model ``bundle/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import hashlib
 import logging
 import math
 import os
 import random
+import re
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -26,27 +35,38 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
+                                         ModelCheckpoint, RichProgressBar)
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from rich.console import Console
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from .allocator import active_allocator
 from .bundle import BundleMeta, save_bundle
 from .cache import ImageCache, build_cache
-from .config import TrainConfig, load_config, save_config
+from .calibration import Calibration, calibrate
+from .config import RuntimeSettings, TrainConfig, load_config, save_config
 from .data import CachedDataset, augment_batch, mix_batch, to_model_input
 from .decode import content_hash
 from .errors import ChestXrayError, InputError
-from .launch import gather_in_order, trainer_layout
-from .metrics import fit_temperature, logits_to_probs, operating_points
+from .launch import gather_in_order, is_first_process, trainer_layout
+from .metrics import logit_scores
 from .models import ChestXrayNet, create_model, load_state_strict
-from .ood import OODGuard
 from .report import plot_training_curves
-from .runners import TorchRunner, run_images
 from .sources import Samples, load_samples
 from .splits import load_split, save_split, train_val_split
 from .storage import atomic_path, make_folder, temporary_name, write_error, write_text
+
+__all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "drop_test_copies",
+           "PreparedData", "RunResult", "ClassifierModule", "MONITOR"]
+
+RUN_ENTRIES = frozenset({"config.yaml", "split.csv", "environment.json", "metrics.csv", "curves.png", "checkpoints",
+                         "bundle", "logs", "cv.csv", "cv.json", "oof.csv", "trials", "trials.csv", "best.yaml"})
+"""What training, cross-validation and sweeps write into a run folder (and ``fold<i>/`` folders)."""
+_FOLD = re.compile(r"fold\d+")
+
+MONITOR = "val_loss"
+"""The validation figure (minimised) that picks the best epoch, stops training early and prunes sweep trials."""
 
 console = Console(stderr=True)
 for _logger in ("lightning.pytorch", "lightning.fabric"):
@@ -73,6 +93,7 @@ class RunResult:
     bundle_dir: Path
     metrics: dict[str, Any]
     history: pd.DataFrame
+    calibration: Calibration | None = None
 
 
 def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: str | Path | None = None,
@@ -168,10 +189,12 @@ def _safe_hash(path: str) -> str:
 class ClassifierModule(L.LightningModule):
     """Loss, augmentation, optimiser groups and schedule around a :class:`ChestXrayNet`."""
 
-    def __init__(self, model: ChestXrayNet, config: TrainConfig, class_weights: torch.Tensor | None = None) -> None:
+    def __init__(self, model: ChestXrayNet, config: TrainConfig, class_weights: torch.Tensor | None = None,
+                 channels_last: bool = True) -> None:
         super().__init__()
         self.model = model
         self.config = config
+        self.channels_last = channels_last
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0))
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -185,7 +208,7 @@ class ClassifierModule(L.LightningModule):
             if side < x.shape[-1]:  # progressive resizing: smaller images in the early epochs
                 x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
             x = augment_batch(x, self.config.augment, self.config.hflip)
-        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
         weights = self.class_weights if self.class_weights.numel() else None
@@ -232,7 +255,7 @@ class ClassifierModule(L.LightningModule):
         optimizer = _make_optimizer(groups, config)
         if config.schedule == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.2, patience=2)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR}}
         if config.schedule == "none":
             return {"optimizer": optimizer}
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -248,23 +271,9 @@ class ClassifierModule(L.LightningModule):
 
 
 def validation_metrics(logits: torch.Tensor, targets: torch.Tensor, task: str) -> dict[str, float]:
-    """Loss, accuracy and macro AUC of a validation pass (AUC is NaN when a class is absent)."""
-    if task == "multilabel":
-        loss = F.binary_cross_entropy_with_logits(logits, targets.float()).item()
-        probs, truth = logits.sigmoid().cpu().numpy(), targets.cpu().numpy()
-        accuracy = float(((probs > 0.5) == (truth > 0.5)).mean())
-        present = [c for c in range(truth.shape[1]) if 0 < truth[:, c].sum() < len(truth)]
-        auc = float(np.mean([roc_auc_score(truth[:, c], probs[:, c]) for c in present])) if present else math.nan
-        return {"val_loss": loss, "val_acc": accuracy, "val_auc": auc}
-    loss = F.cross_entropy(logits, targets).item()
-    probs, truth = logits.softmax(-1).cpu().numpy(), targets.cpu().numpy()
-    accuracy = float((probs.argmax(1) == truth).mean())
-    try:
-        auc = float(roc_auc_score(truth, probs, multi_class="ovr", labels=list(range(probs.shape[1])))
-                    if probs.shape[1] > 2 else roc_auc_score(truth, probs[:, 1]))
-    except ValueError:
-        auc = math.nan
-    return {"val_loss": loss, "val_acc": accuracy, "val_auc": auc}
+    """The per-epoch validation figures under the names Lightning logs (``val_loss``, ``val_acc``, ``val_auc``)."""
+    scores = logit_scores(logits.cpu(), targets.cpu(), task)
+    return {MONITOR: scores.loss, "val_acc": scores.accuracy, "val_auc": scores.macro_auc}
 
 
 def _make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
@@ -331,133 +340,199 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class EpochLog(Callback):
-    """One line per epoch on the console, and ``metrics.csv`` in the run directory."""
+    """One line per epoch on the console and one row of :meth:`history` (also ``metrics.csv`` when given a path)."""
 
-    def __init__(self, path: Path, epochs: int) -> None:
+    def __init__(self, path: Path | None, config: TrainConfig) -> None:
         self.path = path
-        self.epochs = epochs
-        self.rows: list[dict[str, float]] = pd.read_csv(path).to_dict("records") if path.is_file() else []
+        self.config = config
+        self.rows: list[dict[str, float]] = pd.read_csv(path).to_dict("records") if path and path.is_file() else []
         self._start = time.perf_counter()
+
+    def history(self) -> pd.DataFrame:
+        """The epochs logged so far, one row each."""
+        return pd.DataFrame(self.rows)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or "val_loss" not in trainer.callback_metrics:
+        if not trainer.is_global_zero or MONITOR not in trainer.callback_metrics:
             return
         logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
         epoch = trainer.current_epoch + 1
-        row = {"epoch": epoch, "train_loss": logged.get("train_loss", math.nan), "val_loss": logged["val_loss"],
-               "val_acc": logged["val_acc"], "val_auc": logged["val_auc"],
-               "lr": trainer.optimizers[0].param_groups[0]["lr"], "train_px": module.config.train_size(epoch - 1),
-               "seconds": time.perf_counter() - self._start}
+        groups = trainer.optimizers[0].param_groups  # the head's, then the backbone's
+        row = {"epoch": epoch, "train_loss": logged.get("train_loss", math.nan), "val_loss": logged[MONITOR],
+               "val_acc": logged["val_acc"], "val_auc": logged["val_auc"], "lr": groups[0]["lr"],
+               **({"lr_backbone": groups[1]["lr"]} if len(groups) > 1 else {}),
+               "train_px": self.config.train_size(epoch - 1), "seconds": time.perf_counter() - self._start}
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
-        with atomic_path(self.path) as tmp:
-            pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        console.print(f"epoch {epoch:>3}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
+        if self.path is not None:
+            with atomic_path(self.path) as tmp:
+                pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        console.print(f"epoch {epoch:>3}/{self.config.epochs}  train_loss {row['train_loss']:.4f}  "
                       f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_auc {row['val_auc']:.3f}  "
                       f"lr {row['lr']:.2e}  {row['seconds']:.0f}s", soft_wrap=True)
 
 
-def fit(data: str | Path | Samples, config: TrainConfig | None = None, *, out_dir: str | Path = "runs",
-        name: str | None = None, resume: bool = False, cache_dir: str | Path | None = None,
-        progress: bool | None = None, split_file: str | Path | None = None,
-        callbacks: Sequence[Callback] = ()) -> RunResult:
-    """Train a model on ``data`` (test split excluded) and write its run directory and bundle.
+def train_model(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings | None = None, *,
+                run_dir: str | Path | None = None, resume: bool = False, keep_checkpoints: bool = True, progress: bool = False,
+                callbacks: Sequence[Callback] = ()) -> tuple[ChestXrayNet, pd.DataFrame | None]:
+    """Train a model on ``prepared``'s training rows, early-stopped on its validation rows; return the
+    model with the weights of its best epoch (lowest validation loss; eval mode) and its history
+    (one row per epoch: ``epoch, train_loss, val_loss, val_acc, val_auc, lr, train_px, seconds``).
+    ``runtime`` (default :class:`~chestxray.config.RuntimeSettings`) says how to use the machine.
 
-    With ``resume``, the run ``out_dir/name`` continues from its last checkpoint with its saved
-    config and split. ``split_file`` (a ``split.csv`` as saved in run directories) fixes the
-    training and validation images; ``callbacks`` are extra Lightning callbacks (e.g. pruning).
+    ``run_dir`` receives ``config.yaml``, ``split.csv``, ``environment.json``, ``metrics.csv``,
+    ``curves.png`` and, with ``keep_checkpoints``, ``checkpoints/`` (best and last); without
+    ``keep_checkpoints`` (or without ``run_dir``) the checkpoints live in a temporary folder.
+    ``resume`` continues from ``run_dir/checkpoints/last.ckpt``. ``callbacks`` are extra Lightning
+    callbacks (e.g. pruning). In a multi-process launch only rank 0 writes and gets the history;
+    the other ranks get ``None``.
     """
-    if split_file is not None and not Path(split_file).is_file():
-        raise InputError(split_file, "split file not found")
-    run_dir = Path(out_dir) / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume:
-        if not last.is_file():
-            raise ChestXrayError(f"{run_dir}: no checkpoint to resume from (expected {last})")
-        config = load_config(run_dir / "config.yaml")
-    elif config is None:
-        config = TrainConfig()
-    if progress is None:
-        progress = console.is_terminal
+    runtime = runtime or RuntimeSettings()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    _set_threads(config)
-    split_file = run_dir / "split.csv" if resume else split_file
-    prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=split_file, progress=progress)
+    _set_threads(runtime)
     samples = prepared.samples
     model = create_model(config.arch, len(samples.classes), config.weights, config.drop_rate, samples.task)
-    if config.channels_last:
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    module = ClassifierModule(model, config, _class_weights(prepared, config))
-    if resume:
-        check_checkpoint(last, module)
-    trainer = _make_trainer(config, run_dir, progress, callbacks)
-    if trainer.is_global_zero:
-        make_folder(run_dir, "run folder")
-        save_config(config, run_dir / "config.yaml")
-        save_split(run_dir / "split.csv", samples, {"train": prepared.train_rows, "val": prepared.val_rows})
-        runtime = runtime_environment()
-        write_text(run_dir / "environment.json", json.dumps(runtime, indent=2))
-        console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
-                      f"{len(prepared.val_rows)} ({len(samples.classes)} classes, {config.image_size}px; "
-                      f"{runtime['threads']} threads, allocator {runtime['allocator']}) -> {run_dir}")
-    try:
-        trainer.fit(module, *_loaders(prepared, config), ckpt_path=last if resume else None, weights_only=True)
-    except OSError as err:  # a checkpoint or metrics.csv that cannot be written: the last complete one is kept
-        kept = f"; resume from the last complete checkpoint with --resume --name {run_dir.name}" if last.is_file() else ""
-        raise write_error(getattr(err, "filename", None) or run_dir, err, f"write the run{kept}") from None
-    if not trainer.is_global_zero:  # rank 0 alone wrote the checkpoints and metrics (maybe on another node)
-        return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    history = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
-    bundle_dir, metrics = _write_bundle(module.model.float().eval(), prepared, config, run_dir, history)
-    if len(history):
+    module = ClassifierModule(model, config, _class_weights(prepared, config), runtime.channels_last)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        if run_dir is not None and keep_checkpoints:
+            checkpoints = run_dir / "checkpoints"
+        else:
+            checkpoints = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chestxray-ckpt-")))
+        last = checkpoints / "last.ckpt"
+        if resume:
+            check_checkpoint(last, module)
+        log = EpochLog(run_dir / "metrics.csv" if run_dir is not None else None, config)
+        trainer = _make_trainer(config, runtime, checkpoints, progress, [log, *callbacks],
+                                _logger(runtime.logger, run_dir) if run_dir is not None else False)
+        if trainer.is_global_zero:
+            _start_run(run_dir, config, prepared)
+        try:
+            trainer.fit(module, *_loaders(prepared, config, runtime), ckpt_path=last if resume else None,
+                        weights_only=True)
+        except OSError as err:  # a checkpoint or metrics.csv that cannot be written: the last complete one is kept
+            where = run_dir if run_dir is not None else checkpoints
+            kept = (f"; resume from the last complete checkpoint with --resume --name {where.name}"
+                    if run_dir is not None and last.is_file() else "")
+            raise write_error(getattr(err, "filename", None) or where, err, f"write the run{kept}") from None
+        if not trainer.is_global_zero:  # rank 0 alone wrote the checkpoints and metrics (maybe on another node)
+            return module.model.float().eval(), None
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+    history = log.history()
+    if run_dir is not None and len(history):
         plot_training_curves(history, run_dir / "curves.png")
-    return RunResult(run_dir, bundle_dir, metrics, history)
+    return module.model.float().eval(), history
 
 
-def _write_bundle(model: ChestXrayNet, prepared: PreparedData, config: TrainConfig, run_dir: Path,
-                  history: pd.DataFrame) -> tuple[Path, dict[str, Any]]:
+def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData) -> None:
+    """Log what is trained; write the run's ``config.yaml``, ``split.csv`` and ``environment.json``."""
+    runtime = runtime_environment()
+    target = f" -> {run_dir}" if run_dir is not None else ""
+    console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
+                  f"{len(prepared.val_rows)} ({len(prepared.samples.classes)} classes, {config.image_size}px; "
+                  f"{runtime['threads']} threads, allocator {runtime['allocator']}){target}")
+    if run_dir is None:
+        return
+    make_folder(run_dir, "run folder")
+    save_config(config, run_dir / "config.yaml")
+    save_split(run_dir / "split.csv", prepared.samples, {"train": prepared.train_rows, "val": prepared.val_rows})
+    write_text(run_dir / "environment.json", json.dumps(runtime, indent=2))
+
+
+def calibrate_on_validation(model: ChestXrayNet, prepared: PreparedData) -> Calibration:
+    """:func:`~chestxray.calibration.calibrate` on ``prepared``'s validation rows, with the OOD guard
+    fitted on its training rows."""
     images = np.asarray(prepared.cache.images)
-    runner = TorchRunner(model)
-    train_features = run_images(runner, images[prepared.train_rows], 64)[1]
-    val_logits, val_features = run_images(runner, images[prepared.val_rows], 64)
-    val_targets = prepared.targets[prepared.val_rows]
-    metrics = validation_metrics(torch.from_numpy(val_logits), torch.from_numpy(val_targets), model.task)
-    temperature = 1.0
-    if model.task == "multiclass" and len(val_logits):
-        temperature = fit_temperature(val_logits, val_targets)
-        metrics["val_loss_calibrated"] = F.cross_entropy(torch.from_numpy(val_logits) / temperature,
-                                                         torch.from_numpy(val_targets)).item()
-    classes = list(prepared.samples.classes)
-    meta = BundleMeta(
-        classes=classes, image_size=config.image_size,
-        preprocess=config.preprocessing().options(), temperature=float(temperature),
-        operating_points=operating_points(val_targets, logits_to_probs(val_logits, model.task, temperature), classes)
-        if len(val_logits) else {},
-        ood=_fit_ood(train_features, prepared.targets[prepared.train_rows], val_features),
+    return calibrate(model, images[prepared.val_rows], prepared.targets[prepared.val_rows],
+                     classes=list(prepared.samples.classes), guard_images=images[prepared.train_rows],
+                     guard_targets=prepared.targets[prepared.train_rows])
+
+
+def bundle_meta(prepared: PreparedData, config: TrainConfig, calibration: Calibration,
+                history: pd.DataFrame | None) -> BundleMeta:
+    """The bundle metadata of a model trained on ``prepared`` with ``config``: preprocessing, calibration,
+    the validation figures (``val_loss``, ``val_acc``, ``val_auc``, ``val_loss_calibrated``), what it was
+    trained on and its history."""
+    metrics: dict[str, Any] = {}
+    if calibration.scores is not None:
+        metrics = {MONITOR: calibration.scores.loss, "val_acc": calibration.scores.accuracy,
+                   "val_auc": calibration.scores.macro_auc}
+    if calibration.loss_calibrated is not None:
+        metrics["val_loss_calibrated"] = calibration.loss_calibrated
+    return BundleMeta(
+        classes=list(prepared.samples.classes), image_size=config.image_size,
+        preprocess=config.preprocessing().options(), **calibration.bundle_fields(),
         train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
         extra={"config": config.to_dict(), "trained_on": {
             "origin": prepared.samples.origin, "n_train": int(len(prepared.train_rows)),
             "n_val": int(len(prepared.val_rows)),
             "class_counts": prepared.samples.frame["label"].value_counts().to_dict()},
-            "history": history.to_dict("list")})
-    bundle_dir = save_bundle(run_dir / "bundle", model, meta)
-    return bundle_dir, metrics
+            "history": (history if history is not None else pd.DataFrame()).to_dict("list")})
 
 
-def _fit_ood(features: np.ndarray, targets: np.ndarray, val_features: np.ndarray) -> dict[str, Any] | None:
-    """The out-of-distribution guard, fitted on the training features, thresholded on held-out ones."""
-    try:
-        return OODGuard.fit(features, targets if targets.ndim == 1 else None,
-                            val_features=val_features if len(val_features) else None).to_dict()
-    except ChestXrayError as err:  # e.g. too few images in a tiny run
-        console.print(f"[yellow]no out-of-distribution guard: {err}[/]")
-        return None
+def run_directory(out_dir: str | Path, name: str | None, *, prefix: str = "", resume: bool = False,
+                  overwrite: bool = False) -> Path:
+    """``out_dir/name`` (default name: ``prefix`` and a timestamp) for a new run, never silently reused.
+
+    An existing non-empty folder is refused unless ``resume`` (it is continued) or ``overwrite``
+    (it is deleted first, so no old checkpoint or metric survives beside the new ones); a folder
+    holding anything a run does not write is never deleted. Only the first process of a launch
+    checks and deletes.
+    """
+    run_dir = Path(out_dir) / (name or datetime.now().strftime(f"{prefix}%Y%m%d-%H%M%S"))
+    if resume or not is_first_process() or not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return run_dir
+    if not overwrite:
+        raise ChestXrayError(f"{run_dir} already holds a run; choose another --name, continue it with --resume "
+                             "or replace it with --overwrite")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not _FOLD.fullmatch(p.name))
+    if foreign:
+        raise ChestXrayError(f"{run_dir} is not a run folder (it holds {', '.join(foreign[:3])}); "
+                             "not deleting it: choose another --name")
+    shutil.rmtree(run_dir)
+    return run_dir
+
+
+def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: RuntimeSettings | None = None, *,
+        out_dir: str | Path = "runs",
+        name: str | None = None, resume: bool = False, overwrite: bool = False, cache_dir: str | Path | None = None,
+        progress: bool | None = None, split_file: str | Path | None = None,
+        callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train a model on ``data`` (test split excluded) and write its run directory and bundle:
+    :func:`prepare_data` -> :func:`train_model` -> :func:`calibrate_on_validation` -> ``save_bundle``.
+
+    With ``resume``, the run ``out_dir/name`` continues from its last checkpoint with its saved
+    config and split; an existing run is otherwise refused unless ``overwrite`` (:func:`run_directory`).
+    ``split_file`` (a ``split.csv`` as saved in run directories) fixes the
+    training and validation images; ``callbacks`` are extra Lightning callbacks (e.g. pruning).
+    """
+    if split_file is not None and not Path(split_file).is_file():
+        raise InputError(split_file, "split file not found")
+    run_dir = run_directory(out_dir, name, resume=resume, overwrite=overwrite)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise ChestXrayError(f"{run_dir}: no checkpoint to resume from (expected {last})")
+        config = load_config(run_dir / "config.yaml")
+        split_file = run_dir / "split.csv"
+    elif config is None:
+        config = TrainConfig()
+    if progress is None:
+        progress = console.is_terminal
+    prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=split_file, progress=progress)
+    model, history = train_model(prepared, config, runtime, run_dir=run_dir, resume=resume, progress=progress,
+                                 callbacks=callbacks)
+    if history is None:  # a rank other than 0 of a multi-process run
+        return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
+    calibration = calibrate_on_validation(model, prepared)
+    meta = bundle_meta(prepared, config, calibration, history)
+    return RunResult(run_dir, save_bundle(run_dir / "bundle", model, meta), meta.metrics, history, calibration)
 
 
 def _class_weights(prepared: PreparedData, config: TrainConfig) -> torch.Tensor | None:
@@ -472,7 +547,7 @@ def _class_weights(prepared: PreparedData, config: TrainConfig) -> torch.Tensor 
     return torch.tensor(len(targets) / (n_classes * counts), dtype=torch.float32)
 
 
-def _loaders(prepared: PreparedData, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
+def _loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings) -> tuple[DataLoader, DataLoader]:
     train_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.train_rows)
     val_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.val_rows)
     sampler = None
@@ -481,36 +556,55 @@ def _loaders(prepared: PreparedData, config: TrainConfig) -> tuple[DataLoader, D
         weights = 1.0 / np.bincount(labels)[labels]
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels),
                                         generator=torch.Generator().manual_seed(config.seed))
-    common = {"batch_size": config.batch_size, "num_workers": config.num_workers,
-              "persistent_workers": config.num_workers > 0}
+    common = {"batch_size": config.batch_size, "num_workers": runtime.num_workers,
+              "persistent_workers": runtime.num_workers > 0}
     drop_last = len(train_set) > config.batch_size
     train = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=drop_last, **common)
     return train, DataLoader(val_set, shuffle=False, **common)
 
 
-def _make_trainer(config: TrainConfig, run_dir: Path, progress: bool,
-                  extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+def _logger(kind: str, run_dir: Path) -> Logger | bool:
+    """The Lightning logger ``kind`` writing into ``run_dir/logs`` (``False`` for ``none``)."""
+    if kind == "none":
+        return False
+    try:
+        if kind == "tensorboard":
+            return TensorBoardLogger(run_dir, name="logs", version="")
+        if kind == "mlflow":
+            return MLFlowLogger(experiment_name=run_dir.parent.name or "chestxray", run_name=run_dir.name,
+                                tracking_uri=(run_dir / "logs").resolve().as_uri())
+    except ModuleNotFoundError:
+        raise ChestXrayError(f"--logger {kind} needs the {kind} package (pip install {kind}); "
+                             "or use --logger csv") from None
+    return CSVLogger(run_dir, name="logs", version="")
+
+
+def _make_trainer(config: TrainConfig, runtime: RuntimeSettings, checkpoint_dir: Path, progress: bool,
+                  extra_callbacks: Sequence[Callback] = (), logger: Logger | bool = False) -> L.Trainer:
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    precision = config.precision
+    precision = runtime.precision
     if precision == "auto":  # bf16 is 5-10x slower on CPUs without native bf16: mixed precision on GPU only
         precision = "16-mixed" if accelerator == "gpu" else "32-true"
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
+    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=MONITOR, mode="min",
                            save_weights_only=False, enable_version_counter=False)
     # last.ckpt after every epoch, whatever val_loss does (save_last=True on the monitored checkpoint
     # writes it only when that one improves), after metrics.csv has its row (train-epoch end)
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                            save_on_train_epoch_end=True, save_weights_only=False, enable_version_counter=False)
-    callbacks: list[Callback] = [best, last, EarlyStopping("val_loss", patience=config.patience),
-                                 EpochLog(run_dir / "metrics.csv", config.epochs), RandomState(), *extra_callbacks]
+    callbacks: list[Callback] = [best, last, EarlyStopping(MONITOR, patience=config.patience), *extra_callbacks,
+                                 RandomState()]
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if config.ema:  # validation, checkpoints and the bundle then use the averaged weights
         callbacks.append(EMAWeightAveraging(decay=config.ema))
     if progress:
         callbacks.append(RichProgressBar(leave=False))
-    return L.Trainer(max_epochs=config.epochs, accelerator=accelerator, **trainer_layout(config, accelerator),
-                     precision=precision, callbacks=callbacks, logger=False, enable_progress_bar=progress,
+    return L.Trainer(max_epochs=config.epochs, accelerator=accelerator,
+                     **trainer_layout(runtime, accelerator, config.freeze_epochs),
+                     precision=precision, callbacks=callbacks, logger=logger, enable_progress_bar=progress,
                      plugins=[AtomicCheckpointIO()],
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
-                     default_root_dir=run_dir, log_every_n_steps=1)
+                     default_root_dir=checkpoint_dir, log_every_n_steps=1)
 
 
 def runtime_environment() -> dict[str, Any]:
@@ -520,13 +614,13 @@ def runtime_environment() -> dict[str, Any]:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
-def _set_threads(config: TrainConfig) -> None:
+def _set_threads(runtime: RuntimeSettings) -> None:
     """All cores for one process; an equal share each when several processes share the machine.
 
     Cores are those this process may run on (a cluster job's allocation), not all of the machine's.
     """
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if str(config.devices).isdigit() and not torch.cuda.is_available():
-        local_processes = max(local_processes, int(config.devices))
+    if runtime.devices.isdigit() and not torch.cuda.is_available():
+        local_processes = max(local_processes, int(runtime.devices))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // local_processes))

@@ -30,6 +30,8 @@ from .report import write_report
 from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
 from .storage import atomic_path, make_folder, write_text
 
+__all__ = ["EvaluationResult", "evaluate", "headline"]
+
 SPLITS = ("auto", "all", *SPLIT_NAMES)
 MISUSE_NOTE = (
     "Use it only on images like its training images: it has not been validated on other populations "
@@ -59,19 +61,25 @@ class EvaluationResult:
 
 def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Path, *, split: str = "auto",
              n_boot: int = 1000, seed: int = 0, cam_gallery: int = 8, batch_size: int = 32,
-             cache_dir: str | Path | None = None, progress: bool = True) -> EvaluationResult:
+             cache_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> EvaluationResult:
     """Evaluate ``bundle`` (a bundle folder or a loaded :class:`Predictor`) on ``data`` (anything
     :func:`~chestxray.sources.load_samples` reads).
 
     ``split``: ``"auto"`` takes the ``test`` split when the data has one, else every image; or
     ``"all"``, ``"train"``, ``"val"``, ``"test"``. Classes are matched by name (the order may
     differ); a class of the data unknown to the model is an error. Unreadable images are counted,
-    listed in ``metrics.json`` and left out of the metrics.
+    listed in ``metrics.json`` and left out of the metrics. Files of an earlier evaluation in
+    ``out_dir`` are refused unless ``overwrite``.
     """
+    existing = [path.name for path in EvaluationResult(Path(out_dir), {}, [], "", "", 0, 0).files.values()
+                if path.exists()]
+    if existing and not overwrite:
+        raise ChestXrayError(f"{out_dir} already holds an evaluation ({', '.join(existing)}); choose another --out "
+                             "or replace it with --overwrite")
     predictor = bundle if isinstance(bundle, Predictor) else load_model(bundle)
     make_folder(out_dir, "evaluation folder")  # before the work: a folder that cannot be made loses nothing
     samples, split = _select(load_samples(data), split, data)
-    samples = _match_classes(samples, predictor, data)
+    samples = samples.with_classes(predictor.classes, task=predictor.meta.task, known_as="model's")
     cache = build_cache(samples, predictor.preprocessing, cache_dir=cache_dir, progress=progress)
     failed = [(samples.frame["path"].iloc[row], reason) for row, reason in sorted(cache.failed.items())]
     ok = cache.ok
@@ -145,18 +153,6 @@ def _select(samples: Samples, split: str, data: str | Path) -> tuple[Samples, st
         present = sorted(set(samples.frame["split"]) - {""}) or ["none"]
         raise ChestXrayError(f"{data}: no images in the '{split}' split (splits present: {', '.join(present)})")
     return chosen, split
-
-
-def _match_classes(samples: Samples, predictor: Predictor, data: str | Path) -> Samples:
-    """The samples with the model's class order; an error for a task or class the model does not know."""
-    if samples.task != predictor.meta.task:
-        raise ChestXrayError(f"{data}: {samples.task} labels, but the model is {predictor.meta.task}")
-    present = sorted({name for label in samples.frame["label"] for name in label.split("|") if name})
-    unknown = [name for name in present if name not in predictor.classes]
-    if unknown:
-        raise ChestXrayError(f"{data}: class(es) {', '.join(unknown)} unknown to the model "
-                             f"(its classes: {', '.join(predictor.classes)})")
-    return Samples(samples.frame, predictor.classes, samples.task, samples.origin)
 
 
 def _predictions_frame(samples: Samples, ok: np.ndarray, predictor: Predictor, probs: np.ndarray, scores: np.ndarray,

@@ -16,7 +16,7 @@ from PIL import Image
 from chestxray.bundle import META_FILE
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
-from chestxray.evaluate import evaluate, headline
+from chestxray.evaluation import evaluate, headline
 from chestxray.metrics import classification_metrics, multilabel_metrics
 from chestxray.predict import load_model
 
@@ -87,7 +87,7 @@ def test_validation_operating_points_are_judged_on_the_evaluated_images(tmp_path
 def test_unknown_class_is_one_clear_error(tmp_path: Path, make_folder) -> None:
     bundle = make_bundle(tmp_path / "bundle", guard=False)
     data = make_folder({"normal": 2, "covid": 2})
-    with pytest.raises(ChestXrayError, match="covid unknown to the model"):
+    with pytest.raises(ChestXrayError, match="covid unknown to the model's classes"):
         evaluate(bundle, data, tmp_path / "eval", progress=False)
 
 
@@ -105,7 +105,10 @@ def test_unreadable_files_are_counted_and_the_rest_evaluated(tmp_path: Path, mak
     assert frame.loc[frame["file"] == str(broken), "error"].item() != ""
     assert (frame.loc[frame["file"] != str(broken), "error"] == "").all()
     with pytest.raises(ChestXrayError, match="no images in the 'val' split"):
-        evaluate(bundle, data, tmp_path / "eval", split="val", progress=False)
+        evaluate(bundle, data, tmp_path / "eval", split="val", progress=False, overwrite=True)
+    with pytest.raises(ChestXrayError, match="already holds an evaluation .*--overwrite"):
+        evaluate(bundle, data, tmp_path / "eval", progress=False)  # never silently replaced
+    assert json.loads(result.files["metrics"].read_text()) == written
 
 
 def test_multilabel_data(tmp_path: Path) -> None:

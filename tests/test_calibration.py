@@ -1,0 +1,60 @@
+"""Calibration: one step fits the temperature, the operating points and the OOD guard on held-out images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chestxray.calibration import Calibration, calibrate, calibrate_outputs
+from chestxray.metrics import fit_temperature, logit_scores
+from chestxray.models import create_model
+from chestxray.ood import OODGuard
+from chestxray.runners import as_runner, run_images
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = create_model("test_efficientnet", 2, weights="none").eval()
+    torch.nn.init.normal_(net.backbone.get_classifier().weight, std=1.0)
+    return net
+
+
+def test_calibrate_fits_every_part_on_the_images_it_is_given(model: torch.nn.Module) -> None:
+    rng = np.random.default_rng(0)
+    train, held = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8), rng.integers(0, 256, (8, 32, 32), dtype=np.uint8)
+    targets = np.arange(8) % 2
+    calibration = calibrate(model, held, targets, classes=["a", "b"], guard_images=train,
+                            guard_targets=np.arange(16) % 2)
+    logits = run_images(as_runner(model), held)[0]
+    assert calibration.temperature == pytest.approx(fit_temperature(logits, targets))
+    assert calibration.scores == logit_scores(logits, targets, "multiclass")
+    assert calibration.loss_calibrated == pytest.approx(logit_scores(logits / calibration.temperature, targets,
+                                                                     "multiclass").loss)
+    assert set(calibration.operating_points) == {"a", "b"}
+    guard = OODGuard.from_dict(json.loads(json.dumps(calibration.ood)))
+    assert guard.means.shape == (2, 256) and len(guard.held_out) == 16 + 8  # out-of-fold training + held-out
+    assert set(calibration.bundle_fields()) == {"temperature", "operating_points", "ood"}
+
+
+def test_multilabel_and_guardless_calibration(model: torch.nn.Module) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 32, 32), dtype=np.uint8)
+    truth = np.eye(2, dtype=int)[np.arange(12) % 2]
+    multilabel = calibrate(model, images, truth, classes=["a", "b"], task="multilabel", guard_images=images,
+                           guard_targets=truth)
+    assert multilabel.temperature == 1.0 and multilabel.loss_calibrated is None
+    assert OODGuard.from_dict(multilabel.ood).means.shape == (1, 256)  # one pooled mean
+    logits = run_images(as_runner(model), images)[0]
+    assert calibrate_outputs(logits, np.arange(12) % 2, classes=["a", "b"], task="multiclass").ood is None
+    assert calibrate_outputs(logits[:0], np.arange(0), classes=["a", "b"], task="multiclass") == Calibration()
+
+
+def test_too_few_images_give_no_guard_and_a_warning(model: torch.nn.Module, caplog: pytest.LogCaptureFixture) -> None:
+    images = np.zeros((2, 32, 32), np.uint8)
+    calibration = calibrate(model, images, np.array([0, 1]), classes=["a", "b"], guard_images=images,
+                            guard_targets=np.array([0, 1]))
+    assert calibration.ood is None and "no out-of-distribution guard" in caplog.text

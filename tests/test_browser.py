@@ -16,7 +16,7 @@ from chestxray.serve import background_server, create_app
 from conftest import xray_array
 from factories import CLASSES, build_tiny_bundle
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

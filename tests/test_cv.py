@@ -25,6 +25,7 @@ def _digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
     data = write_xrays(tmp_path / "data")
     result = cross_validate(data, TrainConfig(**TINY), folds=3, out_dir=tmp_path / "runs", name="cv",

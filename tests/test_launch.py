@@ -101,6 +101,7 @@ def test_layout_without_torchrun() -> None:
 # ---------------------------------------------------------------------- the cache, built once
 
 
+@pytest.mark.slow
 def test_concurrent_builders_decode_once(make_folder, tmp_path: Path) -> None:
     folder = make_folder({"a": 3, "b": 3})
     context = multiprocessing.get_context("spawn")
@@ -122,6 +123,7 @@ def test_concurrent_builders_decode_once(make_folder, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- sharded prediction
 
 
+@pytest.mark.slow
 def test_sharded_prediction_equals_one_process(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     images = tmp_path / "images"

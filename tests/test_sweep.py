@@ -24,6 +24,7 @@ class PruneAfterFirstTrial(optuna.pruners.BasePruner):
         return trial.number > 0
 
 
+@pytest.mark.slow
 def test_sweep_writes_trials_and_a_reusable_best_config(tmp_path: Path) -> None:
     data = write_xrays(tmp_path / "data", patients=4)
     base = TrainConfig(**TINY)
@@ -47,6 +48,7 @@ def test_sweep_writes_trials_and_a_reusable_best_config(tmp_path: Path) -> None:
     assert meta.metrics["val_loss"] == pytest.approx(result.best_value) and meta.extra["config"]["lr"] == best["lr"]
 
 
+@pytest.mark.slow
 def test_pruned_trials_stop_early(tmp_path: Path) -> None:
     data = write_xrays(tmp_path / "data", patients=4)
     base = TrainConfig(**{**TINY, "epochs": 2})
@@ -60,6 +62,7 @@ def test_pruned_trials_stop_early(tmp_path: Path) -> None:
     assert not (pruned / "checkpoints").exists() and not (pruned / "bundle").exists()
 
 
+@pytest.mark.slow
 def test_sweep_where_every_trial_fails_names_the_error(tmp_path: Path) -> None:
     data = write_xrays(tmp_path / "data", patients=2)
     with pytest.raises(ChestXrayError, match="no trial .* finished; first error: unknown architecture 'nonet'"):

@@ -39,6 +39,7 @@ def _write_classes(root: Path, per_class: int = 12) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_run_directory_and_bundle(tmp_path: Path) -> None:
     data = _write_classes(tmp_path / "data")
     result = fit(data, TrainConfig(**TINY), out_dir=tmp_path / "runs", name="tiny", progress=False)
@@ -63,6 +64,7 @@ def test_tiny_run_writes_run_directory_and_bundle(tmp_path: Path) -> None:
     assert set(meta.operating_points["normal"]) == {"youden", "sensitivity_90", "sensitivity_95"}
 
 
+@pytest.mark.slow
 def test_bundle_outputs_match_trained_model(tmp_path: Path) -> None:
     data = _write_classes(tmp_path / "data")
     result = fit(data, TrainConfig(**{**TINY, "epochs": 1}), out_dir=tmp_path / "runs", name="r", progress=False)
@@ -72,6 +74,7 @@ def test_bundle_outputs_match_trained_model(tmp_path: Path) -> None:
     assert np.array_equal(run_images(as_runner(model), images)[0], run_images(as_runner(reloaded), images)[0])
 
 
+@pytest.mark.slow
 def test_seed_makes_runs_repeatable_with_and_without_mixup(tmp_path: Path) -> None:
     data = _write_classes(tmp_path / "data")
     plain = TrainConfig(**{**TINY, "epochs": 1, "mixup": 0.0})
@@ -83,6 +86,7 @@ def test_seed_makes_runs_repeatable_with_and_without_mixup(tmp_path: Path) -> No
     assert not np.allclose(first["train_loss"], third["train_loss"], rtol=0, atol=1e-5)  # mixup changed the loss
 
 
+@pytest.mark.slow
 def test_multilabel_training_from_csv(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     rows = []
@@ -100,6 +104,7 @@ def test_multilabel_training_from_csv(tmp_path: Path) -> None:
     assert logits.shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_resume_after_killed_run(tmp_path: Path) -> None:
     """Kill a training process after its first checkpoint, resume it, and get every epoch."""
     data = _write_classes(tmp_path / "data", per_class=16)
@@ -133,6 +138,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         fit(tmp_path, None, out_dir=tmp_path, name="missing", resume=True)
 
 
+@pytest.mark.slow
 def test_ema_weights_are_validated_checkpointed_and_bundled(tmp_path: Path) -> None:
     data = _write_classes(tmp_path / "data")
     result = fit(data, TrainConfig(**{**TINY, "ema": 0.5}), out_dir=tmp_path / "runs", name="ema", progress=False)
@@ -144,6 +150,7 @@ def test_ema_weights_are_validated_checkpointed_and_bundled(tmp_path: Path) -> N
     assert torch.equal(bundled[name.removeprefix("model.")], averaged[name])
 
 
+@pytest.mark.slow
 def test_progressive_resizing_grows_the_training_images_to_full_size(tmp_path: Path) -> None:
     assert [TrainConfig(image_size=384, resize_start=2 / 3, epochs=5).train_size(e) for e in range(6)] == \
         [256, 288, 320, 352, 384, 384]

@@ -23,6 +23,8 @@ from chestxray.runners import OUTPUT_NAMES, OnnxRunner, TorchRunner
 from conftest import xray_array
 from factories import CLASSES, IMAGE_SIZE, build_tiny_bundle
 
+pytestmark = pytest.mark.slow  # every test here exports (or loads) ONNX graphs: tens of seconds
+
 
 def float_batch(n: int, seed: int = 0) -> np.ndarray:
     """``n`` different synthetic X-rays as model input (n, 1, S, S) in [0, 1]."""

@@ -167,15 +167,15 @@ def test_train_exports_onnx_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, 
 
 @pytest.mark.slow
 def test_cv_and_sweep_print_their_results_once(tmp_path: Path) -> None:
-    data = write_xrays(tmp_path / "data", patients=4)
+    data = write_xrays(tmp_path / "data")
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
     runs = str(tmp_path / "runs")
-    cv = CliRunner().invoke(app, ["cv", str(data), "--folds", "2", "--out", runs, "--name", "c", *flags])
+    cv = CliRunner().invoke(app, ["cv", str(data), "--folds", "3", "--out", runs, "--name", "c", *flags])
     assert cv.exit_code == 0, cv.output
-    assert cv.stdout.count("2-fold cross-validation") == 1 and cv.stdout.count("out-of-fold") == 1
+    assert cv.stdout.count("3-fold cross-validation") == 1 and cv.stdout.count("out-of-fold") == 1
     assert cv.stdout.count("mean ± std") == 1 and cv.stdout.count("results:") == 1
     sweep = CliRunner().invoke(app, ["sweep", str(data), "--trials", "1", "--out", runs, "--name", "s", *flags])
     assert sweep.exit_code == 0, sweep.output
     assert sweep.stdout.count("best trial 0") == 1 and sweep.stdout.count("best config:") == 1
-    again = CliRunner().invoke(app, ["cv", str(data), "--folds", "2", "--out", runs, "--name", "c", *flags])
+    again = CliRunner().invoke(app, ["cv", str(data), "--folds", "3", "--out", runs, "--name", "c", *flags])
     assert again.exit_code != 0 and "already holds a run" in str(again.exception or again.output)

@@ -38,6 +38,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     return path
 
 
+@pytest.fixture(autouse=True)
+def audit_log(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh audit trail for every test (``$CHESTXRAY_AUDIT_LOG``): tests never write to ~/.local/state."""
+    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    monkeypatch.setenv("CHESTXRAY_AUDIT_LOG", str(path))
+    return path
+
+
 @pytest.fixture
 def xray() -> Callable[..., np.ndarray]:
     """``xray(height=48, width=64, seed=0)``: see :func:`xray_array`."""

@@ -17,7 +17,7 @@ from chestxray.cli import app, main
 from chestxray.config import RuntimeSettings, TrainConfig, declared_options
 from conftest import xray_array
 
-COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve"]
+COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve", "listen"]
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:

@@ -362,6 +362,50 @@ def serve(bundle: Path = BundleArg,
                max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_per_client=max_per_client)
 
 
+AuditOpt = typer.Option(None, "--audit-log", help="Audit trail file, one JSON line per inference (default: "
+                        "$CHESTXRAY_AUDIT_LOG, else ~/.local/state/chestxray/audit.jsonl).")
+NoAuditOpt = typer.Option(False, "--no-audit", help="Write no audit trail.")
+PatientFieldsOpt = typer.Option(False, "--audit-patient-fields",
+                                help="Keep patient id, name, birth date, sex and accession number in audit lines.")
+
+
+def _audit_trail(path: Optional[Path], disabled: bool, patient_fields: bool = False):
+    """The audit trail the options ask for, or None with --no-audit."""
+    from .audittrail import AuditTrail
+
+    return None if disabled else AuditTrail(path, patient_fields=patient_fields)
+
+
+@app.command()
+def listen(bundle: Path = BundleArg,
+           dest: Optional[str] = typer.Option(None, "--dest", help="Where to C-STORE the results: AE@HOST:PORT "
+                                              "(without it they wait in SPOOL/outbox)."),
+           ae_title: str = typer.Option("CHESTXRAY", "--ae-title", help="This node's AE title."),
+           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+           port: int = typer.Option(11112, help="DICOM port."),
+           allow: Optional[list[str]] = typer.Option(None, "--allow", help="Calling AE title allowed to send "
+                                                     "(repeatable; default: any)."),
+           spool: Path = typer.Option(Path("chestxray-spool"), "--spool", help="Queue folder: received instances "
+                                      "and undelivered results survive a restart here."),
+           cam: bool = typer.Option(False, "--cam", help="Also send the Grad-CAM overlay as a Secondary Capture."),
+           min_free_mb: int = typer.Option(64, "--min-free-mb", help="Refuse instances (0xA700) when the spool's "
+                                           "disk would keep less free space than this."),
+           retry_max_s: float = typer.Option(300.0, "--retry-max-s", help="Longest wait between delivery tries."),
+           backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
+           audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
+           audit_patient_fields: bool = PatientFieldsOpt) -> None:
+    """DICOM node: receive X-rays by C-STORE, answer each with a structured report sent to --dest."""
+    import logging
+
+    from .listen import Destination, ListenConfig, listen as run_listener
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ListenConfig(spool=spool, destination=Destination.parse(dest) if dest else None, ae_title=ae_title,
+                          host=host, port=port, allowed_callers=tuple(allow or ()), cam=cam,
+                          min_free_bytes=min_free_mb * 2**20, retry_max_s=retry_max_s)
+    run_listener(bundle, config, backend=backend, audit=_audit_trail(audit_log, no_audit, audit_patient_fields))
+
+
 def _figure(value: object, spec: str = ".3f") -> str:
     """A number formatted with ``spec``, "n/a" when missing (``None`` or NaN); anything else as text."""
     if value is None or (isinstance(value, float) and value != value):

@@ -25,11 +25,12 @@ from typing import Any
 from .errors import ChestXrayError
 
 AUDIT_ENV = "CHESTXRAY_AUDIT_LOG"
+PATIENT_FIELDS_ENV = "CHESTXRAY_AUDIT_PATIENT_FIELDS"
 
 
 def default_audit_path() -> Path:
     """``$CHESTXRAY_AUDIT_LOG``, else ``$XDG_STATE_HOME/chestxray/audit.jsonl``."""
-    if os.environ.get(AUDIT_ENV):
+    if os.environ.get(AUDIT_ENV) and os.environ[AUDIT_ENV].lower() != "off":
         return Path(os.environ[AUDIT_ENV]).expanduser()
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     return state / "chestxray" / "audit.jsonl"
@@ -92,3 +93,85 @@ def prediction_result(prediction: Any) -> dict[str, Any]:
     return {"label": prediction.label, "probabilities": prediction.probabilities, "ood": prediction.ood,
             "ood_percentile": prediction.ood_percentile}
 
+
+
+def audit_assessment(trail: AuditTrail | None, *, source: str, caller: str, data: bytes, assessment: Any,
+                     latency_ms: float, patient: dict[str, str] | None = None) -> None:
+    """One line for a :class:`~chestxray.dicomresult.Assessment` of a DICOM instance (``data``: its bytes)."""
+    if trail is None:
+        return
+    result = ({"label": assessment.label, "probabilities": assessment.probabilities, "ood": assessment.ood,
+               "ood_percentile": assessment.ood_percentile} if assessment.label else {"label": None})
+    trail.record(source=source, caller=caller, input_sha256=sha256_bytes(data), model_id=assessment.model_id,
+                 weights_sha256=assessment.weights_sha256, result=result, refer=assessment.refer,
+                 reasons=assessment.reasons, latency_ms=latency_ms, sop_instance_uid=assessment.sop_instance_uid,
+                 study_instance_uid=assessment.study_instance_uid, patient=patient)
+
+
+def audit_table(trail: AuditTrail, table: Any, meta: Any, latency_ms: float) -> None:
+    """One line per row of a ``predict_paths`` table (``latency_ms``: the run's mean time per image)."""
+    from types import SimpleNamespace
+
+    from .decode import content_hash
+    from .dicomcheck import check_source
+    from .dicomresult import referral
+
+    caller = local_caller()
+    for row in table.to_dict("records"):
+        file, error = str(row["file"]), row.get("error") if isinstance(row.get("error"), str) else None
+        try:
+            digest, header, uids = content_hash(file), check_source(file), _dicom_uids(file)
+        except Exception:  # noqa: BLE001 - unreadable: the row's error says why
+            digest, header, uids = "", [], {}
+        refer, reasons = referral(SimpleNamespace(error=error, ood=bool(row.get("ood")),
+                                                  ood_percentile=row.get("ood_percentile")), header)
+        result = {"error": error} if error else {
+            "label": row["label"], "probabilities": {c: row[c] for c in meta.classes if c in row},
+            "ood": bool(row.get("ood")), "ood_percentile": row.get("ood_percentile")}
+        trail.record(source="predict", caller=caller, input_sha256=digest, model_id=meta.model_id,
+                     weights_sha256=meta.provenance.get("weights_sha256", ""), result=result, refer=refer,
+                     reasons=reasons, latency_ms=latency_ms, **uids)
+
+
+def _dicom_uids(file: str) -> dict[str, str]:
+    if not file.lower().endswith((".dcm", ".dicom")):
+        with open(file, "rb") as handle:
+            if handle.read(132)[128:] != b"DICM":
+                return {}
+    import pydicom
+
+    ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)
+    return {"sop_instance_uid": str(ds.get("SOPInstanceUID", "")), "study_instance_uid": str(ds.get("StudyInstanceUID", ""))}
+
+
+def audit_upload(trail: AuditTrail, data: bytes, prediction: Any, meta: Any, caller: str, latency_ms: float,
+                 name: str = "<upload>") -> None:
+    """One line for an uploaded image (``serve``): a DICOM upload also gets its UIDs and header check."""
+    from .dicomcheck import check_source
+    from .dicomresult import patient_fields, read_dataset, referral
+
+    header, uids, patient = [], {}, None
+    if len(data) > 132 and data[128:132] == b"DICM":
+        try:
+            header = check_source(data, name=name)
+            ds = read_dataset(data, name)
+            uids = {"sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+                    "study_instance_uid": str(ds.get("StudyInstanceUID", ""))}
+            patient = patient_fields(ds)
+        except Exception:  # noqa: BLE001 - the prediction's error says what was wrong
+            pass
+    refer, reasons = referral(prediction, header)
+    result = {"error": prediction.error} if prediction.error else {
+        "label": prediction.label, "probabilities": prediction.probabilities, "ood": prediction.ood,
+        "ood_percentile": prediction.ood_percentile}
+    trail.record(source="serve", caller=caller, input_sha256=sha256_bytes(data), model_id=meta.model_id,
+                 weights_sha256=meta.provenance.get("weights_sha256", ""), result=result, refer=refer,
+                 reasons=reasons, latency_ms=latency_ms, patient=patient, **uids)
+
+
+def trail_from_environment() -> AuditTrail | None:
+    """The trail a server process writes: ``$CHESTXRAY_AUDIT_LOG`` (``off``: none), patient fields when
+    ``$CHESTXRAY_AUDIT_PATIENT_FIELDS`` is 1."""
+    if os.environ.get(AUDIT_ENV, "").lower() == "off":
+        return None
+    return AuditTrail(patient_fields=os.environ.get(PATIENT_FIELDS_ENV) == "1")

@@ -11,6 +11,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -259,9 +260,23 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
         raise typer.Exit(1)
 
 
+AuditOpt = typer.Option(None, "--audit-log", help="Audit trail file, one JSON line per inference (default: "
+                        "$CHESTXRAY_AUDIT_LOG, else ~/.local/state/chestxray/audit.jsonl).")
+NoAuditOpt = typer.Option(False, "--no-audit", help="Write no audit trail.")
+PatientFieldsOpt = typer.Option(False, "--audit-patient-fields",
+                                help="Keep patient id, name, birth date, sex and accession number in audit lines.")
+
+
+def _audit_trail(path: Optional[Path], disabled: bool, patient_fields: bool = False):
+    """The audit trail the options ask for, or None with --no-audit."""
+    from .audittrail import AuditTrail
+
+    return None if disabled else AuditTrail(path, patient_fields=patient_fields)
+
+
 @app.command()
 def predict(bundle: Path = BundleArg,
-            inputs: list[str] = typer.Argument(..., help="Image or DICOM files, folders or globs."),
+            inputs: Optional[list[str]] = typer.Argument(None, help="Image or DICOM files, folders or globs."),
             fmt: str = typer.Option("table", "--format", help="table, csv or json."),
             out: Optional[Path] = typer.Option(None, "--out", help="Write the results to this file."),
             cam: Optional[Path] = typer.Option(None, "--cam", help="Write Grad-CAM overlays (PNG) into this folder."),
@@ -271,18 +286,46 @@ def predict(bundle: Path = BundleArg,
                 help="Add a 'called' column: the classes at or above their threshold at this point, "
                      "chosen on validation (youden, sensitivity_90 or sensitivity_95)."),
             backend: str = typer.Option("auto", help=BACKEND_HELP),
-            batch_size: int = typer.Option(32, "--batch-size")) -> None:
-    """Predict files, folders and globs; flags out-of-distribution inputs. Exit 1 if any input failed."""
-    from .predict import predict_files
+            batch_size: int = typer.Option(32, "--batch-size"),
+            dicomweb: Optional[str] = typer.Option(None, "--dicomweb", help="DICOMweb root URL to retrieve "
+                                                   "--study from (WADO-RS) or the worklist's studies."),
+            study: Optional[list[str]] = typer.Option(None, "--study", help="StudyInstanceUID to retrieve "
+                                                      "from --dicomweb (repeatable)."),
+            stow: bool = typer.Option(False, "--stow", help="Store a structured report per image back into "
+                                      "its study by STOW-RS."),
+            worklist: Optional[Path] = typer.Option(None, "--worklist", help="CSV with a 'path' or "
+                                                    "'study_instance_uid' column; results go to --out "
+                                                    "(default FILE.results.csv); a rerun resumes."),
+            audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
+            audit_patient_fields: bool = PatientFieldsOpt) -> None:
+    """Predict files, folders and globs, DICOMweb studies or a worklist; flags out-of-distribution
+    inputs. Exit 1 if any input failed."""
+    from .predict import load_model, predict_files
 
     if fmt not in ("table", "csv", "json"):
         raise ChestXrayError(f"--format must be table, csv or json, not {fmt!r}")
     if out is not None:  # before predicting: an output that cannot be written must not cost the work
         _check_output(out)
+    trail = _audit_trail(audit_log, no_audit, audit_patient_fields)
+    if worklist is not None or dicomweb or study:
+        if inputs:
+            raise ChestXrayError("give files, or --worklist, or --dicomweb with --study: not several")
+        _predict_pacs(load_model(bundle, backend=backend), fmt, out, dicomweb, study or [], stow, worklist,
+                      batch_size, trail)
+        return
+    if not inputs:
+        raise ChestXrayError("nothing to predict: give files, folders or globs, --worklist, or --dicomweb and --study")
+    started = time.perf_counter()
     run = predict_files(bundle, inputs, backend=backend, batch_size=batch_size, tta=tta,
                         operating_point=operating_point, cam_dir=cam, progress=err_console.is_terminal)
     if run is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return
+    if trail is not None:
+        from .audittrail import audit_table
+        from .bundle import read_meta
+
+        audit_table(trail, run.table, read_meta(bundle),
+                    (time.perf_counter() - started) * 1000 / max(1, len(run.table)))
     _write_table(run.table, fmt, out)
     if cam is not None:
         err_console.print(f"{len(run.cams)} Grad-CAM overlay(s) in {cam}")
@@ -354,26 +397,20 @@ def serve(bundle: Path = BundleArg,
           max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload."),
           max_per_client: int = typer.Option(32, "--max-connections-per-client",
                                              help="Open connections allowed from one address (raise it behind "
-                                                  "a reverse proxy).")) -> None:
+                                                  "a reverse proxy)."),
+          audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
+          audit_patient_fields: bool = PatientFieldsOpt) -> None:
     """REST API (POST /v1/predict) and a web page for BUNDLE. Set CHESTXRAY_API_KEY to require a key."""
+    from .audittrail import AUDIT_ENV, PATIENT_FIELDS_ENV
     from .serve import serve as run_server
+
+    if no_audit or audit_log:  # the server processes read these
+        os.environ[AUDIT_ENV] = "off" if no_audit else str(audit_log.resolve())
+    if audit_patient_fields:
+        os.environ[PATIENT_FIELDS_ENV] = "1"
 
     run_server(bundle, host, port, backend, workers=workers, threads=threads,
                max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_per_client=max_per_client)
-
-
-AuditOpt = typer.Option(None, "--audit-log", help="Audit trail file, one JSON line per inference (default: "
-                        "$CHESTXRAY_AUDIT_LOG, else ~/.local/state/chestxray/audit.jsonl).")
-NoAuditOpt = typer.Option(False, "--no-audit", help="Write no audit trail.")
-PatientFieldsOpt = typer.Option(False, "--audit-patient-fields",
-                                help="Keep patient id, name, birth date, sex and accession number in audit lines.")
-
-
-def _audit_trail(path: Optional[Path], disabled: bool, patient_fields: bool = False):
-    """The audit trail the options ask for, or None with --no-audit."""
-    from .audittrail import AuditTrail
-
-    return None if disabled else AuditTrail(path, patient_fields=patient_fields)
 
 
 @app.command()
@@ -404,6 +441,60 @@ def listen(bundle: Path = BundleArg,
                           host=host, port=port, allowed_callers=tuple(allow or ()), cam=cam,
                           min_free_bytes=min_free_mb * 2**20, retry_max_s=retry_max_s)
     run_listener(bundle, config, backend=backend, audit=_audit_trail(audit_log, no_audit, audit_patient_fields))
+
+
+def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[str], studies: list[str],
+                  stow: bool, worklist: Optional[Path], batch_size: int, trail) -> None:
+    """``predict --worklist`` and ``predict --dicomweb URL --study UID [--stow]``."""
+    if worklist is not None:
+        from .worklist import score_worklist
+
+        if studies or stow:
+            raise ChestXrayError("--worklist takes its studies from the CSV; --study and --stow do not apply")
+        target = out or worklist.with_name(worklist.stem + ".results.csv")
+        result = score_worklist(predictor, worklist, target, dicomweb=dicomweb, batch_size=batch_size, audit=trail)
+        err_console.print(f"{result.entries} worklist entries: {result.skipped} done before, {result.scored} scored "
+                          f"now, {result.failed} row(s) with errors; results: {result.out}")
+        if result.failed:
+            raise typer.Exit(1)
+        return
+    if not dicomweb or not studies:
+        raise ChestXrayError("--dicomweb URL and --study UID go together")
+    import pandas as pd
+
+    from .dicomresult import assessments_table
+    from .dicomweb import assess_study, client, store_reports
+    from .worklist import audit_assessments
+
+    web = client(dicomweb)
+    tables = []
+    for uid in studies:
+        started = time.perf_counter()
+        result = assess_study(predictor, web, uid)
+        audit_assessments(trail, result, (time.perf_counter() - started) * 1000 / max(1, len(result.assessments)))
+        table = assessments_table(result.assessments, predictor.classes)
+        if stow:
+            stored = store_reports(web, result, algorithm=f"chestxray {predictor.meta.arch}")
+            table["stored_sr_uid"] = stored
+        for sop_uid, why in result.skipped:
+            err_console.print(f"skipped: {sop_uid}: {why}", markup=False, highlight=False, soft_wrap=True)
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True)
+    if fmt == "table":
+        from rich.table import Table
+
+        view = Table("study", "instance", "label", "probability", "refer")
+        for row in table.to_dict("records"):
+            probability = f"{row[row['label']]:.3f}" if row["label"] in table.columns else ""
+            view.add_row(row["study_instance_uid"][-12:], row["sop_instance_uid"][-16:], row["label"] or "not assessed",
+                         probability, row["reasons"] if row["refer"] else "no")
+        console.print(view)
+        if out is not None:
+            table.to_csv(out, index=False)
+    else:
+        _write_table(table, fmt, out)
+    if stow:
+        err_console.print(f"{len(table)} structured report(s) stored by STOW-RS at {dicomweb}")
 
 
 def _figure(value: object, spec: str = ".3f") -> str:

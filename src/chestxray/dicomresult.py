@@ -29,6 +29,13 @@ NOTICE = ("Not a diagnostic device: produced by a research model (chestxray). It
 MANUFACTURER = "chestxray"
 SCHEME = "99CHESTXRAY"
 """Private coding scheme (PS3.16: designators starting with 99) of the model's classes and items."""
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+ACCEPTED_CLASSES = (CR_STORAGE, DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE, SECONDARY_CAPTURE_STORAGE)
+"""CR and DX storage, and Secondary Capture: de-identified and digitised X-rays often travel as SC
+with Modality CR or DX. The header check still refers any instance whose Modality is not CR/DX/DR."""
 SR_SERIES_NUMBER = 9901
 CAM_SERIES_NUMBER = 9902
 PATIENT_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber")
@@ -72,6 +79,20 @@ class Assessment:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
         return asdict(self)
+
+
+def assessments_table(assessments: list[Assessment], classes: list[str]) -> Any:
+    """One row per assessment: the instance's UIDs and accession number, ``label``, each class's
+    probability, ``ood``, ``ood_percentile``, ``refer``, ``reasons`` (joined by '; '), ``model_id``."""
+    import pandas as pd
+
+    rows = [{"study_instance_uid": a.study_instance_uid, "series_instance_uid": a.series_instance_uid,
+             "sop_instance_uid": a.sop_instance_uid, "accession_number": a.accession_number, "label": a.label,
+             **{c: a.probabilities.get(c) for c in classes}, "ood": a.ood, "ood_percentile": a.ood_percentile,
+             "refer": a.refer, "reasons": "; ".join(a.reasons), "model_id": a.model_id} for a in assessments]
+    return pd.DataFrame(rows, columns=["study_instance_uid", "series_instance_uid", "sop_instance_uid",
+                                       "accession_number", "label", *classes, "ood", "ood_percentile", "refer",
+                                       "reasons", "model_id"])
 
 
 def read_dataset(data: bytes, name: str) -> Dataset:

@@ -29,20 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .audittrail import AuditTrail, sha256_bytes
+from .audittrail import AuditTrail, audit_assessment
 from .dicomcheck import DEFAULT_POLICY, HeaderPolicy
-from .dicomresult import (Assessment, build_cam_image, build_sr, patient_fields, read_dataset, assess)
+from .dicomresult import (ACCEPTED_CLASSES, Assessment, assess, build_cam_image, build_sr, patient_fields,
+                          read_dataset)
 from .errors import ChestXrayError, InputError
 
 log = logging.getLogger("chestxray.listen")
 
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-ACCEPTED_CLASSES = (CR_STORAGE, DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE, SECONDARY_CAPTURE_STORAGE)
-"""CR and DX storage, and Secondary Capture: de-identified and digitised X-rays often travel as SC
-with Modality CR or DX. The header check still refers any instance whose Modality is not CR/DX/DR."""
 SUCCESS = 0x0000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
@@ -284,18 +278,10 @@ class Listener:
             _write_durably(self.spool.outbox / f"{result.SOPInstanceUID}.dcm", buffer.getvalue())
 
     def _audit(self, path: Path, ds: Any, data: bytes, assessment: Assessment) -> None:
-        if self.audit is None:
-            return
         caller_file = path.with_suffix(".caller")
         caller = caller_file.read_text() if caller_file.is_file() else "unknown"
-        result = ({"label": assessment.label, "probabilities": assessment.probabilities, "ood": assessment.ood,
-                   "ood_percentile": assessment.ood_percentile} if assessment.label else {"label": None})
-        self.audit.record(source="listen", caller=caller, input_sha256=sha256_bytes(data),
-                          model_id=assessment.model_id, weights_sha256=assessment.weights_sha256, result=result,
-                          refer=assessment.refer, reasons=assessment.reasons,
-                          latency_ms=(time.time() - _mtime(path)) * 1000,
-                          sop_instance_uid=assessment.sop_instance_uid,
-                          study_instance_uid=assessment.study_instance_uid, patient=patient_fields(ds))
+        audit_assessment(self.audit, source="listen", caller=caller, data=data, assessment=assessment,
+                         latency_ms=(time.time() - _mtime(path)) * 1000, patient=patient_fields(ds))
 
     # ------------------------------------------------------------------ delivering
 

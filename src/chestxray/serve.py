@@ -50,6 +50,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .audittrail import audit_upload, trail_from_environment
 from .decode import IMAGE_SUFFIXES, load_image
 from .errors import ChestXrayError, InputError
 from .predict import BACKENDS, load_model
@@ -310,8 +311,10 @@ class _RequestLimit:
 
 def create_app(predictor: Any, *, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, cam_predictor: Any | None = None,
-               max_batch: int = MAX_BATCH) -> FastAPI:
+               max_batch: int = MAX_BATCH, audit: Any | None = None) -> FastAPI:
     """The FastAPI app serving ``predictor`` (a :class:`chestxray.predict.Predictor`).
+
+    ``audit`` (a :class:`chestxray.audittrail.AuditTrail`) gets one line per prediction.
 
     ``api_key`` (default: ``$CHESTXRAY_API_KEY``; ``""`` for none) protects ``/v1/*``. Grad-CAM (``?cam=true``) uses
     ``cam_predictor`` when given (a torch predictor beside an ONNX one), else ``predictor``.
@@ -370,6 +373,10 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         image = await asyncio.get_running_loop().run_in_executor(
             decoder, _decode_upload, data, filename, content_type, meta.image_size)
         prediction = await queue.predict(image)
+        if audit is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                decoder, audit_upload, audit, data, prediction, meta, f"api:{request.client.host if request.client else '?'}",
+                (time.perf_counter() - start) * 1000, filename or "<upload>")
         if getattr(prediction, "error", None):
             raise ApiError(422, prediction.error)
         extra = {}
@@ -468,7 +475,8 @@ def _app_for_bundle(bundle_dir: str, backend: str, api_key: str | None, max_uplo
     torch.set_num_threads(threads)  # the ONNX runner follows torch's setting
     predictor = load_model(bundle_dir, backend=backend)
     cam_predictor = load_model(bundle_dir, backend="torch") if predictor.backend != "torch" else None
-    return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor)
+    return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor,
+                      audit=trail_from_environment())
 
 
 def _key_guard(key: str) -> Callable[..., Any]:

@@ -50,14 +50,13 @@ def available() -> str | None:
 
 
 class Orthanc:
-    """One Orthanc process in ``folder``; ``modalities`` maps names to ``(AE, host, port)`` it may send to."""
+    """One Orthanc process with its database in ``folder``; its ports are chosen when it is made."""
 
-    def __init__(self, folder: Path, modalities: dict[str, tuple[str, str, int]] | None = None) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb_url = f"{self.url}/dicom-web"
-        self.modalities = modalities or {}
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> Orthanc:
@@ -68,7 +67,6 @@ class Orthanc:
             "DicomAet": AE_TITLE, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "HttpServerEnabled": True, "DicomServerEnabled": True, "DicomCheckCalledAet": False,
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "DicomModalities": {name: list(m) for name, m in self.modalities.items()},
             "ConcurrentJobs": 1, "StableAge": 1, "OrthancExplorerEnabled": False, "WebDavEnabled": False,
         }
         path = self.folder / "orthanc.json"

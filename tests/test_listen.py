@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
@@ -137,13 +138,26 @@ def test_a_down_destination_is_retried_and_a_restart_resumes_the_queue(predictor
         down.stop()
 
 
-def test_a_full_spool_refuses_with_out_of_resources_and_keeps_what_it_has(node, pacs):
+def test_a_full_spool_refuses_with_out_of_resources_and_keeps_what_it_has(node, pacs, monkeypatch):
     listener = node()
     kept = xray_dataset(seed=1)
     assert send(listener.config.port, [kept]) == [SUCCESS]
-    listener.spool.min_free_bytes = 1 << 62  # the disk is now "full"
+    listener.spool.min_free_bytes = 1 << 62  # the disk is now under the reserve
     refused = xray_dataset(seed=2)
     assert send(listener.config.port, [refused]) == [OUT_OF_RESOURCES]
+    listener.spool.min_free_bytes = 0
+
+    from chestxray import listen as module
+
+    real_write = module._write_durably
+
+    def disk_full_for_incoming(path, data):  # the disk fills up as the next instance is written
+        if path.parent == listener.spool.incoming:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(module, "_write_durably", disk_full_for_incoming)
+    assert send(listener.config.port, [xray_dataset(seed=3)]) == [OUT_OF_RESOURCES]
     assert wait_for(lambda: set(srs_in(pacs)) == {kept.SOPInstanceUID})
     assert not list(listener.spool.root.rglob("*.part"))
 

@@ -3,7 +3,8 @@
 Flow, each step durable before the next::
 
     C-STORE received -> checked -> spool/incoming/<uid>.dcm (fsync'd) -> status Success to the sender
-      -> inference thread: header check + model -> SR (+ Grad-CAM SC) in spool/outbox/ -> incoming removed
+      -> inference thread: moved to spool/working/, header check + model -> SR (+ Grad-CAM SC) in
+         spool/outbox/ (fsync'd) -> the instance removed
       -> delivery thread: C-STORE to the destination AE -> outbox removed
 
 A restart resumes both folders; a destination that is down is retried with exponential back-off;
@@ -91,17 +92,41 @@ class SpoolFull(Exception):
 
 
 class Spool:
-    """The durable queue: ``incoming/`` (received, to assess), ``outbox/`` (results to deliver),
-    ``failed/`` (results the destination kept refusing, kept with the reason)."""
+    """The durable queue: ``incoming/`` (received, to assess), ``working/`` (being assessed),
+    ``outbox/`` (results to deliver), ``failed/`` (what could not be reported or delivered, with the reason)."""
 
     def __init__(self, root: Path, min_free_bytes: int) -> None:
         self.root = Path(root)
-        self.incoming, self.outbox, self.failed = (self.root / name for name in ("incoming", "outbox", "failed"))
+        self.incoming, self.working, self.outbox, self.failed = (
+            self.root / name for name in ("incoming", "working", "outbox", "failed"))
         self.min_free_bytes = min_free_bytes
-        for folder in (self.incoming, self.outbox, self.failed):
+        for folder in (self.incoming, self.working, self.outbox, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
         for partial in self.root.rglob(f"*{_PARTIAL}"):  # a write cut short: never acknowledged, the sender resends
             partial.unlink(missing_ok=True)
+        for claimed in self.pending(self.working):  # being assessed when the node stopped: assess again
+            self.release(claimed)
+
+    def claim(self, path: Path) -> Path:
+        """Move an incoming instance (and its caller note) to ``working/``, so that the same UID received
+        again meanwhile is a new file, not one we are about to remove."""
+        target = self.working / path.name
+        os.replace(path, target)
+        note = path.with_suffix(".caller")
+        if note.exists():
+            os.replace(note, target.with_suffix(".caller"))
+        return target
+
+    def release(self, claimed: Path) -> None:
+        """Put a claimed instance back in ``incoming/`` to be assessed again (unless the same UID was
+        received again meanwhile: the newer copy wins)."""
+        for path in (claimed, claimed.with_suffix(".caller")):
+            if not path.exists():
+                continue
+            if (self.incoming / path.name).exists():
+                path.unlink()
+            else:
+                os.replace(path, self.incoming / path.name)
 
     def accept(self, data: bytes, sop_instance_uid: str) -> Path:
         """Write a received instance to ``incoming/`` durably; :class:`SpoolFull` when there is no room."""
@@ -176,10 +201,10 @@ class Listener:
             thread.join(timeout=60)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Block until nothing is waiting in ``incoming/`` or ``outbox/`` (or ``timeout``); True when idle."""
+        """Block until nothing waits in ``incoming/``, ``working/`` or ``outbox/`` (or ``timeout``); True when idle."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.spool.pending(self.spool.incoming) and not self.spool.pending(self.spool.outbox):
+            if not any(self.spool.pending(f) for f in (self.spool.incoming, self.spool.working, self.spool.outbox)):
                 return True
             time.sleep(0.05)
         return False
@@ -232,6 +257,7 @@ class Listener:
         received = []
         for path in files:
             try:
+                path = self.spool.claim(path)
                 data = path.read_bytes()
                 received.append((path, read_dataset(data, path.name), data))
             except (OSError, InputError) as err:  # checked on receipt: only a disk fault gets here
@@ -243,13 +269,17 @@ class Listener:
             assessments = assess(self.predictor, [(ds, data) for _, ds, data in received], policy=self.config.policy)
         except Exception:  # noqa: BLE001 - a model failure must not stop the node; the files stay queued
             log.exception("inference failed; the %d instance(s) stay in the spool, retrying in 5 s", len(received))
+            for path, _, _ in received:
+                self.spool.release(path)
             time.sleep(5.0)
             return False
-        for (path, ds, data), assessment in zip(received, assessments):
+        for index, ((path, ds, data), assessment) in enumerate(zip(received, assessments)):
             try:
                 self._write_results(ds, data, assessment)
-            except OSError as err:  # no room for the results: keep the instance, try again later
+            except OSError as err:  # no room for the results: keep the instances, try again later
                 log.error("cannot write the results of %s (%s); will retry", path.name, err.strerror or err)
+                for claimed, _, _ in received[index:]:
+                    self.spool.release(claimed)
                 time.sleep(1.0)
                 return False
             except Exception as err:  # noqa: BLE001 - an instance we cannot report on is kept, not lost

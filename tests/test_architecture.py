@@ -29,9 +29,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("calibration",),
     ("bundle", "config"),
     ("launch",),
-    ("train", "predict"),
-    ("cv", "sweep", "evaluation", "export"),
-    ("serve", "quantize"),
+    ("train", "predict", "dicomresult"),
+    ("cv", "sweep", "evaluation", "export", "audittrail", "dicomweb"),
+    ("serve", "quantize", "listen", "worklist"),
     ("cli",),
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}

@@ -428,7 +428,8 @@ def listen(bundle: Path = BundleArg,
            min_free_mb: int = typer.Option(64, "--min-free-mb", help="Refuse instances (0xA700) when the spool's "
                                            "disk would keep less free space than this."),
            retry_max_s: float = typer.Option(300.0, "--retry-max-s", help="Longest wait between delivery tries."),
-           backend: str = typer.Option("torch", help="torch or onnx (needs `chestxray export` first)."),
+           backend: str = typer.Option("auto", help="auto (onnx when the bundle has model.onnx, else torch), "
+                                                    "torch or onnx."),
            audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
            audit_patient_fields: bool = PatientFieldsOpt) -> None:
     """DICOM node: receive X-rays by C-STORE, answer each with a structured report sent to --dest."""

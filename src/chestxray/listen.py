@@ -146,8 +146,11 @@ class Spool:
 class Listener:
     """The DICOM node: a Storage SCP, an inference thread and a delivery thread over one :class:`Spool`."""
 
-    def __init__(self, predictor: Any, config: ListenConfig, audit: AuditTrail | None = None) -> None:
+    def __init__(self, predictor: Any, config: ListenConfig, audit: AuditTrail | None = None, *,
+                 explainer: Any | None = None) -> None:
         self.predictor = predictor
+        self.explainer = explainer or predictor
+        """The torch predictor Grad-CAM runs on (``predictor`` itself unless that one runs ONNX)."""
         self.config = config
         self.audit = audit
         self.spool = Spool(config.spool, config.min_free_bytes)
@@ -297,10 +300,10 @@ class Listener:
         import io
 
         objects = [build_sr(ds, assessment, algorithm=self.algorithm)]
-        if self.config.cam and assessment.label and self.predictor.model is not None:
+        if self.config.cam and assessment.label and self.explainer.model is not None:
             from .cam import overlay
 
-            image, heatmap, _ = self.predictor.gradcam(data)
+            image, heatmap, _ = self.explainer.gradcam(data)
             objects.append(build_cam_image(ds, overlay(image, heatmap), assessment.model_id))
         for result in objects:
             buffer = io.BytesIO()
@@ -391,15 +394,17 @@ class Listener:
         log.warning("%s refused by the destination (status 0x%04X), attempt %d", path.name, code, state["attempts"])
 
 
-def listen(bundle: str | Path, config: ListenConfig, *, backend: str = "torch",
+def listen(bundle: str | Path, config: ListenConfig, *, backend: str = "auto",
            audit: AuditTrail | None = None) -> None:
-    """Load the bundle and run a :class:`Listener` until interrupted (Ctrl-C)."""
+    """Load the bundle and run a :class:`Listener` until interrupted (Ctrl-C).
+
+    ``backend`` as for :func:`chestxray.predict.load_model`; with ``config.cam`` a torch model is
+    loaded beside an ONNX one for Grad-CAM."""
     from .predict import load_model
 
     predictor = load_model(bundle, backend=backend)
-    if config.cam and predictor.model is None:
-        raise ChestXrayError("--cam needs the torch backend (Grad-CAM)")
-    listener = Listener(predictor, config, audit)
+    explainer = load_model(bundle, backend="torch") if config.cam and predictor.model is None else None
+    listener = Listener(predictor, config, audit, explainer=explainer)
     host, port = listener.start()
     where = (f"{config.destination.ae_title}@{config.destination.host}:{config.destination.port}"
              if config.destination else "nowhere (no --dest: results stay in the outbox)")

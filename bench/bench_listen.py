@@ -5,8 +5,8 @@ the structured report stored in Orthanc, and the latency from C-STORE answered (
 spooled) to its SR stored in Orthanc, p50 and p99.
 
 A real Orthanc (Debian's, ``make pacs``) runs on free loopback ports; ``chestxray listen`` runs as
-its own process through the console script (so with the project's default allocator and the torch
-backend), sending to Orthanc. The real DICOMs of ``dicom_samples`` are sent as a modality would,
+its own process through the command line (so with the project's default allocator and backend:
+ONNX when the bundle has model.onnx, else torch), sending to Orthanc. The real DICOMs of ``dicom_samples`` are sent as a modality would,
 each copy with a new SOP Instance UID: ``--images`` back to back on one association (burst: the
 throughput, and latency including queueing), then ``--sequential`` one at a time, waiting for each
 report (latency of one image on an idle node). Reports appear in Orthanc are found by polling its
@@ -42,6 +42,7 @@ from orthanc import AE_TITLE, Orthanc, free_port  # noqa: E402
 from chestxray.bundle import BundleMeta, read_meta, save_bundle  # noqa: E402
 from chestxray.config import TrainConfig  # noqa: E402
 from chestxray.dicomresult import result_uid  # noqa: E402
+from chestxray.export import export_onnx  # noqa: E402
 from chestxray.models import create_model  # noqa: E402
 
 POLL_S = 0.02
@@ -49,11 +50,14 @@ START_TIMEOUT_S = 180
 
 
 def default_bundle(folder: Path) -> Path:
+    """The default architecture and image size with random weights, exported to ONNX as `train` does."""
     config = TrainConfig()
     model = create_model(config.arch, 4, weights="none").eval()
     meta = BundleMeta(classes=["covid19", "normal", "viral_pneumonia", "bacterial_pneumonia"],
                       image_size=config.image_size, preprocess=config.preprocessing().options())
-    return save_bundle(folder, model, meta)
+    save_bundle(folder, model, meta)
+    export_onnx(folder)
+    return folder
 
 
 class ReportWatcher:
@@ -129,10 +133,11 @@ def main() -> None:
         tmp = Path(tmp)
         bundle = args.bundle or default_bundle(tmp / "bundle")
         model_id = read_meta(bundle).model_id
+        backend = "onnx" if (Path(bundle) / "model.onnx").is_file() else "torch"
         port = free_port()
         pacs = Orthanc(tmp / "orthanc").start()
         listener = subprocess.Popen(
-            [str(Path(sys.executable).with_name("chestxray")), "listen", str(bundle), "--port", str(port),
+            [sys.executable, "-m", "chestxray.cli", "listen", str(bundle), "--port", str(port),
              "--dest", f"{AE_TITLE}@127.0.0.1:{pacs.dicom_port}", "--spool", str(tmp / "spool"),
              "--audit-log", str(tmp / "audit.jsonl")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -170,7 +175,7 @@ def main() -> None:
         "sequential_latency": summary(single_latency),
         "latency_is": "C-STORE response received by the sender (instance spooled) -> SR seen in Orthanc (20 ms polls)",
         "load_average_before": [round(v, 2) for v in load_before], "load_average_after": [round(v, 2) for v in load_after],
-        "backend": "torch", "allocator": os.environ.get("CHESTXRAY_ALLOCATOR", "project default"),
+        "backend": backend, "allocator": _allocator(),
         "shared_cpu": load_before[0] > 1.5 or load_after[0] > 2.5,
     }
     path = save_result("listen", record)
@@ -178,6 +183,15 @@ def main() -> None:
           f"p99 {record['burst_latency']['p99_ms']} ms; one at a time p50 {record['sequential_latency']['p50_ms']} ms, "
           f"p99 {record['sequential_latency']['p99_ms']} ms; load {record['load_average_before'][0]} "
           f"(machine: {machine()['cores']} cores) -> {path}")
+
+
+def _allocator() -> str:
+    """The allocator the listen process runs on (the CLI re-executes itself onto it)."""
+    from chestxray.allocator import ENV, find_library
+
+    choice = os.environ.get(ENV, "tcmalloc")
+    library = None if choice == "system" else find_library(choice)
+    return str(library) if library else "system (glibc)"
 
 
 def _wait_listening(port: int) -> None:

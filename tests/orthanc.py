@@ -1,10 +1,8 @@
 """A real PACS for the tests and benchmarks: Debian's Orthanc with its DICOMweb plugin, started on
-free loopback ports with a configuration written here, stopped afterwards (``make pacs`` installs it);
-and what a modality does: small X-ray instances (:func:`xray_dataset`) sent by C-STORE (:func:`send`)."""
+free loopback ports with a configuration written here, stopped afterwards (``make pacs`` installs it)."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import socket
@@ -15,24 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from conftest import xray_array
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-
-from chestxray.dicomresult import CR_STORAGE, read_sr
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 AE_TITLE = "ORTHANC"
-CLASSES = ["normal", "pneumonia", "covid19"]
-CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-
-
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
@@ -117,56 +101,3 @@ class Orthanc:
 
     def file(self, instance_id: str) -> bytes:
         return self.request("GET", f"/instances/{instance_id}/file")
-
-
-def xray_dataset(sop_class: str = CR_STORAGE, modality: str = "CR", seed: int = 0, **tags) -> Dataset:
-    """A small valid X-ray instance of ``sop_class`` in a new study."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.AccessionNumber = "P1", "Test^Patient", "ACC1"
-    ds.Modality, ds.InstanceNumber = modality, 1
-    pixels = xray_array(64, 64, seed)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = pixels.tobytes()
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-def send(port: int, datasets: list[Dataset], calling: str = "MODALITY") -> list[int | None]:
-    """C-STORE each dataset to the node as a modality would; the DIMSE status of each (None: no association)."""
-    ae = AE(ae_title=calling)
-    for sop_class, syntax in {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}:
-        ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CHESTXRAY")
-    if not assoc.is_established:
-        return [None] * len(datasets)
-    try:
-        return [getattr(assoc.send_c_store(d), "Status", None) for d in datasets]
-    finally:
-        assoc.release()
-
-
-def srs_in(pacs: Orthanc) -> dict[str, dict]:
-    """SR content in the PACS by the SOP Instance UID of the image it reports on."""
-    reports = {}
-    for instance in pacs.find(Modality="SR"):
-        content = read_sr(pydicom.dcmread(io.BytesIO(pacs.file(instance))))
-        reports[content["source_sop_instance_uid"]] = content
-    return reports
-
-
-def wait_for(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False

@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from factories import make_bundle
-from orthanc import (AE_TITLE, CLASSES, CT_STORAGE, MR_STORAGE, Orthanc, available, free_port, send, srs_in, wait_for,
-                     xray_dataset)
+from dicomnet import CLASSES, CT_STORAGE, MR_STORAGE, send, srs_in, wait_for, xray_dataset
+from orthanc import AE_TITLE, Orthanc, available, free_port
 from pynetdicom import AE
 from typer.testing import CliRunner
 
@@ -85,6 +85,8 @@ def test_each_sample_gets_an_sr_in_the_pacs_that_matches_predict(node, pacs, bun
     sr_study = {pacs.get(f"/instances/{i}/tags?simplify")["StudyInstanceUID"] for i in pacs.find(Modality="SR")}
     assert sr_study == {str(d.StudyInstanceUID) for d in datasets}  # each SR lies in its source's study
     lines = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    assert [line["source"] for line in lines].count("predict") == len(files)  # the predict run above
+    lines = [line for line in lines if line["source"] == "listen"]
     # one line per inference: a re-sent UID waiting in the spool replaces the earlier copy (same instance)
     assert len(uids) <= len(lines) <= len(files) and {line["sop_instance_uid"] for line in lines} == uids
     assert all(line["source"] == "listen" and line["caller"].startswith("MODALITY@") and line["model_id"]

@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from factories import make_bundle, png_bytes
 from fastapi.testclient import TestClient
-from orthanc import CLASSES, CT_STORAGE, Orthanc, available, srs_in, xray_dataset
+from dicomnet import CLASSES, CT_STORAGE, srs_in, xray_dataset
+from orthanc import Orthanc, available
 from typer.testing import CliRunner
 
 from chestxray.audittrail import AuditTrail

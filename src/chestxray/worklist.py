@@ -45,13 +45,15 @@ class WorklistResult:
 
 
 def read_worklist(path: str | Path) -> list[tuple[str, str]]:
-    """The worklist's entries as ``(kind, value)``: ``("path", file)`` or ``("study", uid)``, in order.
+    """The worklist's entries as ``(kind, value)``: ``("path", file)`` or ``("study", uid)``, in order
+    (CSV; tab-separated for ``.tsv``).
 
     Relative paths are taken from the worklist's folder. A malformed CSV raises :class:`InputError`.
     """
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False,
+                            sep="\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as err:

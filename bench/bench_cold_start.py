@@ -1,7 +1,8 @@
 """Cold start: wall time of whole `chestxray` commands, each a fresh process, as a user runs them.
 
 Commands: ``chestxray --help``, ``chestxray --version`` and ``chestxray predict BUNDLE IMAGE`` (one
-real X-ray, torch backend, and the ONNX backend when the bundle has ``model.onnx``). Each is run
+real X-ray) with the default backend, with ``--backend torch`` and, when the bundle has ``model.onnx``,
+with ``--backend onnx``. Each is run
 ``--repeats`` times after one untimed run (so the files are in the page cache, as on a machine that has
 run the tool before); the median and the range are reported. The allocator re-execution is part of
 the time. ``--src`` measures another checkout's ``src/`` with this Python (e.g. the code before a change).
@@ -49,10 +50,12 @@ def main() -> None:
     if args.src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.src.resolve()), env.get("PYTHONPATH", "")]))
     cli = [sys.executable, "-m", "chestxray.cli"]
+    predict = [*cli, "predict", str(args.bundle), str(args.image)]
     commands = {"--help": [*cli, "--help"], "--version": [*cli, "--version"],
-                "predict one image (torch)": [*cli, "predict", str(args.bundle), str(args.image)]}
+                "predict one image (default backend)": predict,
+                "predict one image (--backend torch)": [*predict, "--backend", "torch"]}
     if (args.bundle / "model.onnx").is_file():
-        commands["predict one image (onnx)"] = [*cli, "predict", str(args.bundle), str(args.image), "--backend", "onnx"]
+        commands["predict one image (--backend onnx)"] = [*predict, "--backend", "onnx"]
     results = {}
     for name, command in commands.items():
         try:

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["ENV", "active_allocator", "ensure_allocator", "find_library"]
+__all__ = ["ENV", "active_allocator", "command_allocator", "ensure_allocator", "find_library"]
 
 ENV = "CHESTXRAY_ALLOCATOR"
 _REEXEC = "CHESTXRAY_ALLOCATOR_REEXEC"  # set on the re-executed process: never loop
@@ -58,6 +58,15 @@ def active_allocator() -> str:
     """The allocator this process runs on: ``tcmalloc``, ``jemalloc``, ``mimalloc`` or ``system``."""
     loaded = _mapped_libraries()
     return next((name for name in _KNOWN if any(lib.startswith(f"lib{name}") for lib in loaded)), "system")
+
+
+def command_allocator() -> str:
+    """The allocator a chestxray command runs on with this environment: the library's name when
+    :func:`ensure_allocator` would load it (or it is loaded), else ``system``."""
+    if os.environ.get(ENV, "tcmalloc") == "system":
+        return active_allocator()
+    library = find_library()
+    return library.name.split(".so")[0].removeprefix("lib").split("_")[0] if library else active_allocator()
 
 
 def ensure_allocator(argv: list[str] | None = None, *, execv=os.execve) -> str:

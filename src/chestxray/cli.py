@@ -43,12 +43,12 @@ def _versions() -> dict[str, str]:
 
 def _show_version(value: bool) -> None:
     if value:
-        from .allocator import active_allocator
+        from .allocator import command_allocator
 
         versions = _versions()
         console.print(f"chestxray {versions.pop('chestxray')} ("
                       + ", ".join(f"{name} {v}" for name, v in versions.items())
-                      + f"; allocator {active_allocator()})", highlight=False)
+                      + f"; commands run on allocator {command_allocator()})", highlight=False)
         raise typer.Exit()
 
 
@@ -576,11 +576,17 @@ def _check_output(out: Path) -> None:
     make_folder(out.parent, "output folder")
 
 
+def _only_help(args: list[str]) -> bool:
+    """Whether the command line only asks for help or the version (no work that an allocator speeds up)."""
+    return not args or bool({"--help", "-h", "--version"} & set(args))
+
+
 def main() -> None:
     """Console-script entry point: first onto the fast allocator (see :mod:`chestxray.allocator`), then the app."""
     from .allocator import ensure_allocator
 
-    ensure_allocator()
+    if not _only_help(sys.argv[1:]):  # help and version start faster without a second interpreter
+        ensure_allocator()
     try:
         app()
     except ChestXrayError as err:

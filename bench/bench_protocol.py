@@ -77,7 +77,9 @@ def main() -> None:
                  "balanced_accuracy": metrics["balanced_accuracy"], "macro_auc": metrics["macro_auc"],
                  "sensitivity": {k: v["sensitivity"] for k, v in metrics["per_class"].items()},
                  "confusion_matrix": metrics["confusion_matrix"], "ece": metrics["ece"],
-                 "operating_points": metrics.get("operating_points")},
+                 "operating_points": metrics.get("operating_points"),
+                 "conformal": metrics.get("conformal"),
+                 "selective": {k: v for k, v in (metrics.get("selective") or {}).items() if k != "risk_coverage"}},
         "anchors": ANCHORS[args.dataset], "seconds_train": round(trained - start, 1),
         "seconds_total": round(total, 1), "peak_rss_mb": round(peak_mb), "test_evaluations": 1,
     }

@@ -41,10 +41,12 @@ TINY = dict(arch="test_efficientnet", weights="none", image_size=32, epochs=1, b
 
 def make_bundle(directory: Path, classes: list[str] = BINARY_CLASSES, *, arch: str = "test_efficientnet",
                 task: str = "multiclass", temperature: float = 1.0, guard: bool = True, seed: int = 0,
-                weight_std: float = 1.0) -> Path:
+                weight_std: float = 1.0, conformal: dict | None = None,
+                source_confound: dict | None = None) -> Path:
     """The one test bundle: a random-weights ``arch`` at ``SIZE`` px whose classifier weights have
     ``weight_std`` (spread-out logits, so comparisons of probabilities mean something) and, with
-    ``guard``, an OOD guard fitted on synthetic X-rays."""
+    ``guard``, an OOD guard fitted on synthetic X-rays; ``conformal`` and ``source_confound`` go into
+    the metadata as given."""
     torch.manual_seed(seed)
     model = create_model(arch, len(classes), weights="none", task=task).eval()
     torch.nn.init.normal_(model.backbone.get_classifier().weight, std=weight_std)
@@ -53,6 +55,7 @@ def make_bundle(directory: Path, classes: list[str] = BINARY_CLASSES, *, arch: s
         images = np.stack([fit_square(xray_array(seed=i), SIZE) for i in range(24)])
         ood = OODGuard.fit(run_images(as_runner(model), images)[1], np.arange(24) % len(classes)).to_dict()
     meta = BundleMeta(classes=list(classes), image_size=SIZE, temperature=temperature, ood=ood,
+                      conformal=conformal, source_confound=source_confound,
                       extra={"trained_on": {"origin": "synthetic", "n_train": 24, "n_val": 0}})
     return save_bundle(directory, model, meta)
 

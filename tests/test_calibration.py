@@ -37,7 +37,10 @@ def test_calibrate_fits_every_part_on_the_images_it_is_given(model: torch.nn.Mod
     assert set(calibration.operating_points) == {"a", "b"}
     guard = OODGuard.from_dict(json.loads(json.dumps(calibration.ood)))
     assert guard.means.shape == (2, 256) and len(guard.held_out) == 16 + 8  # out-of-fold training + held-out
-    assert set(calibration.bundle_fields()) == {"temperature", "operating_points", "ood"}
+    assert set(calibration.bundle_fields()) == {"temperature", "operating_points", "ood", "conformal"}
+    assert calibration.conformal["counts"] == {"a": 4, "b": 4}  # conformal sets fitted on the same held-out images
+    assert calibration.reference["n"] == 8 and set(calibration.reference["predicted_shares"]) == {"a", "b"}
+    assert set(calibration.extra_fields()) == {"reference", "validation"}
 
 
 def test_multilabel_and_guardless_calibration(model: torch.nn.Module) -> None:

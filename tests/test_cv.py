@@ -18,6 +18,7 @@ from chestxray.cv import cross_validate
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet
+from chestxray.predict import load_model
 from chestxray.runners import as_runner, run_images
 
 
@@ -82,6 +83,10 @@ def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
     ensemble = torch.from_numpy(run_images(as_runner(model), images)[0]).softmax(-1)
     members = torch.stack([torch.from_numpy(run_images(as_runner(m), images)[0]).softmax(-1) for m in model.members])
     assert torch.allclose(ensemble, members.mean(0), atol=1e-5)
+    # the ensemble is guarded, and its conformal sets come from the out-of-fold probabilities
+    assert meta.ood is not None and meta.ood["threshold"] > 0
+    assert meta.conformal is not None and sum(meta.conformal["counts"].values()) == len(oof)
+    assert load_model(result.bundle_dir).predict(images[0]).ood_score is not None
 
 
 def test_more_folds_than_patients_is_a_clear_error(tmp_path: Path) -> None:

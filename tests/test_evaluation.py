@@ -54,7 +54,8 @@ def test_writes_three_files_with_the_direct_metrics(tmp_path: Path, make_folder)
     written = json.loads(result.files["metrics"].read_text())
     assert_close({key: written[key] for key in expected}, json.loads(json.dumps(expected)))
     assert written["n_ood"] == int((scores > predictor.guard.threshold).sum())
-    assert list(frame.columns) == ["file", "truth", "prediction", "pneumonia", "normal", "ood", "ood_score", "ood_percentile", "error"]
+    assert list(frame.columns) == ["file", "truth", "prediction", "prediction_set", "refer", "header_check", "pneumonia",
+                                   "normal", "ood", "ood_score", "ood_percentile", "error"]
     assert frame["truth"].tolist() == [Path(f).parent.name for f in frame["file"]]
     np.testing.assert_allclose(frame[["pneumonia", "normal"]].to_numpy(), probs, rtol=1e-6)
 

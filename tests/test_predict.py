@@ -14,6 +14,7 @@ from factories import BINARY_CLASSES, SIZE, make_bundle, png_bytes
 from scipy.special import softmax
 
 from chestxray.bundle import BundleMeta
+from chestxray.cam import LABELLED_MIN_SIDE
 from chestxray.decode import fit_square, normalize_contrast
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet, create_model, logits_and_features
@@ -137,7 +138,8 @@ def test_gradcam_png_and_threads(predictor: Predictor, make_image) -> None:
     path = make_image("chest.png", xray_array(80, 80, seed=5))
     png = predictor.gradcam_png(path)
     rgb = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    assert rgb.shape == (SIZE, SIZE, 3)
+    side = max(SIZE, LABELLED_MIN_SIDE)  # the overlay, scaled up, with a title above and a colour bar beside
+    assert rgb.shape[0] > side and rgb.shape[1] > side and rgb.shape[2] == 3
     assert predictor.gradcam_png(path, target="pneumonia") != predictor.gradcam_png(path, target=0)
     with pytest.raises(ChestXrayError, match="unknown class"):
         predictor.gradcam_png(path, target="covid")
@@ -172,7 +174,8 @@ def test_predict_paths_expands_folders_and_globs(predictor: Predictor, make_imag
     table = predict_paths(predictor, [tmp_path / "scans", str(tmp_path / "other" / "*.png"),
                                       tmp_path / "empty", tmp_path / "nope.png", str(tmp_path / "*.dcm")],
                           batch_size=2, progress=False)
-    assert list(table.columns) == ["file", "label", *BINARY_CLASSES, "ood", "ood_score", "ood_percentile", "error",
+    assert list(table.columns) == ["file", "label", "prediction_set", "refer", "reasons", "cautions",
+                                   *BINARY_CLASSES, "ood", "ood_score", "ood_percentile", "header", "error",
                                    "model_id"]
     names = [Path(f).name for f in table["file"]]
     assert names == ["a.png", "b.jpg", "c.png", "d.png", "e.png", "empty", "nope.png", "*.dcm"]
@@ -187,4 +190,5 @@ def test_write_cams_uses_safe_unique_names(predictor: Predictor, make_image, tmp
     (tmp_path / "in" / "bad.png").write_bytes(b"broken")
     written = write_cams(predictor, [tmp_path / "in"], tmp_path / "cams", progress=False)
     assert sorted(p.name for p in written) == ["one_scan_1_2_cam.png", "one_scan_1_cam.png"]
-    assert all(cv2.imread(str(p)).shape == (SIZE, SIZE, 3) for p in written)
+    side = max(SIZE, LABELLED_MIN_SIDE)  # with a title above and a colour bar beside the overlay
+    assert all(cv2.imread(str(p)).shape[0] > side and cv2.imread(str(p)).shape[1] > side for p in written)

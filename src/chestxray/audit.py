@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -65,6 +65,11 @@ SHORTCUT_FOLDS = 5
 SHORTCUT_MAX_IMAGES = 20_000
 """The metadata classifier is cross-validated on a random subset of at most this many images."""
 
+CONFOUND_AUC = 0.80
+"""One-vs-rest AUC of the metadata-only classifier at or above which a class is flagged as separable by
+its source (0.5 is chance; 0.8 is the usual threshold of "excellent" discrimination)."""
+
+_METADATA_COLUMNS = ["width", "height", "format", "mode", "bit_depth", "file_bytes", "sha256", "problem"]
 NO_SPLIT = "unsplit"
 AGAINST_SCOPE = "vs other dataset"
 NO_FINDING = "(no finding)"
@@ -254,6 +259,21 @@ def render_terminal(report: AuditReport, console: Console) -> None:
 
 
 def _scan(samples: Samples, cache_dir: str | Path | None, progress: bool) -> _Scan:
+    table = metadata_table(samples)
+    cache = build_cache(samples, CACHE_SIZE, cache_dir=cache_dir, progress=progress)
+    for row, reason in cache.failed.items():
+        if not table.at[row, "problem"]:
+            table.at[row, "problem"] = reason
+    readable = np.flatnonzero(table["problem"].to_numpy() == "")
+    hashes = np.zeros((len(table), HASH_SIDE * HASH_SIDE // 64), dtype=np.uint64)
+    content = [_unpadded(cache.images[i], table.at[i, "height"], table.at[i, "width"]) for i in readable]
+    hashes[readable] = perceptual_hashes(content)
+    return _Scan(samples, table, hashes)
+
+
+def metadata_table(samples: Samples, *, hashes: bool = True) -> pd.DataFrame:
+    """File metadata of every sample, read from headers only: width, height, format, mode, bit depth,
+    file size, SHA-256 (``hashes``) and ``problem`` (why a file could not be read; empty when fine)."""
     rows = []
     for ref in samples.frame["path"]:
         row = {"width": 0, "height": 0, "format": "", "mode": "", "bit_depth": 0, "file_bytes": 0,
@@ -264,22 +284,15 @@ def _scan(samples: Samples, cache_dir: str | Path | None, progress: bool) -> _Sc
                        bit_depth=info.bit_depth, file_bytes=info.n_bytes)
         except InputError as err:  # the decoding boundary: whatever a header parser raises
             row["problem"] = err.reason
-        try:
-            row["sha256"] = content_hash(ref)
-        except (OSError, InputError):
-            pass
+        if hashes:
+            try:
+                row["sha256"] = content_hash(ref)
+            except (OSError, InputError):
+                pass
         rows.append(row)
-    table = pd.DataFrame(rows, index=samples.frame.index)
-    cache = build_cache(samples, CACHE_SIZE, cache_dir=cache_dir, progress=progress)
-    for row, reason in cache.failed.items():
-        if not table.at[row, "problem"]:
-            table.at[row, "problem"] = reason
+    table = pd.DataFrame(rows, index=samples.frame.index, columns=_METADATA_COLUMNS)
     table["aspect"] = table["width"] / table["height"].replace(0, np.nan)
-    readable = np.flatnonzero(table["problem"].to_numpy() == "")
-    hashes = np.zeros((len(table), HASH_SIDE * HASH_SIDE // 64), dtype=np.uint64)
-    content = [_unpadded(cache.images[i], table.at[i, "height"], table.at[i, "width"]) for i in readable]
-    hashes[readable] = perceptual_hashes(content)
-    return _Scan(samples, table, hashes)
+    return table
 
 
 def _unpadded(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -445,34 +458,46 @@ def _pair(scan: _Scan, i: int, other: _Scan, j: int, distance: int) -> Duplicate
 # ------------------------------------------------------------------------------ shortcut check
 
 
-def _shortcut_check(scan: _Scan, seed: int) -> ShortcutCheck:
-    """Cross-validated accuracy of a random forest that sees only file metadata, against chance."""
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    def skipped(note: str, images: int = 0) -> ShortcutCheck:
-        return ShortcutCheck(None, None, images, 0, SHORTCUT_FEATURES, {}, {}, False, note)
-
-    if scan.samples.task != "multiclass":
-        return skipped("not run: multi-label data (the check needs one class per image)")
-    table = scan.table.assign(label=scan.samples.frame["label"])
+def _shortcut_rows(table: pd.DataFrame, samples: Samples, seed: int) -> tuple[pd.DataFrame, str]:
+    """The readable rows with their label (at most :data:`SHORTCUT_MAX_IMAGES`, classes of two images or
+    more), and why the check cannot run on them ("" when it can)."""
+    table = table.assign(label=samples.frame["label"])
     table = table[table["problem"] == ""]
     if len(table) > SHORTCUT_MAX_IMAGES:
         table = table.sample(SHORTCUT_MAX_IMAGES, random_state=seed)
     sizes = table["label"].value_counts()
     table = table[table["label"].isin(sizes.index[sizes >= 2])]
     if table["label"].nunique() < 2:
-        return skipped("not run: fewer than two classes with at least two readable images", len(table))
-    features = table[SHORTCUT_FEATURES].copy()
-    if (features.nunique() <= 1).all():
-        return skipped("not run: every image has the same metadata, so it cannot tell classes apart", len(table))
-    for column in ("format", "mode"):
-        features[column] = features[column].astype("category").cat.codes
-    labels = table["label"].to_numpy()
-    folds = int(min(SHORTCUT_FOLDS, table["label"].value_counts().min()))
+        return table, "fewer than two classes with at least two readable images"
+    if (_shortcut_features(table).nunique() <= 1).all():
+        return table, "every image has the same metadata, so it cannot tell classes apart"
+    return table, ""
+
+
+def _cross_validated(features: pd.DataFrame, labels: np.ndarray, seed: int, method: str) -> tuple[np.ndarray, int, Any]:
+    """Out-of-fold ``predict`` or ``predict_proba`` of the shortcut forest, the fold count, and the forest."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = int(min(SHORTCUT_FOLDS, pd.Series(labels).value_counts().min()))
     forest = RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=1)
-    predicted = cross_val_predict(forest, features, labels,
+    predicted = cross_val_predict(forest, features, labels, method=method,
                                   cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    return predicted, folds, forest
+
+
+def _shortcut_check(scan: _Scan, seed: int) -> ShortcutCheck:
+    """Cross-validated accuracy of a random forest that sees only file metadata, against chance."""
+    def skipped(note: str, images: int = 0) -> ShortcutCheck:
+        return ShortcutCheck(None, None, images, 0, SHORTCUT_FEATURES, {}, {}, False, note)
+
+    if scan.samples.task != "multiclass":
+        return skipped("not run: multi-label data (the check needs one class per image)")
+    table, problem = _shortcut_rows(scan.table, scan.samples, seed)
+    if problem:
+        return skipped(f"not run: {problem}", len(table))
+    features, labels = _shortcut_features(table), table["label"].to_numpy()
+    predicted, folds, forest = _cross_validated(features, labels, seed, "predict")
     correct = predicted == labels
     accuracy, chance = float(correct.mean()), float(table["label"].value_counts(normalize=True).max())
     margin = max(0.10, 3 * math.sqrt(chance * (1 - chance) / len(table)))
@@ -488,6 +513,42 @@ def _shortcut_check(scan: _Scan, seed: int) -> ShortcutCheck:
         {str(c): round(float(correct[labels == c].mean()), 4) for c in sorted(set(labels))},
         {f: round(float(v), 4) for f, v in zip(SHORTCUT_FEATURES, forest.feature_importances_)},
         flagged, verdict)
+
+
+def _shortcut_features(table: pd.DataFrame) -> pd.DataFrame:
+    """The metadata the shortcut check sees, with the text columns as category codes."""
+    features = table[SHORTCUT_FEATURES].copy()
+    for column in ("format", "mode"):
+        features[column] = features[column].astype("category").cat.codes
+    return features.fillna(0)
+
+
+def source_confound(samples: Samples, seed: int = 0, *, table: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Per class, how well file metadata alone tells its images from the others: the one-vs-rest ROC-AUC
+    of the shortcut check's random forest, cross-validated (the same features, folds and forest).
+
+    Classes at or above :data:`CONFOUND_AUC` are ``flagged``: their images likely came from another
+    source, and a model may have learned the source. ``table`` is a :func:`metadata_table` of
+    ``samples`` when already at hand. Multi-label data and data with fewer than two classes give
+    ``{"auc": {}, "flagged": [], "note": why}``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    result: dict[str, Any] = {"method": "one-vs-rest ROC-AUC of a random forest on file metadata "
+                                        f"({', '.join(SHORTCUT_FEATURES)}), {SHORTCUT_FOLDS}-fold cross-validated",
+                              "threshold": CONFOUND_AUC, "auc": {}, "flagged": [], "note": ""}
+    if samples.task != "multiclass":
+        return {**result, "note": "not measured: multi-label data"}
+    table, problem = _shortcut_rows(metadata_table(samples, hashes=False) if table is None else table, samples, seed)
+    if problem:
+        return {**result, "note": f"not measured: {problem}"}
+    features, labels = _shortcut_features(table), table["label"].to_numpy()
+    probs = _cross_validated(features, labels, seed, "predict_proba")[0]
+    names = sorted(set(labels))  # the forest's classes_ order
+    auc = {name: round(float(roc_auc_score(labels == name, probs[:, k])), 4) for k, name in enumerate(names)}
+    flagged = [name for name in names if auc[name] >= CONFOUND_AUC]
+    return {**result, "auc": auc, "flagged": flagged, "images": int(len(table)),
+            "note": f"{len(flagged)} of {len(names)} classes separable from the others by file metadata alone"}
 
 
 # ------------------------------------------------------------------------------------ findings

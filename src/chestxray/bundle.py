@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from chestxray import __version__
 from chestxray.decode import Preprocessing
 from chestxray.errors import ChestXrayError, InputError
+from chestxray.modelcard import CARD_FILE, render_model_card
 from chestxray.provenance import describe, file_sha256, model_id
 from chestxray.storage import atomic_path, make_folder, write_text
 
@@ -71,6 +72,8 @@ class BundleSchema(BaseModel):
     temperature: float = Field(gt=0)
     operating_points: dict[str, dict[str, float]] = {}
     ood: dict[str, Any] | None
+    conformal: dict[str, Any] | None = None
+    source_confound: dict[str, Any] | None = None
     train_fingerprint: str
     metrics: dict[str, Any]
     package_version: str
@@ -104,6 +107,11 @@ class BundleMeta:
     temperature: float = 1.0
     operating_points: dict[str, dict[str, float]] = field(default_factory=dict)
     ood: dict[str, Any] | None = None
+    conformal: dict[str, Any] | None = None
+    """Class-conditional conformal sets (``conformal.ConformalSets.to_dict``); ``None``: not fitted."""
+    source_confound: dict[str, Any] | None = None
+    """Per class, how well file metadata alone tells its training images from the others
+    (``audit.source_confound``); ``None``: not measured."""
     train_fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     package_version: str = __version__
@@ -153,7 +161,15 @@ def save_bundle(directory: str | Path, model: ChestXrayNet | EnsembleNet, meta: 
         except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
             raise ChestXrayError(f"{directory / WEIGHTS_FILE}: cannot write the weights ({err})") from None
     meta = dataclasses.replace(meta, provenance=describe(directory / WEIGHTS_FILE))
-    write_text(directory / META_FILE, json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
+    return write_meta(directory, meta)
+
+
+def write_meta(directory: str | Path, meta: BundleMeta) -> Path:
+    """(Re)write a bundle's ``model.json`` and its ``MODEL_CARD.md`` (generated from it); return the folder."""
+    directory = Path(directory)
+    data = dataclasses.asdict(meta)
+    write_text(directory / META_FILE, json.dumps(data, indent=2) + "\n")
+    write_text(directory / CARD_FILE, render_model_card(data))
     return directory
 
 

@@ -9,6 +9,11 @@ fitted on images it did not train on.
   sensitivity) chosen on the held-out images (:func:`chestxray.metrics.operating_points`);
 - ``ood``: the out-of-distribution guard (:class:`chestxray.ood.OODGuard`, as its dict), fitted on
   the features of the images the model trained on and thresholded on held-out ones;
+- ``conformal``: class-conditional conformal prediction sets (:func:`chestxray.conformal.fit_conformal`,
+  as its dict) on the calibrated held-out probabilities (multi-class only);
+- ``reference``: the held-out predicted-class shares and referral rate, the baseline of serve's drift
+  monitor, and ``validation``: held-out accuracy, balanced accuracy and macro AUC with bootstrap
+  intervals (both go into the bundle's ``extra``);
 - ``scores``: the held-out figures before calibration and ``loss_calibrated`` after it (a record,
   not stored in the bundle).
 
@@ -30,12 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from .conformal import DEFAULT_COVERAGE, fit_conformal, min_calibration_images
 from .errors import ChestXrayError
-from .metrics import LogitScores, fit_temperature, logit_scores, logits_to_probs, operating_points
+from .metrics import (LogitScores, classification_metrics, fit_temperature, logit_scores, logits_to_probs,
+                      operating_points)
 from .ood import OODGuard
 from .runners import Runner, as_runner, run_images
 
-__all__ = ["Calibration", "calibrate", "calibrate_outputs", "SCORING_BATCH"]
+__all__ = ["Calibration", "calibrate", "calibrate_outputs", "fit_guard", "SCORING_BATCH"]
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +57,26 @@ class Calibration:
     temperature: float = 1.0
     operating_points: dict[str, dict[str, float]] = field(default_factory=dict)
     ood: dict[str, Any] | None = None
+    conformal: dict[str, Any] | None = None
+    reference: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
     scores: LogitScores | None = None
     loss_calibrated: float | None = None
 
     def bundle_fields(self) -> dict[str, Any]:
         """The ``BundleMeta`` fields this calibration sets: ``BundleMeta(..., **calibration.bundle_fields())``."""
-        return {"temperature": float(self.temperature), "operating_points": self.operating_points, "ood": self.ood}
+        return {"temperature": float(self.temperature), "operating_points": self.operating_points, "ood": self.ood,
+                "conformal": self.conformal}
+
+    def extra_fields(self) -> dict[str, Any]:
+        """What this calibration adds to ``BundleMeta.extra``: the drift reference and the held-out figures."""
+        return {"reference": self.reference, "validation": self.validation}
 
 
 def calibrate(model: Runner | Any, images: np.ndarray, targets: np.ndarray, *, classes: list[str], task: str | None = None,
               guard_images: np.ndarray | None = None, guard_targets: np.ndarray | None = None,
-              batch_size: int = SCORING_BATCH) -> Calibration:
+              batch_size: int = SCORING_BATCH, fitted_on: str = "held-out images", seed: int = 0,
+              coverage: float = DEFAULT_COVERAGE) -> Calibration:
     """Calibrate ``model`` (a ``ChestXrayNet``/``EnsembleNet`` or a runner) on held-out uint8 squares
     ``images`` (N, S, S) with their ``targets`` (class indices, or a 0/1 matrix for multi-label).
 
@@ -73,29 +89,64 @@ def calibrate(model: Runner | Any, images: np.ndarray, targets: np.ndarray, *, c
     guard_features = run_images(runner, guard_images, batch_size)[1] if guard_images is not None else None
     logits, features = run_images(runner, images, batch_size)
     return calibrate_outputs(logits, targets, classes=classes, task=task, features=features,
-                             guard_features=guard_features, guard_targets=guard_targets)
+                             guard_features=guard_features, guard_targets=guard_targets, fitted_on=fitted_on,
+                             seed=seed, coverage=coverage)
 
 
 def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[str], task: str,
                       features: np.ndarray | None = None, guard_features: np.ndarray | None = None,
-                      guard_targets: np.ndarray | None = None) -> Calibration:
+                      guard_targets: np.ndarray | None = None, fitted_on: str = "held-out images",
+                      seed: int = 0, coverage: float = DEFAULT_COVERAGE) -> Calibration:
     """:func:`calibrate` from outputs already computed: held-out ``logits`` (N, C) and ``features``,
-    and the training ``guard_features`` for the OOD guard (none without them)."""
+    and the training ``guard_features`` for the OOD guard (none without them). ``fitted_on`` says
+    which images these are (kept with the conformal sets, the reference and the validation figures);
+    ``seed`` drives the bootstrap of the validation intervals."""
     calibration = Calibration()
     if guard_features is not None:
-        calibration.ood = _fit_guard(guard_features, guard_targets, features)
+        calibration.ood = fit_guard(guard_features, guard_targets, features)
     if not len(logits):
         return calibration
+    calibration.reference, calibration.validation = {"n": int(len(logits)), "note": fitted_on}, {"note": fitted_on}
     calibration.scores = logit_scores(logits, targets, task)
     if task == "multiclass":
         calibration.temperature = fit_temperature(logits, targets)
         calibration.loss_calibrated = logit_scores(logits / calibration.temperature, targets, task).loss
     probs = logits_to_probs(logits, task, calibration.temperature)
     calibration.operating_points = operating_points(targets, probs, classes)
+    ood_flags = None
+    if calibration.ood is not None and features is not None and len(features):
+        guard = OODGuard.from_dict(calibration.ood)
+        ood_flags = guard.is_ood(guard.score(features))
+    _fit_trust(calibration, probs, targets, classes, task, ood_flags=ood_flags, fitted_on=fitted_on, seed=seed,
+               coverage=coverage)
     return calibration
 
 
-def _fit_guard(features: np.ndarray, targets: np.ndarray | None, held_out: np.ndarray | None) -> dict[str, Any] | None:
+def _fit_trust(calibration: Calibration, probs: np.ndarray, targets: np.ndarray, classes: list[str], task: str, *,
+               ood_flags: np.ndarray | None, fitted_on: str, seed: int, coverage: float) -> None:
+    """Fill ``calibration``'s conformal sets, drift reference and validation figures from the calibrated
+    held-out ``probs`` (non-empty); ``ood_flags``: the held-out images' OOD flags, for the referral rate."""
+    if task == "multiclass":
+        sets = fit_conformal(probs, targets, classes, coverage=coverage, fitted_on=fitted_on)
+        needed = min_calibration_images(coverage)
+        small = [name for name, n in sets.calibration_counts().items() if n < needed]
+        if small:
+            log.warning("conformal sets: %s ha%s fewer than %d held-out images and will be in every set",
+                        ", ".join(small), "s" if len(small) == 1 else "ve", needed)
+        calibration.conformal = sets.to_dict()
+        refer = sets.sets(probs).sum(1) != 1
+        if ood_flags is not None:
+            refer |= np.asarray(ood_flags, dtype=bool)
+        calibration.reference["referral_rate"] = float(refer.mean())
+        found = classification_metrics(targets, probs, classes, n_boot=1000, seed=seed)
+        for name in ("accuracy", "balanced_accuracy", "macro_auc"):
+            calibration.validation.update({name: found[name], f"{name}_ci": found["ci"][name]})
+    # multi-label: the share of images each label is called for
+    called = np.eye(len(classes), dtype=bool)[probs.argmax(1)] if task == "multiclass" else probs >= 0.5
+    calibration.reference["predicted_shares"] = {name: float(called[:, k].mean()) for k, name in enumerate(classes)}
+
+
+def fit_guard(features: np.ndarray, targets: np.ndarray | None, held_out: np.ndarray | None = None) -> dict[str, Any] | None:
     """The OOD guard's dict, or ``None`` (logged) when the data are too few to fit one."""
     try:
         return OODGuard.fit(features, targets, val_features=held_out).to_dict()

@@ -108,6 +108,32 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA)
     return cv2.cvtColor(cv2.addWeighted(colours, alpha, base, 1 - alpha, 0), cv2.COLOR_BGR2RGB)
 
 
+LABELLED_MIN_SIDE = 320
+"""Labelled overlays are scaled up to at least this side, so that their text stays legible."""
+
+
+def labelled_overlay(gray: np.ndarray, heatmap: np.ndarray, title: str, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """RGB uint8: :func:`overlay` with ``title`` above it and a colour bar (low to high) beside it."""
+    rgb = overlay(gray, heatmap, alpha)
+    side = max(LABELLED_MIN_SIDE, rgb.shape[0])
+    if rgb.shape[0] != side:
+        rgb = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_LINEAR)
+    banner, bar, margin = 28, 16, 44
+    canvas = np.full((side + banner, side + bar + margin, 3), 255, np.uint8)
+    canvas[banner:, :side] = rgb
+    ramp = np.linspace(255, 0, side).astype(np.uint8)[:, None].repeat(bar, 1)  # top = high
+    canvas[banner:, side + 2:side + 2 + bar] = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET),
+                                                           cv2.COLOR_BGR2RGB)
+    font, ink = cv2.FONT_HERSHEY_SIMPLEX, (20, 20, 20)
+    scale = 0.5
+    while cv2.getTextSize(title, font, scale, 1)[0][0] > canvas.shape[1] - 8 and scale > 0.3:
+        scale -= 0.05
+    cv2.putText(canvas, title, (4, 19), font, scale, ink, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "high", (side + bar + 6, banner + 12), font, 0.4, ink, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "low", (side + bar + 6, banner + side - 4), font, 0.4, ink, 1, cv2.LINE_AA)
+    return canvas
+
+
 def to_png(rgb: np.ndarray) -> bytes:
     """PNG bytes of an RGB uint8 image."""
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

@@ -297,9 +297,16 @@ def predict(bundle: Path = BundleArg,
                                                     "'study_instance_uid' column; results go to --out "
                                                     "(default FILE.results.csv); a rerun resumes."),
             audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
-            audit_patient_fields: bool = PatientFieldsOpt) -> None:
-    """Predict files, folders and globs, DICOMweb studies or a worklist; flags out-of-distribution
-    inputs. Exit 1 if any input failed."""
+            audit_patient_fields: bool = PatientFieldsOpt,
+            coverage: Optional[float] = typer.Option(
+                None, "--coverage", help="Coverage of the conformal prediction sets (default: the bundle's, 0.9)."),
+            header_check: bool = typer.Option(True, "--header-check/--no-header-check",
+                                              help="Refer DICOMs whose header says they are not frontal chest "
+                                                   "radiographs (modality, body part, view, frames, image type).")
+            ) -> None:
+    """Predict files, folders and globs, DICOMweb studies or a worklist; each row of files says whether to
+    refer it (prediction set, OOD, DICOM header) and why, and cautions about source-confounded classes.
+    Exit 1 if any input failed."""
     from .predict import load_model, predict_files
 
     if fmt not in ("table", "csv", "json"):
@@ -317,7 +324,8 @@ def predict(bundle: Path = BundleArg,
         raise ChestXrayError("nothing to predict: give files, folders or globs, --worklist, or --dicomweb and --study")
     started = time.perf_counter()
     run = predict_files(bundle, inputs, backend=backend, batch_size=batch_size, tta=tta,
-                        operating_point=operating_point, cam_dir=cam, progress=err_console.is_terminal)
+                        operating_point=operating_point, cam_dir=cam, progress=err_console.is_terminal,
+                        coverage=coverage, header_check=header_check)
     if run is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return
     if trail is not None:
@@ -539,21 +547,49 @@ def _render_sweep(result) -> None:
     console.print(table)
 
 
+def _display_names(files: list[str]) -> list[str]:
+    """Files relative to the folder they share, so that two rows never read the same."""
+    import os
+
+    real = [f for f in files if os.path.sep in f]
+    try:
+        base = os.path.commonpath(real) if len(real) > 1 else os.path.dirname(real[0]) if real else ""
+    except ValueError:  # absolute and relative paths mixed
+        base = ""
+    if base and all(f == base for f in real):  # a single file repeated
+        base = os.path.dirname(base)
+    return [os.path.relpath(f, base) if base and f.startswith(base + os.path.sep) else f for f in files]
+
+
 def _write_table(table, fmt: str, out: Optional[Path]) -> None:
     """CSV or JSON with every column; the table view shows one line per file (all columns go to --out)."""
     if fmt == "table":
         from rich.table import Table
 
+        from rich.markup import escape
+
         called = "called" in table.columns
-        view = Table("file", "label", *(["called"] if called else []), "probability", "unusual (score, percentile)",
-                     "error")
-        for row in table.itertuples(index=False):
-            error = row.error if isinstance(row.error, str) else ""
-            probability = f"{getattr(row, row.label):.3f}" if row.label in table.columns else ""
-            ood = "" if error else f"{'YES' if row.ood else 'no'} ({_figure(row.ood_score, '.1f')}, " \
-                                   f"{_figure(row.ood_percentile, '.0f')}%)"
-            label = f"[yellow]not a chest X-ray like the training images[/] ({row.label}?)" if row.ood else row.label
-            view.add_row(Path(row.file).name, label, *([row.called] if called else []), probability, ood, error)
+        cautions = table["cautions"].fillna("").astype(bool).any() if "cautions" in table else False
+        errors = (table["error"].fillna("") != "").any()
+        view = Table("file", "label (probability)", *(["called"] if called else []), "prediction set", "refer (why)",
+                     "unusual (score, percentile)", *(["caution"] if cautions else []), *(["error"] if errors else []))
+        for column in view.columns:
+            column.overflow = "fold"  # never cut: two files must not read the same
+        for row, name in zip(table.to_dict("records"), _display_names(list(table["file"]))):
+            error = row["error"] if isinstance(row["error"], str) else ""
+            label = f"{row['label']} ({row[row['label']]:.3f})" if row["label"] in table.columns else row["label"]
+            if error:
+                ood = ""
+            elif row["ood_score"] is None or row["ood_score"] != row["ood_score"]:
+                ood = "not checked"
+            else:
+                ood = f"{'YES' if row['ood'] else 'no'} ({_figure(row['ood_score'], '.1f')}, " \
+                      f"{_figure(row['ood_percentile'], '.0f')}%)"
+            refer = "" if error else ("[red]REFER[/]: " + escape(row["reasons"]) if row["refer"] else "no")
+            view.add_row(escape(name), escape(label), *([escape(row["called"])] if called else []),
+                         escape(row["prediction_set"] or ""), refer, ood,
+                         *(["[yellow]" + escape(row["cautions"] or "") + "[/]"] if cautions else []),
+                         *([escape(error)] if errors else []))
         console.print(view)
     else:
         text = table.to_csv(index=False) if fmt == "csv" else table.to_json(orient="records", indent=2)

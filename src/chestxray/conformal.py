@@ -77,26 +77,37 @@ class ConformalSets:
         check_coverage(self.coverage)
         if self.score not in SCORES:
             raise ChestXrayError(f"unknown conformal score {self.score!r}: use one of {', '.join(SCORES)}")
-        labels = np.concatenate([np.full(len(self.calibration.get(c, ())), k) for k, c in enumerate(self.classes)])
-        alphas = np.concatenate([np.asarray(self.calibration.get(c, ()), dtype=np.float64) for c in self.classes])
-        from crepes import ConformalClassifier
-
-        self._crepes = ConformalClassifier().fit(alphas, bins=labels.astype(int))
+        self._crepes: Any = None
 
     def p_values(self, probs: np.ndarray) -> np.ndarray:
-        """Class-conditional conformal p-value (N, C) of each class for each probability row."""
-        alphas = nonconformity(probs, self.score)
-        if alphas.shape[1] != len(self.classes):
-            raise ChestXrayError(f"conformal: {alphas.shape[1]} probabilities for {len(self.classes)} classes")
+        """Class-conditional conformal p-value (N, C) of each class for each probability row (crepes)."""
+        alphas = self._alphas(probs)
         if not len(alphas):
             return np.zeros_like(alphas)
+        if self._crepes is None:  # imported on first use: it pulls in scikit-learn
+            from crepes import ConformalClassifier
+
+            labels = np.concatenate([np.full(len(self.calibration.get(c, ())), k) for k, c in enumerate(self.classes)])
+            scores = np.concatenate([np.asarray(self.calibration.get(c, ()), dtype=np.float64) for c in self.classes])
+            self._crepes = ConformalClassifier().fit(scores, bins=labels.astype(int))
         return np.stack([self._crepes.predict_p(alphas[:, k], bins=np.full(len(alphas), k), smoothing=False)
                          for k in range(len(self.classes))], axis=1)
 
     def sets(self, probs: np.ndarray, coverage: float | None = None) -> np.ndarray:
-        """Boolean (N, C): the classes in each image's prediction set at ``coverage`` (default: the stored one)."""
-        level = check_coverage(self.coverage if coverage is None else coverage)
-        return self.p_values(probs) > 1.0 - level + 1e-12
+        """Boolean (N, C): the classes in each image's prediction set at ``coverage`` (default: the stored one).
+
+        The same decision as "p-value above ``1 - coverage``" (tested against crepes' p-values), taken
+        from :meth:`thresholds` with numpy alone, so that prediction stays light.
+        """
+        alphas = self._alphas(probs)
+        limits = np.array([np.inf if t is None else t for t in self.thresholds(coverage).values()])
+        return alphas <= limits[None, :] + 1e-12
+
+    def _alphas(self, probs: np.ndarray) -> np.ndarray:
+        alphas = nonconformity(probs, self.score)
+        if alphas.shape[1] != len(self.classes):
+            raise ChestXrayError(f"conformal: {alphas.shape[1]} probabilities for {len(self.classes)} classes")
+        return alphas
 
     def thresholds(self, coverage: float | None = None) -> dict[str, float | None]:
         """Per class, the largest non-conformity admitted at ``coverage``; ``None``: that class is always in the set."""

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from .bundle import BundleMeta, save_bundle
-from .calibration import SCORING_BATCH, Calibration, calibrate_outputs
+from .audit import source_confound
+from .calibration import SCORING_BATCH, Calibration, calibrate_outputs, fit_guard
 from .config import RuntimeSettings, TrainConfig
 from .errors import ChestXrayError
 from .launch import one_device
@@ -92,7 +93,8 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
             members.append(model)
     table = pd.DataFrame(rows)
     table.to_csv(run_dir / "cv.csv", index=False)
-    calibration = calibrate_outputs(logits, targets, classes=list(pool.classes), task=pool.task)
+    calibration = calibrate_outputs(logits, targets, classes=list(pool.classes), task=pool.task, seed=config.seed,
+                                    fitted_on=f"out-of-fold predictions ({folds} folds, {len(targets)} images)")
     summary = _summary(table, calibration, pool.task, config)
     (run_dir / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
     oof = _oof_frame(pool, fold_of, logits)
@@ -147,17 +149,25 @@ def _oof_frame(pool: Samples, fold_of: np.ndarray, logits: np.ndarray) -> pd.Dat
 
 def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: PreparedData, pool: Samples,
                    config: TrainConfig, summary: dict[str, Any], calibration: Calibration) -> Path:
-    """The fold models as one bundle, calibrated on the out-of-fold logits (no OOD guard).
+    """The fold models as one bundle, calibrated on the out-of-fold logits (temperature, operating points,
+    conformal sets), with an OOD guard on the ensemble's features of the pool images.
 
     No held-out data is left for the ensemble itself, so each fold model's outputs on the fold it did
     not see stand in for the ensemble's (which average five models and are a little less spread).
+    The guard is fitted on the features of the whole pool (each image trained 4 of the 5 members), its
+    threshold set by the guard's own cross-fitting: the scores of new X-rays may sit a little higher.
     """
+    ensemble = EnsembleNet(members)
+    features = run_images(TorchRunner(ensemble), np.asarray(prepared.cache.images), SCORING_BATCH)[1]
+    calibration = dataclasses.replace(calibration, ood=fit_guard(features, prepared.targets))
     meta = BundleMeta(
         classes=list(pool.classes), image_size=config.image_size, preprocess=config.preprocessing().options(),
-        **calibration.bundle_fields(), train_fingerprint=prepared.cache.fingerprint,
+        **calibration.bundle_fields(), source_confound=source_confound(pool, config.seed),
+        train_fingerprint=prepared.cache.fingerprint,
         metrics={**summary["oof"], "evaluated_on": f"out-of-fold ({len(members)} folds)"},
         extra={"config": config.to_dict(),
                "trained_on": {"origin": pool.origin, "n_train": len(pool),
                               "class_counts": pool.frame["label"].value_counts().to_dict()},
+               **calibration.extra_fields(),
                "cv": {"folds": len(members), "mean": summary["mean"], "std": summary["std"]}})
-    return save_bundle(directory, EnsembleNet(members), meta)
+    return save_bundle(directory, ensemble, meta)

@@ -71,19 +71,39 @@ def header_summary(ds: Any) -> dict[str, str]:
     return summary
 
 
-def check_source(source: str | Path | bytes, policy: HeaderPolicy = DEFAULT_POLICY,
-                 name: str | None = None) -> list[str]:
-    """:func:`check_header` of a DICOM file or its bytes; ``[]`` for any other image format.
+@dataclass(frozen=True)
+class HeaderCheck:
+    """What a DICOM header said: its :data:`HEADER_FIELDS` (shown beside a prediction) and the reasons
+    (``not_frontal_cxr: ...``) to refer the image instead of trusting its classification."""
+
+    fields: dict[str, str]
+    reasons: tuple[str, ...]
+
+
+def inspect_source(source: str | Path | bytes, policy: HeaderPolicy = DEFAULT_POLICY,
+                   name: str | None = None) -> HeaderCheck | None:
+    """:func:`check_header` and :func:`header_summary` of a DICOM file or its bytes, in one parse;
+    ``None`` for any other image format.
 
     An unreadable DICOM raises :class:`~chestxray.errors.InputError` naming the file.
     """
     label = name or ("<upload>" if isinstance(source, bytes) else str(source))
     data = source if isinstance(source, bytes) else _read_file(Path(source))
     if not data or not _is_dicom(data, label):
-        return []
+        return None
     ds = _read_dicom(data, label, stop_before_pixels=True)
     with _dicom_errors(label):
-        return check_header(ds, policy)
+        return HeaderCheck(header_summary(ds), tuple(check_header(ds, policy)))
+
+
+def check_source(source: str | Path | bytes, policy: HeaderPolicy = DEFAULT_POLICY,
+                 name: str | None = None) -> list[str]:
+    """:func:`check_header` of a DICOM file or its bytes; ``[]`` for any other image format.
+
+    An unreadable DICOM raises :class:`~chestxray.errors.InputError` naming the file.
+    """
+    found = inspect_source(source, policy, name)
+    return [] if found is None else list(found.reasons)
 
 
 def _text(ds: Any, keyword: str) -> str:

@@ -8,6 +8,7 @@ row per image) and ``report.html``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,20 @@ import numpy as np
 import pandas as pd
 
 from .cache import build_cache
-from .errors import ChestXrayError
+from .conformal import set_metrics
+from .errors import ChestXrayError, InputError
 from .metrics import (
+    accuracy_at_coverage,
     at_operating_points,
     classification_metrics,
     expected_calibration_error,
     interval_text,
     multilabel_metrics,
+    proportion_interval,
+    risk_coverage,
 )
-from .predict import Predictor, load_model
+from .modelcard import render_model_card
+from .predict import NOT_CHECKED, Predictor, load_model
 from .report import write_report
 from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
 from .storage import atomic_path, make_folder, write_text
@@ -33,6 +39,9 @@ from .storage import atomic_path, make_folder, write_text
 __all__ = ["EvaluationResult", "evaluate", "headline"]
 
 SPLITS = ("auto", "all", *SPLIT_NAMES)
+COVERAGE_LEVELS = (0.8, 0.5)
+"""Shares of the most confident predictions at which the risk-coverage accuracy is reported."""
+_CURVE_POINTS = 200
 MISUSE_NOTE = (
     "Use it only on images like its training images: it has not been validated on other populations "
     "(e.g. adults vs children), hospitals, devices or views, and must not be used for clinical decisions."
@@ -49,7 +58,8 @@ class EvaluationResult:
     task: str
     split: str
     n_evaluated: int
-    n_ood: int
+    n_ood: int | None
+    """Images flagged out of distribution; ``None``: not checked (the bundle has no guard)."""
     failed: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -102,32 +112,100 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     if predictor.meta.operating_points:  # thresholds fixed on validation, judged here
         metrics["operating_points"] = at_operating_points(y_true, probs, predictor.classes,
                                                           predictor.meta.operating_points)
+    files = samples.frame["path"].to_numpy()[ok]
+    sets = None if multilabel else predictor.prediction_sets(probs)
+    headers = [_header_reasons(predictor, f) for f in files]
+    metrics["conformal"] = None if sets is None else {
+        **set_metrics(sets, y_true, predictor.classes, coverage=predictor.coverage, n_boot=n_boot, seed=seed),
+        "score": predictor.conformal.score, "fitted_on": predictor.conformal.fitted_on}
+    refer = np.array([bool(h) for h in headers]) | flags
+    if sets is not None:
+        refer |= sets.sum(1) != 1
+    if not multilabel:
+        metrics["selective"] = _selective(y_true, probs, refer, sets is not None, predictor.guard is not None)
     out_dir = Path(out_dir)
     result = EvaluationResult(out_dir, metrics, predictor.classes, predictor.meta.task, split,
-                              int(ok.sum()), int(flags.sum()), failed)
+                              int(ok.sum()), int(flags.sum()) if predictor.guard is not None else None, failed)
     summary = {**metrics, "ece_before_calibration": before["ece"] if before else None,
                "temperature": predictor.meta.temperature,
                "bundle": "" if isinstance(bundle, Predictor) else str(bundle), "data": str(data), "split": split,
                "n_failed": len(failed), "failed": [{"file": f, "reason": r} for f, r in failed], "n_ood": result.n_ood,
                "ood_threshold": predictor.guard.threshold if predictor.guard is not None else None}
     write_text(result.files["metrics"], json.dumps(summary, indent=2) + "\n")
-    predictions = _predictions_frame(samples, ok, predictor, probs, scores, flags, failed)
+    predictions = _predictions_frame(samples, ok, predictor, probs, scores, flags, failed, sets, refer, headers)
     with atomic_path(result.files["predictions"]) as tmp:
         predictions.to_csv(tmp, index=False)
-    gallery = _error_gallery(predictor, samples.frame["path"].to_numpy()[ok], images, y_true, probs, cam_gallery)
+    gallery = _error_gallery(predictor, files, images, y_true, probs, cam_gallery)
     history = predictor.meta.extra.get("history")
+    shown = predictions.assign(file=[_relative(f, data) for f in predictions["file"]])
     write_report(result.files["report"], title=f"Evaluation on {Path(str(data)).name} ({split})", metrics=metrics,
                  y_true=y_true, probs=probs, classes=predictor.classes,
-                 history=pd.DataFrame(history) if history else None, errors_gallery=gallery,
-                 notes=_notes(predictor, samples, split, result), metrics_before_calibration=before)
+                 history=pd.DataFrame(history) if history else None,
+                 errors_gallery=[{**item, "file": _relative(item["file"], data)} for item in gallery],
+                 notes=_notes(predictor, samples, split, result), metrics_before_calibration=before,
+                 predictions=shown, predictions_link=result.files["predictions"].name,
+                 model_card=render_model_card(dataclasses.asdict(predictor.meta)))
     return result
+
+
+def _header_reasons(predictor: Predictor, file: str) -> list[str]:
+    """The DICOM header check's reasons for one evaluated file (none for other formats or when it is off)."""
+    if predictor.header_policy is None or not _may_be_dicom(file):
+        return []
+    try:
+        found = predictor.inspect_header(file, file)
+    except InputError:
+        return []  # the pixels were readable; a header the check cannot parse is not a reason here
+    return [] if found is None else list(found.reasons)
+
+
+def _may_be_dicom(file: str) -> bool:
+    """Whether ``file`` is named or starts like a DICOM file (reads 132 bytes at most)."""
+    path = Path(file)
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _selective(y_true: np.ndarray, probs: np.ndarray, refer: np.ndarray, sets_checked: bool,
+               ood_checked: bool) -> dict[str, Any]:
+    """Risk-coverage: accuracy of the most confident predictions against the share kept, accuracy at
+    :data:`COVERAGE_LEVELS`, and the accuracy of the predictions the referral rule keeps."""
+    correct, confidence = probs.argmax(1) == y_true, probs.max(1)
+    curve = risk_coverage(correct, confidence)
+    step = max(1, len(correct) // _CURVE_POINTS)
+    kept = ~refer
+    accuracy_kept, kept_ci = proportion_interval(int(correct[kept].sum()), int(kept.sum()))
+    accuracy_referred, referred_ci = proportion_interval(int(correct[refer].sum()), int(refer.sum()))
+    checks = [name for name, done in (("set size", sets_checked), ("OOD", ood_checked)) if done] + ["DICOM header"]
+    return {"risk_coverage": {key: values[step - 1::step] for key, values in curve.items()},
+            "at_coverage": {f"{round(100 * level)}%": accuracy_at_coverage(correct, confidence, level)
+                            for level in COVERAGE_LEVELS},
+            "referral": {"checks": checks, "kept_share": float(kept.mean()), "referred": int(refer.sum()),
+                         "accuracy_kept": accuracy_kept, "accuracy_kept_ci": kept_ci,
+                         "accuracy_referred": accuracy_referred, "accuracy_referred_ci": referred_ci}}
+
+
+def _relative(path: str, root: str | Path) -> str:
+    """``path`` relative to the data root (the folder, or the folder of a manifest or .npz); as is elsewhere."""
+    base = Path(str(root)).expanduser()
+    base = base.parent if base.is_file() else base
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except (ValueError, OSError):
+        return path
 
 
 def headline(result: EvaluationResult) -> list[str]:
     """A few lines for the terminal: the main figures with their 95% intervals."""
     m = result.metrics
-    lines = [f"{result.n_evaluated} images evaluated (split: {result.split}), {len(result.failed)} unreadable, "
-             f"{result.n_ood} flagged out-of-distribution"]
+    ood = f"{result.n_ood} flagged out-of-distribution" if result.n_ood is not None else \
+        f"out-of-distribution {NOT_CHECKED} (no guard in the bundle)"
+    lines = [f"{result.n_evaluated} images evaluated (split: {result.split}), {len(result.failed)} unreadable, {ood}"]
     if result.task == "multilabel":
         lines.append(f"mean ROC-AUC {interval_text(m, 'mean_auc', percent=False)}")
         aucs = ", ".join(f"{name} {row['roc_auc']:.3f}" for name, row in m["per_label"].items()
@@ -138,7 +216,23 @@ def headline(result: EvaluationResult) -> list[str]:
               f"macro ROC-AUC {interval_text(m, 'macro_auc', percent=False)}"]
     recalls = ", ".join(f"{name} {100 * row['sensitivity']:.1f}%" for name, row in m["per_class"].items()
                         if row["support"])
-    return lines + [f"sensitivity (recall) per class: {recalls}"]
+    lines.append(f"sensitivity (recall) per class: {recalls}")
+    conformal = m.get("conformal")
+    if conformal is None:
+        lines.append(f"conformal prediction sets: {NOT_CHECKED} (none in the bundle)")
+    else:
+        low, high = conformal["coverage_ci"]
+        per_class = ", ".join(f"{name} {100 * row['coverage']:.0f}%" for name, row in conformal["per_class"].items()
+                              if row["coverage"] is not None)
+        lines.append(f"prediction sets at {100 * conformal['target_coverage']:g}% target: coverage "
+                     f"{100 * conformal['coverage']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), mean set size "
+                     f"{conformal['mean_set_size']:.2f}; per class {per_class}")
+    referral = m.get("selective", {}).get("referral")
+    if referral:
+        kept = referral["accuracy_kept"]
+        lines.append(f"referred {referral['referred']} of {result.n_evaluated}; accuracy on the rest "
+                     + ("n/a" if kept is None else f"{100 * kept:.1f}%"))
+    return lines
 
 
 def _select(samples: Samples, split: str, data: str | Path) -> tuple[Samples, str]:
@@ -156,15 +250,23 @@ def _select(samples: Samples, split: str, data: str | Path) -> tuple[Samples, st
 
 
 def _predictions_frame(samples: Samples, ok: np.ndarray, predictor: Predictor, probs: np.ndarray, scores: np.ndarray,
-                       flags: np.ndarray, failed: list[tuple[str, str]]) -> pd.DataFrame:
+                       flags: np.ndarray, failed: list[tuple[str, str]], sets: np.ndarray | None, refer: np.ndarray,
+                       headers: list[list[str]]) -> pd.DataFrame:
     frame = pd.DataFrame({"file": samples.frame["path"], "truth": samples.frame["label"].replace("", NO_FINDING)})
     frame["prediction"] = ""
     frame.loc[ok, "prediction"] = [predictor.label(p) for p in probs]
+    frame["prediction_set"] = ""
+    frame.loc[ok, "prediction_set"] = NOT_CHECKED if sets is None else \
+        ["|".join(c for c, inside in zip(predictor.classes, row) if inside) for row in sets]
+    frame["refer"] = False
+    frame.loc[ok, "refer"] = refer
+    frame["header_check"] = ""
+    frame.loc[ok, "header_check"] = ["; ".join(h) for h in headers]
     for k, name in enumerate(predictor.classes):
         frame[name] = np.nan
         frame.loc[ok, name] = probs[:, k]
-    frame["ood"] = False
-    frame.loc[ok, "ood"] = flags
+    frame["ood"] = False if predictor.guard is not None else NOT_CHECKED
+    frame.loc[ok, "ood"] = flags if predictor.guard is not None else NOT_CHECKED
     frame["ood_score"] = np.nan
     frame.loc[ok, "ood_score"] = scores
     frame["ood_percentile"] = np.nan
@@ -218,7 +320,7 @@ def _notes(predictor: Predictor, samples: Samples, split: str, result: Evaluatio
     notes.append(f"Evaluated on {samples.origin} ({split}): {result.n_evaluated} images"
                  + (f", {len(result.failed)} unreadable (listed in metrics.json)." if result.failed else "."))
     if predictor.guard is None:
-        notes.append("The bundle has no out-of-distribution guard.")
+        notes.append(f"Out-of-distribution check: {NOT_CHECKED} (the bundle has no guard).")
     else:
         notes.append(f"{result.n_ood} image(s) scored as unlike the training images "
                      f"(OOD score above {predictor.guard.threshold:.1f}).")

@@ -30,6 +30,7 @@ MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 TARGET_SENSITIVITIES = (0.90, 0.95)
+_CLASS_AUC = "roc_auc/"  # keys of per-class AUC resamples, moved into the per-class table
 _BATCH_ELEMENTS = 2_000_000  # resamples are evaluated in batches of about this many indices
 
 
@@ -136,6 +137,11 @@ def _resampled_macro_auc(idx: np.ndarray, positives: np.ndarray, probs: np.ndarr
 
     Labels with no positives or no negatives in a resample are left out of its mean.
     """
+    return _nanmean_rows(_resampled_aucs(idx, positives, probs))
+
+
+def _resampled_aucs(idx: np.ndarray, positives: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC-AUC (B, C) of each label in each resample row of ``idx``; NaN where undefined."""
     from scipy.stats import rankdata
 
     aucs = np.empty((len(idx), probs.shape[1]))
@@ -147,7 +153,7 @@ def _resampled_macro_auc(idx: np.ndarray, positives: np.ndarray, probs: np.ndarr
         with np.errstate(invalid="ignore", divide="ignore"):
             aucs[:, k] = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
         aucs[(n_pos == 0) | (n_neg == 0), k] = np.nan
-    return _nanmean_rows(aucs)
+    return aucs
 
 
 def _resampled_multiclass(idx: np.ndarray, y_true: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -161,11 +167,13 @@ def _resampled_multiclass(idx: np.ndarray, y_true: np.ndarray, probs: np.ndarray
         with np.errstate(invalid="ignore", divide="ignore"):
             recall[:, k] = tp / n_true  # NaN for a class absent from the resample, as sklearn
             f1[:, k] = np.where(n_true + n_pred > 0, 2 * tp / (n_true + n_pred), 0.0)
+    aucs = _resampled_aucs(idx, np.eye(n_classes, dtype=bool)[y_true], probs)
     return {
         "accuracy": (truth == pred).mean(1),
         "balanced_accuracy": _nanmean_rows(recall),
         "macro_f1": f1.mean(1),
-        "macro_auc": _resampled_macro_auc(idx, np.eye(n_classes, dtype=bool)[y_true], probs),
+        "macro_auc": _nanmean_rows(aucs),
+        **{f"{_CLASS_AUC}{k}": aucs[:, k] for k in range(n_classes)},
     }
 
 
@@ -218,6 +226,8 @@ def classification_metrics(
         y_true, pred, labels=labels, zero_division=0
     )
     cm = confusion_matrix(y_true, pred, labels=labels)
+    intervals = _bootstrap_intervals(
+        lambda idx: _resampled_multiclass(idx, y_true, probs), y_true, n_boot, seed, ci, stratified=True)
     false_pos = cm.sum(0) - cm.diagonal()
     true_neg = len(y_true) - cm.sum(1) - false_pos
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -232,9 +242,15 @@ def classification_metrics(
             "roc_auc": json_number(auc[k]),
             "pr_auc": json_number(pr_auc[k]),
             "support": int(support[k]),
+            # Wilson intervals of the proportions; a stratified bootstrap for the AUC
+            "precision_ci": proportion_interval(int(cm[k, k]), int(cm[:, k].sum()), ci)[1],
+            "sensitivity_ci": proportion_interval(int(cm[k, k]), int(support[k]), ci)[1],
+            "specificity_ci": proportion_interval(int(true_neg[k]), int(true_neg[k] + false_pos[k]), ci)[1],
+            "roc_auc_ci": intervals.pop(f"{_CLASS_AUC}{k}") if not np.isnan(auc[k]) else [None, None],
         }
         for k, name in enumerate(classes)
     }
+    intervals = {name: value for name, value in intervals.items() if not name.startswith(_CLASS_AUC)}
     return {
         "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, pred)),
@@ -247,9 +263,8 @@ def classification_metrics(
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
         "ci_level": ci,
-        "ci": _bootstrap_intervals(
-            lambda idx: _resampled_multiclass(idx, y_true, probs), y_true, n_boot, seed, ci, stratified=True
-        ),
+        "ci": intervals,
+        "bootstrap": f"stratified (class counts fixed), {n_boot} resamples, percentile intervals",
     }
 
 
@@ -290,6 +305,7 @@ def multilabel_metrics(
             lambda idx: {"mean_auc": _resampled_macro_auc(idx, y_true, probs)},
             y_true, n_boot, seed, ci, stratified=False,
         ),
+        "bootstrap": f"whole images resampled (not stratified: several labels per image), {n_boot} resamples",
     }
 
 

@@ -9,6 +9,13 @@ with every rank of a ``torchrun`` launch.
 Labels: the most probable class for multi-class models; for multi-label models every class with a
 probability of 0.5 or more, joined by ``|``, or ``"No Finding"`` when none reaches 0.5 (never the
 arg-max: a multi-label model may rightly find nothing).
+
+When not to trust a prediction: a prediction is ``refer`` (with its ``reasons``) when its conformal
+prediction set holds more or fewer than one class, when the image is out of distribution, or when
+its DICOM header says it is not a frontal chest radiograph. ``cautions`` name a predicted class whose
+training images came from another source than the others (the bundle's ``source_confound``). A
+check that could not run (no conformal sets or OOD guard in the bundle, no DICOM header) is
+reported as not checked (``None``), never as passed.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,7 +39,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .bundle import INT8_ONNX_FILE, ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
+from .conformal import ConformalSets, check_coverage
 from .decode import NPZ_SEPARATOR, gray_array, is_image_file
+from .dicomcheck import DEFAULT_POLICY, HeaderCheck, HeaderPolicy, inspect_source
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
 from .metrics import json_number, logits_to_probs
@@ -77,6 +86,14 @@ class Prediction:
     ood_score: float | None
     ood_percentile: float | None = None
     error: str | None = None
+    prediction_set: list[str] | None = None
+    """The classes the conformal sets cannot rule out at the bundle's coverage; ``None``: not checked."""
+    refer: bool = False
+    """Do not act on ``label``: a reader should look (see ``reasons``)."""
+    reasons: list[str] = field(default_factory=list)
+    cautions: list[str] = field(default_factory=list)
+    header: dict[str, str] | None = None
+    """The DICOM header fields the check read; ``None``: no DICOM header (not checked)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
@@ -86,13 +103,21 @@ class Prediction:
 class Predictor:
     """A loaded model: ``predict`` inputs, score arrays, explain with Grad-CAM (torch backend)."""
 
-    def __init__(self, runner: Runner, meta: BundleMeta, model: ChestXrayNet | EnsembleNet | None = None) -> None:
+    def __init__(self, runner: Runner, meta: BundleMeta, model: ChestXrayNet | EnsembleNet | None = None, *,
+                 header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> None:
         self.runner = runner
         self.meta = meta
         self.model = model
         self.classes: list[str] = list(meta.classes)
         self.preprocessing = meta.preprocessing()
         self.guard = OODGuard.from_dict(meta.ood) if meta.ood else None
+        self.conformal = (ConformalSets.from_dict(meta.conformal, self.classes)
+                          if meta.conformal and meta.task == "multiclass" else None)
+        self.coverage = self.conformal.coverage if self.conformal else None
+        """Coverage of the prediction sets (default: the bundle's); set another share to change it."""
+        self.header_policy = header_policy
+        """What a DICOM header must say (``dicomcheck.HeaderPolicy``); ``None`` skips the check."""
+        self.confounded = confounded_classes(meta.source_confound)
         self._cam_model: ChestXrayNet | None = None
         self._cam_layer: torch.nn.Module | None = None
         self._cam_lock = threading.Lock()
@@ -177,29 +202,60 @@ class Predictor:
         results = list(self._predict_decoded(decoded, tta=tta, batch_size=batch_size))
         return results[0] if single else results
 
-    def _decode(self, source: Source, name: str) -> tuple[str, np.ndarray | None, str | None]:
-        try:
-            return name, self.prepare(source, name), None
-        except InputError as err:
-            return name, None, err.reason
-        except Exception as err:  # a decoder bug on one input must not lose the others
-            return name, None, f"{type(err).__name__}: {err}"
+    def inspect_header(self, source: Source, name: str | None = None) -> HeaderCheck | None:
+        """The DICOM header check of a path or raw bytes under :attr:`header_policy`; ``None`` when the
+        input has no DICOM header or the check is off."""
+        if self.header_policy is None or isinstance(source, np.ndarray) or (
+                isinstance(source, (str, Path)) and NPZ_SEPARATOR in str(source)):
+            return None
+        return inspect_source(source, self.header_policy, name)
 
-    def _predict_decoded(self, decoded: Iterable[tuple[str, np.ndarray | None, str | None]], *, tta: bool,
-                         batch_size: int) -> Iterator[Prediction]:
-        """Predictions of ``(name, image or None, error)`` triples, run in batches, in order."""
+    def _decode(self, source: Source, name: str) -> tuple[str, np.ndarray | None, str | None, HeaderCheck | None]:
+        try:
+            return name, self.prepare(source, name), None, self.inspect_header(source, name)
+        except InputError as err:
+            return name, None, err.reason, None
+        except Exception as err:  # a decoder bug on one input must not lose the others
+            return name, None, f"{type(err).__name__}: {err}", None
+
+    def prediction_sets(self, probs: np.ndarray) -> np.ndarray | None:
+        """Boolean (N, C) conformal prediction sets at :attr:`coverage`; ``None`` without conformal sets."""
+        if self.conformal is None:
+            return None
+        return self.conformal.sets(probs, self.coverage)
+
+    def _predict_decoded(self, decoded: Iterable[tuple[str, np.ndarray | None, str | None, HeaderCheck | None]],
+                         *, tta: bool, batch_size: int) -> Iterator[Prediction]:
+        """Predictions of ``(name, image or None, error, header check)``, run in batches, in order."""
         for chunk in _chunks(decoded, batch_size):
-            good = [image for _, image, _ in chunk if image is not None]
+            good = [image for _, image, _, _ in chunk if image is not None]
             probs, scores = self.predict_arrays(np.stack(good), tta=tta, batch_size=batch_size) if good else ([], [])
-            rows = iter(zip(probs, scores))
-            for name, image, error in chunk:
+            sets = self.prediction_sets(np.asarray(probs)) if good else None
+            rows = iter(range(len(good)))
+            for name, image, error, header in chunk:
                 if image is None:
                     yield Prediction(name, "", {}, False, None, None, error)
                     continue
-                p, score = next(rows)
+                i = next(rows)
+                p, score = probs[i], scores[i]
                 flagged = bool(self.guard.is_ood(score)) if self.guard is not None else False
-                yield Prediction(name, self.label(p), {c: float(v) for c, v in zip(self.classes, p)},
-                                 flagged, json_number(score), json_number(self.ood_percentiles(score)))
+                label = self.label(p)
+                prediction = Prediction(
+                    name, label, {c: float(v) for c, v in zip(self.classes, p)}, flagged, json_number(score),
+                    json_number(self.ood_percentiles(score)),
+                    prediction_set=None if sets is None else [c for c, inside in zip(self.classes, sets[i]) if inside],
+                    cautions=self.cautions(label))
+                yield self.with_header(prediction, header)
+
+    def cautions(self, label: str) -> list[str]:
+        """The source-confound cautions for a predicted label (see the module docstring)."""
+        return [source_caution(name, self.confounded[name]) for name in label.split("|") if name in self.confounded]
+
+    def with_header(self, prediction: Prediction, header: HeaderCheck | None) -> Prediction:
+        """``prediction`` with the DICOM header check and its referral decided (see :func:`referral_reasons`)."""
+        reasons = referral_reasons(prediction, header, self.coverage, self.guard)
+        return replace(prediction, header=None if header is None else dict(header.fields),
+                       refer=bool(reasons), reasons=reasons)
 
     # ------------------------------------------------------------------ Grad-CAM
 
@@ -230,11 +286,14 @@ class Predictor:
         return image, heatmap, index
 
     def gradcam_png(self, x: Source, target: str | int | None = None) -> bytes:
-        """PNG of the Grad-CAM heatmap over the model's input square (see :meth:`gradcam`)."""
-        from .cam import overlay, to_png
+        """PNG of the Grad-CAM heatmap over the model's input square (see :meth:`gradcam`), titled with the
+        explained class and its probability, with a colour bar."""
+        from .cam import labelled_overlay, to_png
 
-        image, heatmap, _ = self.gradcam(x, target)
-        return to_png(overlay(image, heatmap))
+        image, heatmap, index = self.gradcam(x, target)
+        probability = float(self.predict_arrays(image[None])[0][0, index])
+        title = f"Grad-CAM for {self.classes[index]} (p = {probability:.3f}): red = raised its score most"
+        return to_png(labelled_overlay(image, heatmap, title))
 
     def _class_index(self, target: str | int) -> int:
         if isinstance(target, str) and target in self.classes:
@@ -254,7 +313,7 @@ def resolve_backend(path: str | Path, backend: str) -> str:
 
 
 def load_model(path: str | Path, backend: str = "torch", *, device: str | None = None,
-               threads: int | None = None) -> Predictor:
+               threads: int | None = None, header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> Predictor:
     """Load a bundle folder (or a file in it) as a :class:`Predictor`.
 
     ``backend="onnx"`` runs the bundle's ``model.onnx`` (made by ``chestxray export``; refused when
@@ -263,6 +322,7 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
     ``backend="onnx-int8"`` runs ``model.int8.onnx`` (``chestxray export --quantize int8``) the same
     way, refused likewise. ``backend="auto"`` takes ONNX when the bundle has it (and torch, with a warning, when that file was
     exported from other weights). ``device`` (torch only): default CUDA when available.
+    ``header_policy``: what a DICOM header must say for an image not to be referred (``None``: no check).
     """
     directory = Path(path)
     if directory.is_file():
@@ -279,7 +339,7 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
 
         model, meta = load_bundle(directory)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return Predictor(TorchRunner(model), meta, model)
+        return Predictor(TorchRunner(model), meta, model, header_policy=header_policy)
     if backend in ONNX_BACKENDS:
         meta = read_meta(directory)
         onnx_path = directory / ONNX_BACKENDS[backend]
@@ -289,7 +349,7 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
                                  f"`chestxray export {directory} --format onnx{how}` or use the torch backend")
         runner = OnnxRunner(onnx_path, threads)
         check_onnx(directory, runner.metadata, onnx_path)
-        return Predictor(runner, meta)
+        return Predictor(runner, meta, header_policy=header_policy)
     raise ChestXrayError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 
 
@@ -329,18 +389,16 @@ def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size
     with _progress(progress) as bar, ThreadPoolExecutor(_DECODE_THREADS) as pool:
         task = bar.add_task("predicting", total=len(entries))
 
-        def decode(entry: tuple[str, str | None]) -> tuple[str, np.ndarray | None, str | None]:
+        def decode(entry: tuple[str, str | None]) -> tuple[str, np.ndarray | None, str | None, HeaderCheck | None]:
             file, error = entry
-            return (file, None, error) if error else predictor._decode(file, file)
+            return (file, None, error, None) if error else predictor._decode(file, file)
 
         decoded = _map_ahead(pool, decode, entries, ahead=2 * batch_size)
         for result in predictor._predict_decoded(decoded, tta=tta, batch_size=batch_size):
-            rows.append({"file": result.file, "label": result.label, **result.probabilities,
-                         "ood": result.ood, "ood_score": result.ood_score,
-                         "ood_percentile": result.ood_percentile, "error": result.error})
+            rows.append(table_row(result))
             bar.advance(task)
-    table = pd.DataFrame(rows, columns=["file", "label", *predictor.classes, "ood", "ood_score", "ood_percentile",
-                                        "error"])
+    table = pd.DataFrame(rows, columns=["file", "label", "prediction_set", "refer", "reasons", "cautions",
+                                        *predictor.classes, "ood", "ood_score", "ood_percentile", "header", "error"])
     table["model_id"] = predictor.meta.model_id
     return table
 
@@ -406,10 +464,12 @@ class PredictionRun:
 
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: str = "auto",
                   batch_size: int = DEFAULT_BATCH, tta: bool = False, operating_point: str | None = None,
-                  cam_dir: str | Path | None = None, progress: bool = False) -> PredictionRun | None:
+                  cam_dir: str | Path | None = None, progress: bool = False, coverage: float | None = None,
+                  header_check: bool = True) -> PredictionRun | None:
     """Everything ``chestxray predict`` does: predict files, folders and globs with ``bundle``, add the
     ``called`` column at ``operating_point`` (:func:`apply_operating_point`), write Grad-CAM overlays
-    into ``cam_dir`` (:func:`write_cams`).
+    into ``cam_dir`` (:func:`write_cams`). ``coverage``: of the conformal prediction sets (default: the
+    bundle's); ``header_check``: refer DICOMs whose header says they are not frontal chest radiographs.
 
     Under ``torchrun`` every rank predicts its shard (:func:`sharded_predict`); rank 0 gets the
     result and the others ``None`` (Grad-CAM runs on rank 0 alone).
@@ -420,7 +480,9 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: 
         if table is None:  # a rank other than 0
             return None
     else:
-        predictor = load_model(bundle, backend=backend)
+        predictor = load_model(bundle, backend=backend, header_policy=DEFAULT_POLICY if header_check else None)
+        if coverage is not None and predictor.conformal is not None:
+            predictor.coverage = check_coverage(coverage)
         table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
     if operating_point:
         meta = predictor.meta if predictor is not None else read_meta(bundle)  # a sharded run loads none here
@@ -430,6 +492,64 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: 
         explainer = predictor if predictor is not None and predictor.model is not None else load_model(bundle)
         cams = write_cams(explainer, inputs, cam_dir, progress=progress)
     return PredictionRun(table, cams)
+
+
+NOT_CHECKED = "not checked"
+
+
+def table_row(result: Prediction) -> dict[str, Any]:
+    """One flat row of a :class:`Prediction` for a table: lists joined, checks that did not run as "not checked"."""
+    failed = bool(result.error)
+    return {"file": result.file, "label": result.label,
+            "prediction_set": "" if failed else NOT_CHECKED if result.prediction_set is None
+            else "|".join(result.prediction_set),
+            "refer": result.refer, "reasons": "; ".join(result.reasons), "cautions": "; ".join(result.cautions),
+            **result.probabilities, "ood": result.ood, "ood_score": result.ood_score,
+            "ood_percentile": result.ood_percentile,
+            "header": "" if failed or result.header is None else
+            "; ".join(f"{k}={v}" for k, v in result.header.items()) or "(no fields)",
+            "error": result.error}
+
+
+def referral_reasons(prediction: Prediction, header: HeaderCheck | None, coverage: float | None,
+                     guard: OODGuard | None) -> list[str]:
+    """Why a prediction must be referred to a reader rather than trusted; empty when nothing says so.
+
+    A conformal set with more than one class (the model cannot tell them apart at the set's coverage)
+    or none (no class fits the image), an out-of-distribution image, a DICOM header that says the
+    image is not a frontal chest radiograph.
+    """
+    if prediction.error:
+        return []
+    reasons = []
+    found = prediction.prediction_set
+    if found is not None and len(found) != 1:
+        level = f"{100 * coverage:g}%" if coverage is not None else ""
+        reasons.append(f"uncertain: the {level} prediction set holds {', '.join(found)}" if found
+                       else f"uncertain: no class fits (the {level} prediction set is empty)")
+    if prediction.ood:
+        threshold = f" above the threshold {guard.threshold:.1f}" if guard is not None else ""
+        percentile = "" if prediction.ood_percentile is None else \
+            f", less typical than {prediction.ood_percentile:.0f}% of held-out training X-rays"
+        reasons.append(f"out_of_distribution: score {prediction.ood_score:.1f}{threshold}{percentile}")
+    if header is not None:
+        reasons += list(header.reasons)
+    return reasons
+
+
+def confounded_classes(source_confound: dict[str, Any] | None) -> dict[str, float]:
+    """The classes a bundle's ``source_confound`` flags, with their metadata-only AUC."""
+    if not source_confound:
+        return {}
+    auc = source_confound.get("auc") or {}
+    return {name: float(auc[name]) for name in source_confound.get("flagged", []) if auc.get(name) is not None}
+
+
+def source_caution(name: str, auc: float) -> str:
+    """The caution on a prediction of a class whose training images are separable by their source."""
+    return (f"caution: {name} training images differ from the others in how they were made or stored (file "
+            f"metadata alone tells them apart, AUC {auc:.2f}): they may come from another source, and this call "
+            f"may reflect the image's origin rather than disease")
 
 
 def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float]], point: str) -> pd.DataFrame:

@@ -38,6 +38,7 @@ th:first-child, td:first-child { text-align: left; }
 img { max-width: 100%; } .figures img { max-width: 49%; } .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
 .gallery figure { margin: 0; width: 220px; font-size: .85em; word-break: break-all; }
 .gallery img { width: 220px; }
+.bad { color: #b00020; } .card { background: #fafafa; border: 1px solid #ddd; padding: 0 1em; border-radius: 4px; }
 """
 
 
@@ -83,8 +84,11 @@ def _training_curves_figure(history: pd.DataFrame) -> Figure:
     panels = {
         "loss": [c for c in numeric if "loss" in c],
         "learning rate": [c for c in numeric if c.startswith("lr")],
+        # the training image side (progressive resizing) in its own panel: on the metrics axis it flattens them
+        "training image size (px)": [c for c in numeric if c.endswith("_px") and history[c].nunique() > 1],
     }
-    panels["metrics"] = [c for c in numeric if c not in panels["loss"] + panels["learning rate"]]
+    panels["metrics"] = [c for c in numeric if not c.endswith("_px") and
+                         c not in panels["loss"] + panels["learning rate"]]
     panels = {title: cols for title, cols in panels.items() if cols}
     fig = _new_figure(5.0 * max(1, len(panels)), 4.0)
     for ax, (title, cols) in zip(fig.subplots(1, max(1, len(panels)), squeeze=False)[0], panels.items()):
@@ -168,7 +172,9 @@ def _headline(metrics: dict[str, Any]) -> str:
             "macro ROC-AUC": interval_text(metrics, "macro_auc", percent=False),
         }
     cards = "".join(f"<div>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in items.items())
-    return f'<p>{metrics["n"]} test images.</p><div class="headline">{cards}</div>'
+    how = metrics.get("bootstrap") or "bootstrap over whole images (not stratified)"
+    return (f'<p>{metrics["n"]} test images. Intervals: {html.escape(how)}.</p>'
+            f'<div class="headline">{cards}</div>')
 
 
 def _gallery(errors_gallery: list[dict]) -> str:
@@ -210,6 +216,111 @@ def _operating_points_section(points: dict[str, dict[str, dict[str, Any]]]) -> s
             f"</tr>{rows}</table>")
 
 
+def _with_interval(value: Any, interval: Any, percent: bool = True) -> str:
+    if value is None:
+        return "–"
+    fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3f}")
+    if not interval or interval[0] is None:
+        return fmt(value)
+    return f"{fmt(value)} ({fmt(interval[0])}–{fmt(interval[1])})"
+
+
+def _per_class_section(metrics: dict[str, Any]) -> str:
+    """Per-class table, each figure with its 95% interval (Wilson for proportions, bootstrap for AUC)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{_with_interval(r['precision'], r.get('precision_ci'))}</td>"
+        f"<td>{_with_interval(r['sensitivity'], r.get('sensitivity_ci'))}</td>"
+        f"<td>{_with_interval(r['specificity'], r.get('specificity_ci'))}</td><td>{_cell(r['f1'])}</td>"
+        f"<td>{_with_interval(r['roc_auc'], r.get('roc_auc_ci'), percent=False)}</td><td>{_cell(r['pr_auc'])}</td>"
+        f"<td>{r['support']}</td></tr>" for name, r in metrics["per_class"].items())
+    return ("<h2>Per class</h2><p>Precision, sensitivity and specificity in % with 95% Wilson intervals; "
+            "ROC-AUC with a stratified bootstrap interval.</p><table><tr><th>class</th><th>precision</th>"
+            "<th>sensitivity</th><th>specificity</th><th>F1</th><th>ROC-AUC</th><th>PR-AUC</th><th>support</th>"
+            f"</tr>{rows}</table>")
+
+
+def _conformal_section(conformal: dict[str, Any] | None) -> str:
+    if conformal is None:
+        return "<h2>Prediction sets</h2><p>Not checked: the bundle has no conformal sets.</p>"
+    target = conformal["target_coverage"]
+    rows = []
+    for name, r in conformal["per_class"].items():
+        below = r["coverage_ci"][1] is not None and r["coverage_ci"][1] < target
+        flag = ' <b class="bad">below the target</b>' if below else ""
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{r['n']}</td>"
+                    f"<td>{_with_interval(r['coverage'], r['coverage_ci'])}{flag}</td>"
+                    f"<td>{_with_interval(r['mean_set_size'], r['mean_set_size_ci'], percent=False)}</td></tr>")
+    overall = (f"coverage {_with_interval(conformal['coverage'], conformal['coverage_ci'])}%, mean set size "
+               f"{_with_interval(conformal['mean_set_size'], conformal['mean_set_size_ci'], percent=False)}, "
+               f"{100 * conformal['single_class_share']:.1f}% single-class sets, "
+               f"{100 * conformal['empty_share']:.1f}% empty")
+    return (f"<h2>Prediction sets</h2><p>Class-conditional split conformal (score {html.escape(conformal['score'])}), "
+            f"target coverage {100 * target:g}% per class, calibrated on the {html.escape(conformal['fitted_on'])}. "
+            "The guarantee holds only for images exchangeable with those; on shifted data coverage falls below "
+            f"the target, and this table shows by how much. Overall: {overall}. Intervals: Wilson (coverage), "
+            "stratified bootstrap (set size).</p><table><tr><th>class</th><th>images</th><th>coverage %</th>"
+            f"<th>mean set size</th></tr>{''.join(rows)}</table>")
+
+
+def _selective_section(selective: dict[str, Any]) -> str:
+    curve = selective["risk_coverage"]
+    referral = selective["referral"]
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.subplots()
+    ax.plot(curve["coverage"], curve["accuracy"], label="most confident first")
+    if referral["accuracy_kept"] is not None:
+        ax.plot([referral["kept_share"]], [referral["accuracy_kept"]], "o", color="C3",
+                label="kept by the referral rule")
+    ax.set(xlabel="share of predictions kept (coverage)", ylabel="accuracy on the kept predictions",
+           xlim=(0, 1.02), ylim=(0, 1.02), title="Risk-coverage")
+    ax.legend(loc="lower left")
+    at = "; ".join(f"at {level}: {_with_interval(r['accuracy'], r['accuracy_ci'])}% ({r['kept']} kept)"
+                   for level, r in selective["at_coverage"].items())
+    kept = _with_interval(referral["accuracy_kept"], referral["accuracy_kept_ci"])
+    referred = _with_interval(referral["accuracy_referred"], referral["accuracy_referred_ci"])
+    return (f"<h2>Risk-coverage and referral</h2><p>Accuracy of the most confident predictions {at}. The "
+            f"referral rule ({html.escape(', '.join(referral['checks']))}) referred {referral['referred']} images "
+            f"and kept {100 * referral['kept_share']:.1f}%: accuracy {kept}% on those kept, {referred}% on those "
+            "referred (95% Wilson intervals).</p>" + _img(_png_bytes(fig), "risk-coverage curve"))
+
+
+def _rows_table(frame: pd.DataFrame, columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
+                   for row in frame[columns].itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _listings_section(predictions: pd.DataFrame, classes: list[str], link: str | None) -> str:
+    """Every error and every image flagged out of distribution, by file (relative to the data root)."""
+    rated = predictions[predictions["prediction"] != ""].copy()
+    rated["probability"] = [rated.at[i, label] if label in classes else None
+                            for i, label in zip(rated.index, rated["prediction"])]
+    columns = [c for c in ("file", "truth", "prediction", "probability", "prediction_set", "refer", "ood_percentile")
+               if c in rated.columns]
+    errors = rated[rated["truth"] != rated["prediction"]]
+    parts = [f"<h2>All errors ({len(errors)})</h2>",
+             _rows_table(errors, columns) if len(errors) else "<p>None.</p>"]
+    if rated["ood"].dtype == bool or set(rated["ood"].unique()) <= {True, False}:
+        flagged = rated[rated["ood"].astype(bool)]
+        parts += [f"<h2>Flagged out of distribution ({len(flagged)})</h2>",
+                  _rows_table(flagged, columns) if len(flagged) else "<p>None.</p>"]
+    else:
+        parts.append("<h2>Flagged out of distribution</h2><p>Not checked: the bundle has no guard.</p>")
+    if link:
+        parts.append(f'<p>Every image with its probabilities, set and flags: <a href="{html.escape(link)}">'
+                     f"{html.escape(link)}</a> (next to this report).</p>")
+    return "".join(parts)
+
+
+def _model_card_section(card: str) -> str:
+    from markdown_it import MarkdownIt
+
+    body = card.split("---\n", 2)[-1] if card.startswith("---") else card  # without the YAML header
+    rendered = MarkdownIt("commonmark").enable("table").render(body.replace("\n# ", "\n### ", 1))
+    return f'<h2>Model card</h2><div class="card">{rendered}</div>'
+
+
 def write_report(
     out_path: Path,
     *,
@@ -222,11 +333,17 @@ def write_report(
     errors_gallery: list[dict] | None = None,
     notes: list[str] | None = None,
     metrics_before_calibration: dict | None = None,
+    predictions: pd.DataFrame | None = None,
+    predictions_link: str | None = None,
+    model_card: str | None = None,
 ) -> Path:
     """Write one self-contained HTML report of ``metrics`` (from ``classification_metrics`` or
     ``multilabel_metrics``) with its tables and figures; return ``out_path``.
 
     ``errors_gallery`` items: ``{"image_png": bytes, "file", "truth", "prediction", "confidence"}``.
+    ``predictions`` (evaluate's ``predictions.csv`` frame, files relative to the data root) gives the
+    tables of all errors and of the images flagged out of distribution; ``predictions_link`` names the
+    CSV file beside the report; ``model_card`` is the bundle's Markdown card.
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     multilabel = "per_label" in metrics
@@ -241,9 +358,12 @@ def write_report(
     if multilabel:
         parts += ["<h2>Per label</h2>", _table(metrics["per_label"], ["roc_auc", "pr_auc", "f1", "support"])]
     else:
-        columns = ["precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "support"]
-        parts += ["<h2>Per class</h2>", _table(metrics["per_class"], columns),
+        parts += [_per_class_section(metrics),
                   "<h2>Confusion matrix</h2>", _img(_confusion_png(metrics, classes), "confusion matrix")]
+        if "conformal" in metrics:
+            parts.append(_conformal_section(metrics["conformal"]))
+        if metrics.get("selective"):
+            parts.append(_selective_section(metrics["selective"]))
     parts += [
         '<h2>ROC and precision-recall curves</h2><div class="figures">',
         _img(_curves_png(positives, probs, classes, "roc"), "ROC curves"),
@@ -258,6 +378,10 @@ def write_report(
         parts += ["<h2>Training curves</h2>", _img(_png_bytes(_training_curves_figure(history)), "training curves")]
     if errors_gallery:
         parts.append(_gallery(errors_gallery))
+    if predictions is not None:
+        parts.append(_listings_section(predictions, classes, predictions_link))
+    if model_card:
+        parts.append(_model_card_section(model_card))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     out_path = Path(out_path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
 import secrets
@@ -40,7 +41,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -52,7 +53,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .audittrail import audit_upload, trail_from_environment
 from .decode import IMAGE_SUFFIXES, load_image
+from .dicomcheck import HeaderCheck
+from .drift import DriftMonitor
 from .errors import ChestXrayError, InputError
+from .modelcard import render_model_card
 from .predict import BACKENDS, load_model
 
 __all__ = ["MULTIPART_OVERHEAD_BYTES", "BODY_TIMEOUT_S", "MAX_CONNECTIONS_PER_CLIENT", "ApiError",
@@ -65,6 +69,8 @@ MULTIPART_OVERHEAD_BYTES = 16 * 1024
 """Room for the multipart boundaries and part headers around the file itself."""
 MAX_BATCH = 16
 STATIC_DIR = Path(__file__).with_name("static")
+SWAGGER_PREFIX = "/static/swagger-ui"
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 _IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
@@ -112,6 +118,17 @@ class PredictionOut(BaseModel):
     model_id: str = Field(description="<arch>@<first 12 hex digits of the weights' sha256>: which weights answered.")
     latency_ms: float = Field(description="Server time from the received upload to the answer.")
     cam_png: str | None = Field(None, description="Base64 PNG of the Grad-CAM overlay (with ?cam=true).")
+    prediction_set: list[str] | None = Field(
+        None, description="Classes the conformal sets cannot rule out at the bundle's coverage (null: not "
+                          "checked, the bundle has no conformal sets).")
+    coverage: float | None = Field(None, description="Coverage of prediction_set (null: not checked).")
+    refer: bool = Field(False, description="Do not act on the label: the set holds more or fewer than one "
+                                           "class, the image is out of distribution or its header fails the check.")
+    reasons: list[str] = Field(default_factory=list, description="Why the prediction is referred.")
+    cautions: list[str] = Field(default_factory=list, description="E.g. the label's training images came from "
+                                                                  "another source than the others'.")
+    header: dict[str, str] | None = Field(None, description="The DICOM header fields checked (null: not a DICOM, "
+                                                             "not checked).")
 
 
 class ModelOut(BaseModel):
@@ -127,6 +144,12 @@ class ModelOut(BaseModel):
     temperature: float
     ood_guard: bool
     ood_threshold: float | None = Field(description="ood_score above which an image is flagged (null: no guard).")
+    conformal: dict[str, Any] | None = Field(
+        None, description="Conformal sets: score, coverage, per-class calibration counts and thresholds "
+                          "(null: not fitted).")
+    source_confound: dict[str, Any] | None = Field(
+        None, description="Per class, the metadata-only one-vs-rest AUC on the training images and the classes "
+                          "flagged (null: not measured).")
     operating_points: dict[str, dict[str, float]] = Field(
         description="Per class, thresholds on its probability chosen on the validation images: youden (best "
                     "sensitivity + specificity) and sensitivity_90/95 (the highest reaching that sensitivity). "
@@ -311,13 +334,15 @@ class _RequestLimit:
 
 def create_app(predictor: Any, *, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, cam_predictor: Any | None = None,
-               max_batch: int = MAX_BATCH, audit: Any | None = None) -> FastAPI:
+               max_batch: int = MAX_BATCH, audit: Any | None = None,
+               drift: DriftMonitor | None = None) -> FastAPI:
     """The FastAPI app serving ``predictor`` (a :class:`chestxray.predict.Predictor`).
 
     ``audit`` (a :class:`chestxray.audittrail.AuditTrail`) gets one line per prediction.
 
     ``api_key`` (default: ``$CHESTXRAY_API_KEY``; ``""`` for none) protects ``/v1/*``. Grad-CAM (``?cam=true``) uses
-    ``cam_predictor`` when given (a torch predictor beside an ONNX one), else ``predictor``.
+    ``cam_predictor`` when given (a torch predictor beside an ONNX one), else ``predictor``. ``drift``: the
+    drift monitor (default: one over the last 500 predictions against the bundle's reference).
     """
     meta = predictor.meta
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -331,7 +356,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         image_size=meta.image_size, fit_mode=preprocessing.mode, contrast=preprocessing.contrast,
         temperature=meta.temperature, ood_guard=bool(meta.ood),
         ood_threshold=meta.ood["threshold"] if meta.ood else None, operating_points=meta.operating_points,
-        metrics=meta.metrics,
+        conformal=_public_conformal(meta.conformal), source_confound=meta.source_confound, metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,
         backend=predictor.backend, quantization=getattr(predictor.runner, "quantization", None),
@@ -343,8 +368,10 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         queue.close()
         decoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="chestxray", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="chestxray", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Chest X-ray classification. A research tool, **not a diagnostic device**.")
+    monitor = drift or DriftMonitor(list(meta.classes), meta.extra.get("reference"))
+    card = render_model_card(dataclasses.asdict(meta))
     app.add_middleware(_RequestLimit)
     app.add_middleware(_SecurityHeaders)
     _add_error_handlers(app)
@@ -352,9 +379,23 @@ def create_app(predictor: Any, *, api_key: str | None = None,
     refusals = {status: {"model": ErrorOut} for status in (400, 401, 408, 413, 415, 422, 503)}
 
     @app.get("/healthz", tags=["service"])
-    async def healthz() -> dict[str, str]:
-        """Liveness probe."""
-        return {"status": "ok"}
+    async def healthz() -> dict[str, Any]:
+        """Liveness probe, with the drift state of the recent predictions against the training reference."""
+        return {"status": "ok", "drift": monitor.status()}
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prediction counters and the drift window's figures in the Prometheus text format."""
+        return Response(monitor.metrics(), media_type=PROMETHEUS_TYPE)
+
+    @app.get("/v1/model/card", dependencies=guard, tags=["model"], response_class=PlainTextResponse,
+             responses={401: refusals[401]})
+    async def model_card() -> Response:
+        """The model card (Markdown): intended use, training data, evaluation, calibration, conformal
+        coverage, known failure modes, OOD behaviour and how to adapt the model to a site."""
+        return Response(card, media_type="text/markdown; charset=utf-8")
+
+    _add_local_docs(app)
 
     @app.get("/v1/model", response_model=ModelOut, dependencies=guard, tags=["model"],
              responses={401: refusals[401]})
@@ -370,8 +411,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         """Classify one chest X-ray (PNG, JPEG, BMP, TIFF or DICOM) sent as the multipart field ``file``."""
         data, filename, content_type = await _read_upload(request, max_upload_bytes)
         start = time.perf_counter()
-        image = await asyncio.get_running_loop().run_in_executor(
-            decoder, _decode_upload, data, filename, content_type, meta.image_size)
+        image, header = await asyncio.get_running_loop().run_in_executor(
+            decoder, _decode_upload, data, filename, content_type, meta.image_size, predictor)
         prediction = await queue.predict(image)
         if audit is not None:
             await asyncio.get_running_loop().run_in_executor(
@@ -379,6 +420,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
                 (time.perf_counter() - start) * 1000, filename or "<upload>")
         if getattr(prediction, "error", None):
             raise ApiError(422, prediction.error)
+        prediction = predictor.with_header(prediction, header)
+        monitor.record(prediction.label, prediction.ood_percentile, prediction.ood, prediction.refer)
         extra = {}
         if cam:
             if explainer.model is None:
@@ -387,7 +430,10 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         return PredictionOut(
             label=prediction.label, probabilities=prediction.probabilities, ood=prediction.ood,
             ood_score=prediction.ood_score, ood_percentile=prediction.ood_percentile, model_id=model_id,
-            latency_ms=round((time.perf_counter() - start) * 1000, 2), **extra)
+            latency_ms=round((time.perf_counter() - start) * 1000, 2), prediction_set=prediction.prediction_set,
+            coverage=predictor.coverage if prediction.prediction_set is not None else None,
+            refer=prediction.refer, reasons=prediction.reasons, cautions=prediction.cautions,
+            header=prediction.header, **extra)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -535,15 +581,18 @@ async def _read_upload(request: Request, limit: int, timeout: float | None = Non
         await form.close()
 
 
-def _decode_upload(data: bytes, filename: str, content_type: str, image_size: int) -> np.ndarray:
-    """Decode the upload as prediction would (``load_image`` with ``min_side``); a refusal becomes
-    415 when nothing says the file is an image, else 422."""
+def _decode_upload(data: bytes, filename: str, content_type: str, image_size: int,
+                   predictor: Any = None) -> tuple[np.ndarray, HeaderCheck | None]:
+    """Decode the upload as prediction would (``load_image`` with ``min_side``) and check its DICOM
+    header with ``predictor``'s policy; a refusal becomes 415 when nothing says the file is an image,
+    else 422."""
     suffix = PurePosixPath(filename).suffix.lower()
     if suffix not in IMAGE_SUFFIXES and content_type in _DICOM_TYPES:
         suffix = ".dcm"
     label = "upload" + (suffix if suffix in IMAGE_SUFFIXES else "")
     try:
-        return load_image(data, min_side=image_size, name=label)
+        image = load_image(data, min_side=image_size, name=label)
+        return image, predictor.inspect_header(data, label) if predictor is not None else None
     except InputError as err:
         claimed = suffix in IMAGE_SUFFIXES or content_type.startswith("image/") or content_type in _DICOM_TYPES
         looks_like_image = data.startswith(_IMAGE_SIGNATURES) or data[128:132] == b"DICM" or \
@@ -551,6 +600,27 @@ def _decode_upload(data: bytes, filename: str, content_type: str, image_size: in
         if not (claimed or looks_like_image):
             raise ApiError(415, "unsupported file type: send a PNG, JPEG, BMP, TIFF or DICOM image") from None
         raise ApiError(422, err.reason) from None
+
+
+def _public_conformal(conformal: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The bundle's conformal sets without their calibration scores (a few kB nobody reads here)."""
+    return None if conformal is None else {k: v for k, v in conformal.items() if k != "calibration"}
+
+
+def _add_local_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the assets of the ``swagger-ui-bundle`` package, served here, so the page
+    works on a network without internet access (FastAPI's default loads them from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(SWAGGER_PREFIX, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="chestxray API",
+                                   swagger_js_url=f"{SWAGGER_PREFIX}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER_PREFIX}/swagger-ui.css",
+                                   swagger_favicon_url=f"{SWAGGER_PREFIX}/favicon-32x32.png")
 
 
 def _megabytes(n_bytes: int) -> str:

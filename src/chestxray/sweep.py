@@ -232,7 +232,7 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
     bundle_dir = None
     if best.get("number") == winner.number:
         model, prepared = best["model"], best["prepared"]
-        meta = bundle_meta(prepared, best["config"], calibrate_on_validation(model, prepared), best["history"])
+        meta = bundle_meta(prepared, best["config"], calibrate_on_validation(model, prepared, best["config"].seed), best["history"])
         bundle_dir = save_bundle(trials_dir / str(winner.number) / "bundle", model, meta)
     return SweepResult(run_dir, best_config, float(winner.value), winner.number, trials_table(study), study,
                        bundle_dir)

@@ -49,6 +49,7 @@ from .config import RuntimeSettings, TrainConfig, load_config, save_config
 from .data import CachedDataset, augment_batch, mix_batch, to_model_input
 from .decode import content_hash
 from .errors import ChestXrayError, InputError
+from .audit import source_confound
 from .launch import gather_in_order, is_first_process, trainer_layout
 from .metrics import logit_scores
 from .models import ChestXrayNet, create_model, load_state_strict
@@ -445,13 +446,14 @@ def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData
     write_text(run_dir / "environment.json", json.dumps(runtime, indent=2))
 
 
-def calibrate_on_validation(model: ChestXrayNet, prepared: PreparedData) -> Calibration:
+def calibrate_on_validation(model: ChestXrayNet, prepared: PreparedData, seed: int = 0) -> Calibration:
     """:func:`~chestxray.calibration.calibrate` on ``prepared``'s validation rows, with the OOD guard
-    fitted on its training rows."""
+    fitted on its training rows (``seed``: the bootstrap of the validation intervals)."""
     images = np.asarray(prepared.cache.images)
     return calibrate(model, images[prepared.val_rows], prepared.targets[prepared.val_rows],
                      classes=list(prepared.samples.classes), guard_images=images[prepared.train_rows],
-                     guard_targets=prepared.targets[prepared.train_rows])
+                     guard_targets=prepared.targets[prepared.train_rows],
+                     fitted_on=f"validation split ({len(prepared.val_rows)} images)", seed=seed)
 
 
 def bundle_meta(prepared: PreparedData, config: TrainConfig, calibration: Calibration,
@@ -468,11 +470,14 @@ def bundle_meta(prepared: PreparedData, config: TrainConfig, calibration: Calibr
     return BundleMeta(
         classes=list(prepared.samples.classes), image_size=config.image_size,
         preprocess=config.preprocessing().options(), **calibration.bundle_fields(),
+        source_confound=source_confound(prepared.samples, config.seed),
         train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
         extra={"config": config.to_dict(), "trained_on": {
             "origin": prepared.samples.origin, "n_train": int(len(prepared.train_rows)),
             "n_val": int(len(prepared.val_rows)),
-            "class_counts": prepared.samples.frame["label"].value_counts().to_dict()},
+            "class_counts": prepared.samples.frame["label"].value_counts().to_dict(),
+            "provenance_files": provenance_files(prepared.samples.origin)},
+            **calibration.extra_fields(),
             "history": (history if history is not None else pd.DataFrame()).to_dict("list")})
 
 
@@ -530,9 +535,21 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
                                  callbacks=callbacks)
     if history is None:  # a rank other than 0 of a multi-process run
         return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
-    calibration = calibrate_on_validation(model, prepared)
+    calibration = calibrate_on_validation(model, prepared, config.seed)
     meta = bundle_meta(prepared, config, calibration, history)
     return RunResult(run_dir, save_bundle(run_dir / "bundle", model, meta), meta.metrics, history, calibration)
+
+
+PROVENANCE_PATTERNS = ("README*", "LICENSE*", "LICENCE*", "SOURCES*", "CITATION*", "MANIFEST*")
+
+
+def provenance_files(origin: str) -> list[str]:
+    """Names of the files beside the data that say where the images came from and under which licence."""
+    folder = Path(origin)
+    folder = folder if folder.is_dir() else folder.parent
+    if not folder.is_dir():
+        return []
+    return sorted({p.name for pattern in PROVENANCE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
 
 
 def _class_weights(prepared: PreparedData, config: TrainConfig) -> torch.Tensor | None:

@@ -93,18 +93,54 @@ function mostProbable(probabilities) {
   return Object.entries(probabilities).reduce((best, entry) => (entry[1] > best[1] ? entry : best))[0];
 }
 
+function fillList(id, items) {
+  const list = $(id);
+  list.replaceChildren();
+  for (const text of items || []) {
+    const item = document.createElement("li");
+    item.textContent = text;
+    list.appendChild(item);
+  }
+}
+
+function renderTrust(result) {
+  $("refer").hidden = !result.refer;
+  fillList("reasons", result.reasons);
+  fillList("cautions", result.cautions);
+  const set = result.prediction_set;
+  $("prediction-set").textContent = set === null || set === undefined
+    ? "Prediction set: not checked (this model has no conformal sets)."
+    : "Prediction set at " + Math.round(100 * result.coverage) + "% coverage: " +
+      (set.length ? set.join(", ") : "empty (no class fits)") + ".";
+  const rows = $("header-rows");
+  rows.replaceChildren();
+  const header = result.header;
+  $("header-fields").hidden = !header;
+  $("header-none").textContent = header ? "" : "DICOM header: not checked (not a DICOM file).";
+  for (const [name, value] of Object.entries(header || {})) {
+    const row = document.createElement("tr");
+    const key = document.createElement("th");
+    key.textContent = name;
+    const cell = document.createElement("td");
+    cell.textContent = value;
+    row.append(key, cell);
+    rows.appendChild(row);
+  }
+}
+
 function renderResult(result, fileName) {
   const top = result.label.split("|").filter((name) => name in result.probabilities);
   $("label").textContent = result.label.split("|").join(", ");
   $("confidence").textContent = top.length === 1 && result.probabilities[top[0]] !== undefined
     ? "probability " + percent(result.probabilities[top[0]]) : "";
   renderBars(result.probabilities, top);
+  renderTrust(result);
   $("ood").hidden = !result.ood;
-  $("result").classList.toggle("unreliable", Boolean(result.ood));
+  $("result").classList.toggle("unreliable", Boolean(result.ood || result.refer));
   $("ood-score").textContent = result.ood_score === null || result.ood_score === undefined
-    ? "n/a" : result.ood_score.toFixed(2) + (oodThreshold === null ? "" : " (flagged above " + oodThreshold.toFixed(2) + ")");
+    ? "not checked" : result.ood_score.toFixed(2) + (oodThreshold === null ? "" : " (flagged above " + oodThreshold.toFixed(2) + ")");
   $("ood-percentile").textContent = result.ood_percentile === null || result.ood_percentile === undefined
-    ? "" : "Less typical than " + Math.round(result.ood_percentile) + "% of held-out training X-rays.";
+    ? "Out-of-distribution check: not checked (no guard in this bundle)." : "Less typical than " + Math.round(result.ood_percentile) + "% of held-out training X-rays.";
   $("meta").textContent = fileName + " · answered in " + Math.round(result.latency_ms) + " ms";
   const heatmap = $("heatmap");
   if (result.cam_png) {

@@ -113,8 +113,7 @@ def audit_table(trail: AuditTrail, table: Any, meta: Any, latency_ms: float) -> 
     from types import SimpleNamespace
 
     from .decode import content_hash
-    from .dicomcheck import check_source
-    from .dicomresult import referral
+    from .dicomcheck import check_source, referral
 
     caller = local_caller()
     for row in table.to_dict("records"):

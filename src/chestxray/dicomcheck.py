@@ -116,3 +116,16 @@ def _int(ds: Any, keyword: str) -> int:
         return int(ds.get(keyword) or 1)
     except (TypeError, ValueError):
         return 1
+
+
+def referral(prediction: Any | None, header_reasons: list[str] | None = None) -> tuple[bool, list[str]]:
+    """``(refer, reasons)``: refer when the header check failed, the input was unreadable or it is
+    out of distribution (``prediction`` None: not classified because of the header)."""
+    reasons = list(header_reasons or [])
+    if prediction is not None and prediction.error:
+        reasons.append(f"unreadable: {prediction.error}")
+    elif prediction is not None and prediction.ood:
+        percentile = prediction.ood_percentile
+        reasons.append("ood: unlike the training X-rays" +
+                       (f" (percentile {percentile:.1f})" if percentile is not None else ""))
+    return bool(reasons), reasons

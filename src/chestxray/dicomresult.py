@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from .dicomcheck import DEFAULT_POLICY, HeaderPolicy, check_header
+from .dicomcheck import DEFAULT_POLICY, HeaderPolicy, check_header, referral
 from .errors import InputError
 
 NOTICE = ("Not a diagnostic device: produced by a research model (chestxray). It has not been cleared for "
@@ -136,18 +136,6 @@ def assess(predictor: Any, datasets: list[tuple[Dataset, bytes]], *,
             reasons=reasons, model_id=meta.model_id, weights_sha256=sha, header=headers[i]))
     return results
 
-
-def referral(prediction: Any | None, header_reasons: list[str] | None = None) -> tuple[bool, list[str]]:
-    """``(refer, reasons)``: refer when the header check failed, the input was unreadable or it is
-    out of distribution (``prediction`` None: not classified because of the header)."""
-    reasons = list(header_reasons or [])
-    if prediction is not None and prediction.error:
-        reasons.append(f"unreadable: {prediction.error}")
-    elif prediction is not None and prediction.ood:
-        percentile = prediction.ood_percentile
-        reasons.append("ood: unlike the training X-rays" +
-                       (f" (percentile {percentile:.1f})" if percentile is not None else ""))
-    return bool(reasons), reasons
 
 
 def patient_fields(ds: Dataset) -> dict[str, str]:

@@ -85,7 +85,7 @@ def test_upload_shows_prediction_bars_and_heatmap(browser: webdriver.Chrome, pre
         key_form_shown = browser.find_element(By.ID, "key-form").is_displayed()
     assert label == expected.label == top
     assert sorted(names) == sorted(CLASSES)
-    assert ood_hidden is True and ood_score == "n/a" and not key_form_shown  # this bundle has no guard
+    assert ood_hidden is True and ood_score == "not checked" and not key_form_shown  # this bundle has no guard
     assert Image.open(tmp_path / "page.png").size[0] > 0
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATA, save_result  # noqa: E402
+from common import DATA, add_training_flags, save_result, training_overrides  # noqa: E402
 
-from chestxray.config import TrainConfig, load_config, overrides_from_args  # noqa: E402
+from chestxray.config import TrainConfig, load_config  # noqa: E402
 from chestxray.evaluation import evaluate, headline  # noqa: E402
 from chestxray.train import RunResult, fit  # noqa: E402
 
@@ -54,10 +54,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="YAML config (flags win)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="parent of the run directory")
     parser.add_argument("--validation-only", action="store_true", help="train and validate; leave the test split unread")
-    args, extra = parser.parse_known_args()
+    add_training_flags(parser)
+    args = parser.parse_args()
     relative, dataset_defaults = DATASETS[args.dataset]
     data = DATA / relative
-    config = load_config(args.config, **{**dataset_defaults, **overrides_from_args(extra)})
+    config = load_config(args.config, **{**dataset_defaults, **training_overrides(args)})
     name = f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chestxray-bench-cache-") as cache:

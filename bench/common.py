@@ -35,3 +35,27 @@ def save_result(kind: str, record: dict[str, Any]) -> Path:
     path.write_text(json.dumps({"kind": kind, "date": datetime.now().isoformat(timespec="seconds"),
                                 "machine": machine(), **record}, indent=2, default=str) + "\n")
     return path
+
+
+def add_training_flags(parser: Any) -> None:
+    """One ``--flag`` per ``TrainConfig`` option on an argparse ``parser`` (``--flag/--no-flag`` for
+    booleans), left ``None`` when not given; :func:`training_overrides` collects the ones given."""
+    import argparse
+
+    from chestxray.config import TrainConfig, declared_options
+
+    group = parser.add_argument_group("training options (as `chestxray train`)")
+    for name, default, meta in declared_options(TrainConfig):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            group.add_argument(flag, dest=name, default=None, help=f"{meta['help']} (default: {default})")
+
+
+def training_overrides(args: Any) -> dict[str, Any]:
+    """The ``TrainConfig`` options given on the command line (see :func:`add_training_flags`), for
+    ``load_config(path, **overrides)``, which checks and converts them."""
+    from chestxray.config import TrainConfig, declared_options
+
+    return {name: getattr(args, name) for name, _, _ in declared_options(TrainConfig) if getattr(args, name) is not None}

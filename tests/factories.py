@@ -4,6 +4,7 @@ training configuration used by cross-validation and sweeps.
 
 - :func:`make_bundle`: the one bundle factory (a tiny timm EfficientNet, ``BINARY_CLASSES``,
   ``SIZE`` px, with an OOD guard by default; any architecture, classes, temperature);
+- :func:`sets_for`: conformal sets for it;
 - :func:`build_tiny_bundle`: its three-class ResNet-18 variant (``CLASSES``, ``IMAGE_SIZE`` px);
 - :func:`png_bytes`: an array, or a synthetic X-ray, encoded as PNG;
 - :func:`write_xrays` and ``TINY``: a small patient-named folder data set and a fast ``TrainConfig``.
@@ -21,6 +22,7 @@ from conftest import xray_array
 from PIL import Image
 
 from chestxray.bundle import BundleMeta, save_bundle
+from chestxray.conformal import fit_conformal
 from chestxray.decode import fit_square
 from chestxray.models import create_model
 from chestxray.ood import OODGuard
@@ -58,6 +60,17 @@ def make_bundle(directory: Path, classes: list[str] = BINARY_CLASSES, *, arch: s
                       conformal=conformal, source_confound=source_confound,
                       extra={"trained_on": {"origin": "synthetic", "n_train": 24, "n_val": 0}})
     return save_bundle(directory, model, meta)
+
+
+def sets_for(probs_first: float, coverage: float = 0.9) -> dict:
+    """Conformal sets (as ``model.json`` holds them) for :func:`make_bundle`'s classes, calibrated where
+    the true class had probability about ``probs_first``: a class needs a probability above about that
+    to be in a set (0.001: both classes in every set, at any coverage)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 2
+    p = np.clip(rng.normal(probs_first, 0.02, 200), 0, 1)
+    probs = np.where(labels[:, None] == 0, np.stack([p, 1 - p], 1), np.stack([1 - p, p], 1))
+    return fit_conformal(probs, labels, BINARY_CLASSES, coverage=coverage, fitted_on="test images").to_dict()
 
 
 def build_tiny_bundle(directory: Path) -> Path:

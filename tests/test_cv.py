@@ -14,10 +14,12 @@ from factories import TINY, write_xrays
 
 from chestxray.bundle import load_bundle
 from chestxray.config import RuntimeSettings, TrainConfig
+from chestxray.conformal import ConformalSets
 from chestxray.cv import cross_validate
 from chestxray.decode import preprocess
 from chestxray.errors import ChestXrayError
 from chestxray.models import EnsembleNet
+from chestxray.ood import OODGuard, cross_fitted_scores
 from chestxray.predict import load_model
 from chestxray.runners import as_runner, run_images
 
@@ -87,6 +89,22 @@ def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
     assert meta.ood is not None and meta.ood["threshold"] > 0
     assert meta.conformal is not None and sum(meta.conformal["counts"].values()) == len(oof)
     assert load_model(result.bundle_dir).predict(images[0]).ood_score is not None
+    # its drift reference refers as predictions are referred: a set not of one class, or OOD (cross-fitted)
+    pool = np.stack([preprocess(p, 32, "pad") for p in oof["file"]])
+    features = run_images(as_runner(model), pool)[1]
+    flags = OODGuard.from_dict(meta.ood).is_ood(cross_fitted_scores(features, truth.astype(int)))
+    sets = ConformalSets.from_dict(meta.conformal, ["normal", "pneumonia"]).sets(calibrated.numpy())
+    assert meta.extra["reference"]["referral_rate"] == pytest.approx(float(((sets.sum(1) != 1) | flags).mean()))
+
+    # coverage and set size of each fold model's own sets on its held-out fold, and risk-coverage
+    trust = summary["oof_trust"]
+    assert trust["conformal"]["n"] == len(oof) and trust["conformal"]["target_coverage"] == 0.9
+    for name in ("normal", "pneumonia"):
+        row = trust["conformal"]["per_class"][name]
+        assert row["n"] == int((oof["truth"] == name).sum()) and 0 <= row["coverage"] <= 1
+        assert len(row["coverage_ci"]) == 2 and 0 <= row["mean_set_size"] <= 2
+    assert set(trust["at_coverage"]) == {"80%", "50%"}
+    assert trust["at_coverage"]["50%"]["kept"] == round(0.5 * len(oof))
 
 
 def test_more_folds_than_patients_is_a_clear_error(tmp_path: Path) -> None:

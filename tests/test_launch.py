@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import xray_array
 from distributed_helpers import build_logged
-from factories import make_bundle
+from factories import make_bundle, sets_for
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 from torch.utils.data import DistributedSampler
@@ -125,7 +125,7 @@ def test_concurrent_builders_decode_once(make_folder, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sharded_prediction_equals_one_process(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = make_bundle(tmp_path / "bundle", conformal=sets_for(0.001))  # every set holds both classes
     images = tmp_path / "images"
     for i in range(12):
         folder = images / "sub" if i % 3 else images
@@ -136,8 +136,9 @@ def test_sharded_prediction_equals_one_process(tmp_path: Path) -> None:
     inputs = [str(images), str(tmp_path / "missing.png"), str(images / "sub" / "*.png"), str(tmp_path / "empty")]
     batch = 3  # 23 rows: rank 0 predicts 4 batches, rank 1 the other 4 (the last one short)
     torchrun("-m", "chestxray.cli", "predict", str(bundle), *inputs, "--format", "csv", "--out",
-             str(tmp_path / "sharded.csv"), "--batch-size", str(batch), returncode=1)  # 1: some inputs failed
-    predictor, threads = load_model(bundle, device="cpu"), torch.get_num_threads()
+             str(tmp_path / "sharded.csv"), "--batch-size", str(batch), "--coverage", "0.6",
+             returncode=1)  # 1: some inputs failed
+    predictor, threads = load_model(bundle, device="cpu", coverage=0.6), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = predict_paths(predictor, inputs, batch, False)
@@ -146,6 +147,7 @@ def test_sharded_prediction_equals_one_process(tmp_path: Path) -> None:
     assert (tmp_path / "sharded.csv").read_text() == single.to_csv(index=False)
     table = pd.read_csv(tmp_path / "sharded.csv")
     assert len(table) == 23 and table["error"].notna().sum() == 3  # broken, missing, empty folder
+    assert table["reasons"].str.contains("the 60% prediction set").any()  # every rank took --coverage
     any_threads = predict_paths(predictor, inputs, batch, False)
     np.testing.assert_allclose(table[["normal", "pneumonia"]], any_threads[["normal", "pneumonia"]].astype(float),
                                rtol=1e-6)

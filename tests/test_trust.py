@@ -10,25 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import xray_array
-from factories import BINARY_CLASSES, make_bundle
+from factories import BINARY_CLASSES, make_bundle, sets_for
 
-from chestxray.conformal import fit_conformal
 from chestxray.dicomcheck import HeaderPolicy
 from chestxray.modelcard import CARD_FILE
 from chestxray.predict import NOT_CHECKED, load_model, predict_paths
 
 CONFOUND = {"method": "test", "threshold": 0.8, "auc": {"normal": 0.55, "pneumonia": 0.97},
             "flagged": ["pneumonia"], "note": ""}
-
-
-def sets_for(probs_first: float, coverage: float = 0.9) -> dict:
-    """Conformal sets calibrated where the true class had probability about ``probs_first``: a class
-    needs a probability above about that to be in a set."""
-    rng = np.random.default_rng(0)
-    labels = np.arange(200) % 2
-    p = np.clip(rng.normal(probs_first, 0.02, 200), 0, 1)
-    probs = np.where(labels[:, None] == 0, np.stack([p, 1 - p], 1), np.stack([1 - p, p], 1))
-    return fit_conformal(probs, labels, BINARY_CLASSES, coverage=coverage, fitted_on="test images").to_dict()
 
 
 @pytest.fixture
@@ -135,3 +124,149 @@ def test_the_cli_table_names_files_apart_and_shows_referral_and_caution(trusted,
     assert result.exit_code == 0, result.output
     assert "site_a/scan.png" in result.output and "site_b/scan.png" in result.output
     assert "prediction set" in result.output and ("REFER" in result.output or "no" in result.output)
+
+
+# ---------------------------------------------------------------------- every path honours --coverage and
+# --no-header-check, and carries every referral reason (SR, worklist, audit trail)
+
+HALF = "uncertain: the 50% prediction set holds normal, pneumonia"
+"""The set-size reason of a wide-set bundle at coverage 0.5 (the default would say 90%)."""
+
+
+@pytest.fixture
+def wide(tmp_path: Path) -> Path:
+    """A bundle whose sets hold both classes at any coverage (every prediction is referred for set size),
+    without an OOD guard (so that set size is the one reason besides the header)."""
+    return make_bundle(tmp_path / "wide", conformal=sets_for(0.001), guard=False)
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from chestxray.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+
+
+def audit_reasons(audit_log: Path) -> list[list[str]]:
+    return [json.loads(line)["referral"]["reasons"] for line in audit_log.read_text().splitlines()]
+
+
+def test_predict_files_and_worklist_honour_coverage_and_the_header_switch(wide, make_dicom, tmp_path, audit_log):
+    ct = make_dicom("ct.dcm", xray_array(64, 64), Modality="CT")
+    out = tmp_path / "files.json"
+    result = invoke("predict", str(wide), str(ct), "--coverage", "0.5", "--no-header-check", "--format", "json",
+                    "--out", str(out))
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())[0]
+    assert HALF in row["reasons"] and "not_frontal_cxr" not in row["reasons"] and row["header"] == ""
+    assert audit_reasons(audit_log)[-1] == [HALF]  # the audit line carries the table's reasons
+    worklist = tmp_path / "list.csv"
+    worklist.write_text(f"path\n{ct}\n")
+    for flags, expected in ((["--no-header-check"], [HALF]), ([], ["not_frontal_cxr: Modality CT"])):
+        target = tmp_path / f"worklist{len(flags)}.csv"
+        result = invoke("predict", str(wide), "--worklist", str(worklist), "--coverage", "0.5", *flags,
+                        "--out", str(target))
+        assert result.exit_code == 0, result.output
+        import pandas as pd
+
+        row = pd.read_csv(target, keep_default_na=False).iloc[0]
+        assert row["reasons"].split("; ") == expected and bool(row["refer"])
+        assert bool(row["label"]) == bool(flags)  # a CT is classified only with the check off
+        assert audit_reasons(audit_log)[-1] == expected
+
+
+@pytest.mark.parametrize("coverage", ["1.5", "0", "-0.1"])
+def test_a_coverage_outside_0_1_is_refused_by_every_command(wide, coverage):
+    for command in ("predict", "serve", "listen"):
+        result = invoke(command, str(wide), *(["x.png"] if command == "predict" else []), "--coverage", coverage)
+        assert result.exit_code == 2 and "between 0 and 1" in result.output, (command, result.output)
+
+
+def test_serve_and_listen_take_coverage_and_the_header_switch(wide, make_dicom, monkeypatch, audit_log):
+    import chestxray.listen
+    import chestxray.serve
+
+    seen: dict[str, dict] = {}
+    monkeypatch.setattr(chestxray.serve, "serve", lambda *a, **k: seen.setdefault("serve", k))
+    monkeypatch.setattr(chestxray.listen, "listen", lambda *a, **k: seen.setdefault("listen", k))
+    for command in ("serve", "listen"):
+        assert invoke(command, str(wide), "--coverage", "0.5", "--no-header-check").exit_code == 0
+    assert (seen["serve"]["coverage"], seen["serve"]["header_check"]) == (0.5, False)
+    assert (seen["listen"]["coverage"], seen["listen"]["header_policy"]) == (0.5, None)
+
+    # the server's worker processes read them from the environment serve() sets
+    from fastapi.testclient import TestClient
+
+    ct = make_dicom("ct.dcm", xray_array(64, 64), Modality="CT").read_bytes()
+    for check, expected in (("0", [HALF]), ("1", ["not_frontal_cxr: Modality CT", HALF])):
+        for name, value in {"BUNDLE": str(wide), "BACKEND": "torch", "MAX_UPLOAD": str(2**20), "THREADS": "1",
+                            "COVERAGE": "0.5", "HEADER_CHECK": check}.items():
+            monkeypatch.setenv(f"CHESTXRAY_SERVE_{name}", value)
+        with TestClient(chestxray.serve.app_from_environment()) as client:
+            answer = client.post("/v1/predict", files={"file": ("ct.dcm", ct, "application/dicom")}).json()
+        assert answer["coverage"] == 0.5 and sorted(answer["reasons"]) == sorted(expected)
+        assert (answer["header"] is None) == (check == "0")
+        assert sorted(audit_reasons(audit_log)[-1]) == sorted(expected)  # the audit line: every reason
+
+
+def test_listen_loads_its_model_with_coverage_and_policy(wide, tmp_path, monkeypatch):
+    import chestxray.listen as listen_module
+
+    class Stop(Exception):
+        pass
+
+    class Captured:
+        def __init__(self, predictor, *args, **kwargs):
+            self.predictor = predictor
+            raise Stop(predictor)
+
+    monkeypatch.setattr(listen_module, "Listener", Captured)
+    with pytest.raises(Stop) as stopped:
+        listen_module.listen(wide, listen_module.ListenConfig(spool=tmp_path / "spool"), backend="torch",
+                             coverage=0.5, header_policy=None)
+    predictor = stopped.value.args[0]
+    assert predictor.coverage == 0.5 and predictor.header_policy is None
+
+
+def test_every_referral_reason_reaches_the_structured_report(wide, make_dicom):
+    from chestxray.dicomresult import assess, build_sr, read_dataset, read_sr
+
+    frontal = make_dicom("pa.dcm", xray_array(64, 64), Modality="DX", StudyInstanceUID="1.2.3",
+                         SeriesInstanceUID="1.2.3.4")
+    lateral = make_dicom("ll.dcm", xray_array(64, 64), Modality="DX", ViewPosition="LL",
+                         StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.3.4")
+    datasets = [(read_dataset(p.read_bytes(), p.name), p.read_bytes()) for p in (frontal, lateral)]
+    classified, refused = assess(load_model(wide, coverage=0.5), datasets)
+    assert classified.label and classified.refer and classified.reasons == [HALF]
+    assert not refused.label and refused.reasons == ["not_frontal_cxr: ViewPosition LL (lateral)"]
+    for (ds, _), assessment in zip(datasets, (classified, refused)):
+        report = read_sr(build_sr(ds, assessment, algorithm="chestxray test"))
+        assert report["refer"] and report["reasons"] == assessment.reasons
+    unchecked, _ = assess(load_model(wide, header_policy=None), datasets[1:] * 2)
+    assert unchecked.label and unchecked.reasons == [HALF.replace("50%", "90%")]
+
+
+def test_the_drift_reference_counts_ood_flags_given_from_a_guard_fitted_elsewhere():
+    from chestxray.calibration import calibrate_outputs
+    from chestxray.ood import OODGuard, cross_fitted_scores
+
+    from chestxray.conformal import ConformalSets
+    from chestxray.metrics import logits_to_probs
+
+    rng = np.random.default_rng(0)
+    targets = np.arange(60) % 2
+    logits = rng.normal(0, 1.5, (60, 2)) + np.eye(2)[targets] * 2.0
+    flags = np.zeros(60, bool)
+    flags[::5] = True
+    unflagged = calibrate_outputs(logits, targets, classes=BINARY_CLASSES, task="multiclass")
+    flagged = calibrate_outputs(logits, targets, classes=BINARY_CLASSES, task="multiclass", ood_flags=flags)
+    probs = logits_to_probs(logits, "multiclass", flagged.temperature)
+    uncertain = ConformalSets.from_dict(flagged.conformal, BINARY_CLASSES).sets(probs).sum(1) != 1
+    assert unflagged.reference["referral_rate"] == pytest.approx(uncertain.mean())
+    assert flagged.reference["referral_rate"] == pytest.approx((uncertain | flags).mean())
+    assert (flags & ~uncertain).any()  # the flags add referrals
+    # the cross-fitted scores an ensemble's flags come from are the scores its guard's threshold was set on
+    features = rng.normal(size=(40, 8))
+    guard = OODGuard.fit(features, np.arange(40) % 2)
+    np.testing.assert_allclose(np.sort(cross_fitted_scores(features, np.arange(40) % 2)), guard.held_out)

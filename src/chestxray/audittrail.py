@@ -113,17 +113,17 @@ def audit_table(trail: AuditTrail, table: Any, meta: Any, latency_ms: float) -> 
     from types import SimpleNamespace
 
     from .decode import content_hash
-    from .dicomcheck import check_source, referral
+    from .dicomcheck import referral
 
     caller = local_caller()
     for row in table.to_dict("records"):
         file, error = str(row["file"]), row.get("error") if isinstance(row.get("error"), str) else None
         try:
-            digest, header, uids = content_hash(file), check_source(file), _dicom_uids(file)
+            digest, uids = content_hash(file), _dicom_uids(file)
         except Exception:  # noqa: BLE001 - unreadable: the row's error says why
-            digest, header, uids = "", [], {}
-        refer, reasons = referral(SimpleNamespace(error=error, ood=bool(row.get("ood")),
-                                                  ood_percentile=row.get("ood_percentile")), header)
+            digest, uids = "", {}
+        given = row.get("reasons") if isinstance(row.get("reasons"), str) else ""
+        refer, reasons = referral(SimpleNamespace(error=error, reasons=given.split("; ") if given else []))
         result = {"error": error} if error else {
             "label": row["label"], "probabilities": {c: row[c] for c in meta.classes if c in row},
             "ood": bool(row.get("ood")), "ood_percentile": row.get("ood_percentile")}
@@ -145,21 +145,20 @@ def _dicom_uids(file: str) -> dict[str, str]:
 
 def audit_upload(trail: AuditTrail, data: bytes, prediction: Any, meta: Any, caller: str, latency_ms: float,
                  name: str = "<upload>") -> None:
-    """One line for an uploaded image (``serve``): a DICOM upload also gets its UIDs and header check."""
-    from .dicomcheck import check_source
+    """One line for an uploaded image (``serve``; ``prediction`` with its referral decided, the DICOM header
+    check's reasons included): a DICOM upload also gets its UIDs."""
     from .dicomresult import patient_fields, read_dataset, referral
 
-    header, uids, patient = [], {}, None
+    uids, patient = {}, None
     if len(data) > 132 and data[128:132] == b"DICM":
         try:
-            header = check_source(data, name=name)
             ds = read_dataset(data, name)
             uids = {"sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
                     "study_instance_uid": str(ds.get("StudyInstanceUID", ""))}
             patient = patient_fields(ds)
         except Exception:  # noqa: BLE001 - the prediction's error says what was wrong
             pass
-    refer, reasons = referral(prediction, header)
+    refer, reasons = referral(prediction)  # its reasons hold the header check's, as the server ran it
     result = {"error": prediction.error} if prediction.error else {
         "label": prediction.label, "probabilities": prediction.probabilities, "ood": prediction.ood,
         "ood_percentile": prediction.ood_percentile}

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .conformal import DEFAULT_COVERAGE, fit_conformal, min_calibration_images
+from .conformal import DEFAULT_COVERAGE, ConformalSets, fit_conformal, min_calibration_images
 from .errors import ChestXrayError
 from .metrics import (LogitScores, classification_metrics, fit_temperature, logit_scores, logits_to_probs,
                       operating_points)
@@ -96,11 +96,13 @@ def calibrate(model: Runner | Any, images: np.ndarray, targets: np.ndarray, *, c
 def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[str], task: str,
                       features: np.ndarray | None = None, guard_features: np.ndarray | None = None,
                       guard_targets: np.ndarray | None = None, fitted_on: str = "held-out images",
-                      seed: int = 0, coverage: float = DEFAULT_COVERAGE) -> Calibration:
+                      seed: int = 0, coverage: float = DEFAULT_COVERAGE,
+                      ood_flags: np.ndarray | None = None) -> Calibration:
     """:func:`calibrate` from outputs already computed: held-out ``logits`` (N, C) and ``features``,
     and the training ``guard_features`` for the OOD guard (none without them). ``fitted_on`` says
     which images these are (kept with the conformal sets, the reference and the validation figures);
-    ``seed`` drives the bootstrap of the validation intervals."""
+    ``seed`` drives the bootstrap of the validation intervals. ``ood_flags``: the held-out images'
+    OOD flags from a guard fitted elsewhere (a CV ensemble's), for the reference referral rate."""
     calibration = Calibration()
     if guard_features is not None:
         calibration.ood = fit_guard(guard_features, guard_targets, features)
@@ -113,8 +115,7 @@ def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[
         calibration.loss_calibrated = logit_scores(logits / calibration.temperature, targets, task).loss
     probs = logits_to_probs(logits, task, calibration.temperature)
     calibration.operating_points = operating_points(targets, probs, classes)
-    ood_flags = None
-    if calibration.ood is not None and features is not None and len(features):
+    if ood_flags is None and calibration.ood is not None and features is not None and len(features):
         guard = OODGuard.from_dict(calibration.ood)
         ood_flags = guard.is_ood(guard.score(features))
     _fit_trust(calibration, probs, targets, classes, task, ood_flags=ood_flags, fitted_on=fitted_on, seed=seed,
@@ -134,7 +135,8 @@ def _fit_trust(calibration: Calibration, probs: np.ndarray, targets: np.ndarray,
             log.warning("conformal sets: %s ha%s fewer than %d held-out images and will be in every set",
                         ", ".join(small), "s" if len(small) == 1 else "ve", needed)
         calibration.conformal = sets.to_dict()
-        refer = sets.sets(probs).sum(1) != 1
+        # as a loaded bundle's sets (scores stored rounded) refer these images: set not one class, or OOD
+        refer = ConformalSets.from_dict(calibration.conformal, classes).sets(probs).sum(1) != 1
         if ood_flags is not None:
             refer |= np.asarray(ood_flags, dtype=bool)
         calibration.reference["referral_rate"] = float(refer.mean())

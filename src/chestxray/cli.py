@@ -267,6 +267,27 @@ PatientFieldsOpt = typer.Option(False, "--audit-patient-fields",
                                 help="Keep patient id, name, birth date, sex and accession number in audit lines.")
 
 
+def _check_coverage(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0.0 < value < 1.0:
+        raise typer.BadParameter(f"a share between 0 and 1 (e.g. 0.9), not {value:g}")
+    return value
+
+
+CoverageOpt = typer.Option(None, "--coverage", callback=_check_coverage, rich_help_panel="Trust options",
+                           help="Coverage of the conformal prediction sets, a share between 0 and 1: a larger one "
+                                "gives larger sets and more referrals (default: the bundle's, 0.9).")
+HeaderCheckOpt = typer.Option(True, "--header-check/--no-header-check", rich_help_panel="Trust options",
+                              help="Refer DICOMs whose header says they are not frontal chest radiographs "
+                                   "(modality, body part, view, frames, image type).")
+
+
+def _trust(coverage: Optional[float], header_check: bool) -> dict:
+    """``load_model``'s keywords for --coverage and --header-check/--no-header-check."""
+    from .dicomcheck import DEFAULT_POLICY
+
+    return {"coverage": coverage, "header_policy": DEFAULT_POLICY if header_check else None}
+
+
 def _audit_trail(path: Optional[Path], disabled: bool, patient_fields: bool = False):
     """The audit trail the options ask for, or None with --no-audit."""
     from .audittrail import AuditTrail
@@ -298,12 +319,7 @@ def predict(bundle: Path = BundleArg,
                                                     "(default FILE.results.csv); a rerun resumes."),
             audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
             audit_patient_fields: bool = PatientFieldsOpt,
-            coverage: Optional[float] = typer.Option(
-                None, "--coverage", help="Coverage of the conformal prediction sets (default: the bundle's, 0.9)."),
-            header_check: bool = typer.Option(True, "--header-check/--no-header-check",
-                                              help="Refer DICOMs whose header says they are not frontal chest "
-                                                   "radiographs (modality, body part, view, frames, image type).")
-            ) -> None:
+            coverage: Optional[float] = CoverageOpt, header_check: bool = HeaderCheckOpt) -> None:
     """Predict files, folders and globs, DICOMweb studies or a worklist; each row of files says whether to
     refer it (prediction set, OOD, DICOM header) and why, and cautions about source-confounded classes.
     Exit 1 if any input failed."""
@@ -317,8 +333,8 @@ def predict(bundle: Path = BundleArg,
     if worklist is not None or dicomweb or study:
         if inputs:
             raise ChestXrayError("give files, or --worklist, or --dicomweb with --study: not several")
-        _predict_pacs(load_model(bundle, backend=backend), fmt, out, dicomweb, study or [], stow, worklist,
-                      batch_size, trail)
+        _predict_pacs(load_model(bundle, backend=backend, **_trust(coverage, header_check)), fmt, out, dicomweb,
+                      study or [], stow, worklist, batch_size, trail)
         return
     if not inputs:
         raise ChestXrayError("nothing to predict: give files, folders or globs, --worklist, or --dicomweb and --study")
@@ -407,7 +423,8 @@ def serve(bundle: Path = BundleArg,
                                              help="Open connections allowed from one address (raise it behind "
                                                   "a reverse proxy)."),
           audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
-          audit_patient_fields: bool = PatientFieldsOpt) -> None:
+          audit_patient_fields: bool = PatientFieldsOpt,
+          coverage: Optional[float] = CoverageOpt, header_check: bool = HeaderCheckOpt) -> None:
     """REST API (POST /v1/predict) and a web page for BUNDLE. Set CHESTXRAY_API_KEY to require a key."""
     from .audittrail import AUDIT_ENV, PATIENT_FIELDS_ENV
     from .serve import serve as run_server
@@ -418,7 +435,8 @@ def serve(bundle: Path = BundleArg,
         os.environ[PATIENT_FIELDS_ENV] = "1"
 
     run_server(bundle, host, port, backend, workers=workers, threads=threads,
-               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_per_client=max_per_client)
+               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_per_client=max_per_client,
+               coverage=coverage, header_check=header_check)
 
 
 @app.command()
@@ -439,7 +457,8 @@ def listen(bundle: Path = BundleArg,
            backend: str = typer.Option("auto", help="auto (onnx when the bundle has model.onnx, else torch), "
                                                     "torch or onnx."),
            audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
-           audit_patient_fields: bool = PatientFieldsOpt) -> None:
+           audit_patient_fields: bool = PatientFieldsOpt,
+           coverage: Optional[float] = CoverageOpt, header_check: bool = HeaderCheckOpt) -> None:
     """DICOM node: receive X-rays by C-STORE, answer each with a structured report sent to --dest."""
     import logging
 
@@ -449,7 +468,8 @@ def listen(bundle: Path = BundleArg,
     config = ListenConfig(spool=spool, destination=Destination.parse(dest) if dest else None, ae_title=ae_title,
                           host=host, port=port, allowed_callers=tuple(allow or ()), cam=cam,
                           min_free_bytes=min_free_mb * 2**20, retry_max_s=retry_max_s)
-    run_listener(bundle, config, backend=backend, audit=_audit_trail(audit_log, no_audit, audit_patient_fields))
+    run_listener(bundle, config, backend=backend, audit=_audit_trail(audit_log, no_audit, audit_patient_fields),
+                 **_trust(coverage, header_check))
 
 
 def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[str], studies: list[str],

@@ -2,7 +2,9 @@
 
 ``runs/<name>/`` receives ``fold<i>/`` (each fold's training run: config, split, epoch metrics and
 curves; the fold models stay in memory, their checkpoints in a temporary folder), ``cv.csv`` (one row per fold), ``cv.json`` (mean and
-standard deviation over the folds, and the pooled out-of-fold figures), ``oof.csv`` (every image's
+standard deviation over the folds, the pooled out-of-fold figures, and ``oof_trust``: the coverage per
+class and mean set size of each fold model's conformal sets, fitted on its inner validation split,
+on its held-out fold, with the risk-coverage accuracy at 80% and 50%), ``oof.csv`` (every image's
 probabilities from the fold model that did not train on it, and its fold) and, with
 ``keep_models``, ``bundle/``: the fold models as one ensemble that averages their probabilities.
 
@@ -29,10 +31,12 @@ from .bundle import BundleMeta, save_bundle
 from .audit import source_confound
 from .calibration import SCORING_BATCH, Calibration, calibrate_outputs, fit_guard
 from .config import RuntimeSettings, TrainConfig
+from .conformal import DEFAULT_COVERAGE, ConformalSets, set_metrics
 from .errors import ChestXrayError
 from .launch import one_device
-from .metrics import json_safe, logit_scores, logits_to_probs
+from .metrics import accuracy_at_coverages, json_safe, logit_scores, logits_to_probs
 from .models import ChestXrayNet, EnsembleNet
+from .ood import OODGuard, cross_fitted_scores
 from .runners import TorchRunner, run_images
 from .sources import NO_FINDING, Samples
 from .splits import kfold_splits, train_val_split
@@ -77,6 +81,9 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     images, targets = np.asarray(prepared.cache.images), prepared.targets
     logits = np.zeros((len(pool), len(pool.classes)), dtype=np.float32)
     fold_of = np.full(len(pool), -1)
+    multiclass = pool.task == "multiclass"
+    fold_probs = np.zeros(logits.shape)  # each held-out fold's probabilities at its own model's temperature
+    fold_sets = np.zeros(logits.shape, dtype=bool)  # and its conformal sets, fitted on that model's inner validation
     rows: list[dict[str, Any]] = []
     members: list[ChestXrayNet] = []
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +95,8 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
                                progress=progress)
         logits[held_rows] = run_images(TorchRunner(model), images[held_rows], SCORING_BATCH)[0]
         fold_of[held_rows] = index
+        if multiclass:
+            fold_probs[held_rows], fold_sets[held_rows] = _fold_trust(model, fold, logits[held_rows], config.seed)
         rows.append({"fold": index, **_scores(logits[held_rows], targets[held_rows], pool.task)})
         if keep_models:
             members.append(model)
@@ -96,13 +105,40 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     calibration = calibrate_outputs(logits, targets, classes=list(pool.classes), task=pool.task, seed=config.seed,
                                     fitted_on=f"out-of-fold predictions ({folds} folds, {len(targets)} images)")
     summary = _summary(table, calibration, pool.task, config)
+    if multiclass:
+        summary["oof_trust"] = json_safe(_oof_trust(fold_probs, fold_sets, targets, list(pool.classes), config.seed))
     (run_dir / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
     oof = _oof_frame(pool, fold_of, logits)
     oof.to_csv(run_dir / "oof.csv", index=False)
     bundle_dir = None
     if keep_models:
-        bundle_dir = _save_ensemble(run_dir / "bundle", members, prepared, pool, config, summary, calibration)
+        bundle_dir = _save_ensemble(run_dir / "bundle", members, prepared, pool, config, summary, logits)
     return CVResult(run_dir, table, summary, oof, bundle_dir)
+
+
+def _fold_trust(model: ChestXrayNet, fold: PreparedData, held_logits: np.ndarray,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out fold's probabilities and conformal sets as its model's own bundle would give them:
+    temperature and class-conditional sets fitted on the model's inner validation split (never on the
+    held-out fold), at the default coverage."""
+    images = np.asarray(fold.cache.images)[fold.val_rows]
+    inner = calibrate_outputs(run_images(TorchRunner(model), images, SCORING_BATCH)[0], fold.targets[fold.val_rows],
+                              classes=list(fold.samples.classes), task="multiclass", seed=seed,
+                              fitted_on=f"inner validation split ({len(images)} images)")
+    probs = logits_to_probs(held_logits, "multiclass", inner.temperature)
+    return probs, ConformalSets.from_dict(inner.conformal, list(fold.samples.classes)).sets(probs)
+
+
+def _oof_trust(probs: np.ndarray, sets: np.ndarray, targets: np.ndarray, classes: list[str],
+               seed: int) -> dict[str, Any]:
+    """Conformal coverage per class and mean set size (with intervals), and the risk-coverage accuracy
+    at 80% and 50% coverage, of every image's held-out fold model (see :func:`_fold_trust`)."""
+    correct, confidence = probs.argmax(1) == targets, probs.max(1)
+    return {"conformal": set_metrics(sets, targets, classes, coverage=DEFAULT_COVERAGE, seed=seed),
+            "at_coverage": accuracy_at_coverages(correct, confidence),
+            "note": "each fold model's temperature and class-conditional (Mondrian) LAC sets were fitted on its "
+                    "inner validation split and judged on the held-out fold it never saw; risk-coverage keeps "
+                    "the most confident predictions by top calibrated probability"}
 
 
 def _check_fold_count(pool: Samples, folds: int) -> None:
@@ -148,7 +184,7 @@ def _oof_frame(pool: Samples, fold_of: np.ndarray, logits: np.ndarray) -> pd.Dat
 
 
 def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: PreparedData, pool: Samples,
-                   config: TrainConfig, summary: dict[str, Any], calibration: Calibration) -> Path:
+                   config: TrainConfig, summary: dict[str, Any], oof_logits: np.ndarray) -> Path:
     """The fold models as one bundle, calibrated on the out-of-fold logits (temperature, operating points,
     conformal sets), with an OOD guard on the ensemble's features of the pool images.
 
@@ -156,10 +192,16 @@ def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: Prepa
     not see stand in for the ensemble's (which average five models and are a little less spread).
     The guard is fitted on the features of the whole pool (each image trained 4 of the 5 members), its
     threshold set by the guard's own cross-fitting: the scores of new X-rays may sit a little higher.
+    The drift reference's referral rate counts what a prediction is referred for: a set of more or
+    fewer than one class, or a cross-fitted OOD score above the threshold.
     """
     ensemble = EnsembleNet(members)
     features = run_images(TorchRunner(ensemble), np.asarray(prepared.cache.images), SCORING_BATCH)[1]
-    calibration = dataclasses.replace(calibration, ood=fit_guard(features, prepared.targets))
+    ood = fit_guard(features, prepared.targets)
+    flags = OODGuard.from_dict(ood).is_ood(cross_fitted_scores(features, prepared.targets)) if ood else None
+    calibration = dataclasses.replace(calibrate_outputs(
+        oof_logits, prepared.targets, classes=list(pool.classes), task=pool.task, seed=config.seed, ood_flags=flags,
+        fitted_on=f"out-of-fold predictions ({len(members)} folds, {len(oof_logits)} images)"), ood=ood)
     meta = BundleMeta(
         classes=list(pool.classes), image_size=config.image_size, preprocess=config.preprocessing().options(),
         **calibration.bundle_fields(), source_confound=source_confound(pool, config.seed),

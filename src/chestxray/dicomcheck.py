@@ -119,13 +119,13 @@ def _int(ds: Any, keyword: str) -> int:
 
 
 def referral(prediction: Any | None, header_reasons: list[str] | None = None) -> tuple[bool, list[str]]:
-    """``(refer, reasons)``: refer when the header check failed, the input was unreadable or it is
-    out of distribution (``prediction`` None: not classified because of the header)."""
+    """``(refer, reasons)`` with every reason to refer: the header check's (``header_reasons``), an
+    unreadable input, and the prediction's own (``prediction.reasons``: a conformal set of more or
+    fewer than one class, out of distribution, its DICOM header as the predictor checked it; see
+    ``chestxray.predict.referral_reasons``). ``prediction`` None: not classified because of the header."""
     reasons = list(header_reasons or [])
     if prediction is not None and prediction.error:
         reasons.append(f"unreadable: {prediction.error}")
-    elif prediction is not None and prediction.ood:
-        percentile = prediction.ood_percentile
-        reasons.append("ood: unlike the training X-rays" +
-                       (f" (percentile {percentile:.1f})" if percentile is not None else ""))
+    elif prediction is not None:
+        reasons += [reason for reason in prediction.reasons if reason not in reasons]
     return bool(reasons), reasons

@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from .dicomcheck import DEFAULT_POLICY, HeaderPolicy, check_header, referral
+from .dicomcheck import DEFAULT_POLICY, check_header, referral
 from .errors import InputError
 
 NOTICE = ("Not a diagnostic device: produced by a research model (chestxray). It has not been cleared for "
@@ -106,15 +106,16 @@ def read_dataset(data: bytes, name: str) -> Dataset:
     return ds
 
 
-def assess(predictor: Any, datasets: list[tuple[Dataset, bytes]], *,
-           policy: HeaderPolicy = DEFAULT_POLICY) -> list[Assessment]:
+def assess(predictor: Any, datasets: list[tuple[Dataset, bytes]]) -> list[Assessment]:
     """Header-check and predict DICOM instances (each a parsed dataset and its file bytes), in one batch.
 
-    An instance whose header says it is not a frontal chest X-ray is not classified; it is referred
-    with the reasons. So is one whose pixels cannot be decoded. An out-of-distribution one is
-    classified and referred.
+    An instance whose header says it is not a frontal chest X-ray (under ``predictor.header_policy``;
+    ``None``: no check) is not classified; it is referred with the reasons. So is one whose pixels
+    cannot be decoded. One classified is referred for every reason its prediction gives (a conformal
+    set of more or fewer than one class at ``predictor.coverage``, out of distribution).
     """
-    headers = [check_header(ds, policy) for ds, _ in datasets]
+    policy = getattr(predictor, "header_policy", DEFAULT_POLICY)
+    headers = [check_header(ds, policy) if policy is not None else [] for ds, _ in datasets]
     to_predict = [i for i, reasons in enumerate(headers) if not reasons]
     predictions = predictor.predict([datasets[i][1] for i in to_predict],
                                     names=[_name(datasets[i][0]) for i in to_predict]) if to_predict else []

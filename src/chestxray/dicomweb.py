@@ -9,7 +9,6 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from .dicomcheck import DEFAULT_POLICY, HeaderPolicy
 from .dicomresult import ACCEPTED_CLASSES, Assessment, assess, build_sr
 from .errors import ChestXrayError
 
@@ -51,8 +50,7 @@ def retrieve_study(web: Any, study_instance_uid: str) -> list[tuple[Dataset, byt
     return [(ds, _part10(ds)) for ds in datasets]
 
 
-def assess_study(predictor: Any, web: Any, study_instance_uid: str, *,
-                 policy: HeaderPolicy = DEFAULT_POLICY) -> StudyResult:
+def assess_study(predictor: Any, web: Any, study_instance_uid: str) -> StudyResult:
     """Retrieve a study and assess its CR, DX and Secondary Capture X-rays (other instances are skipped)."""
     instances = retrieve_study(web, study_instance_uid)
     if not instances:
@@ -64,7 +62,7 @@ def assess_study(predictor: Any, web: Any, study_instance_uid: str, *,
             images.append((ds, data))
         else:
             skipped.append((str(ds.get("SOPInstanceUID", "?")), f"not an X-ray image ({_class_name(sop_class)})"))
-    result = StudyResult(study_instance_uid, assess(predictor, images, policy=policy) if images else [], skipped)
+    result = StudyResult(study_instance_uid, assess(predictor, images) if images else [], skipped)
     result.datasets = {str(ds.SOPInstanceUID): (ds, data) for ds, data in images}
     return result
 

@@ -21,7 +21,8 @@ from .cache import build_cache
 from .conformal import set_metrics
 from .errors import ChestXrayError, InputError
 from .metrics import (
-    accuracy_at_coverage,
+    COVERAGE_LEVELS,
+    accuracy_at_coverages,
     at_operating_points,
     classification_metrics,
     expected_calibration_error,
@@ -39,8 +40,6 @@ from .storage import atomic_path, make_folder, write_text
 __all__ = ["EvaluationResult", "evaluate", "headline"]
 
 SPLITS = ("auto", "all", *SPLIT_NAMES)
-COVERAGE_LEVELS = (0.8, 0.5)
-"""Shares of the most confident predictions at which the risk-coverage accuracy is reported."""
 _CURVE_POINTS = 200
 MISUSE_NOTE = (
     "Use it only on images like its training images: it has not been validated on other populations "
@@ -183,8 +182,7 @@ def _selective(y_true: np.ndarray, probs: np.ndarray, refer: np.ndarray, sets_ch
     accuracy_referred, referred_ci = proportion_interval(int(correct[refer].sum()), int(refer.sum()))
     checks = [name for name, done in (("set size", sets_checked), ("OOD", ood_checked)) if done] + ["DICOM header"]
     return {"risk_coverage": {key: values[step - 1::step] for key, values in curve.items()},
-            "at_coverage": {f"{round(100 * level)}%": accuracy_at_coverage(correct, confidence, level)
-                            for level in COVERAGE_LEVELS},
+            "at_coverage": accuracy_at_coverages(correct, confidence),
             "referral": {"checks": checks, "kept_share": float(kept.mean()), "referred": int(refer.sum()),
                          "accuracy_kept": accuracy_kept, "accuracy_kept_ci": kept_ci,
                          "accuracy_referred": accuracy_referred, "accuracy_referred_ci": referred_ci}}

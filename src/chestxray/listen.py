@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,6 @@ class ListenConfig:
     max_attempts: int = 20
     """Refusals by the destination of one object before it is moved to ``failed/``."""
     batch_size: int = 8
-    policy: HeaderPolicy = field(default_factory=lambda: DEFAULT_POLICY)
 
 
 class SpoolFull(Exception):
@@ -269,7 +268,7 @@ class Listener:
         if not received:
             return True
         try:
-            assessments = assess(self.predictor, [(ds, data) for _, ds, data in received], policy=self.config.policy)
+            assessments = assess(self.predictor, [(ds, data) for _, ds, data in received])
         except Exception:  # noqa: BLE001 - a model failure must not stop the node; the files stay queued
             log.exception("inference failed; the %d instance(s) stay in the spool, retrying in 5 s", len(received))
             for path, _, _ in received:
@@ -395,14 +394,16 @@ class Listener:
 
 
 def listen(bundle: str | Path, config: ListenConfig, *, backend: str = "auto",
-           audit: AuditTrail | None = None) -> None:
+           audit: AuditTrail | None = None, coverage: float | None = None,
+           header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> None:
     """Load the bundle and run a :class:`Listener` until interrupted (Ctrl-C).
 
-    ``backend`` as for :func:`chestxray.predict.load_model`; with ``config.cam`` a torch model is
+    ``backend``, ``coverage`` (of the conformal prediction sets) and ``header_policy`` (``None``: no
+    header check) as for :func:`chestxray.predict.load_model`; with ``config.cam`` a torch model is
     loaded beside an ONNX one for Grad-CAM."""
     from .predict import load_model
 
-    predictor = load_model(bundle, backend=backend)
+    predictor = load_model(bundle, backend=backend, coverage=coverage, header_policy=header_policy)
     explainer = load_model(bundle, backend="torch") if config.cam and predictor.model is None else None
     listener = Listener(predictor, config, audit, explainer=explainer)
     host, port = listener.start()

@@ -24,7 +24,7 @@ __all__ = ["json_number", "json_safe", "bootstrap_ci", "classification_metrics",
            "interval_text", "accuracy_interval_text", "reliability_curve", "expected_calibration_error",
            "LogitScores", "logit_scores", "logits_to_probs", "fit_temperature", "positives_matrix",
            "operating_points", "at_operating_points", "proportion_interval", "risk_coverage",
-           "accuracy_at_coverage"]
+           "accuracy_at_coverage", "accuracy_at_coverages", "COVERAGE_LEVELS"]
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -510,6 +510,16 @@ def risk_coverage(correct: np.ndarray, confidence: np.ndarray) -> dict[str, list
     kept = np.arange(1, len(order) + 1)
     return {"coverage": (kept / max(1, len(order))).tolist(),
             "accuracy": (np.cumsum(correct[order]) / kept).tolist()}
+
+
+COVERAGE_LEVELS = (0.8, 0.5)
+"""Shares of the most confident predictions at which the risk-coverage accuracy is reported."""
+
+
+def accuracy_at_coverages(correct: np.ndarray, confidence: np.ndarray,
+                          levels: tuple[float, ...] = COVERAGE_LEVELS) -> dict[str, dict[str, Any]]:
+    """:func:`accuracy_at_coverage` at each of ``levels``, keyed ``"80%"``, ``"50%"``."""
+    return {f"{round(100 * level)}%": accuracy_at_coverage(correct, confidence, level) for level in levels}
 
 
 def accuracy_at_coverage(correct: np.ndarray, confidence: np.ndarray, share: float,

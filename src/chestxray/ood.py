@@ -44,7 +44,7 @@ import numpy as np
 
 from .errors import ChestXrayError
 
-__all__ = ["power_normalise", "OODGuard"]
+__all__ = ["power_normalise", "OODGuard", "cross_fitted_scores"]
 
 METHOD = "ppca-mahalanobis"
 VERSION = 1
@@ -91,12 +91,7 @@ class OODGuard:
         The threshold is the ``quantile`` of the held-out scores: out-of-fold scores of the
         training features, pooled with the scores of ``val_features`` when given.
         """
-        features = np.asarray(features)
-        pooled = targets is None or np.asarray(targets).ndim != 1
-        labels = np.zeros(len(features), dtype=int) if pooled else np.asarray(targets).astype(int)
-        if features.ndim != 2 or labels.shape != (len(features),):
-            raise ChestXrayError(f"OOD guard: need features (N, F) and one class index each, got "
-                                 f"{features.shape} and {labels.shape}")
+        features, labels = _fit_labels(features, targets)
         guard = cls._fit_axes(features, labels, n_components)
         held_out = _out_of_fold_scores(features, labels, n_components)
         if val_features is not None and len(val_features):
@@ -173,6 +168,26 @@ class OODGuard:
                        np.sort(held_out))
         except (KeyError, ValueError, TypeError) as err:
             raise ChestXrayError(f"malformed OOD guard in the bundle ({type(err).__name__}: {err})") from None
+
+
+def _fit_labels(features: np.ndarray, targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Features as an array and the class index of each row (all 0 for ``None`` or multi-label targets)."""
+    features = np.asarray(features)
+    pooled = targets is None or np.asarray(targets).ndim != 1
+    labels = np.zeros(len(features), dtype=int) if pooled else np.asarray(targets).astype(int)
+    if features.ndim != 2 or labels.shape != (len(features),):
+        raise ChestXrayError(f"OOD guard: need features (N, F) and one class index each, got "
+                             f"{features.shape} and {labels.shape}")
+    return features, labels
+
+
+def cross_fitted_scores(features: np.ndarray, targets: np.ndarray | None = None, *,
+                        n_components: int = DEFAULT_COMPONENTS) -> np.ndarray:
+    """The score of each training row (in row order) under a guard fitted without its fold: the
+    held-out scores :meth:`OODGuard.fit` sets its threshold on, for data that has no other held-out
+    images (a cross-validation ensemble). Empty when a class has a single image."""
+    features, labels = _fit_labels(features, targets)
+    return _out_of_fold_scores(features, labels, n_components)
 
 
 def _out_of_fold_scores(features: np.ndarray, labels: np.ndarray, n_components: int) -> np.ndarray:

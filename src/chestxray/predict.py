@@ -104,7 +104,7 @@ class Predictor:
     """A loaded model: ``predict`` inputs, score arrays, explain with Grad-CAM (torch backend)."""
 
     def __init__(self, runner: Runner, meta: BundleMeta, model: ChestXrayNet | EnsembleNet | None = None, *,
-                 header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> None:
+                 header_policy: HeaderPolicy | None = DEFAULT_POLICY, coverage: float | None = None) -> None:
         self.runner = runner
         self.meta = meta
         self.model = model
@@ -114,7 +114,13 @@ class Predictor:
         self.conformal = (ConformalSets.from_dict(meta.conformal, self.classes)
                           if meta.conformal and meta.task == "multiclass" else None)
         self.coverage = self.conformal.coverage if self.conformal else None
-        """Coverage of the prediction sets (default: the bundle's); set another share to change it."""
+        """Coverage of the prediction sets (default: the bundle's; ``None`` without conformal sets)."""
+        if coverage is not None:
+            check_coverage(coverage)
+            if self.conformal is None:
+                log.warning("coverage %g ignored: this bundle has no conformal prediction sets", coverage)
+            else:
+                self.coverage = float(coverage)
         self.header_policy = header_policy
         """What a DICOM header must say (``dicomcheck.HeaderPolicy``); ``None`` skips the check."""
         self.confounded = confounded_classes(meta.source_confound)
@@ -313,7 +319,8 @@ def resolve_backend(path: str | Path, backend: str) -> str:
 
 
 def load_model(path: str | Path, backend: str = "torch", *, device: str | None = None,
-               threads: int | None = None, header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> Predictor:
+               threads: int | None = None, header_policy: HeaderPolicy | None = DEFAULT_POLICY,
+               coverage: float | None = None) -> Predictor:
     """Load a bundle folder (or a file in it) as a :class:`Predictor`.
 
     ``backend="onnx"`` runs the bundle's ``model.onnx`` (made by ``chestxray export``; refused when
@@ -322,24 +329,27 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
     ``backend="onnx-int8"`` runs ``model.int8.onnx`` (``chestxray export --quantize int8``) the same
     way, refused likewise. ``backend="auto"`` takes ONNX when the bundle has it (and torch, with a warning, when that file was
     exported from other weights). ``device`` (torch only): default CUDA when available.
-    ``header_policy``: what a DICOM header must say for an image not to be referred (``None``: no check).
+    ``header_policy``: what a DICOM header must say for an image not to be referred (``None``: no check);
+    ``coverage``: of the conformal prediction sets (default: the bundle's). Every command that predicts
+    (predict, its sharded and PACS paths, serve, listen) sets both here.
     """
+    trust = {"header_policy": header_policy, "coverage": coverage}
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
     if backend == "auto":
         if resolve_backend(directory, backend) == "onnx":
             try:
-                return load_model(directory, "onnx", threads=threads)
+                return load_model(directory, "onnx", threads=threads, **trust)
             except InputError as err:
                 log.warning("%s; using the torch backend", err)
-        return load_model(directory, "torch", device=device, threads=threads)
+        return load_model(directory, "torch", device=device, threads=threads, **trust)
     if backend == "torch":
         import torch
 
         model, meta = load_bundle(directory)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return Predictor(TorchRunner(model), meta, model, header_policy=header_policy)
+        return Predictor(TorchRunner(model), meta, model, **trust)
     if backend in ONNX_BACKENDS:
         meta = read_meta(directory)
         onnx_path = directory / ONNX_BACKENDS[backend]
@@ -349,7 +359,7 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
                                  f"`chestxray export {directory} --format onnx{how}` or use the torch backend")
         runner = OnnxRunner(onnx_path, threads)
         check_onnx(directory, runner.metadata, onnx_path)
-        return Predictor(runner, meta, header_policy=header_policy)
+        return Predictor(runner, meta, **trust)
     raise ChestXrayError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 
 
@@ -415,7 +425,9 @@ def shard(items: Sequence[T], rank: int, world: int, block: int = 1) -> Sequence
 
 
 def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend: str = "torch",
-                    batch_size: int = DEFAULT_BATCH, progress: bool = True, tta: bool = False) -> pd.DataFrame | None:
+                    batch_size: int = DEFAULT_BATCH, progress: bool = True, tta: bool = False,
+                    coverage: float | None = None,
+                    header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> pd.DataFrame | None:
     """:func:`predict_paths` over files, folders and globs, with every rank of a ``torchrun`` launch.
 
     Rank 0 expands the inputs once and sends the list to every rank; each rank predicts a contiguous
@@ -423,13 +435,15 @@ def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend:
     the figures equal those of one process with as many threads as each rank); rank 0 gathers the
     rows in input order. Returns the table on rank 0 and ``None`` on the others; outside a
     distributed launch it runs in this process. Each rank uses the GPU of its local rank if any.
+    ``coverage`` and ``header_policy`` as for :func:`load_model`, on every rank.
     """
     import torch.distributed as dist
 
     import torch
 
     cuda = resolve_backend(model, backend) == "torch" and torch.cuda.is_available()
-    predictor = load_model(model, backend, device=f"cuda:{local_rank()}" if cuda else None)
+    predictor = load_model(model, backend, device=f"cuda:{local_rank()}" if cuda else None, coverage=coverage,
+                           header_policy=header_policy)
     if world_size() == 1:
         return predict_paths(predictor, inputs, batch_size, progress, tta=tta)
     if not dist.is_initialized():  # kept for the life of the process: a group made again after
@@ -475,14 +489,14 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: 
     result and the others ``None`` (Grad-CAM runs on rank 0 alone).
     """
     predictor = None
+    trust = {"coverage": coverage, "header_policy": DEFAULT_POLICY if header_check else None}
     if world_size() > 1:
-        table = sharded_predict(bundle, inputs, backend=backend, batch_size=batch_size, progress=progress, tta=tta)
+        table = sharded_predict(bundle, inputs, backend=backend, batch_size=batch_size, progress=progress, tta=tta,
+                                **trust)
         if table is None:  # a rank other than 0
             return None
     else:
-        predictor = load_model(bundle, backend=backend, header_policy=DEFAULT_POLICY if header_check else None)
-        if coverage is not None and predictor.conformal is not None:
-            predictor.coverage = check_coverage(coverage)
+        predictor = load_model(bundle, backend=backend, **trust)
         table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
     if operating_point:
         meta = predictor.meta if predictor is not None else read_meta(bundle)  # a sharded run loads none here

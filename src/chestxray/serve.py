@@ -53,7 +53,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .audittrail import audit_upload, trail_from_environment
 from .decode import IMAGE_SUFFIXES, load_image
-from .dicomcheck import HeaderCheck
+from .conformal import check_coverage
+from .dicomcheck import DEFAULT_POLICY, HeaderCheck
 from .drift import DriftMonitor
 from .errors import ChestXrayError, InputError
 from .modelcard import render_model_card
@@ -414,13 +415,14 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         image, header = await asyncio.get_running_loop().run_in_executor(
             decoder, _decode_upload, data, filename, content_type, meta.image_size, predictor)
         prediction = await queue.predict(image)
+        if not getattr(prediction, "error", None):
+            prediction = predictor.with_header(prediction, header)  # the referral, header reasons included
         if audit is not None:
             await asyncio.get_running_loop().run_in_executor(
                 decoder, audit_upload, audit, data, prediction, meta, f"api:{request.client.host if request.client else '?'}",
                 (time.perf_counter() - start) * 1000, filename or "<upload>")
         if getattr(prediction, "error", None):
             raise ApiError(422, prediction.error)
-        prediction = predictor.with_header(prediction, header)
         monitor.record(prediction.label, prediction.ood_percentile, prediction.ood, prediction.refer)
         extra = {}
         if cam:
@@ -446,7 +448,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "torch", *,
           workers: int = 1, threads: int | None = None, api_key: str | None = None,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info",
-          max_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
+          max_per_client: int = MAX_CONNECTIONS_PER_CLIENT, coverage: float | None = None,
+          header_check: bool = True) -> None:
     """Serve the bundle's model with uvicorn until interrupted (Ctrl-C).
 
     ``backend`` is ``torch``, ``onnx`` (needs ``chestxray export`` first), ``onnx-int8`` (needs
@@ -455,7 +458,9 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
     processes loads its own model and computes with ``threads`` threads (default: torch's, the cores, divided
     among the workers; on a CPU shared with other busy processes, 1 thread avoids the collapse of
     oversubscribed torch threads). ``max_per_client``: open connections allowed from one address
-    (see :data:`MAX_CONNECTIONS_PER_CLIENT`).
+    (see :data:`MAX_CONNECTIONS_PER_CLIENT`). ``coverage`` (of the conformal prediction sets, default the
+    bundle's) and ``header_check`` (refer DICOMs whose header says they are not frontal chest
+    radiographs) as for ``chestxray predict``.
     """
     if backend not in BACKENDS:
         raise ChestXrayError(f"unknown backend '{backend}': use {', '.join(BACKENDS)}")
@@ -466,14 +471,18 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
     if host not in _LOOPBACK and not key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
                     "(set %s)", host, API_KEY_ENV)
+    if coverage is not None:
+        check_coverage(coverage)
     settings = {"BUNDLE": str(Path(bundle_dir).resolve()), "BACKEND": backend, "MAX_UPLOAD": str(max_upload_bytes),
-                "THREADS": str(threads)}
+                "THREADS": str(threads), "COVERAGE": "" if coverage is None else repr(float(coverage)),
+                "HEADER_CHECK": "1" if header_check else "0"}
     protocol = guarded_protocol(max_per_client=max_per_client)
     options = {"host": host, "port": port, "log_level": log_level, **uvicorn_options(protocol)}
+    trust = {"coverage": coverage, "header_check": header_check}
     if workers == 1:
-        uvicorn.run(_app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads), **options)
+        uvicorn.run(_app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads, **trust), **options)
         return
-    _app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads)  # fail here, not in every worker
+    _app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads, **trust)  # fail here, not in every worker
     os.environ.update({_SERVE_ENV + name: value for name, value in settings.items()})
     os.environ[_SERVE_ENV + "MAX_PER_CLIENT"] = str(max_per_client)  # read by each worker's GuardedH11Protocol
     options["http"] = GuardedH11Protocol  # a class the worker processes can import
@@ -484,8 +493,11 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
 
 def app_from_environment() -> FastAPI:
     """App factory of each uvicorn worker process, configured by :func:`serve` through the environment."""
-    env = {name: os.environ[_SERVE_ENV + name] for name in ("BUNDLE", "BACKEND", "MAX_UPLOAD", "THREADS")}
-    return _app_for_bundle(env["BUNDLE"], env["BACKEND"], None, int(env["MAX_UPLOAD"]), int(env["THREADS"]))
+    env = {name: os.environ.get(_SERVE_ENV + name, "")
+           for name in ("BUNDLE", "BACKEND", "MAX_UPLOAD", "THREADS", "COVERAGE", "HEADER_CHECK")}
+    return _app_for_bundle(env["BUNDLE"], env["BACKEND"], None, int(env["MAX_UPLOAD"]), int(env["THREADS"]),
+                           coverage=float(env["COVERAGE"]) if env["COVERAGE"] else None,
+                           header_check=env["HEADER_CHECK"] != "0")
 
 
 @contextmanager
@@ -517,9 +529,10 @@ def background_server(app: FastAPI, host: str = "127.0.0.1",
 
 
 def _app_for_bundle(bundle_dir: str, backend: str, api_key: str | None, max_upload_bytes: int,
-                    threads: int) -> FastAPI:
+                    threads: int, *, coverage: float | None = None, header_check: bool = True) -> FastAPI:
     torch.set_num_threads(threads)  # the ONNX runner follows torch's setting
-    predictor = load_model(bundle_dir, backend=backend)
+    predictor = load_model(bundle_dir, backend=backend, coverage=coverage,
+                           header_policy=DEFAULT_POLICY if header_check else None)
     cam_predictor = load_model(bundle_dir, backend="torch") if predictor.backend != "torch" else None
     return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor,
                       audit=trail_from_environment())

@@ -23,7 +23,6 @@ import pandas as pd
 
 from .audittrail import AuditTrail, audit_assessment, local_caller, sha256_bytes
 from .decode import _is_dicom
-from .dicomcheck import DEFAULT_POLICY, HeaderPolicy
 from .dicomresult import assess, assessments_table, patient_fields, read_dataset, referral
 from .errors import ChestXrayError, InputError
 
@@ -74,9 +73,9 @@ def read_worklist(path: str | Path) -> list[tuple[str, str]]:
 
 
 def score_worklist(predictor: Any, worklist: str | Path, out: str | Path, *, dicomweb: str | None = None,
-                   batch_size: int = 16, audit: AuditTrail | None = None,
-                   policy: HeaderPolicy = DEFAULT_POLICY) -> WorklistResult:
-    """Score every entry of ``worklist`` not yet in ``out`` and append its rows to ``out`` (CSV)."""
+                   batch_size: int = 16, audit: AuditTrail | None = None) -> WorklistResult:
+    """Score every entry of ``worklist`` not yet in ``out`` and append its rows to ``out`` (CSV), with the
+    predictor's header check and conformal coverage."""
     entries = read_worklist(worklist)
     out = Path(out)
     done = _done_keys(out)
@@ -89,13 +88,13 @@ def score_worklist(predictor: Any, worklist: str | Path, out: str | Path, *, dic
     for chunk in _chunks(todo, batch_size):
         rows: list[dict[str, Any]] = []
         files = [value for kind, value in chunk if kind == "path"]
-        rows += _score_files(predictor, files, policy, audit)
+        rows += _score_files(predictor, files, audit)
         for kind, value in chunk:
             if kind == "study":
                 from .dicomweb import client
 
                 web = web or client(dicomweb)
-                rows += _score_study(predictor, web, value, policy, audit)
+                rows += _score_study(predictor, web, value, audit)
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for row in rows:
             row["timestamp"] = stamp
@@ -105,7 +104,7 @@ def score_worklist(predictor: Any, worklist: str | Path, out: str | Path, *, dic
     return WorklistResult(out, len(entries), len(entries) - len(todo), scored, failed)
 
 
-def _score_files(predictor: Any, files: list[str], policy: HeaderPolicy, audit: AuditTrail | None) -> list[dict]:
+def _score_files(predictor: Any, files: list[str], audit: AuditTrail | None) -> list[dict]:
     rows: list[dict] = []
     if not files:
         return rows
@@ -125,7 +124,7 @@ def _score_files(predictor: Any, files: list[str], policy: HeaderPolicy, audit: 
                 rows.append({"worklist_key": _key("path", file), "path": file, "refer": True, "error": err.reason})
         else:
             others.append((file, data))
-    assessments = assess(predictor, [(ds, data) for _, ds, data in dicoms], policy=policy) if dicoms else []
+    assessments = assess(predictor, [(ds, data) for _, ds, data in dicoms]) if dicoms else []
     predictions = predictor.predict([data for _, data in others], names=[f for f, _ in others]) if others else []
     latency = (time.perf_counter() - start) * 1000 / max(1, len(files))
     table = assessments_table(assessments, predictor.classes)
@@ -151,12 +150,12 @@ def _score_files(predictor: Any, files: list[str], policy: HeaderPolicy, audit: 
     return rows
 
 
-def _score_study(predictor: Any, web: Any, uid: str, policy: HeaderPolicy, audit: AuditTrail | None) -> list[dict]:
+def _score_study(predictor: Any, web: Any, uid: str, audit: AuditTrail | None) -> list[dict]:
     from .dicomweb import assess_study
 
     start = time.perf_counter()
     try:
-        result = assess_study(predictor, web, uid, policy=policy)
+        result = assess_study(predictor, web, uid)
     except ChestXrayError as err:
         return [{"worklist_key": _key("study", uid), "study_instance_uid": uid, "refer": True, "error": str(err)}]
     latency = (time.perf_counter() - start) * 1000 / max(1, len(result.assessments))

@@ -1,6 +1,7 @@
 """The web page in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``) against a real
-uvicorn server: upload an X-ray and see the prediction, the bars and the heatmap; a bad file shows the
-server's error; a key-protected server asks for the key."""
+uvicorn server: upload an X-ray and see the prediction, the bars and the heatmap; the prediction set,
+the referral with its reasons, the source caution and the DICOM header fields (or "not checked"); a bad
+file shows the server's error; a key-protected server asks for the key."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from chestxray.predict import Predictor, load_model
 from chestxray.serve import background_server, create_app
 from conftest import xray_array
-from factories import CLASSES, build_tiny_bundle
+from factories import CLASSES, build_tiny_bundle, make_bundle, sets_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -83,10 +84,61 @@ def test_upload_shows_prediction_bars_and_heatmap(browser: webdriver.Chrome, pre
         ood_hidden = browser.execute_script("return document.getElementById('ood').hidden")
         ood_score = browser.execute_script("return document.getElementById('ood-score').textContent")
         key_form_shown = browser.find_element(By.ID, "key-form").is_displayed()
+        trust = page_trust(browser)
     assert label == expected.label == top
     assert sorted(names) == sorted(CLASSES)
     assert ood_hidden is True and ood_score == "not checked" and not key_form_shown  # this bundle has no guard
+    # nor conformal sets, and a PNG has no DICOM header: every check that did not run says so
+    assert "not checked" in trust["set"] and "not checked" in trust["ood_percentile"]
+    assert trust["header_hidden"] and "not checked" in trust["header_none"]
+    assert trust["refer_hidden"] and trust["reasons"] == [] and trust["cautions"] == []
     assert Image.open(tmp_path / "page.png").size[0] > 0
+
+
+PAGE_TRUST = """
+const text = (id) => document.getElementById(id).textContent.trim();
+const items = (id) => Array.from(document.querySelectorAll('#' + id + ' li'), (li) => li.textContent.trim());
+return {set: text('prediction-set'), refer_hidden: document.getElementById('refer').hidden,
+        reasons: items('reasons'), cautions: items('cautions'), ood_percentile: text('ood-percentile'),
+        header_hidden: document.getElementById('header-fields').hidden, header_none: text('header-none'),
+        header: Object.fromEntries(Array.from(document.querySelectorAll('#header-rows tr'),
+                                              (tr) => [tr.querySelector('th').textContent,
+                                                       tr.querySelector('td').textContent]))};
+"""
+
+
+def page_trust(driver: webdriver.Chrome) -> dict:
+    """What the page shows about trusting the answer: prediction set, referral with its reasons,
+    cautions, the OOD percentile line and the DICOM header fields."""
+    return driver.execute_script(PAGE_TRUST)
+
+
+def test_the_page_shows_the_set_the_referral_its_reasons_the_caution_and_the_header(
+        browser: webdriver.Chrome, tmp_path: Path, make_dicom, xray_file: Path) -> None:
+    confound = {"method": "test", "threshold": 0.8, "auc": {"normal": 0.91, "pneumonia": 0.97},
+                "flagged": ["normal", "pneumonia"], "note": ""}
+    bundle = make_bundle(tmp_path / "trusted", conformal=sets_for(0.001), source_confound=confound, guard=False)
+    ct = make_dicom("chest ct.dcm", xray_array(80, 80), Modality="CT", ViewPosition="PA")
+    with background_server(create_app(load_model(bundle), api_key="")) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, WAIT_SECONDS)
+        wait.until(lambda d: "test_efficientnet" in d.find_element(By.ID, "model-line").text)
+        upload(browser, ct)
+        wait.until(seen.visibility_of_element_located((By.ID, "refer")))
+        dicom = page_trust(browser)
+        browser.execute_script("document.getElementById('result').hidden = true")
+        upload(browser, xray_file)
+        wait.until(seen.visibility_of_element_located((By.ID, "result")))
+        wait.until(lambda d: page_trust(d)["header_none"])
+        png = page_trust(browser)
+    both = "uncertain: the 90% prediction set holds normal, pneumonia"
+    assert dicom["set"] == "Prediction set at 90% coverage: normal, pneumonia."
+    assert not dicom["refer_hidden"] and dicom["reasons"] == [both, "not_frontal_cxr: Modality CT"]
+    assert len(dicom["cautions"]) == 1 and "training images differ from the others" in dicom["cautions"][0]
+    assert not dicom["header_hidden"] and dicom["header"]["Modality"] == "CT" and dicom["header"]["ViewPosition"] == "PA"
+    assert dicom["header_none"] == "" and "not checked" in dicom["ood_percentile"]
+    assert not png["refer_hidden"] and png["reasons"] == [both] and len(png["cautions"]) == 1
+    assert png["header_hidden"] and png["header_none"] == "DICOM header: not checked (not a DICOM file)."
 
 
 def test_a_bad_file_shows_the_server_error(browser: webdriver.Chrome, predictor: Predictor, tmp_path: Path) -> None:

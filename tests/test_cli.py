@@ -174,6 +174,7 @@ def test_cv_and_sweep_print_their_results_once(tmp_path: Path) -> None:
     assert cv.exit_code == 0, cv.output
     assert cv.stdout.count("3-fold cross-validation") == 1 and cv.stdout.count("out-of-fold") == 1
     assert cv.stdout.count("mean ± std") == 1 and cv.stdout.count("results:") == 1
+    assert cv.stdout.count("prediction sets at 90% (each fold model's, on its held-out fold): coverage") == 1
     sweep = CliRunner().invoke(app, ["sweep", str(data), "--trials", "1", "--out", runs, "--name", "s", *flags])
     assert sweep.exit_code == 0, sweep.output
     assert sweep.stdout.count("best trial 0") == 1 and sweep.stdout.count("best config:") == 1

@@ -549,6 +549,15 @@ def _render_cv(result) -> None:
     oof = result.summary["oof"]
     table.add_row("out-of-fold", str(oof["n"]), *(_figure(oof[s]) for s in SCORES))
     console.print(table)
+    trust = result.summary.get("oof_trust")
+    if trust:  # each fold model's own conformal sets (fitted on its inner validation split) on its held-out fold
+        sets = trust["conformal"]
+        per_class = ", ".join(f"{name} {_figure(row['coverage'], '.0%')}" for name, row in sets["per_class"].items())
+        kept = ", ".join(f"{level} {_figure(row['accuracy'], '.1%')}" for level, row in trust["at_coverage"].items())
+        console.print(f"prediction sets at {_figure(sets['target_coverage'], '.0%')} (each fold model's, on its "
+                      f"held-out fold): coverage "
+                      f"{_figure(sets['coverage'], '.1%')}, mean set size {_figure(sets['mean_set_size'], '.2f')}; "
+                      f"per class {per_class}; accuracy of the most confident {kept}", soft_wrap=True)
 
 
 def _render_sweep(result) -> None:

@@ -224,7 +224,7 @@ def test_unknown_path_is_a_json_404(client: TestClient) -> None:
 
 def test_an_unexpected_failure_is_a_json_500_without_details(predictor: Predictor) -> None:
     class Broken:
-        meta, runner, backend = predictor.meta, predictor.runner, predictor.backend
+        meta, runner, backend, conformal = predictor.meta, predictor.runner, predictor.backend, None
 
         def predict(self, images):
             raise RuntimeError("secret internal detail")

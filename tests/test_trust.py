@@ -198,6 +198,13 @@ def test_serve_and_listen_take_coverage_and_the_header_switch(wide, make_dicom, 
     # the server's worker processes read them from the environment serve() sets
     from fastapi.testclient import TestClient
 
+    from chestxray.bundle import read_meta, write_meta
+
+    meta = read_meta(wide)
+    meta.extra = {**meta.extra, "reference": {"referral_rate": 0.2, "predicted_shares": {"normal": 0.5,
+                                                                                         "pneumonia": 0.5}}}
+    write_meta(wide, meta)
+
     ct = make_dicom("ct.dcm", xray_array(64, 64), Modality="CT").read_bytes()
     for check, expected in (("0", [HALF]), ("1", ["not_frontal_cxr: Modality CT", HALF])):
         for name, value in {"BUNDLE": str(wide), "BACKEND": "torch", "MAX_UPLOAD": str(2**20), "THREADS": "1",
@@ -205,9 +212,17 @@ def test_serve_and_listen_take_coverage_and_the_header_switch(wide, make_dicom, 
             monkeypatch.setenv(f"CHESTXRAY_SERVE_{name}", value)
         with TestClient(chestxray.serve.app_from_environment()) as client:
             answer = client.post("/v1/predict", files={"file": ("ct.dcm", ct, "application/dicom")}).json()
+            model, health = client.get("/v1/model").json(), client.get("/healthz").json()
+        assert (model["conformal"]["coverage"], model["conformal"]["fitted_coverage"]) == (0.5, 0.9)
+        # the reference referral rate was measured at 90%: at 50% it is not compared, and says so
+        assert any(item.startswith("referral rate") for item in health["drift"]["not_checked"])
         assert answer["coverage"] == 0.5 and sorted(answer["reasons"]) == sorted(expected)
         assert (answer["header"] is None) == (check == "0")
         assert sorted(audit_reasons(audit_log)[-1]) == sorted(expected)  # the audit line: every reason
+    monkeypatch.setenv("CHESTXRAY_SERVE_COVERAGE", "")  # the bundle's own coverage: the rate is compared
+    with TestClient(chestxray.serve.app_from_environment()) as client:
+        health = client.get("/healthz").json()
+    assert not any(item.startswith("referral rate") for item in health["drift"]["not_checked"])
 
 
 def test_listen_loads_its_model_with_coverage_and_policy(wide, tmp_path, monkeypatch):

@@ -121,7 +121,7 @@ class DriftMonitor:
         not_checked = [what for what, known in (
             ("OOD percentiles (no guard with held-out scores)", bool(self._percentiles) or not n),
             ("predicted-class shares (no reference in the bundle)", bool(self.reference.get("predicted_shares"))),
-            ("referral rate (no reference in the bundle)", self.reference.get("referral_rate") is not None))
+            ("referral rate (no reference in the bundle at the served coverage)", self.reference.get("referral_rate") is not None))
             if not known]
         if self._percentiles:
             median = float(np.median(self._percentiles))

@@ -146,8 +146,9 @@ class ModelOut(BaseModel):
     ood_guard: bool
     ood_threshold: float | None = Field(description="ood_score above which an image is flagged (null: no guard).")
     conformal: dict[str, Any] | None = Field(
-        None, description="Conformal sets: score, coverage, per-class calibration counts and thresholds "
-                          "(null: not fitted).")
+        None, description="Conformal sets: score, the coverage served (serve --coverage) and the one they were "
+                          "fitted at (fitted_coverage), per-class calibration counts and thresholds at the served "
+                          "coverage (null: not fitted).")
     source_confound: dict[str, Any] | None = Field(
         None, description="Per class, the metadata-only one-vs-rest AUC on the training images and the classes "
                           "flagged (null: not measured).")
@@ -357,7 +358,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         image_size=meta.image_size, fit_mode=preprocessing.mode, contrast=preprocessing.contrast,
         temperature=meta.temperature, ood_guard=bool(meta.ood),
         ood_threshold=meta.ood["threshold"] if meta.ood else None, operating_points=meta.operating_points,
-        conformal=_public_conformal(meta.conformal), source_confound=meta.source_confound, metrics=meta.metrics,
+        conformal=_public_conformal(meta.conformal, predictor), source_confound=meta.source_confound, metrics=meta.metrics,
         trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,
         backend=predictor.backend, quantization=getattr(predictor.runner, "quantization", None),
@@ -371,7 +372,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
 
     app = FastAPI(title="chestxray", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Chest X-ray classification. A research tool, **not a diagnostic device**.")
-    monitor = drift or DriftMonitor(list(meta.classes), meta.extra.get("reference"))
+    monitor = drift or DriftMonitor(list(meta.classes), _drift_reference(meta.extra.get("reference"), predictor))
     card = render_model_card(dataclasses.asdict(meta))
     app.add_middleware(_RequestLimit)
     app.add_middleware(_SecurityHeaders)
@@ -615,9 +616,23 @@ def _decode_upload(data: bytes, filename: str, content_type: str, image_size: in
         raise ApiError(422, err.reason) from None
 
 
-def _public_conformal(conformal: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The bundle's conformal sets without their calibration scores (a few kB nobody reads here)."""
-    return None if conformal is None else {k: v for k, v in conformal.items() if k != "calibration"}
+def _public_conformal(conformal: dict[str, Any] | None, predictor: Any) -> dict[str, Any] | None:
+    """The conformal sets as served: without their calibration scores (a few kB nobody reads here), at
+    the served coverage (``serve --coverage``), with the coverage they were fitted at beside it."""
+    if conformal is None or predictor.conformal is None:
+        return None
+    public = {k: v for k, v in conformal.items() if k != "calibration"}
+    return {**public, "fitted_coverage": conformal["coverage"], "coverage": predictor.coverage,
+            "thresholds": predictor.conformal.thresholds(predictor.coverage)}
+
+
+def _drift_reference(reference: dict[str, Any] | None, predictor: Any) -> dict[str, Any]:
+    """The bundle's drift reference, without its referral rate when the sets are served at another
+    coverage than the one it was measured at (larger sets refer more: that rate would not compare)."""
+    reference = dict(reference or {})
+    if predictor.conformal is not None and predictor.coverage != predictor.conformal.coverage:
+        reference.pop("referral_rate", None)
+    return reference
 
 
 def _add_local_docs(app: FastAPI) -> None:

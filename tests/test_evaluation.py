@@ -83,6 +83,8 @@ def test_validation_operating_points_are_judged_on_the_evaluated_images(tmp_path
     assert "Operating points" in result.files["report"].read_text()
     lines = headline(result)
     assert any(line.startswith("accuracy") and "95% CI" in line for line in lines)
+    at_80 = result.metrics["selective"]["at_coverage"]["80%"]
+    assert f"80% most confident {100 * at_80['accuracy']:.1f}%" in next(l for l in lines if l.startswith("risk-coverage"))
 
 
 def test_unknown_class_is_one_clear_error(tmp_path: Path, make_folder) -> None:

@@ -225,6 +225,11 @@ def headline(result: EvaluationResult) -> list[str]:
         lines.append(f"prediction sets at {100 * conformal['target_coverage']:g}% target: coverage "
                      f"{100 * conformal['coverage']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), mean set size "
                      f"{conformal['mean_set_size']:.2f}; per class {per_class}")
+    at_coverage = m.get("selective", {}).get("at_coverage")
+    if at_coverage:
+        lines.append("risk-coverage: accuracy of the " + ", ".join(
+            f"{level} most confident {100 * row['accuracy']:.1f}% (95% CI {100 * row['accuracy_ci'][0]:.1f}–"
+            f"{100 * row['accuracy_ci'][1]:.1f})" for level, row in at_coverage.items() if row["accuracy"] is not None))
     referral = m.get("selective", {}).get("referral")
     if referral:
         kept = referral["accuracy_kept"]

@@ -54,15 +54,21 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="YAML config (flags win)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="parent of the run directory")
     parser.add_argument("--validation-only", action="store_true", help="train and validate; leave the test split unread")
+    parser.add_argument("--resume", metavar="NAME", help="continue the interrupted run --out/NAME from its last "
+                        "checkpoint, with its saved config and split (the same figures as an uninterrupted run; "
+                        "the times then cover only what is left)")
     add_training_flags(parser)
     args = parser.parse_args()
     relative, dataset_defaults = DATASETS[args.dataset]
     data = DATA / relative
     config = load_config(args.config, **{**dataset_defaults, **training_overrides(args)})
-    name = f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.resume or f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume:
+        config = load_config(args.out / name / "config.yaml")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chestxray-bench-cache-") as cache:
-        run = fit(data, config, out_dir=args.out, name=name, cache_dir=cache, progress=False)
+        run = fit(data, None if args.resume else config, out_dir=args.out, name=name, cache_dir=cache,
+                  progress=False, resume=bool(args.resume))
         trained = time.perf_counter()
         if args.validation_only:
             report_validation(args.dataset, data, config, run, trained - start)
@@ -83,6 +89,7 @@ def main() -> None:
                  "selective": {k: v for k, v in (metrics.get("selective") or {}).items() if k != "risk_coverage"}},
         "anchors": ANCHORS[args.dataset], "seconds_train": round(trained - start, 1),
         "seconds_total": round(total, 1), "peak_rss_mb": round(peak_mb), "test_evaluations": 1,
+        "resumed": bool(args.resume),
     }
     path = save_result(f"protocol-{args.dataset}", record)
     print("\n".join(headline(result)))

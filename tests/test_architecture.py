@@ -18,8 +18,8 @@ PACKAGE = Path(chestxray.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "allocator", "provenance"),
-    ("decode", "metrics", "storage"),
-    ("sources", "dicomcheck", "conformal"),
+    ("decode", "metrics", "storage", "logit_transform"),
+    ("sources", "dicomcheck", "conformal", "lineage"),
     ("cache",),
     ("splits", "audit"),
     ("data",),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bundle", "config", "drift"),
     ("launch",),
     ("train", "predict", "dicomresult"),
-    ("cv", "sweep", "evaluation", "export", "audittrail", "dicomweb"),
+    ("cv", "sweep", "evaluation", "export", "audittrail", "dicomweb", "adapt"),
     ("serve", "quantize", "listen", "worklist"),
     ("cli",),
 ]

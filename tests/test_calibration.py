@@ -1,4 +1,4 @@
-"""Calibration: one step fits the temperature, the operating points and the OOD guard on held-out images."""
+"""Calibration: one step fits the logit transform, the operating points and the OOD guard on held-out images."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from chestxray.calibration import Calibration, calibrate, calibrate_outputs
-from chestxray.metrics import fit_temperature, logit_scores
+from chestxray.logit_transform import TRAIN_KINDS, choose_logit_transform, per_image_nll
+from chestxray.metrics import logit_scores
 from chestxray.models import create_model
 from chestxray.ood import OODGuard
 from chestxray.runners import as_runner, run_images
@@ -30,14 +31,18 @@ def test_calibrate_fits_every_part_on_the_images_it_is_given(model: torch.nn.Mod
     calibration = calibrate(model, held, targets, classes=["a", "b"], guard_images=train,
                             guard_targets=np.arange(16) % 2)
     logits = run_images(as_runner(model), held)[0]
-    assert calibration.temperature == pytest.approx(fit_temperature(logits, targets))
+    # the transform is the cross-validated, never-sharpening choice on these held-out images
+    expected = choose_logit_transform(logits, targets, "multiclass", kinds=TRAIN_KINDS, sharpen=False).transform
+    assert calibration.transform == expected and calibration.temperature == pytest.approx(expected.temperature)
+    assert calibration.transform_choice["chosen"] == expected.kind
+    assert all(scale <= 1 + 1e-9 for scale in calibration.transform.scale)
     assert calibration.scores == logit_scores(logits, targets, "multiclass")
-    assert calibration.loss_calibrated == pytest.approx(logit_scores(logits / calibration.temperature, targets,
-                                                                     "multiclass").loss)
+    assert calibration.loss_calibrated == pytest.approx(per_image_nll(logits, targets, "multiclass", expected).mean())
     assert set(calibration.operating_points) == {"a", "b"}
     guard = OODGuard.from_dict(json.loads(json.dumps(calibration.ood)))
     assert guard.means.shape == (2, 256) and len(guard.held_out) == 16 + 8  # out-of-fold training + held-out
-    assert set(calibration.bundle_fields()) == {"temperature", "operating_points", "ood", "conformal"}
+    assert set(calibration.bundle_fields()) == {"temperature", "operating_points", "ood", "conformal", "calibration"}
+    assert calibration.bundle_fields()["calibration"] == expected.to_dict()
     assert calibration.conformal["counts"] == {"a": 4, "b": 4}  # conformal sets fitted on the same held-out images
     assert calibration.reference["n"] == 8 and set(calibration.reference["predicted_shares"]) == {"a", "b"}
     assert set(calibration.extra_fields()) == {"reference", "validation"}
@@ -49,7 +54,7 @@ def test_multilabel_and_guardless_calibration(model: torch.nn.Module) -> None:
     truth = np.eye(2, dtype=int)[np.arange(12) % 2]
     multilabel = calibrate(model, images, truth, classes=["a", "b"], task="multilabel", guard_images=images,
                            guard_targets=truth)
-    assert multilabel.temperature == 1.0 and multilabel.loss_calibrated is None
+    assert multilabel.temperature == 1.0 and multilabel.transform.kind in ("none", "vector")
     assert OODGuard.from_dict(multilabel.ood).means.shape == (1, 256)  # one pooled mean
     logits = run_images(as_runner(model), images)[0]
     assert calibrate_outputs(logits, np.arange(12) % 2, classes=["a", "b"], task="multiclass").ood is None

@@ -72,7 +72,7 @@ def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
     assert isinstance(model, EnsembleNet) and len(model.members) == 3
     assert meta.metrics["accuracy"] == pytest.approx(oof_accuracy) and meta.temperature > 0
     # operating points chosen on the calibrated out-of-fold probabilities reach their sensitivity there
-    calibrated = torch.from_numpy(np.log(oof[["normal", "pneumonia"]].to_numpy()) / meta.temperature).softmax(-1)
+    calibrated = torch.from_numpy(meta.logit_transform().probabilities(np.log(oof[["normal", "pneumonia"]].to_numpy())))
     for k, name in enumerate(["normal", "pneumonia"]):
         positives = calibrated[:, k].numpy()[(oof["truth"] == name).to_numpy()]
         assert (positives >= meta.operating_points[name]["sensitivity_95"] - 1e-6).mean() >= 0.95

@@ -12,6 +12,7 @@ import pytest
 from conftest import xray_array
 from factories import BINARY_CLASSES, make_bundle, sets_for
 
+from chestxray.bundle import read_meta
 from chestxray.dicomcheck import HeaderPolicy
 from chestxray.modelcard import CARD_FILE
 from chestxray.predict import NOT_CHECKED, load_model, predict_paths
@@ -111,7 +112,7 @@ def test_the_model_card_is_written_and_its_figures_match_model_json(trusted):
     for name, threshold in meta["conformal"]["thresholds"].items():
         assert re.search(rf"\| {name} \| {meta['conformal']['counts'][name]} \| {threshold:.4f} \|", card)
     assert "pneumonia 0.97 **flagged**" in card and "normal 0.55" in card
-    assert f"T = {meta['temperature']:.3f}" in card
+    assert f"Logit transform applied before the softmax: {read_meta(trusted).logit_transform().describe()}" in card
 
 
 def test_the_cli_table_names_files_apart_and_shows_referral_and_caution(trusted, make_image):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError, safe_open
 
 from chestxray import __version__
+from chestxray.logit_transform import LogitTransform
 from chestxray.decode import Preprocessing
 from chestxray.errors import ChestXrayError, InputError
 from chestxray.modelcard import CARD_FILE, render_model_card
@@ -54,6 +55,39 @@ class _Extra(BaseModel):
     trained_on: dict[str, Any] | None = None
 
 
+class _Calibration(BaseModel):
+    """The logit transform (:class:`~chestxray.logit_transform.LogitTransform`); sizes checked by ``read_meta``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    kind: Literal["none", "temperature", "bias", "vector"]
+    scale: list[float] = Field(default=[], max_length=MAX_CLASSES)
+    bias: list[float] = Field(default=[], max_length=MAX_CLASSES)
+
+
+class _SeenImages(BaseModel):
+    """Content hashes of the training and validation images (:mod:`chestxray.lineage`), base64."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    hash: str
+    train: str
+    val: str
+    n_train: int = Field(0, ge=0)
+    n_val: int = Field(0, ge=0)
+
+
+class _Lineage(BaseModel):
+    """Where a site-adapted (or warm-started) bundle came from."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    mode: str
+    parent_id: str
+    parent_weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    date: str
+    data_fingerprint: str | None = None
+    class_counts: dict[str, int] | None = None
+    n_images: int | None = Field(None, ge=0)
+
+
 class BundleSchema(BaseModel):
     """What ``model.json`` must hold, checked before any model is built: types, ranges and sizes.
     Fields with a default may be absent (bundles written before they existed); every field of
@@ -80,6 +114,9 @@ class BundleSchema(BaseModel):
     created: str
     extra: _Extra = _Extra()
     provenance: dict[str, Any] = {}
+    calibration: _Calibration | dict[str, Any] = {}
+    seen_images: _SeenImages | None = None
+    lineage: _Lineage | None = None
 
     @field_validator("classes")
     @classmethod
@@ -95,6 +132,9 @@ class BundleMeta:
 
     ``arch``, ``task``, ``mean``, ``std`` (and ``extra["members"]`` for ensembles) are taken from the
     model by ``save_bundle``; ``extra`` holds anything else (history, fold scores...).
+    ``calibration`` is the logit transform (:class:`~chestxray.logit_transform.LogitTransform` as a dict;
+    empty: ``temperature`` alone), ``seen_images`` the content hashes of the training and validation
+    images (:mod:`chestxray.lineage`), ``lineage`` the parent and local data of a site-adapted bundle.
     """
 
     classes: list[str]
@@ -122,6 +162,9 @@ class BundleMeta:
     provenance: dict[str, Any] = field(default_factory=dict)
     """``weights_sha256``, ``package_version``, ``torch_version``, ``timm_version``, ``python_version``
     and ``git_commit`` (see :func:`chestxray.provenance.describe`); filled by ``save_bundle``."""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seen_images: dict[str, Any] | None = None
+    lineage: dict[str, Any] | None = None
 
     @property
     def model_id(self) -> str:
@@ -131,6 +174,12 @@ class BundleMeta:
         if sha:
             return model_id(self.arch, sha)
         return ":".join(part for part in (self.arch, self.train_fingerprint[:12], self.created) if part)
+
+    def logit_transform(self) -> LogitTransform:
+        """The calibration applied to the logits: ``calibration``, else the bare ``temperature``."""
+        if self.calibration:
+            return LogitTransform.from_dict(self.calibration, len(self.classes))
+        return LogitTransform.from_temperature(self.temperature)
 
     def preprocessing(self) -> Preprocessing:
         """How an image becomes this model's input: ``image_size`` with the ``preprocess`` options."""
@@ -202,6 +251,10 @@ def read_meta(directory: str | Path) -> BundleMeta:
         raise InputError(path, f"bad preprocessing options: {err}") from None
     if not set(meta.operating_points) <= set(meta.classes):
         raise InputError(path, "bad operating_points: expected {class name: {point name: threshold}}")
+    try:
+        meta.logit_transform()
+    except ChestXrayError as err:
+        raise InputError(path, str(err)) from None
     return meta
 
 

@@ -3,8 +3,11 @@ fitted on images it did not train on.
 
 :func:`calibrate` runs a model (or any runner) on held-out images and returns a :class:`Calibration`:
 
-- ``temperature``: the temperature minimising the held-out cross-entropy (multi-class; 1 for
-  multi-label models), applied to every probability the bundle gives;
+- ``transform``: the logit transform (none, temperature or vector scaling,
+  :class:`chestxray.logit_transform.LogitTransform`) chosen by cross-validated held-out NLL with the
+  one-standard-error rule and never sharpening (:func:`~chestxray.logit_transform.choose_logit_transform`),
+  applied to every probability the bundle gives; ``transform_choice`` records the evidence;
+- ``temperature``: the transform's temperature (1 unless it is a temperature), kept for older readers;
 - ``operating_points``: per class, thresholds on the calibrated probability (Youden, 90% and 95%
   sensitivity) chosen on the held-out images (:func:`chestxray.metrics.operating_points`);
 - ``ood``: the out-of-distribution guard (:class:`chestxray.ood.OODGuard`, as its dict), fitted on
@@ -30,6 +33,7 @@ and to ``BundleMeta`` (in ``bundle._OPTIONAL`` so older bundles still load).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +41,8 @@ import numpy as np
 
 from .conformal import DEFAULT_COVERAGE, ConformalSets, fit_conformal, min_calibration_images
 from .errors import ChestXrayError
-from .metrics import (LogitScores, classification_metrics, fit_temperature, logit_scores, logits_to_probs,
-                      operating_points)
+from .logit_transform import TRAIN_KINDS, LogitTransform, choose_logit_transform, per_image_nll
+from .metrics import LogitScores, classification_metrics, logit_scores, operating_points
 from .ood import OODGuard
 from .runners import Runner, as_runner, run_images
 
@@ -62,11 +66,13 @@ class Calibration:
     validation: dict[str, Any] = field(default_factory=dict)
     scores: LogitScores | None = None
     loss_calibrated: float | None = None
+    transform: LogitTransform = field(default_factory=LogitTransform)
+    transform_choice: dict[str, Any] | None = None
 
     def bundle_fields(self) -> dict[str, Any]:
         """The ``BundleMeta`` fields this calibration sets: ``BundleMeta(..., **calibration.bundle_fields())``."""
         return {"temperature": float(self.temperature), "operating_points": self.operating_points, "ood": self.ood,
-                "conformal": self.conformal}
+                "conformal": self.conformal, "calibration": self.transform.to_dict()}
 
     def extra_fields(self) -> dict[str, Any]:
         """What this calibration adds to ``BundleMeta.extra``: the drift reference and the held-out figures."""
@@ -76,13 +82,13 @@ class Calibration:
 def calibrate(model: Runner | Any, images: np.ndarray, targets: np.ndarray, *, classes: list[str], task: str | None = None,
               guard_images: np.ndarray | None = None, guard_targets: np.ndarray | None = None,
               batch_size: int = SCORING_BATCH, fitted_on: str = "held-out images", seed: int = 0,
-              coverage: float = DEFAULT_COVERAGE) -> Calibration:
+              coverage: float = DEFAULT_COVERAGE, groups: np.ndarray | None = None) -> Calibration:
     """Calibrate ``model`` (a ``ChestXrayNet``/``EnsembleNet`` or a runner) on held-out uint8 squares
     ``images`` (N, S, S) with their ``targets`` (class indices, or a 0/1 matrix for multi-label).
 
     ``task`` defaults to the model's. The OOD guard is fitted on ``guard_images`` (the training
     images, with ``guard_targets``) and thresholded with the held-out ``images`` too; without
-    ``guard_images`` there is no guard.
+    ``guard_images`` there is no guard; ``groups`` as in :func:`calibrate_outputs`.
     """
     task = task or getattr(model, "task", "multiclass")
     runner = as_runner(model)
@@ -90,30 +96,38 @@ def calibrate(model: Runner | Any, images: np.ndarray, targets: np.ndarray, *, c
     logits, features = run_images(runner, images, batch_size)
     return calibrate_outputs(logits, targets, classes=classes, task=task, features=features,
                              guard_features=guard_features, guard_targets=guard_targets, fitted_on=fitted_on,
-                             seed=seed, coverage=coverage)
+                             seed=seed, coverage=coverage, groups=groups)
 
 
 def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[str], task: str,
                       features: np.ndarray | None = None, guard_features: np.ndarray | None = None,
                       guard_targets: np.ndarray | None = None, fitted_on: str = "held-out images",
                       seed: int = 0, coverage: float = DEFAULT_COVERAGE,
-                      ood_flags: np.ndarray | None = None) -> Calibration:
+                      ood_flags: np.ndarray | None = None, groups: np.ndarray | None = None,
+                      kinds: Sequence[str] = TRAIN_KINDS, sharpen: bool = False,
+                      ood: dict[str, Any] | None = None) -> Calibration:
     """:func:`calibrate` from outputs already computed: held-out ``logits`` (N, C) and ``features``,
-    and the training ``guard_features`` for the OOD guard (none without them). ``fitted_on`` says
-    which images these are (kept with the conformal sets, the reference and the validation figures);
-    ``seed`` drives the bootstrap of the validation intervals. ``ood_flags``: the held-out images'
-    OOD flags from a guard fitted elsewhere (a CV ensemble's), for the reference referral rate."""
-    calibration = Calibration()
+    and the training ``guard_features`` for the OOD guard (none without them), or ``ood``, a guard
+    already fitted (its dict). ``fitted_on`` says which images these are (kept with the conformal
+    sets, the reference and the validation figures); ``seed`` drives the folds and the bootstrap of
+    the validation intervals. ``ood_flags``: the held-out images' OOD flags from a guard fitted
+    elsewhere (a CV ensemble's), for the reference referral rate. ``groups`` (patient of each
+    held-out image) keep a patient's images in one fold when the transform is chosen among
+    ``kinds``; ``sharpen`` allows scales above 1 (a site's own images, :mod:`chestxray.adapt`; never a
+    model's own validation images)."""
+    calibration = Calibration(ood=ood)
     if guard_features is not None:
         calibration.ood = fit_guard(guard_features, guard_targets, features)
     if not len(logits):
         return calibration
     calibration.reference, calibration.validation = {"n": int(len(logits)), "note": fitted_on}, {"note": fitted_on}
     calibration.scores = logit_scores(logits, targets, task)
-    if task == "multiclass":
-        calibration.temperature = fit_temperature(logits, targets)
-        calibration.loss_calibrated = logit_scores(logits / calibration.temperature, targets, task).loss
-    probs = logits_to_probs(logits, task, calibration.temperature)
+    choice = choose_logit_transform(logits, targets, task, kinds=tuple(kinds), sharpen=sharpen, groups=groups,
+                                    seed=seed)
+    calibration.transform, calibration.transform_choice = choice.transform, choice.to_dict()
+    calibration.temperature = choice.transform.temperature
+    calibration.loss_calibrated = float(per_image_nll(logits, targets, task, choice.transform).mean())
+    probs = choice.transform.probabilities(logits, task)
     calibration.operating_points = operating_points(targets, probs, classes)
     if ood_flags is None and calibration.ood is not None and features is not None and len(features):
         guard = OODGuard.from_dict(calibration.ood)

@@ -296,6 +296,49 @@ def _audit_trail(path: Optional[Path], disabled: bool, patient_fields: bool = Fa
 
 
 @app.command()
+@training_options
+def adapt(bundle: Path = BundleArg,
+          data: Path = typer.Argument(..., help="The site's labelled images: a class folder tree, a CSV/TSV manifest "
+                                                "or a MedMNIST .npz (every split is used)."),
+          out: Path = typer.Option(..., "--out", help="Folder for the child bundle (with adaptation.json and "
+                                                       "adaptation.html)."),
+          mode: str = typer.Option("recalibrate", "--mode", help="recalibrate (weights untouched: logit transform, "
+                                   "operating points, OOD reference scores) or finetune (continue training)."),
+          with_data: Optional[Path] = typer.Option(None, "--with", help="finetune: also train on this labelled data "
+                                                   "(e.g. the original training set; its test split is left out)."),
+          folds: int = typer.Option(5, "--folds", "-k", help="Folds of the before/after estimate inside the sample."),
+          n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
+          onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="finetune: also export the child to ONNX "
+                                    "(recalibrate copies the parent's graph: same weights)."),
+          cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
+    """Adapt BUNDLE to a new site from a small labelled sample; print an honest k-fold before/after estimate.
+
+    Training and hardware options (finetune only) override the short fine-tuning run, e.g. --epochs 6;
+    --seed (default 0) also seeds the folds and the bootstrap.
+    """
+    from .adapt import adapt as run_adapt, headline
+    from .config import RuntimeSettings
+
+    overrides, runtime_overrides = dict(settings[0]), settings[1]
+    seed = overrides.pop("seed", 0)
+    if (overrides or runtime_overrides) and mode != "finetune":
+        given = ", ".join("--" + k.replace("_", "-") for k in [*overrides, *runtime_overrides])
+        raise ChestXrayError(f"training options ({given}) only apply to --mode finetune")
+    result = run_adapt(bundle, data, out, mode=mode, with_data=with_data, folds=folds, seed=seed, n_boot=n_boot,
+                       overrides=overrides, runtime=RuntimeSettings().replace(**runtime_overrides),
+                       cache_dir=cache_dir, progress=err_console.is_terminal)
+    if onnx and mode == "finetune":
+        from .export import export_onnx
+
+        files = result.local.samples.frame["path"].tolist()[:ONNX_PARITY_IMAGES]
+        exported = export_onnx(result.bundle_dir, parity_images=files)
+        console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e})")
+    for line in headline(result):
+        console.print(line, soft_wrap=True, highlight=False)
+    console.print(f"bundle: {result.bundle_dir}\nestimate: {result.bundle_dir / 'adaptation.json'}", soft_wrap=True)
+
+
+@app.command()
 def predict(bundle: Path = BundleArg,
             inputs: Optional[list[str]] = typer.Argument(None, help="Image or DICOM files, folders or globs."),
             fmt: str = typer.Option("table", "--format", help="table, csv or json."),

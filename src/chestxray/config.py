@@ -119,6 +119,8 @@ class TrainConfig:
 
     arch: str = option("tf_efficientnet_lite0", "timm architecture name", group="Model")
     weights: str = option("imagenet", "imagenet, none, or a .safetensors / state-dict file", group="Model")
+    init: str = option("", "warm start from this bundle folder: its architecture, image size, fit mode, contrast and "
+                           "weights (the classifier too when the classes are the bundle's)", group="Model")
     image_size: int = option(320, "side of the square input, in pixels", group="Images", check=Interval(1))
     resize_start: float = option(
         1.0, "progressive resizing: the first epoch trains at this share of --image-size, growing linearly to the "

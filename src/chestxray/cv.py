@@ -33,6 +33,7 @@ from .calibration import SCORING_BATCH, Calibration, calibrate_outputs, fit_guar
 from .config import RuntimeSettings, TrainConfig
 from .conformal import DEFAULT_COVERAGE, ConformalSets, set_metrics
 from .errors import ChestXrayError
+from .lineage import seen_images_record
 from .launch import one_device
 from .metrics import accuracy_at_coverages, json_safe, logit_scores, logits_to_probs
 from .models import ChestXrayNet, EnsembleNet
@@ -103,7 +104,8 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     table = pd.DataFrame(rows)
     table.to_csv(run_dir / "cv.csv", index=False)
     calibration = calibrate_outputs(logits, targets, classes=list(pool.classes), task=pool.task, seed=config.seed,
-                                    fitted_on=f"out-of-fold predictions ({folds} folds, {len(targets)} images)")
+                                    fitted_on=f"out-of-fold predictions ({folds} folds, {len(targets)} images)",
+                                    groups=pool.groups())
     summary = _summary(table, calibration, pool.task, config)
     if multiclass:
         summary["oof_trust"] = json_safe(_oof_trust(fold_probs, fold_sets, targets, list(pool.classes), config.seed))
@@ -207,7 +209,8 @@ def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: Prepa
         **calibration.bundle_fields(), source_confound=source_confound(pool, config.seed),
         train_fingerprint=prepared.cache.fingerprint,
         metrics={**summary["oof"], "evaluated_on": f"out-of-fold ({len(members)} folds)"},
-        extra={"config": config.to_dict(),
+        seen_images=seen_images_record(pool.frame["path"].tolist(), []),
+        extra={"config": config.to_dict(), "calibration_choice": calibration.transform_choice,
                "trained_on": {"origin": pool.origin, "n_train": len(pool),
                               "class_counts": pool.frame["label"].value_counts().to_dict()},
                **calibration.extra_fields(),

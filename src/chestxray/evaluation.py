@@ -31,9 +31,10 @@ from .metrics import (
     proportion_interval,
     risk_coverage,
 )
+from .lineage import check_seen
 from .modelcard import render_model_card
 from .predict import NOT_CHECKED, Predictor, load_model
-from .report import write_report
+from .report import calibration_verdict, write_report
 from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
 from .storage import atomic_path, make_folder, write_text
 
@@ -60,6 +61,7 @@ class EvaluationResult:
     n_ood: int | None
     """Images flagged out of distribution; ``None``: not checked (the bundle has no guard)."""
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def files(self) -> dict[str, Path]:
@@ -107,7 +109,8 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
         before = None
     else:
         metrics = classification_metrics(y_true, probs, predictor.classes, n_boot=n_boot, seed=seed)
-        before = {"ece": expected_calibration_error(y_true, predictor.probabilities(logits, temperature=1.0))}
+        before = {"ece": expected_calibration_error(y_true, predictor.probabilities(logits, calibrated=False)),
+                  "transform": predictor.calibration.describe()}
     if predictor.meta.operating_points:  # thresholds fixed on validation, judged here
         metrics["operating_points"] = at_operating_points(y_true, probs, predictor.classes,
                                                           predictor.meta.operating_points)
@@ -125,8 +128,16 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     out_dir = Path(out_dir)
     result = EvaluationResult(out_dir, metrics, predictor.classes, predictor.meta.task, split,
                               int(ok.sum()), int(flags.sum()) if predictor.guard is not None else None, failed)
+    seen = check_seen(predictor.meta.seen_images, files.tolist())
+    if seen is not None and seen.warning():
+        result.warnings.append(seen.warning())
+    if before is not None and metrics["ece"] > before["ece"] + 1e-9 and not predictor.calibration.kind == "none":
+        result.warnings.append(calibration_verdict(before["ece"], metrics["ece"], before["transform"]))
     summary = {**metrics, "ece_before_calibration": before["ece"] if before else None,
-               "temperature": predictor.meta.temperature,
+               "temperature": predictor.meta.temperature, "calibration": predictor.calibration.to_dict(),
+               "calibration_verdict": calibration_verdict(before["ece"], metrics["ece"], before["transform"])
+               if before else None, "seen_images": seen.to_dict() if seen is not None else None,
+               "adaptation": predictor.adaptation, "warnings": result.warnings,
                "bundle": "" if isinstance(bundle, Predictor) else str(bundle), "data": str(data), "split": split,
                "n_failed": len(failed), "failed": [{"file": f, "reason": r} for f, r in failed], "n_ood": result.n_ood,
                "ood_threshold": predictor.guard.threshold if predictor.guard is not None else None}
@@ -143,7 +154,8 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
                  errors_gallery=[{**item, "file": _relative(item["file"], data)} for item in gallery],
                  notes=_notes(predictor, samples, split, result), metrics_before_calibration=before,
                  predictions=shown, predictions_link=result.files["predictions"].name,
-                 model_card=render_model_card(dataclasses.asdict(predictor.meta)))
+                 model_card=render_model_card(dataclasses.asdict(predictor.meta)),
+                 adaptation=predictor.meta.extra.get("adaptation"))
     return result
 
 
@@ -204,6 +216,7 @@ def headline(result: EvaluationResult) -> list[str]:
     ood = f"{result.n_ood} flagged out-of-distribution" if result.n_ood is not None else \
         f"out-of-distribution {NOT_CHECKED} (no guard in the bundle)"
     lines = [f"{result.n_evaluated} images evaluated (split: {result.split}), {len(result.failed)} unreadable, {ood}"]
+    lines += [f"warning: {w}" for w in result.warnings]
     if result.task == "multilabel":
         lines.append(f"mean ROC-AUC {interval_text(m, 'mean_auc', percent=False)}")
         aucs = ", ".join(f"{name} {row['roc_auc']:.3f}" for name, row in m["per_label"].items()
@@ -310,7 +323,10 @@ def _notes(predictor: Predictor, samples: Samples, split: str, result: Evaluatio
     trained = meta.extra.get("trained_on") or {}
     notes = [f"Model: {meta.arch} at {meta.image_size} px ({predictor.preprocessing.mode}, "
              f"contrast {predictor.preprocessing.contrast}), "
-             f"{len(meta.classes)} classes, created {meta.created}, temperature {meta.temperature:.2f}."]
+             f"{len(meta.classes)} classes, created {meta.created}, calibration {predictor.calibration.describe()}."]
+    if predictor.adaptation:
+        notes.append(f"This bundle is {predictor.adaptation}.")
+    notes += [f"Warning: {w}" for w in result.warnings]
     if trained:
         counts = ", ".join(f"{k} {v}" for k, v in (trained.get("class_counts") or {}).items())
         notes.append(f"Trained on {trained.get('origin', '?')}: {trained.get('n_train', '?')} training and "

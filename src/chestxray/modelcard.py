@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .logit_transform import LogitTransform
+
 CARD_FILE = "MODEL_CARD.md"
 
 
@@ -60,6 +62,7 @@ def render_model_card(meta: dict[str, Any]) -> str:
              "lateral views, other body parts, other modalities such as CT); use without a reader for the "
              "images it refers.",
              _training_section(meta, trained),
+             *([_adaptation_section(meta, extra)] if meta.get("lineage") else []),
              _evaluation_section(meta, extra),
              _calibration_section(meta),
              _conformal_section(meta),
@@ -67,10 +70,11 @@ def render_model_card(meta: dict[str, Any]) -> str:
              _risks_section(meta),
              "## How to adapt to a site",
              "Measure before use: `chestxray evaluate BUNDLE SITE_DATA` on labelled images of the site "
-             "gives its accuracy, calibration and the coverage of the prediction sets there. If coverage "
-             "falls below the target, refit the conformal sets (and the temperature) on the site's own "
-             "held-out labelled images, or retrain with them; never judge the result on the images used "
-             "to refit.",
+             "gives its accuracy, calibration and the coverage of the prediction sets there. "
+             "`chestxray adapt BUNDLE SITE_DATA --out NEW_BUNDLE` refits the calibration, the operating "
+             "points, the conformal sets, the drift reference and the OOD reference on a labelled local "
+             "sample (`--mode finetune` also continues training) and first estimates what that buys by "
+             "k-fold inside the sample; never judge the child bundle on the images it was adapted on.",
              "## How to get started",
              "```python\nfrom chestxray import load_model\nmodel = load_model('path/to/bundle')\n"
              "print(model.predict('xray.dcm'))  # label, prediction_set, refer, reasons, cautions\n```"]
@@ -120,14 +124,46 @@ def _evaluation_section(meta: dict[str, Any], extra: dict[str, Any]) -> str:
 
 def _calibration_section(meta: dict[str, Any]) -> str:
     points = meta.get("operating_points") or {}
+    if meta.get("calibration"):
+        transform = LogitTransform.from_dict(meta["calibration"], len(meta.get("classes", [])))
+    else:
+        transform = LogitTransform.from_temperature(float(meta.get("temperature", 1.0)))
+    fitted_on = (meta.get("conformal") or {}).get("fitted_on") or "validation images"
     text = [f"## Calibration",
-            f"Probabilities are temperature-scaled (T = {float(meta.get('temperature', 1.0)):.3f}, fitted on the "
-            "validation images)."]
+            f"Logit transform applied before the softmax: {transform.describe()}, chosen by cross-validated "
+            f"NLL on the {fitted_on} (the simplest candidate within one standard error of the best)."]
     if points:
         rows = [[name, *(f"{by.get(p):.3f}" if by.get(p) is not None else "–"
                          for p in ("youden", "sensitivity_90", "sensitivity_95"))] for name, by in points.items()]
         text.append("Operating points (thresholds on each class's probability, chosen on validation):\n\n"
                     + _table(["class", "youden", "sensitivity 90%", "sensitivity 95%"], rows))
+    return "\n\n".join(text)
+
+
+def _adaptation_section(meta: dict[str, Any], extra: dict[str, Any]) -> str:
+    lineage = meta["lineage"]
+    counts = ", ".join(f"{k} {v}" for k, v in (lineage.get("class_counts") or {}).items())
+    rows = [["mode", lineage.get("mode", "?")], ["parent bundle", f"`{lineage.get('parent_id', '?')}`"],
+            ["parent weights sha256", f"`{str(lineage.get('parent_weights_sha256', ''))[:16]}…`"],
+            ["date", lineage.get("date", "?")]]
+    if lineage.get("data_fingerprint"):
+        rows += [["local data", f"`{lineage.get('data', '?')}`, fingerprint `{lineage['data_fingerprint']}`"],
+                 ["local images", f"{lineage.get('n_images', '?')} ({counts})"]]
+    if lineage.get("with_data"):
+        rows.append(["also trained on", f"`{lineage['with_data']}`"])
+    text = ["## Site adaptation",
+            "This bundle was derived from another one"
+            + (" and adapted to a site's labelled images." if lineage.get("data_fingerprint") else "."),
+            _table(["field", "value"], rows)]
+    adaptation = extra.get("adaptation") or {}
+    before, after = adaptation.get("before") or {}, adaptation.get("after") or {}
+    if before and after:
+        text.append(f"Estimated by {adaptation.get('folds', '?')}-fold inside the local sample (each fold adapted "
+                    f"on the others, scored on itself): accuracy {_interval(before.get('accuracy'), (before.get('ci') or {}).get('accuracy'))} "
+                    f"before, {_interval(after.get('accuracy'), (after.get('ci') or {}).get('accuracy'))} after; "
+                    f"ECE {float(before.get('ece', 0)):.3f} before, {float(after.get('ece', 0)):.3f} after. "
+                    "The calibration, operating points, conformal sets and drift reference below were fitted on the "
+                    "local images; figures measured again on those images are optimistic.")
     return "\n\n".join(text)
 
 

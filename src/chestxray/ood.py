@@ -37,7 +37,7 @@ The fitted guard is a JSON-serialisable dict (arrays as base64 float32) stored i
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -143,6 +143,15 @@ class OODGuard:
             return np.full(scores.shape, np.nan)
         below = np.searchsorted(self.held_out, scores, side="left") / len(self.held_out)
         return np.where(np.isnan(scores), np.nan, 100 * below)
+
+    def with_reference(self, scores: np.ndarray) -> OODGuard:
+        """This guard with ``scores`` of more held-out in-distribution images (e.g. a site's own X-rays)
+        pooled into its reference scores, and its threshold set again at its quantile of the pool."""
+        scores = np.asarray(scores, dtype=float)
+        pooled = np.sort(np.concatenate([self.held_out, scores[np.isfinite(scores)]]))
+        if not len(pooled):
+            return self
+        return replace(self, held_out=pooled, threshold=float(np.quantile(pooled, self.quantile)))
 
     def is_ood(self, scores: np.ndarray) -> np.ndarray:
         """Boolean flags: the scores above the threshold (NaN scores are not flagged)."""

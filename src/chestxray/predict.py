@@ -44,6 +44,7 @@ from .decode import NPZ_SEPARATOR, gray_array, is_image_file
 from .dicomcheck import DEFAULT_POLICY, HeaderCheck, HeaderPolicy, inspect_source
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
+from .lineage import describe_lineage
 from .metrics import json_number, logits_to_probs
 from .ood import OODGuard
 from .runners import DEFAULT_BATCH, OnnxRunner, Runner, TorchRunner, run_images
@@ -124,6 +125,8 @@ class Predictor:
         self.header_policy = header_policy
         """What a DICOM header must say (``dicomcheck.HeaderPolicy``); ``None`` skips the check."""
         self.confounded = confounded_classes(meta.source_confound)
+        self.calibration = meta.logit_transform()
+        self.adaptation = describe_lineage(meta.lineage)
         self._cam_model: ChestXrayNet | None = None
         self._cam_layer: torch.nn.Module | None = None
         self._cam_lock = threading.Lock()
@@ -152,9 +155,12 @@ class Predictor:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return run_images(self.runner, images, batch_size)
 
-    def probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
-        """Softmax (multi-class) or sigmoid (multi-label) of ``logits / temperature`` (default: the bundle's)."""
-        return logits_to_probs(logits, self.meta.task, self.meta.temperature if temperature is None else temperature)
+    def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Softmax (multi-class) or sigmoid (multi-label) of the logits, through the bundle's calibration
+        (``meta.logit_transform()``) unless ``calibrated`` is false."""
+        if not calibrated:
+            return logits_to_probs(logits, self.meta.task)
+        return self.calibration.probabilities(logits, self.meta.task)
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray:
         """OOD guard scores (N,); NaN when the bundle has no guard."""
@@ -390,7 +396,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
 def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size: int = DEFAULT_BATCH,
                   progress: bool = True, *, tta: bool = False) -> pd.DataFrame:
     """Predict files, folders and globs; one row per file: ``file, label, <class>..., ood, ood_score, ood_percentile,
-    error, model_id``.
+    error, model_id`` (and ``adaptation`` for a site-adapted bundle: :func:`~chestxray.lineage.describe_lineage`).
 
     Files are decoded by a few threads while the model runs; unreadable files get an ``error``.
     """
@@ -410,6 +416,8 @@ def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size
     table = pd.DataFrame(rows, columns=["file", "label", "prediction_set", "refer", "reasons", "cautions",
                                         *predictor.classes, "ood", "ood_score", "ood_percentile", "header", "error"])
     table["model_id"] = predictor.meta.model_id
+    if predictor.adaptation:  # a site-adapted bundle: which adaptation answered
+        table["adaptation"] = predictor.adaptation
     return table
 
 

@@ -191,9 +191,50 @@ def _calibration_section(metrics: dict[str, Any], y_true: np.ndarray, probs: np.
                          before: dict[str, Any] | None) -> str:
     if before is None:
         title = f"Reliability diagram (ECE {metrics['ece']:.3f})"
+        verdict = ""
     else:
         title = f"Reliability diagram (ECE {before['ece']:.3f} before, {metrics['ece']:.3f} after calibration)"
-    return f"<h2>Calibration</h2>{_img(_reliability_png(y_true, probs, title), title)}"
+        verdict = f"<p>{html.escape(calibration_verdict(before['ece'], metrics['ece'], before.get('transform')))}</p>"
+    return f"<h2>Calibration</h2>{verdict}{_img(_reliability_png(y_true, probs, title), title)}"
+
+
+def calibration_verdict(ece_before: float, ece_after: float, transform: str | None = None) -> str:
+    """One plain sentence: did the bundle's calibration improve the ECE on these images or make it worse?"""
+    what = f"The bundle's calibration ({transform})" if transform else "The bundle's calibration"
+    if transform and transform.startswith("none"):
+        return f"The bundle applies no calibration: ECE {ece_after:.3f} on these images."
+    if ece_after > ece_before + 1e-9:
+        return (f"{what} made the calibration WORSE on these images: expected calibration error "
+                f"{ece_before:.3f} without it, {ece_after:.3f} with it.")
+    return f"{what} lowered the expected calibration error on these images from {ece_before:.3f} to {ece_after:.3f}."
+
+
+def _adaptation_section(summary: dict[str, Any]) -> str:
+    """Before/after of a site adaptation, estimated by k-fold inside the local sample."""
+    before, after, diff = summary["before"], summary["after"], summary["difference"]
+
+    def share(metrics: dict[str, Any], name: str) -> str:
+        low, high = metrics["ci"][name]
+        value = metrics[name]
+        return "–" if value is None else f"{100 * value:.1f}% ({100 * (low or 0):.1f}–{100 * (high or 0):.1f})"
+
+    rows = [("accuracy", share(before, "accuracy"), share(after, "accuracy")),
+            ("balanced accuracy", share(before, "balanced_accuracy"), share(after, "balanced_accuracy")),
+            ("macro ROC-AUC", _cell(before["macro_auc"]), _cell(after["macro_auc"])),
+            ("ECE", _cell(before["ece"]), _cell(after["ece"]))]
+    rows += [(f"sensitivity {name}", f"{100 * before['sensitivity'][name]:.1f}%", f"{100 * value:.1f}%")
+             for name, value in after["sensitivity"].items()]
+    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                   for a, b, c in rows)
+    low, high = diff["accuracy"]["ci"]
+    counts = ", ".join(f"{k} {v}" for k, v in summary["class_counts"].items())
+    worse = " Calibration is WORSE after adaptation on these images." if summary.get("ece_worse_after") else ""
+    return (f"<h2>Site adaptation ({html.escape(summary['mode'])})</h2>"
+            f"<p>Adapted with {summary['n']} local labels ({html.escape(counts)}). {html.escape(summary['method'])} "
+            f"Accuracy difference {100 * diff['accuracy']['value']:+.1f} points (paired 95% bootstrap interval "
+            f"{100 * (low or 0):+.1f} to {100 * (high or 0):+.1f}). Calibration chosen: "
+            f"{html.escape(summary['calibration']['description'])}.{worse}</p>"
+            f"<table><tr><th>out-of-fold</th><th>before (parent)</th><th>after (adapted)</th></tr>{body}</table>")
 
 
 def _operating_points_section(points: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -336,6 +377,7 @@ def write_report(
     predictions: pd.DataFrame | None = None,
     predictions_link: str | None = None,
     model_card: str | None = None,
+    adaptation: dict | None = None,
 ) -> Path:
     """Write one self-contained HTML report of ``metrics`` (from ``classification_metrics`` or
     ``multilabel_metrics``) with its tables and figures; return ``out_path``.
@@ -344,6 +386,8 @@ def write_report(
     ``predictions`` (evaluate's ``predictions.csv`` frame, files relative to the data root) gives the
     tables of all errors and of the images flagged out of distribution; ``predictions_link`` names the
     CSV file beside the report; ``model_card`` is the bundle's Markdown card.
+    ``metrics_before_calibration``: ``{"ece": ..., "transform": description}`` of the uncalibrated
+    model; ``adaptation``: a site adaptation's summary (``adaptation.json``), shown as its own section.
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     multilabel = "per_label" in metrics
@@ -374,6 +418,8 @@ def write_report(
         parts.append(_operating_points_section(metrics["operating_points"]))
     if not multilabel:
         parts.append(_calibration_section(metrics, y_true, probs, metrics_before_calibration))
+    if adaptation:
+        parts.append(_adaptation_section(adaptation))
     if history is not None:
         parts += ["<h2>Training curves</h2>", _img(_png_bytes(_training_curves_figure(history)), "training curves")]
     if errors_gallery:

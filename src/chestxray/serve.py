@@ -56,6 +56,7 @@ from .decode import IMAGE_SUFFIXES, load_image
 from .conformal import check_coverage
 from .dicomcheck import DEFAULT_POLICY, HeaderCheck
 from .drift import DriftMonitor
+from .lineage import describe_lineage
 from .errors import ChestXrayError, InputError
 from .modelcard import render_model_card
 from .predict import BACKENDS, load_model
@@ -130,6 +131,7 @@ class PredictionOut(BaseModel):
                                                                   "another source than the others'.")
     header: dict[str, str] | None = Field(None, description="The DICOM header fields checked (null: not a DICOM, "
                                                              "not checked).")
+    adaptation: str | None = Field(None, description="The site adaptation in use (null: the model as trained).")
 
 
 class ModelOut(BaseModel):
@@ -158,6 +160,11 @@ class ModelOut(BaseModel):
                     "A class is called when its probability is at or above the threshold.")
     metrics: dict[str, Any]
     trained_on: dict[str, Any] | None
+    calibration: str = Field("", description="The logit transform applied before the softmax (none, temperature, "
+                                             "bias or vector scaling).")
+    adaptation: str | None = Field(None, description="The site adaptation in use (null: the model as trained).")
+    lineage: dict[str, Any] | None = Field(None, description="Parent bundle id and weights sha256, local data "
+                                                             "fingerprint, images per class, mode and date.")
     train_fingerprint: str
     created: str
     version: str
@@ -359,7 +366,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
         temperature=meta.temperature, ood_guard=bool(meta.ood),
         ood_threshold=meta.ood["threshold"] if meta.ood else None, operating_points=meta.operating_points,
         conformal=_public_conformal(meta.conformal, predictor), source_confound=meta.source_confound, metrics=meta.metrics,
-        trained_on=meta.extra.get("trained_on"), train_fingerprint=meta.train_fingerprint,
+        trained_on=meta.extra.get("trained_on"), calibration=meta.logit_transform().describe(),
+        adaptation=describe_lineage(meta.lineage), lineage=meta.lineage, train_fingerprint=meta.train_fingerprint,
         created=meta.created, version=meta.package_version, server_version=__version__,
         backend=predictor.backend, quantization=getattr(predictor.runner, "quantization", None),
         max_upload_bytes=max_upload_bytes)
@@ -436,7 +444,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
             latency_ms=round((time.perf_counter() - start) * 1000, 2), prediction_set=prediction.prediction_set,
             coverage=predictor.coverage if prediction.prediction_set is not None else None,
             refer=prediction.refer, reasons=prediction.reasons, cautions=prediction.cautions,
-            header=prediction.header, **extra)
+            header=prediction.header, adaptation=model_info.adaptation, **extra)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

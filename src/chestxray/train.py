@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from .allocator import active_allocator
-from .bundle import BundleMeta, save_bundle
+from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle
 from .cache import ImageCache, build_cache
 from .calibration import Calibration, calibrate
 from .config import RuntimeSettings, TrainConfig, load_config, save_config
@@ -50,15 +50,18 @@ from .data import CachedDataset, augment_batch, mix_batch, to_model_input
 from .decode import content_hash
 from .errors import ChestXrayError, InputError
 from .audit import source_confound
+from .lineage import seen_images_record
 from .launch import gather_in_order, is_first_process, trainer_layout
 from .metrics import logit_scores
 from .models import ChestXrayNet, create_model, load_state_strict
+from .provenance import file_sha256
 from .report import plot_training_curves
 from .sources import Samples, load_samples
 from .splits import load_split, save_split, train_val_split
 from .storage import atomic_path, make_folder, temporary_name, write_error, write_text
 
 __all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "drop_test_copies",
+           "warm_start_config", "initial_model",
            "PreparedData", "RunResult", "ClassifierModule", "MONITOR"]
 
 RUN_ENTRIES = frozenset({"config.yaml", "split.csv", "environment.json", "metrics.csv", "curves.png", "checkpoints",
@@ -394,8 +397,7 @@ def train_model(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSet
     runtime = runtime or RuntimeSettings()
     L.seed_everything(config.seed, workers=True, verbose=False)
     _set_threads(runtime)
-    samples = prepared.samples
-    model = create_model(config.arch, len(samples.classes), config.weights, config.drop_rate, samples.task)
+    model = initial_model(config, prepared.samples)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     module = ClassifierModule(model, config, _class_weights(prepared, config), runtime.channels_last)
@@ -449,37 +451,94 @@ def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData
 
 def calibrate_on_validation(model: ChestXrayNet, prepared: PreparedData, seed: int = 0) -> Calibration:
     """:func:`~chestxray.calibration.calibrate` on ``prepared``'s validation rows, with the OOD guard
-    fitted on its training rows (``seed``: the bootstrap of the validation intervals)."""
+    fitted on its training rows (``seed``: the folds choosing the logit transform and the bootstrap of
+    the validation intervals)."""
     images = np.asarray(prepared.cache.images)
     return calibrate(model, images[prepared.val_rows], prepared.targets[prepared.val_rows],
                      classes=list(prepared.samples.classes), guard_images=images[prepared.train_rows],
                      guard_targets=prepared.targets[prepared.train_rows],
-                     fitted_on=f"validation split ({len(prepared.val_rows)} images)", seed=seed)
+                     fitted_on=f"validation split ({len(prepared.val_rows)} images)", seed=seed,
+                     groups=prepared.samples.subset(prepared.val_rows).groups())
 
 
 def bundle_meta(prepared: PreparedData, config: TrainConfig, calibration: Calibration,
                 history: pd.DataFrame | None) -> BundleMeta:
     """The bundle metadata of a model trained on ``prepared`` with ``config``: preprocessing, calibration,
     the validation figures (``val_loss``, ``val_acc``, ``val_auc``, ``val_loss_calibrated``), what it was
-    trained on and its history."""
+    trained on, the content hashes of its training and validation images, its history and (after
+    ``train --init``) its lineage."""
     metrics: dict[str, Any] = {}
     if calibration.scores is not None:
         metrics = {MONITOR: calibration.scores.loss, "val_acc": calibration.scores.accuracy,
                    "val_auc": calibration.scores.macro_auc}
     if calibration.loss_calibrated is not None:
         metrics["val_loss_calibrated"] = calibration.loss_calibrated
+    paths = prepared.samples.frame["path"].to_numpy()
     return BundleMeta(
         classes=list(prepared.samples.classes), image_size=config.image_size,
         preprocess=config.preprocessing().options(), **calibration.bundle_fields(),
         source_confound=source_confound(prepared.samples, config.seed),
         train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
+        seen_images=seen_images_record(paths[prepared.train_rows], paths[prepared.val_rows]),
         extra={"config": config.to_dict(), "trained_on": {
             "origin": prepared.samples.origin, "n_train": int(len(prepared.train_rows)),
             "n_val": int(len(prepared.val_rows)),
             "class_counts": prepared.samples.frame["label"].value_counts().to_dict(),
             "provenance_files": provenance_files(prepared.samples.origin)},
-            **calibration.extra_fields(),
-            "history": (history if history is not None else pd.DataFrame()).to_dict("list")})
+            **calibration.extra_fields(), "calibration_choice": calibration.transform_choice,
+            "history": (history if history is not None else pd.DataFrame()).to_dict("list")},
+        **_init_lineage(config))
+
+
+def warm_start_config(config: TrainConfig, data: str | Path | Samples) -> tuple[TrainConfig, Samples]:
+    """``config`` with the architecture and preprocessing of the ``config.init`` bundle, and the samples
+    with the bundle's class order when they have its classes."""
+    meta = read_meta(config.init)
+    if meta.extra.get("members"):
+        raise ChestXrayError(f"{config.init}: a cross-validation ensemble; warm start from a single model's bundle")
+    samples = data if isinstance(data, Samples) else load_samples(data)
+    if meta.task == samples.task and sorted(meta.classes) == sorted(samples.classes):
+        samples = Samples(samples.frame, list(meta.classes), samples.task, samples.origin, samples.skipped)
+    settings = {"arch": meta.arch, "image_size": meta.image_size, "fit_mode": meta.preprocess.get("mode", "pad"),
+                "contrast": meta.preprocess.get("contrast", "none")}
+    changed = {k: v for k, v in settings.items() if getattr(config, k) != v}
+    if changed:
+        console.print(f"warm start from {config.init}: " + ", ".join(f"{k} {v}" for k, v in changed.items())
+                      + " taken from the bundle", soft_wrap=True)
+    return config.replace(**settings), samples
+
+
+def initial_model(config: TrainConfig, samples: Samples) -> ChestXrayNet:
+    """The model a run starts from: ``config.weights``, or the ``config.init`` bundle's weights.
+
+    From a bundle with the same classes (and order) the whole model is copied; with other classes
+    only the backbone, under a freshly initialised classifier.
+    """
+    if not config.init:
+        return create_model(config.arch, len(samples.classes), config.weights, config.drop_rate, samples.task)
+    parent, meta = load_bundle(config.init)
+    model = create_model(meta.arch, len(samples.classes), "none", config.drop_rate, samples.task)
+    if list(meta.classes) == list(samples.classes) and meta.task == samples.task:
+        load_state_strict(model, parent.state_dict(), config.init)
+        return model
+    own = model.backbone.state_dict()
+    head = f"{model.backbone.pretrained_cfg['classifier']}."
+    state = {k: (own[k] if k.startswith(head) else v) for k, v in parent.backbone.state_dict().items()}
+    load_state_strict(model.backbone, state, config.init)
+    console.print(f"warm start from {config.init}: backbone only (its classes {', '.join(meta.classes)} are not "
+                  f"these: {', '.join(samples.classes)})", soft_wrap=True)
+    return model
+
+
+def _init_lineage(config: TrainConfig) -> dict[str, Any]:
+    """``{"lineage": ...}`` naming the bundle a warm-started run began from; empty otherwise."""
+    if not config.init:
+        return {}
+    parent = read_meta(config.init)
+    return {"lineage": {"mode": "warm start (train --init)", "parent_id": parent.model_id,
+                        "parent_weights_sha256": file_sha256(Path(config.init) / WEIGHTS_FILE),
+                        "parent_bundle": str(config.init),
+                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
 
 
 def run_directory(out_dir: str | Path, name: str | None, *, prefix: str = "", resume: bool = False,
@@ -531,6 +590,8 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
         config = TrainConfig()
     if progress is None:
         progress = console.is_terminal
+    if config.init:
+        config, data = warm_start_config(config, data)
     prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=split_file, progress=progress)
     model, history = train_model(prepared, config, runtime, run_dir=run_dir, resume=resume, progress=progress,
                                  callbacks=callbacks)

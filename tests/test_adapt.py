@@ -1,0 +1,221 @@
+"""Site adaptation (``chestxray adapt``), warm starts, and bundles that remember their training images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from factories import TINY, make_bundle
+from typer.testing import CliRunner
+
+from chestxray import adapt as adapt_module
+from chestxray.adapt import adapt, cross_fitted
+from chestxray.bundle import WEIGHTS_FILE, load_bundle, read_meta
+from chestxray.logit_transform import KINDS
+from chestxray.cli import app
+from chestxray.config import TrainConfig
+from chestxray.conformal import fit_conformal
+from chestxray.errors import ChestXrayError
+from chestxray.evaluation import evaluate
+from chestxray.predict import load_model, predict_paths
+from chestxray.provenance import file_sha256
+from chestxray.sources import load_samples
+from chestxray.train import fit, initial_model
+
+
+@pytest.fixture
+def parent(tmp_path: Path) -> Path:
+    """A bundle with an OOD guard and conformal sets at 80% coverage (fitted on made-up held-out outputs)."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1], 40)
+    sets = fit_conformal(probs, probs.argmax(1), ["normal", "pneumonia"], coverage=0.8, fitted_on="validation split")
+    return make_bundle(tmp_path / "parent", conformal=sets.to_dict())
+
+
+@pytest.fixture
+def local(make_folder) -> Path:
+    return make_folder({"normal": 8, "pneumonia": 8}, root="site")
+
+
+def test_recalibrate_changes_the_calibration_not_the_weights_and_keeps_lineage(parent: Path, local: Path,
+                                                                              tmp_path: Path) -> None:
+    result = adapt(parent, local, tmp_path / "child", folds=4, n_boot=50, progress=False)
+    child, parent_meta = read_meta(result.bundle_dir), read_meta(parent)
+    assert file_sha256(result.bundle_dir / WEIGHTS_FILE) == file_sha256(parent / WEIGHTS_FILE)
+    assert child.calibration["kind"] in KINDS and child.operating_points
+    lineage = child.lineage
+    assert lineage["mode"] == "recalibrate" and lineage["parent_id"] == parent_meta.model_id
+    assert lineage["parent_weights_sha256"] == file_sha256(parent / WEIGHTS_FILE)
+    assert lineage["class_counts"] == {"normal": 8, "pneumonia": 8} and lineage["n_images"] == 16
+    assert len(lineage["data_fingerprint"]) == 24 and lineage["date"]
+    # the OOD guard's reference scores now include the 16 local images
+    assert len(np.frombuffer(__import__("base64").b64decode(child.ood["held_out"]["float32"]), "<f4")) == \
+        len(np.frombuffer(__import__("base64").b64decode(parent_meta.ood["held_out"]["float32"]), "<f4")) + 16
+    # the trust parts are the site's: conformal sets at the parent's coverage, drift reference, estimate
+    assert child.conformal["counts"] == {"normal": 8, "pneumonia": 8} and "local images" in child.conformal["fitted_on"]
+    assert child.conformal["coverage"] == parent_meta.conformal["coverage"] == 0.8
+    assert child.extra["reference"]["n"] == 16 and set(child.extra["reference"]["predicted_shares"]) == \
+        {"normal", "pneumonia"} and "referral_rate" in child.extra["reference"]
+    assert child.extra["validation"]["accuracy"] == result.summary["after"]["accuracy"]
+    assert "4-fold estimate inside 16 local images" in child.extra["validation"]["note"]
+    card = (result.bundle_dir / "MODEL_CARD.md").read_text()
+    assert "## Site adaptation" in card and parent_meta.model_id in card and lineage["data_fingerprint"] in card
+    assert child.logit_transform().describe() in card
+    summary = json.loads((result.bundle_dir / "adaptation.json").read_text())
+    assert summary["n"] == 16 and summary["folds"] == 4 and set(summary["before"]) >= {"accuracy", "ece", "ci"}
+    assert set(summary["after"]["sensitivity"]) == {"normal", "pneumonia"}
+    assert "Site adaptation" in (result.bundle_dir / "adaptation.html").read_text()
+    # predictions name the adaptation; the probabilities follow the new calibration
+    predictor = load_model(result.bundle_dir)
+    table = predict_paths(predictor, [str(local)], progress=False)
+    assert table["adaptation"].str.contains("site-adapted \\(recalibrate\\) on 16 local images").all()
+    logits = predictor.forward_arrays(np.stack([predictor.prepare(f) for f in table["file"]]))[0]
+    expected = predictor.calibration.probabilities(logits)
+    assert np.allclose(table[["normal", "pneumonia"]].to_numpy(), expected, atol=1e-6)
+
+
+def test_the_same_local_data_gives_the_same_fingerprint_whatever_the_file_names(parent: Path, make_folder,
+                                                                               tmp_path: Path) -> None:
+    a = make_folder({"normal": 5, "pneumonia": 5}, root="a")
+    b = make_folder({"normal": 5, "pneumonia": 5}, root="b", name=lambda c, i: f"renamed_{c}{i}")
+    one = adapt(parent, a, tmp_path / "one", folds=2, n_boot=20, progress=False)
+    two = adapt(parent, b, tmp_path / "two", folds=2, n_boot=20, progress=False)
+    assert one.summary["lineage"]["data_fingerprint"] == two.summary["lineage"]["data_fingerprint"]
+
+
+def test_cross_fitted_never_scores_an_image_it_was_fitted_on() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (30, 4, 4)).astype(np.uint8)
+    targets = np.repeat([0, 1, 2], 10)
+    groups = np.repeat(np.arange(15), 2)  # two images per patient
+    fitted_on: list[set[bytes]] = []
+    scored: list[set[bytes]] = []
+
+    def fit(items, y):
+        fitted_on.append({image.tobytes() for image in items[0]})
+        return len(fitted_on) - 1
+
+    def predict(fold, items):
+        scored.append({image.tobytes() for image in items[0]})
+        assert not scored[-1] & fitted_on[fold], "a held-out image was in the fit"
+        return np.full((len(items[0]), 3), 1 / 3)
+
+    probs, fold_of = cross_fitted((images, groups), targets, groups, 5, 0, fit, predict)
+    assert len(fitted_on) == 5 and probs.shape == (30, 3) and (fold_of >= 0).all()
+    all_images = {image.tobytes() for image in images}
+    assert set().union(*scored) == all_images and sum(map(len, scored)) == 30  # each image scored once
+    for fold in range(5):
+        held = np.flatnonzero(fold_of == fold)
+        assert not set(groups[held]) & set(groups[fold_of != fold])  # a patient's images stay in one fold
+
+
+def test_adapt_fits_each_fold_without_its_images_and_the_child_on_all(parent: Path, local: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[set[bytes]] = []
+    fold_fit, child_fit = adapt_module.local_transform, adapt_module.site_calibration
+
+    def spy_fold(logits, targets, groups=None, **kwargs):
+        calls.append({row.tobytes() for row in np.asarray(logits)})
+        return fold_fit(logits, targets, groups, **kwargs)
+
+    def spy_child(meta, logits, *args, **kwargs):
+        calls.append({row.tobytes() for row in np.asarray(logits)})
+        return child_fit(meta, logits, *args, **kwargs)
+
+    monkeypatch.setattr(adapt_module, "local_transform", spy_fold)
+    monkeypatch.setattr(adapt_module, "site_calibration", spy_child)
+    adapt(parent, local, tmp_path / "child", folds=4, n_boot=20, progress=False)
+    *folds, final = calls
+    assert len(folds) == 4 and len(final) == 16
+    held_out = [final - fold for fold in folds]
+    assert all(held for held in held_out) and sum(map(len, held_out)) == 16  # the folds partition the sample
+    assert set().union(*held_out) == final
+
+
+def test_finetune_changes_the_weights_and_keeps_lineage(parent: Path, local: Path, tmp_path: Path) -> None:
+    overrides = {"epochs": 1, "batch_size": 8, "channels_last": False}
+    result = adapt(parent, local, tmp_path / "child", mode="finetune", folds=2, n_boot=20, overrides=overrides,
+                   progress=False)
+    child = read_meta(result.bundle_dir)
+    assert file_sha256(result.bundle_dir / WEIGHTS_FILE) != file_sha256(parent / WEIGHTS_FILE)
+    assert child.lineage["mode"] == "finetune" and child.lineage["parent_id"] == read_meta(parent).model_id
+    assert child.arch == "test_efficientnet" and child.image_size == 64
+    assert result.summary["folds"] == 2 and child.extra["adaptation"]["mode"] == "finetune"
+    assert "inner validation split of the local images" in child.conformal["fitted_on"]
+    assert child.ood is not None and child.extra["reference"]["predicted_shares"]
+
+
+def test_local_classes_the_bundle_does_not_have_are_named(parent: Path, make_folder, tmp_path: Path) -> None:
+    data = make_folder({"normal": 6, "pneumonia": 6, "covid": 6, "tb": 5}, root="other")
+    result = CliRunner().invoke(app, ["adapt", str(parent), str(data), "--out", str(tmp_path / "child")])
+    assert result.exit_code != 0
+    with pytest.raises(ChestXrayError, match="class\\(es\\) covid, tb are not the bundle's"):
+        adapt(parent, data, tmp_path / "child", progress=False)
+
+
+def test_too_few_images_in_a_class_are_refused_saying_how_many_are_needed(parent: Path, make_folder,
+                                                                        tmp_path: Path) -> None:
+    data = make_folder({"normal": 8, "pneumonia": 3}, root="few")
+    with pytest.raises(ChestXrayError, match="pneumonia 3; adaptation needs at least 5 per class"):
+        adapt(parent, data, tmp_path / "child", progress=False)
+    only_one = make_folder({"normal": 8}, root="one")
+    with pytest.raises(ChestXrayError, match="pneumonia 0"):
+        adapt(parent, only_one, tmp_path / "child", progress=False)
+    assert not (tmp_path / "child").exists()
+
+
+def test_unreadable_local_files_are_counted_named_and_the_rest_used(parent: Path, local: Path,
+                                                                    tmp_path: Path) -> None:
+    (local / "normal" / "broken.png").write_bytes(b"not an image")
+    result = adapt(parent, local, tmp_path / "child", folds=2, n_boot=20, progress=False)
+    assert result.summary["n"] == 16 and len(result.summary["unreadable"]) == 1
+    assert result.summary["unreadable"][0]["file"].endswith("broken.png")
+    assert read_meta(result.bundle_dir).lineage["n_unreadable"] == 1
+
+
+def test_training_images_are_remembered_and_warned_about(make_folder, tmp_path: Path) -> None:
+    data = make_folder({"normal": 8, "pneumonia": 8}, root="train")
+    run = fit(data, TrainConfig(**TINY), out_dir=tmp_path / "runs", name="r", progress=False)
+    meta = read_meta(run.bundle_dir)
+    assert meta.seen_images["n_train"] + meta.seen_images["n_val"] == 16
+    assert meta.calibration["kind"] in ("none", "temperature", "vector")
+    assert meta.temperature >= 1.0  # never sharpened on the training distribution's held-out images
+    result = evaluate(run.bundle_dir, data, tmp_path / "eval", n_boot=20, cam_gallery=0, progress=False)
+    assert any("16 of the 16 evaluated images were this model's training" in w for w in result.warnings)
+    assert json.loads(result.files["metrics"].read_text())["seen_images"]["n_training_images"] == 12
+    adapted = adapt(run.bundle_dir, data, tmp_path / "child", folds=2, n_boot=20, progress=False)
+    assert any("the local sample is this model's training data" in w for w in adapted.summary["warnings"])
+    fresh = make_folder({"normal": 5, "pneumonia": 5}, root="fresh",
+                        name=lambda c, i: f"new_{c}_{i}")  # same pixels as the first images of "train"
+    check = evaluate(run.bundle_dir, fresh, tmp_path / "eval2", n_boot=20, cam_gallery=0, progress=False)
+    assert check.warnings  # same content under other names is still recognised
+
+
+def test_warm_start_copies_the_parent_and_records_it(parent: Path, make_folder, tmp_path: Path) -> None:
+    data = make_folder({"normal": 6, "pneumonia": 6}, root="more")
+    config = TrainConfig(**{**TINY, "init": str(parent)})
+    samples = load_samples(data)
+    model = initial_model(config, samples)
+    parent_model, _ = load_bundle(parent)
+    assert all(np.array_equal(a, b) for a, b in zip(model.state_dict().values(), parent_model.state_dict().values()))
+    run = fit(data, config, out_dir=tmp_path / "runs", name="warm", progress=False)
+    meta = read_meta(run.bundle_dir)
+    assert meta.arch == "test_efficientnet" and meta.image_size == 64  # taken from the parent
+    assert meta.lineage["mode"].startswith("warm start") and meta.lineage["parent_id"] == read_meta(parent).model_id
+    other = make_folder({"a": 4, "b": 4, "c": 4}, root="abc")
+    fresh_head = initial_model(config, load_samples(other))
+    assert fresh_head.num_classes == 3  # backbone from the parent, a new classifier for other classes
+
+
+def test_model_endpoint_shows_the_adaptation(parent: Path, local: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from chestxray.serve import create_app
+
+    result = adapt(parent, local, tmp_path / "child", folds=2, n_boot=20, progress=False)
+    with TestClient(create_app(load_model(result.bundle_dir))) as client:
+        body = client.get("/v1/model").json()
+    assert body["lineage"]["parent_id"] == read_meta(parent).model_id
+    assert body["adaptation"].startswith("site-adapted (recalibrate)")

@@ -11,7 +11,7 @@ from factories import TINY, make_bundle
 from typer.testing import CliRunner
 
 from chestxray import adapt as adapt_module
-from chestxray.adapt import adapt, cross_fitted
+from chestxray.adapt import adapt, cross_fitted, headline
 from chestxray.bundle import WEIGHTS_FILE, load_bundle, read_meta
 from chestxray.logit_transform import KINDS
 from chestxray.cli import app
@@ -66,6 +66,11 @@ def test_recalibrate_changes_the_calibration_not_the_weights_and_keeps_lineage(p
     summary = json.loads((result.bundle_dir / "adaptation.json").read_text())
     assert summary["n"] == 16 and summary["folds"] == 4 and set(summary["before"]) >= {"accuracy", "ece", "ci"}
     assert set(summary["after"]["sensitivity"]) == {"normal", "pneumonia"}
+    # coverage of the parent's prediction sets and of the sets refitted out of fold, on the same images
+    sets = summary["conformal"]
+    assert sets["target"] == 0.8 and sets["before"] is not None and 0 <= sets["after"]["coverage"] <= 1
+    assert set(sets["after"]["per_class"]) == {"normal", "pneumonia"}
+    assert any(line.startswith("prediction sets (target coverage 80%): before ") for line in headline(result))
     assert "Site adaptation" in (result.bundle_dir / "adaptation.html").read_text()
     # predictions name the adaptation; the probabilities follow the new calibration
     predictor = load_model(result.bundle_dir)

@@ -40,7 +40,7 @@ from rich.console import Console
 from .bundle import INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, save_bundle
 from .cache import build_cache
 from .calibration import Calibration, calibrate_outputs
-from .conformal import DEFAULT_COVERAGE
+from .conformal import DEFAULT_COVERAGE, ConformalSets, fit_conformal, set_metrics
 from .logit_transform import KINDS, LogitTransform, choose_logit_transform, fold_indices
 from .config import RuntimeSettings, TrainConfig, make_config
 from .launch import one_device
@@ -185,15 +185,19 @@ def local_transform(logits: np.ndarray, targets: np.ndarray, groups: np.ndarray 
                                   seed=seed).transform
 
 
+def site_coverage(meta: BundleMeta) -> float:
+    """The coverage of a site's conformal sets: the parent's (the default when it has none)."""
+    return float((meta.conformal or {}).get("coverage", DEFAULT_COVERAGE))
+
+
 def site_calibration(meta: BundleMeta, logits: np.ndarray, features: np.ndarray, targets: np.ndarray,
                      groups: np.ndarray | None, *, ood: dict[str, Any] | None, fitted_on: str,
                      seed: int = 0) -> Calibration:
     """Everything :func:`~chestxray.calibration.calibrate_outputs` fits, on a site's labelled images: the
     logit transform (as :func:`local_transform`), operating points, conformal sets at the parent's
     coverage, the drift reference and the figures; ``ood`` is the guard to keep (already fitted)."""
-    coverage = float((meta.conformal or {}).get("coverage", DEFAULT_COVERAGE))
     return calibrate_outputs(logits, targets, classes=list(meta.classes), task="multiclass", features=features,
-                             ood=ood, kinds=KINDS, sharpen=True, groups=groups, seed=seed, coverage=coverage,
+                             ood=ood, kinds=KINDS, sharpen=True, groups=groups, seed=seed, coverage=site_coverage(meta),
                              fitted_on=fitted_on)
 
 
@@ -304,6 +308,18 @@ def compare(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, classes: 
             "after_full": second, "before_full": first}
 
 
+def _coverage(y_true: np.ndarray, before: np.ndarray | None, after: np.ndarray, classes: list[str], coverage: float,
+              n_boot: int, seed: int) -> dict[str, Any]:
+    """Coverage and size of the prediction sets on the same images: the parent's sets (``None``: it has
+    none) and the out-of-fold refitted ones."""
+    def brief(sets: np.ndarray) -> dict[str, Any]:
+        found = set_metrics(sets, y_true, classes, coverage=coverage, n_boot=n_boot, seed=seed)
+        return {**{k: found[k] for k in ("coverage", "coverage_ci", "mean_set_size", "single_class_share")},
+                "per_class": {name: row["coverage"] for name, row in found["per_class"].items()}}
+
+    return {"target": coverage, "before": brief(before) if before is not None else None, "after": brief(after)}
+
+
 def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
     keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "cross_entropy", "ece", "ci")
     return {**{k: metrics[k] for k in keys},
@@ -336,18 +352,22 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
     groups = local.samples.groups()
     logits, features = model_outputs(parent, local.images)
     before = meta.logit_transform().probabilities(logits)
+    classes, coverage = list(meta.classes), site_coverage(meta)
     console.print(f"estimating by {folds}-fold inside {len(local.images)} local images ({mode})")
     rows = np.arange(len(local.images))
     with tempfile.TemporaryDirectory(prefix="chestxray-adapt-") as work:
         if mode == "recalibrate":
-            def fit_fold(items: tuple[np.ndarray, ...], targets: np.ndarray) -> LogitTransform:
-                return local_transform(items[0], targets, items[1], seed=seed)
+            def fit_fold(items: tuple[np.ndarray, ...], targets: np.ndarray) -> tuple[LogitTransform, ConformalSets]:
+                transform = local_transform(items[0], targets, items[1], seed=seed)
+                return transform, fit_conformal(transform.probabilities(items[0]), targets, classes,
+                                                coverage=coverage)
 
-            def predict_fold(fitted: LogitTransform, items: tuple[np.ndarray, ...]) -> np.ndarray:
-                return fitted.probabilities(items[0])
+            def predict_fold(fitted: tuple[LogitTransform, ConformalSets], items: tuple[np.ndarray, ...]) -> np.ndarray:
+                probs = fitted[0].probabilities(items[0])
+                return np.hstack([probs, fitted[1].sets(probs)])
 
-            after, fold_of = cross_fitted((logits, groups), local.targets, groups, folds, seed, fit_fold,
-                                          predict_fold)
+            outputs, fold_of = cross_fitted((logits, groups), local.targets, groups, folds, seed, fit_fold,
+                                            predict_fold)
             child = recalibration(parent, meta, logits, features, local.targets, groups, seed=seed)
         else:
             counter = iter(range(folds + 1))
@@ -358,13 +378,16 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
                                 runtime=runtime)
 
             def predict_fold(fitted: Adaptation, items: tuple[np.ndarray, ...]) -> np.ndarray:
-                return fitted.probabilities(local.images[items[0]])
+                probs = fitted.probabilities(local.images[items[0]])
+                return np.hstack([probs, ConformalSets.from_dict(fitted.calibration.conformal, classes).sets(probs)])
 
-            after, fold_of = cross_fitted((rows,), local.targets, groups, folds, seed, fit_fold, predict_fold)
+            outputs, fold_of = cross_fitted((rows,), local.targets, groups, folds, seed, fit_fold, predict_fold)
             child = finetune(bundle_dir, meta, local, rows, Path(work) / "all", with_samples=with_samples,
                              overrides=overrides, seed=seed, cache_dir=cache_dir, runtime=runtime)
-    classes = list(meta.classes)
+    after, after_sets = outputs[:, :len(classes)], outputs[:, len(classes):].astype(bool)
     comparison = compare(local.targets, before, after, classes, n_boot=n_boot, seed=seed)
+    before_sets = ConformalSets.from_dict(meta.conformal, classes).sets(before) if meta.conformal else None
+    comparison["conformal"] = _coverage(local.targets, before_sets, after_sets, classes, coverage, n_boot, seed)
     lineage = _lineage(bundle_dir, meta, local, mode, data, with_data)
     summary = _summary(comparison, child, local, lineage, int(fold_of.max()) + 1, mode)
     child_meta = _child_meta(meta, child, local, lineage, summary, mode)
@@ -405,7 +428,8 @@ def _summary(comparison: dict[str, Any], child: Adaptation, local: LocalSample, 
     before, after = comparison["before"], comparison["after"]
     return {"mode": mode, "folds": folds, "n": len(local.images), "class_counts": local.class_counts(),
             "before": before, "after": after, "difference": comparison["difference"],
-            "calibration": child.calibration.transform_choice, "lineage": lineage, "warnings": local.warnings,
+            "conformal": comparison["conformal"], "calibration": child.calibration.transform_choice,
+            "lineage": lineage, "warnings": local.warnings,
             "unreadable": [{"file": f, "reason": r} for f, r in local.failed],
             "method": (f"stratified, patient-grouped {folds}-fold inside the local sample: each fold was adapted "
                        f"({mode}) on the other {folds - 1} and scored on itself; 'before' is the parent bundle on "
@@ -450,6 +474,18 @@ def _write_report(path: Path, summary: dict[str, Any], after_metrics: dict[str, 
                  notes=[describe_lineage(summary["lineage"]) or "", summary["method"], *summary["warnings"]])
 
 
+def _coverage_line(conformal: dict[str, Any]) -> str:
+    def text(found: dict[str, Any] | None) -> str:
+        if found is None:
+            return "none (the parent has no prediction sets)"
+        low, high = found["coverage_ci"]
+        return (f"{100 * found['coverage']:.1f}% ({100 * low:.1f}–{100 * high:.1f}), "
+                f"mean size {found['mean_set_size']:.2f}")
+
+    return (f"prediction sets (target coverage {100 * conformal['target']:.0f}%): before {text(conformal['before'])}; "
+            f"after {text(conformal['after'])}")
+
+
 def headline(result: AdaptationResult) -> list[str]:
     """A few lines for the terminal: before/after with intervals, per-class sensitivity, ECE, the transform."""
     s = result.summary
@@ -470,5 +506,6 @@ def headline(result: AdaptationResult) -> list[str]:
                  for name in s["class_counts"]),
              f"ECE: before {before['ece']:.3f}, after {after['ece']:.3f}"
              + (" — adaptation made calibration WORSE on these images" if s["ece_worse_after"] else ""),
+             _coverage_line(s["conformal"]),
              f"calibration of the child: {s['calibration']['description']}"]
     return lines + [f"warning: {w}" for w in s["warnings"]]

@@ -158,13 +158,24 @@ def _adaptation_section(meta: dict[str, Any], extra: dict[str, Any]) -> str:
     adaptation = extra.get("adaptation") or {}
     before, after = adaptation.get("before") or {}, adaptation.get("after") or {}
     if before and after:
+        accuracy = [_interval(m.get("accuracy"), (m.get("ci") or {}).get("accuracy")) for m in (before, after)]
         text.append(f"Estimated by {adaptation.get('folds', '?')}-fold inside the local sample (each fold adapted "
-                    f"on the others, scored on itself): accuracy {_interval(before.get('accuracy'), (before.get('ci') or {}).get('accuracy'))} "
-                    f"before, {_interval(after.get('accuracy'), (after.get('ci') or {}).get('accuracy'))} after; "
+                    f"on the others, scored on itself): accuracy {accuracy[0]} before, {accuracy[1]} after; "
                     f"ECE {float(before.get('ece', 0)):.3f} before, {float(after.get('ece', 0)):.3f} after. "
+                    + _set_coverage(adaptation.get("conformal")) +
                     "The calibration, operating points, conformal sets and drift reference below were fitted on the "
                     "local images; figures measured again on those images are optimistic.")
     return "\n\n".join(text)
+
+
+def _set_coverage(conformal: dict[str, Any] | None) -> str:
+    if not conformal or not conformal.get("after"):
+        return ""
+    before = conformal.get("before")
+    return (f"Prediction-set coverage (target {_percent(conformal.get('target'))}): "
+            + (f"{_interval(before['coverage'], before.get('coverage_ci'))} with the parent's sets, " if before else "")
+            + f"{_interval(conformal['after']['coverage'], conformal['after'].get('coverage_ci'))} with sets refitted "
+              "on the other folds. ")
 
 
 def _conformal_section(meta: dict[str, Any]) -> str:

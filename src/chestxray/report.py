@@ -224,6 +224,16 @@ def _adaptation_section(summary: dict[str, Any]) -> str:
             ("ECE", _cell(before["ece"]), _cell(after["ece"]))]
     rows += [(f"sensitivity {name}", f"{100 * before['sensitivity'][name]:.1f}%", f"{100 * value:.1f}%")
              for name, value in after["sensitivity"].items()]
+    sets = summary.get("conformal")
+    if sets:
+        def coverage(found: dict[str, Any] | None) -> str:
+            if found is None:
+                return "no sets"
+            low, high = found["coverage_ci"]
+            return f"{100 * found['coverage']:.1f}% ({100 * low:.1f}–{100 * high:.1f}), size {found['mean_set_size']:.2f}"
+
+        rows.append((f"prediction-set coverage (target {100 * sets['target']:.0f}%)", coverage(sets["before"]),
+                     coverage(sets["after"])))
     body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
                    for a, b, c in rows)
     low, high = diff["accuracy"]["ci"]

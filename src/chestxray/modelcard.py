@@ -116,26 +116,29 @@ def _evaluation_section(meta: dict[str, Any], extra: dict[str, Any]) -> str:
             f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float))) + ".")
     else:
         lines.append("No evaluation recorded in the bundle.")
-    lines.append("These figures come from images like the training images; they say nothing about another "
-                 "hospital. Run `chestxray evaluate` on your own labelled test images: its report gives every "
-                 "figure with a 95% interval.")
+    site = (meta.get("lineage") or {}).get("data_fingerprint")
+    lines.append(("These figures come from the adapting site's own images; they say nothing about another one."
+                  if site else "These figures come from images like the training images; they say nothing about "
+                  "another hospital.") + " Run `chestxray evaluate` on your own labelled test images: its report "
+                 "gives every figure with a 95% interval.")
     return "\n\n".join(lines)
 
 
 def _calibration_section(meta: dict[str, Any]) -> str:
     points = meta.get("operating_points") or {}
+    fitted_on = (meta.get("conformal") or {}).get("fitted_on") or "validation images"
     if meta.get("calibration"):
         transform = LogitTransform.from_dict(meta["calibration"], len(meta.get("classes", [])))
-    else:
+        how = (f"chosen by cross-validated NLL on the {fitted_on} (the simplest candidate within one standard "
+               "error of the best)")
+    else:  # a bundle from before the choice of transforms
         transform = LogitTransform.from_temperature(float(meta.get("temperature", 1.0)))
-    fitted_on = (meta.get("conformal") or {}).get("fitted_on") or "validation images"
-    text = [f"## Calibration",
-            f"Logit transform applied before the softmax: {transform.describe()}, chosen by cross-validated "
-            f"NLL on the {fitted_on} (the simplest candidate within one standard error of the best)."]
+        how = "fitted on the validation images"
+    text = ["## Calibration", f"Logit transform applied before the softmax: {transform.describe()}, {how}."]
     if points:
         rows = [[name, *(f"{by.get(p):.3f}" if by.get(p) is not None else "–"
                          for p in ("youden", "sensitivity_90", "sensitivity_95"))] for name, by in points.items()]
-        text.append("Operating points (thresholds on each class's probability, chosen on validation):\n\n"
+        text.append(f"Operating points (thresholds on each class's probability, chosen on the {fitted_on}):\n\n"
                     + _table(["class", "youden", "sensitivity 90%", "sensitivity 95%"], rows))
     return "\n\n".join(text)
 

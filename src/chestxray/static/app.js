@@ -54,6 +54,7 @@ async function loadModel() {
   if (model.trained_on && model.trained_on.n_train) {
     details.push("trained on " + model.trained_on.n_train + " images");
   }
+  if (model.adaptation) details.push(model.adaptation);
   if (!model.ood_guard) details.push("no out-of-distribution guard in this bundle");
   $("model-details").textContent = details.join(" · ");
 }

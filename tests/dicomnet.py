@@ -1,23 +1,38 @@
 """What a modality and a PACS reader do, for the DICOM network tests: small X-ray instances
-(:func:`xray_dataset`), sent by C-STORE (:func:`send`), and the reports found in Orthanc (:func:`srs_in`)."""
+(:func:`xray_dataset`), sent by C-STORE (:func:`send`), and the reports found in Orthanc (:func:`srs_in`);
+and the fixtures those tests share (a ``CLASSES`` bundle and its predictor, one per test module)."""
 
 from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import pydicom
+import pytest
 from conftest import xray_array
+from factories import make_bundle
 from orthanc import Orthanc
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from chestxray.dicomresult import CR_STORAGE, read_sr
+from chestxray.predict import load_model
 
 CLASSES = ["normal", "pneumonia", "covid19"]
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", CLASSES)
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle):
+    return load_model(bundle)
 
 
 def xray_dataset(sop_class: str = CR_STORAGE, modality: str = "CR", seed: int = 0, **tags) -> Dataset:

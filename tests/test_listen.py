@@ -5,12 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import time
-from pathlib import Path
 
 import pydicom
 import pytest
-from factories import make_bundle
-from dicomnet import CLASSES, CT_STORAGE, MR_STORAGE, send, srs_in, wait_for, xray_dataset
+from dicomnet import CLASSES, CT_STORAGE, MR_STORAGE, bundle, predictor, send, srs_in, wait_for, xray_dataset  # noqa: F401 (fixtures)
 from orthanc import AE_TITLE, Orthanc, available, free_port
 from pynetdicom import AE
 from typer.testing import CliRunner
@@ -19,19 +17,8 @@ from chestxray.audittrail import AuditTrail
 from chestxray.cli import app
 from chestxray.listen import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, SUCCESS,
                               Destination, ListenConfig, Listener)
-from chestxray.predict import load_model
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=available() or "")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", CLASSES)
-
-
-@pytest.fixture(scope="module")
-def predictor(bundle):
-    return load_model(bundle)
 
 
 @pytest.fixture

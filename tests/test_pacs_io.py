@@ -10,15 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import pytest
-from factories import make_bundle, png_bytes
+from factories import png_bytes
 from fastapi.testclient import TestClient
-from dicomnet import CLASSES, CT_STORAGE, srs_in, xray_dataset
+from dicomnet import CLASSES, CT_STORAGE, bundle, predictor, srs_in, xray_dataset  # noqa: F401 (fixtures)
 from orthanc import Orthanc, available
 from typer.testing import CliRunner
 
 from chestxray.audittrail import AuditTrail
 from chestxray.cli import app
-from chestxray.predict import load_model
 from chestxray.serve import create_app
 from chestxray.worklist import score_worklist
 
@@ -27,16 +26,6 @@ class Crash(Exception):
 
 
 needs_orthanc = pytest.mark.skipif(available() is not None, reason=available() or "")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", CLASSES)
-
-
-@pytest.fixture(scope="module")
-def predictor(bundle):
-    return load_model(bundle)
 
 
 def part10(ds) -> bytes:

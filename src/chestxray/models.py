@@ -101,10 +101,11 @@ class ChestXrayNet(nn.Module):
         trainable, and 0 freezes nothing."""
         if stride <= 0:
             return
-        stages = [info["module"] for info in getattr(self.backbone, "feature_info", []) if info["reduction"] <= stride]
+        described = getattr(self.backbone, "feature_info", None)
+        if not described:
+            raise ChestXrayError(f"{self.arch} does not describe its stages: train it with --frozen-stride 0")
+        stages = [info["module"] for info in described if info["reduction"] <= stride]
         if not stages:
-            if not getattr(self.backbone, "feature_info", None):
-                raise ChestXrayError(f"{self.arch} does not describe its stages: train it with --frozen-stride 0")
             return
         names = [name for name, _ in self.backbone.named_modules()]
         last = names.index(stages[-1])

@@ -25,13 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATA, add_training_flags, save_result, training_overrides  # noqa: E402
+from common import DATA, add_training_flags, fast_allocator, save_result, training_overrides  # noqa: E402
 
 from chestxray.config import load_config  # noqa: E402
 from chestxray.cv import cross_validate  # noqa: E402
 
 
 def main() -> None:
+    fast_allocator()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--config", type=Path, help="YAML config (flags win)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATA, add_training_flags, save_result, training_overrides  # noqa: E402
+from common import DATA, add_training_flags, fast_allocator, save_result, training_overrides  # noqa: E402
 
 from chestxray.config import TrainConfig, load_config  # noqa: E402
 from chestxray.evaluation import evaluate, headline  # noqa: E402
@@ -50,6 +50,7 @@ ANCHORS = {
 
 
 def main() -> None:
+    fast_allocator()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--config", type=Path, help="YAML config (flags win)")

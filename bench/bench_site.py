@@ -38,7 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATA, save_result  # noqa: E402
+from common import DATA, fast_allocator, save_result  # noqa: E402
 
 from chestxray.adapt import MODES, LocalSample, finetune, load_local, model_outputs, recalibration  # noqa: E402
 from chestxray.bundle import load_bundle, read_meta  # noqa: E402
@@ -234,6 +234,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    fast_allocator()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", default=["pneumoniamnist", "course", "ece"],
                         choices=["pneumoniamnist", "course", "ece"])

@@ -33,7 +33,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATA, save_result  # noqa: E402
+from common import DATA, fast_allocator, save_result  # noqa: E402
 
 from chestxray.bundle import read_meta, write_meta  # noqa: E402
 from chestxray.config import load_config  # noqa: E402
@@ -113,6 +113,7 @@ def dicom_samples(bundle: Path) -> dict:
 
 
 def main() -> None:
+    fast_allocator()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))

@@ -13,12 +13,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("CHESTXRAY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 
+def fast_allocator() -> None:
+    """Re-execute this bench on the allocator the CLI uses (tcmalloc when installed; see
+    :mod:`chestxray.allocator`), so a bench run with the plain interpreter measures what users get."""
+    from chestxray.allocator import ensure_allocator
+
+    ensure_allocator()
+
+
 def machine() -> dict[str, Any]:
-    """CPU, core count, load and library versions, recorded beside every figure."""
+    """CPU, core count, load, allocator and library versions, recorded beside every figure."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
                             "python": platform.python_version(), "machine": platform.machine()}
+    from chestxray.allocator import active_allocator
+
+    info["allocator"] = active_allocator()
     try:
         import torch
 

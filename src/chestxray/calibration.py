@@ -44,14 +44,11 @@ from .errors import ChestXrayError
 from .logit_transform import TRAIN_KINDS, LogitTransform, choose_logit_transform, per_image_nll
 from .metrics import LogitScores, classification_metrics, logit_scores, operating_points
 from .ood import OODGuard
-from .runners import Runner, as_runner, run_images
+from .runners import DEFAULT_BATCH, Runner, as_runner, run_images
 
-__all__ = ["Calibration", "calibrate", "calibrate_outputs", "fit_guard", "SCORING_BATCH"]
+__all__ = ["Calibration", "calibrate", "calibrate_outputs", "fit_guard"]
 
 log = logging.getLogger(__name__)
-
-SCORING_BATCH = 64
-"""Images per runner call when training scores and calibrates (prediction uses ``runners.DEFAULT_BATCH``)."""
 
 
 @dataclass
@@ -81,7 +78,7 @@ class Calibration:
 
 def calibrate(model: Runner | Any, images: np.ndarray, targets: np.ndarray, *, classes: list[str], task: str | None = None,
               guard_images: np.ndarray | None = None, guard_targets: np.ndarray | None = None,
-              batch_size: int = SCORING_BATCH, fitted_on: str = "held-out images", seed: int = 0,
+              batch_size: int = DEFAULT_BATCH, fitted_on: str = "held-out images", seed: int = 0,
               coverage: float = DEFAULT_COVERAGE, groups: np.ndarray | None = None) -> Calibration:
     """Calibrate ``model`` (a ``ChestXrayNet``/``EnsembleNet`` or a runner) on held-out uint8 squares
     ``images`` (N, S, S) with their ``targets`` (class indices, or a 0/1 matrix for multi-label).

@@ -151,6 +151,17 @@ def _settings(command: str, config: Optional[Path], settings: tuple[dict, dict])
     return load_config(config, **train_overrides), load_runtime(config, **runtime_overrides)
 
 
+BatchOpt = typer.Option(None, "--batch-size", min=1, help="Images per model call (default: the runners' scoring "
+                        "batch, the fastest measured on a CPU; bench/bench_scoring_batch.py).")
+
+
+def _batch(batch_size: Optional[int]) -> int:
+    """``--batch-size``, or the runners' default."""
+    from .runners import DEFAULT_BATCH
+
+    return batch_size or DEFAULT_BATCH
+
+
 ONNX_PARITY_IMAGES = 16
 """Validation X-rays on which `train` checks the exported ONNX model against PyTorch."""
 
@@ -235,7 +246,7 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
              n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
              seed: int = typer.Option(0, help="Bootstrap seed."),
              cam_gallery: int = typer.Option(8, "--cam-gallery", help="Most confident errors shown with Grad-CAM."),
-             batch_size: int = typer.Option(32, "--batch-size"),
+             batch_size: Optional[int] = BatchOpt,
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier evaluation "
                                             "in --out."),
              cache_dir: Optional[Path] = CacheOpt) -> None:
@@ -246,7 +257,7 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
     from .evaluation import evaluate as run_evaluate, headline
 
     result = run_evaluate(bundle, data, out, split=split, n_boot=n_boot, seed=seed, cam_gallery=cam_gallery,
-                          batch_size=batch_size, cache_dir=cache_dir, progress=err_console.is_terminal,
+                          batch_size=_batch(batch_size), cache_dir=cache_dir, progress=err_console.is_terminal,
                           overwrite=overwrite)
     for line in headline(result):
         console.print(line, soft_wrap=True)
@@ -350,7 +361,7 @@ def predict(bundle: Path = BundleArg,
                 help="Add a 'called' column: the classes at or above their threshold at this point, "
                      "chosen on validation (youden, sensitivity_90 or sensitivity_95)."),
             backend: str = typer.Option("auto", help=BACKEND_HELP),
-            batch_size: int = typer.Option(32, "--batch-size"),
+            batch_size: Optional[int] = BatchOpt,
             dicomweb: Optional[str] = typer.Option(None, "--dicomweb", help="DICOMweb root URL to retrieve "
                                                    "--study from (WADO-RS) or the worklist's studies."),
             study: Optional[list[str]] = typer.Option(None, "--study", help="StudyInstanceUID to retrieve "
@@ -377,12 +388,12 @@ def predict(bundle: Path = BundleArg,
         if inputs:
             raise ChestXrayError("give files, or --worklist, or --dicomweb with --study: not several")
         _predict_pacs(load_model(bundle, backend=backend, **_trust(coverage, header_check)), fmt, out, dicomweb,
-                      study or [], stow, worklist, batch_size, trail)
+                      study or [], stow, worklist, _batch(batch_size), trail)
         return
     if not inputs:
         raise ChestXrayError("nothing to predict: give files, folders or globs, --worklist, or --dicomweb and --study")
     started = time.perf_counter()
-    run = predict_files(bundle, inputs, backend=backend, batch_size=batch_size, tta=tta,
+    run = predict_files(bundle, inputs, backend=backend, batch_size=_batch(batch_size), tta=tta,
                         operating_point=operating_point, cam_dir=cam, progress=err_console.is_terminal,
                         coverage=coverage, header_check=header_check)
     if run is None:  # a rank other than 0 of a torchrun launch: rank 0 reports

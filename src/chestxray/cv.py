@@ -29,7 +29,7 @@ import pandas as pd
 
 from .bundle import BundleMeta, save_bundle
 from .audit import source_confound
-from .calibration import SCORING_BATCH, Calibration, calibrate_outputs, fit_guard
+from .calibration import Calibration, calibrate_outputs, fit_guard
 from .config import RuntimeSettings, TrainConfig
 from .conformal import DEFAULT_COVERAGE, ConformalSets, set_metrics
 from .errors import ChestXrayError
@@ -94,7 +94,7 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
         fold = dataclasses.replace(prepared, samples=pool, train_rows=inner_train, val_rows=inner_val)
         model, _ = train_model(fold, config, runtime, run_dir=run_dir / f"fold{index}", keep_checkpoints=False,
                                progress=progress)
-        logits[held_rows] = run_images(TorchRunner(model), images[held_rows], SCORING_BATCH)[0]
+        logits[held_rows] = run_images(TorchRunner(model), images[held_rows])[0]
         fold_of[held_rows] = index
         if multiclass:
             fold_probs[held_rows], fold_sets[held_rows] = _fold_trust(model, fold, logits[held_rows], config.seed)
@@ -124,7 +124,7 @@ def _fold_trust(model: ChestXrayNet, fold: PreparedData, held_logits: np.ndarray
     logit transform and class-conditional sets fitted on the model's inner validation split (never on
     the held-out fold), at the default coverage."""
     images = np.asarray(fold.cache.images)[fold.val_rows]
-    inner = calibrate_outputs(run_images(TorchRunner(model), images, SCORING_BATCH)[0], fold.targets[fold.val_rows],
+    inner = calibrate_outputs(run_images(TorchRunner(model), images)[0], fold.targets[fold.val_rows],
                               classes=list(fold.samples.classes), task="multiclass", seed=seed,
                               fitted_on=f"inner validation split ({len(images)} images)",
                               groups=fold.samples.subset(fold.val_rows).groups())
@@ -199,7 +199,7 @@ def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: Prepa
     fewer than one class, or a cross-fitted OOD score above the threshold.
     """
     ensemble = EnsembleNet(members)
-    features = run_images(TorchRunner(ensemble), np.asarray(prepared.cache.images), SCORING_BATCH)[1]
+    features = run_images(TorchRunner(ensemble), np.asarray(prepared.cache.images))[1]
     ood = fit_guard(features, prepared.targets)
     flags = OODGuard.from_dict(ood).is_ood(cross_fitted_scores(features, prepared.targets)) if ood else None
     calibration = dataclasses.replace(calibrate_outputs(

@@ -35,6 +35,7 @@ from .lineage import check_seen
 from .modelcard import render_model_card
 from .predict import NOT_CHECKED, Predictor, load_model
 from .report import calibration_verdict, write_report
+from .runners import DEFAULT_BATCH
 from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
 from .storage import atomic_path, make_folder, write_text
 
@@ -71,7 +72,7 @@ class EvaluationResult:
 
 
 def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Path, *, split: str = "auto",
-             n_boot: int = 1000, seed: int = 0, cam_gallery: int = 8, batch_size: int = 32,
+             n_boot: int = 1000, seed: int = 0, cam_gallery: int = 8, batch_size: int = DEFAULT_BATCH,
              cache_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> EvaluationResult:
     """Evaluate ``bundle`` (a bundle folder or a loaded :class:`Predictor`) on ``data`` (anything
     :func:`~chestxray.sources.load_samples` reads).

@@ -64,6 +64,12 @@ class _LogitsAndFeatures(nn.Module):
     def __init__(self, model: ChestXrayNet | EnsembleNet) -> None:
         super().__init__()
         self.model = model
+        # In-place activations (timm's ReLU6(inplace=True)) make the dynamo exporter decompose hardtanh_
+        # through symbolic-shape arithmetic: 20 s of a 2-core CPU for Lite0 against 6 s out of place.
+        # The outputs are the same; the model is the exporter's own copy, loaded from the bundle.
+        for module in model.modules():
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         return logits_and_features(self.model, image)

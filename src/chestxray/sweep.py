@@ -37,7 +37,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from .bundle import save_bundle
-from .calibration import SCORING_BATCH
 from .config import RuntimeSettings, TrainConfig
 from .errors import ChestXrayError, InputError
 from .launch import one_device
@@ -190,7 +189,7 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
             trial.set_user_attr("error", str(err).splitlines()[0] if str(err) else type(err).__name__)
             return math.nan  # optuna records the trial as failed and goes on
         images = np.asarray(prepared.cache.images)[prepared.val_rows]
-        logits = run_images(TorchRunner(model), images, SCORING_BATCH)[0]
+        logits = run_images(TorchRunner(model), images)[0]
         scores = logit_scores(logits, prepared.targets[prepared.val_rows], prepared.samples.task)
         trial.set_user_attr("val_acc", scores.accuracy)
         trial.set_user_attr("val_auc", scores.macro_auc)

@@ -56,6 +56,7 @@ from .metrics import logit_scores
 from .models import ChestXrayNet, create_model, load_state_strict
 from .provenance import file_sha256
 from .report import plot_training_curves
+from .runners import DEFAULT_BATCH
 from .sources import Samples, load_samples
 from .splits import load_split, save_split, train_val_split
 from .storage import atomic_path, make_folder, temporary_name, write_error, write_text
@@ -635,11 +636,14 @@ def _loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettin
         weights = 1.0 / np.bincount(labels)[labels]
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels),
                                         generator=torch.Generator().manual_seed(config.seed))
-    common = {"batch_size": config.batch_size, "num_workers": runtime.num_workers,
-              "persistent_workers": runtime.num_workers > 0}
+    common = {"num_workers": runtime.num_workers, "persistent_workers": runtime.num_workers > 0}
     drop_last = len(train_set) > config.batch_size
-    train = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=drop_last, **common)
-    return train, DataLoader(val_set, shuffle=False, **common)
+    train = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                       drop_last=drop_last, **common)
+    # validation scores in the runners' batch on a CPU (the figures do not depend on the batch; a small one
+    # keeps activations in cache), in the training batch on a GPU
+    val_batch = config.batch_size if torch.cuda.is_available() else DEFAULT_BATCH
+    return train, DataLoader(val_set, batch_size=val_batch, shuffle=False, **common)
 
 
 def _logger(kind: str, run_dir: Path) -> Logger | bool:

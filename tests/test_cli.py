@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -82,6 +85,20 @@ def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, args: list[s
     assert code == 2
     assert expected in err and "Traceback" not in err
     assert err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("args, code, stream, expected", [
+    (["--version"], 0, "stdout", "chestxray"),
+    (["audit", "/no/such/folder"], 2, "stderr", "/no/such/folder: no such file or folder"),
+])
+def test_the_console_script_exits_at_once_with_the_commands_status_and_all_its_output(
+        args: list[str], code: int, stream: str, expected: str) -> None:
+    """``run`` skips the interpreter's teardown: piped (block-buffered) output must still arrive whole."""
+    script = "import sys; from chestxray.cli import run; sys.argv = ['chestxray', *sys.argv[1:]]; run()"
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CHESTXRAY_ALLOCATOR": "system"})
+    assert done.returncode == code, done.stderr
+    assert expected in getattr(done, stream) and "Traceback" not in done.stderr
 
 
 def test_predict_keeps_going_past_a_bad_file_and_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:

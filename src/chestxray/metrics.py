@@ -374,13 +374,22 @@ class LogitScores:
     macro_auc: float
 
 
+def _tensor(values: Any) -> Any:
+    """``torch.as_tensor``, copying a read-only array (a cache's, a memory map) that torch warns about."""
+    import torch
+
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        values = values.copy()
+    return torch.as_tensor(values)
+
+
 def logit_scores(logits: np.ndarray, targets: np.ndarray, task: str) -> LogitScores:
     """:class:`LogitScores` of ``logits`` (N, C) for class indices (N,) or a 0/1 matrix (N, C) (``task`` multilabel)."""
     import torch
     import torch.nn.functional as F
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    logits_t, targets_t = torch.as_tensor(logits).float(), torch.as_tensor(targets)
+    logits_t, targets_t = _tensor(logits).float(), _tensor(targets)
     if task == "multilabel":
         loss = F.binary_cross_entropy_with_logits(logits_t, targets_t.float()).item()
         probs, truth = logits_t.sigmoid().numpy(), targets_t.numpy()

@@ -136,3 +136,13 @@ def test_course_dataset_split_keeps_patients_apart(course_data):
     assert set(samples.frame["split"][np.concatenate([train, val])]) == {"train"}
     assert_patients_apart(samples, train, val)
     assert samples.frame["patient_id"][val].str.startswith("person").any()
+
+
+def test_fewer_patients_than_folds_is_refused_in_one_line():
+    """Many images but 3 patients: sklearn's own error would be a traceback deep in StratifiedGroupKFold."""
+    samples = table(["normal", "pneumonia"] * 6, ["a", "b", "c"] * 4)
+    for call in (lambda: kfold_splits(samples, k=5), lambda: train_val_split(samples, val_fraction=0.2)):
+        with pytest.raises(ChestXrayError) as err:
+            call()
+        assert "3 patient(s) cannot be split 5 ways" in str(err.value) and "\n" not in str(err.value)
+    assert len(kfold_splits(samples, k=3)) == 3

@@ -26,8 +26,14 @@ def kfold_splits(samples: Samples, k: int = 5, seed: int = 0) -> list[tuple[np.n
         raise ChestXrayError(f"k-fold needs at least 2 folds, not {k}")
     labels = stratify_labels(samples)
     _check_class_sizes(samples)
+    groups = samples.groups()
+    patients = len(np.unique(groups))
+    if patients < k:
+        raise ChestXrayError(f"{samples.origin or 'data'}: {patients} patient(s) cannot be split {k} ways, and no "
+                             "patient may be on both sides of a split: add images of other patients, or use fewer "
+                             "folds (a larger --val-fraction)")
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(np.sort(train), np.sort(val)) for train, val in folds.split(labels, labels, samples.groups())]
+    return [(np.sort(train), np.sort(val)) for train, val in folds.split(labels, labels, groups)]
 
 
 def train_val_split(samples: Samples, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -29,10 +29,10 @@ from rich.text import Text
 from .cache import build_cache
 from .decode import content_hash, fit_geometry, probe_image
 from .errors import ChestXrayError, InputError
-from .sources import SPLIT_NAMES, Samples, load_samples
+from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
 from .storage import atomic_path, make_folder, write_text
 
-__all__ = ["NEAR_DUPLICATE_MAX_DISTANCE", "AGAINST_SCOPE", "NO_FINDING", "Spread", "ImageStats", "FileIssue",
+__all__ = ["NEAR_DUPLICATE_MAX_DISTANCE", "AGAINST_SCOPE", "Spread", "ImageStats", "FileIssue",
            "DuplicatePair", "PatientOverlap", "ShortcutCheck", "AuditReport", "audit", "perceptual_hashes",
            "render_terminal"]
 
@@ -72,7 +72,6 @@ its source (0.5 is chance; 0.8 is the usual threshold of "excellent" discriminat
 _METADATA_COLUMNS = ["width", "height", "format", "mode", "bit_depth", "file_bytes", "sha256", "problem"]
 NO_SPLIT = "unsplit"
 AGAINST_SCOPE = "vs other dataset"
-NO_FINDING = "(no finding)"
 _LISTED = 50  # rows per list in the Markdown report; the JSON file has all of them
 _CHUNK_ELEMENTS = 1 << 23  # hash pairs compared per block: bounds the search's memory
 _SPLIT_ORDER = {name: i for i, name in enumerate((*SPLIT_NAMES, NO_SPLIT))}

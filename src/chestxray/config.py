@@ -121,7 +121,7 @@ class TrainConfig:
     weights: str = option("imagenet", "imagenet, none, or a .safetensors / state-dict file", group="Model")
     init: str = option("", "warm start from this bundle folder: its architecture, image size, fit mode, contrast and "
                            "weights (the classifier too when the classes are the bundle's)", group="Model")
-    image_size: int = option(288, "side of the square input, in pixels", group="Images", check=Interval(1))
+    image_size: int = option(256, "side of the square input, in pixels", group="Images", check=Interval(1))
     resize_start: float = option(
         1.0, "progressive resizing: the first epoch trains at this share of --image-size, growing linearly to the "
              "full size by the last epoch (1 = always full size)", group="Images", check=Interval(0, 1, "right"))
@@ -129,7 +129,7 @@ class TrainConfig:
                            check=Choices(FIT_MODES))
     contrast: str = option("none", "none or clahe (adaptive histogram equalisation before resizing)",
                            group="Images", check=Choices(CONTRASTS))
-    epochs: int = option(12, "most training epochs (early stopping may end sooner)", group="Optimisation",
+    epochs: int = option(13, "most training epochs (early stopping may end sooner)", group="Optimisation",
                          check=Interval(1))
     batch_size: int = option(32, "images per step", group="Optimisation", check=Interval(1))
     optimizer: str = option("adamw", "adamw, adam, rmsprop or sgd (with momentum)", group="Optimisation",

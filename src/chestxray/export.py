@@ -65,7 +65,7 @@ class _LogitsAndFeatures(nn.Module):
         super().__init__()
         self.model = model
         # In-place activations (timm's ReLU6(inplace=True)) make the dynamo exporter decompose hardtanh_
-        # through symbolic-shape arithmetic: 20 s of a 2-core CPU for Lite0 against 6 s out of place.
+        # through symbolic-shape arithmetic: 17-18 s of a 2-core CPU for Lite0 against 9-11 s out of place.
         # The outputs are the same; the model is the exporter's own copy, loaded from the bundle.
         for module in model.modules():
             if getattr(module, "inplace", False) is True:

@@ -31,22 +31,23 @@ def main() -> None:
 
     import torch
 
-    from chestxray.bundle import load_bundle
+    from chestxray.bundle import load_bundle, read_meta
     from chestxray.export import DEFAULT_OPSET, _export, _LogitsAndFeatures
     from chestxray.runners import OnnxRunner
 
     def export(in_place: bool, path: Path) -> float:
-        model, meta = load_bundle(args.bundle)
+        model, _ = load_bundle(args.bundle)
         wrapper = _LogitsAndFeatures(model)  # turns the activations out of place
         if in_place:
             for module in model.modules():
                 if hasattr(module, "inplace") and isinstance(module, (torch.nn.ReLU, torch.nn.ReLU6)):
                     module.inplace = True
-        example = torch.rand(2, 1, meta.image_size, meta.image_size)
+        example = torch.rand(2, 1, side, side)
         start = time.perf_counter()
         _export(wrapper.eval(), example, path, DEFAULT_OPSET)
         return time.perf_counter() - start
 
+    side = read_meta(args.bundle).image_size
     seconds: dict[str, list[float]] = {"in place": [], "out of place": []}
     with tempfile.TemporaryDirectory() as folder:
         paths = {kind: Path(folder) / f"{kind.replace(' ', '_')}.onnx" for kind in seconds}
@@ -54,7 +55,6 @@ def main() -> None:
         for _ in range(args.rounds):
             for kind in seconds:
                 seconds[kind].append(round(export(kind == "in place", paths[kind]), 2))
-        side = load_bundle(args.bundle)[1].image_size
         images = np.random.default_rng(0).random((4, 1, side, side), dtype=np.float32)
         outputs = {kind: OnnxRunner(path)(images) for kind, path in paths.items()}
     difference = max(float(np.abs(a - b).max()) for a, b in zip(*outputs.values()))

@@ -17,7 +17,7 @@ import chestxray
 PACKAGE = Path(chestxray.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "allocator", "provenance"),
+    ("errors", "allocator", "provenance", "console"),
     ("decode", "metrics", "storage", "logit_transform"),
     ("sources", "dicomcheck", "conformal", "lineage"),
     ("cache",),

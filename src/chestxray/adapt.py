@@ -35,8 +35,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
 
+from .console import make_console
 from .bundle import INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, save_bundle
 from .cache import build_cache
 from .calibration import Calibration, calibrate_outputs
@@ -64,7 +64,7 @@ FINETUNE_DEFAULTS = {"epochs": 4, "lr": 3e-4, "freeze_epochs": 0, "warmup_epochs
 REPORT_FILE = "adaptation.json"
 REPORT_HTML = "adaptation.html"
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 Fitted = TypeVar("Fitted")
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .console import make_console
 from .decode import NPZ_SEPARATOR, Preprocessing
 from .errors import ChestXrayError, InputError
 from .sources import Samples
@@ -35,7 +35,7 @@ from .storage import make_folder, reserve, write_error, write_text
 __all__ = ["ImageCache", "default_cache_dir", "fingerprint", "build_cache"]
 
 CACHE_VERSION = 1
-_console = Console(stderr=True)
+_console = make_console(stderr=True)
 _INLINE_BELOW = 64  # fewer images than this are decoded in-process: a pool costs more than it saves
 _CHECKSUM_BLOCK = 64 * 2**20  # bytes of pixels per CRC-32 step
 
@@ -196,7 +196,7 @@ def _decode_all(paths: list[str], preprocessing: Preprocessing, workers: int | N
     jobs = [(row, path, preprocessing) for row, path in enumerate(paths)]
     workers = workers or os.cpu_count() or 1
     columns = [TextColumn("caching {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=_console, disable=not progress, transient=True) as bar:
         task = bar.add_task(f"{len(jobs)} images at {preprocessing.size}px", total=len(jobs))
         if workers == 1 or len(jobs) < _INLINE_BELOW:
             results = map(_decode_one, jobs)

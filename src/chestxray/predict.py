@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cv2
 import numpy as np
 import pandas as pd
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .console import make_console
 from .bundle import INT8_ONNX_FILE, ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
 from .conformal import ConformalSets, check_coverage
 from .decode import NPZ_SEPARATOR, gray_array, is_image_file
@@ -673,4 +673,4 @@ def _unique(stem: str, used: set[str]) -> str:
 
 def _progress(enabled: bool) -> Progress:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
+    return Progress(*columns, console=make_console(stderr=True), disable=not enabled, transient=True)

@@ -38,9 +38,9 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                          ModelCheckpoint, RichProgressBar)
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
-from rich.console import Console
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from .console import make_console
 from .allocator import active_allocator
 from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle
 from .cache import ImageCache, build_cache
@@ -73,7 +73,7 @@ _FOLD = re.compile(r"fold\d+")
 MONITOR = "val_loss"
 """The validation figure (minimised) that picks the best epoch, stops training early and prunes sweep trials."""
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 for _logger in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_logger).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|litlogger|does not have many workers|sync_dist=True).*")

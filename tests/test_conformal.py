@@ -69,13 +69,65 @@ def test_sets_agree_with_the_stored_thresholds_and_grow_with_coverage():
     assert sets.sets(test_probs, coverage=0.95).sum() >= sets.sets(test_probs, coverage=0.8).sum()
 
 
-def test_a_class_with_too_few_calibration_images_is_never_ruled_out():
+def test_a_class_with_too_few_calibration_images_takes_the_pooled_threshold():
+    """Before: such a class was in every set, so a site with 8 borrowed COVID-19 images referred 105 of 105."""
     probs, labels = noisy_model(300, seed=5)
     keep = (labels != 1) | (np.cumsum(labels == 1) <= min_calibration_images(0.9) - 1)
     sets = fit_conformal(probs[keep], labels[keep], CLASSES, coverage=0.9)
-    assert sets.thresholds()["b"] is None
-    assert sets.sets(noisy_model(100, seed=6)[0])[:, 1].all()
+    assert sets.pooled_classes() == ["b"] and sets.to_dict()["pooled"] == ["b"]
+    scores = 1 - probs[keep][np.arange(keep.sum()), labels[keep]]
+    assert sets.thresholds()["b"] == pytest.approx(np.sort(scores)[int(np.ceil((len(scores) + 1) * 0.9)) - 1])
+    test_probs, test_labels = noisy_model(3000, seed=6)
+    inside = sets.sets(test_probs)
+    assert not inside[:, 1].all()  # b is ruled out where it is implausible
+    assert inside[test_labels == 1, 1].mean() >= 0.85  # and still covered about as promised
     assert min_calibration_images(0.9) == 9 and min_calibration_images(0.95) == 19
+
+
+def test_sets_of_older_bundles_keep_a_thin_class_in_every_set():
+    probs, labels = noisy_model(300, seed=5)
+    keep = (labels != 1) | (np.cumsum(labels == 1) <= min_calibration_images(0.9) - 1)
+    stored = fit_conformal(probs[keep], labels[keep], CLASSES, coverage=0.9).to_dict()
+    for key in ("fallback", "pooled", "absent"):
+        stored.pop(key)
+    old = ConformalSets.from_dict(stored, CLASSES)
+    assert old.thresholds()["b"] is None and old.sets(noisy_model(100, seed=6)[0])[:, 1].all()
+
+
+def test_an_absent_class_is_in_no_set_and_the_others_keep_their_coverage():
+    probs, labels = noisy_model(900, seed=3)
+    present = labels != 0
+    sets = fit_conformal(probs[present], labels[present], CLASSES, coverage=0.9, absent=["a"])
+    again = ConformalSets.from_dict(json.loads(json.dumps(sets.to_dict())), CLASSES)
+    test_probs, test_labels = noisy_model(3000, seed=4)
+    inside = again.sets(test_probs)
+    assert not inside[:, 0].any()
+    for k in (1, 2):
+        assert inside[test_labels == k, k].mean() >= 0.87
+    with pytest.raises(ChestXrayError, match="absent"):
+        fit_conformal(probs, labels, CLASSES, absent=["a", "b", "c"])
+
+
+def test_weighted_sets_follow_a_covariate_shift():
+    """Weighted split conformal (Tibshirani et al. 2019): calibration images weighted by the likelihood
+    ratio of the new site cover the site; unweighted ones do not."""
+    rng = np.random.default_rng(11)
+    def draw(n, hard_share):  # the site has more of the hard images of each class
+        labels = rng.integers(0, 3, n)
+        hard = rng.random(n) < hard_share
+        logits = rng.normal(0, 1, (n, 3))
+        logits[np.arange(n), labels] += np.where(hard, 0.3, 3.0)
+        return softmax(logits, axis=1), labels, hard
+    probs, labels, hard = draw(3000, 0.1)
+    site_probs, site_labels, site_hard = draw(4000, 0.6)
+    ratio = np.where(hard, 0.6 / 0.1, 0.4 / 0.9)  # p_site(x) / p_cal(x)
+    plain = fit_conformal(probs, labels, CLASSES, coverage=0.9)
+    weighted = fit_conformal(probs, labels, CLASSES, coverage=0.9, weights=ratio, test_weight=float(ratio.max()))
+    def covered(sets):
+        return sets.sets(site_probs)[np.arange(len(site_labels)), site_labels].mean()
+    assert covered(plain) < 0.85 and covered(weighted) >= 0.88
+    again = ConformalSets.from_dict(json.loads(json.dumps(weighted.to_dict())), CLASSES)
+    assert (again.sets(site_probs) == weighted.sets(site_probs)).all()
 
 
 def test_round_trip_through_json_gives_the_same_sets():

@@ -148,6 +148,11 @@ class TrainConfig:
         8, "backbone stages down-sampling up to this factor (2, 4, 8, 16) stay frozen for the whole run, so their "
            "backward pass, the costliest at full resolution, is skipped (0 = fine-tune every stage)",
         group="Optimisation", check=Choices((0, 2, 4, 8, 16)))
+    batch_norm: str = option(
+        "auto", "the backbone's batch-norm statistics: 'frozen' keeps the pretrained ones for the whole run (their "
+                "scale and shift still learn), 'train' re-estimates them from the training batches after the frozen "
+                "epochs; 'auto' is 'frozen' for pretrained or warm-started weights and 'train' for --weights none",
+        group="Optimisation", check=Choices(("auto", "frozen", "train")))
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", group="Regularisation",
                                     check=Interval(0, 1, "left"))
     balance: str = option("weights", "none, weights (class-weighted loss) or sampler (balanced batches)",

@@ -10,8 +10,16 @@ The p-values come from ``crepes`` (Boström, 2022-2026): a Mondrian ``ConformalC
 the calibration images' non-conformity scores, with their true class as the Mondrian category, and
 asked for each candidate class in that class's category. Non-smoothed p-values keep the sets
 deterministic (the same image always gets the same set). A class is in the set when its p-value is
-above ``1 - coverage``; a class with fewer than :func:`min_calibration_images` calibration images
-(9 at 90%) cannot be ruled out and is in every set.
+above ``1 - coverage``. A class with fewer than :func:`min_calibration_images` calibration images
+(9 at 90%) cannot be calibrated alone: sets fitted with ``fallback="pooled"`` (every set fitted since
+the site-adaptation work) give it the threshold of all classes' scores pooled (ordinary split
+conformal, marginal coverage) and say so in :attr:`ConformalSets.pooled`; older bundles' sets keep
+it in every set. A class declared ``absent`` (it does not occur where the model is used) is in no set.
+
+Under a shift between the calibration images and a site's, sets lose their coverage. Weighted split
+conformal (Tibshirani et al., 2019) restores it for a covariate shift: each calibration image gets the
+likelihood ratio ``w(x) = p_site(x) / p_cal(x)`` (from a domain classifier, :mod:`chestxray.adapt`), and
+the threshold is the weighted quantile in which the new image counts with weight ``test_weight``.
 
 Non-conformity scores (``SCORES``), computed from calibrated probabilities:
 
@@ -72,11 +80,27 @@ class ConformalSets:
     coverage: float = DEFAULT_COVERAGE
     calibration: dict[str, np.ndarray] = field(default_factory=dict)
     fitted_on: str = ""
+    fallback: str = "always"
+    """What a class with too few calibration images gets: ``always`` (in every set) or ``pooled``."""
+    absent: tuple[str, ...] = ()
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per class, the weight of each calibration score (aligned with the sorted scores); empty: all 1."""
+    test_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_coverage(self.coverage)
         if self.score not in SCORES:
             raise ChestXrayError(f"unknown conformal score {self.score!r}: use one of {', '.join(SCORES)}")
+        if self.fallback not in ("always", "pooled"):
+            raise ChestXrayError(f"unknown conformal fallback {self.fallback!r}: use always or pooled")
+        unknown = set(self.absent) - set(self.classes)
+        if unknown or len(set(self.absent)) >= len(self.classes):
+            raise ChestXrayError(f"conformal: absent classes {sorted(self.absent)} must be some of {self.classes}")
+        order = {name: np.argsort(np.asarray(self.calibration.get(name, ()), dtype=np.float64), kind="stable")
+                 for name in self.classes}
+        self.calibration = {name: np.asarray(self.calibration.get(name, ()), dtype=np.float64)[order[name]]
+                            for name in self.classes}
+        self.weights = {name: np.asarray(w, dtype=np.float64)[order[name]] for name, w in self.weights.items()}
         self._crepes: Any = None
 
     def p_values(self, probs: np.ndarray) -> np.ndarray:
@@ -101,7 +125,10 @@ class ConformalSets:
         """
         alphas = self._alphas(probs)
         limits = np.array([np.inf if t is None else t for t in self.thresholds(coverage).values()])
-        return alphas <= limits[None, :] + 1e-12
+        inside = alphas <= limits[None, :] + 1e-12
+        if self.absent:
+            inside[:, [self.classes.index(name) for name in self.absent]] = False
+        return inside
 
     def _alphas(self, probs: np.ndarray) -> np.ndarray:
         alphas = nonconformity(probs, self.score)
@@ -114,10 +141,23 @@ class ConformalSets:
         level = check_coverage(self.coverage if coverage is None else coverage)
         out: dict[str, float | None] = {}
         for name in self.classes:
-            scores = np.sort(np.asarray(self.calibration.get(name, ()), dtype=np.float64))
-            rank = int(np.ceil((len(scores) + 1) * level))
-            out[name] = float(scores[rank - 1]) if rank <= len(scores) else None
+            out[name] = _quantile(self.calibration[name], self.weights.get(name), level, self.test_weight)
+        pooled = self.pooled_classes(level)
+        if pooled:
+            present = [name for name in self.classes if name not in self.absent]
+            scores = np.concatenate([self.calibration[name] for name in present])
+            weights = np.concatenate([self.weights.get(name, np.ones(len(self.calibration[name]))) for name in present])
+            order = np.argsort(scores, kind="stable")
+            threshold = _quantile(scores[order], weights[order], level, self.test_weight)
+            out.update({name: threshold for name in pooled})
         return out
+
+    def pooled_classes(self, coverage: float | None = None) -> list[str]:
+        """The classes too thinly calibrated to stand alone that take the pooled threshold (``fallback="pooled"``)."""
+        if self.fallback != "pooled":
+            return []
+        needed = min_calibration_images(check_coverage(self.coverage if coverage is None else coverage))
+        return [name for name in self.classes if name not in self.absent and len(self.calibration[name]) < needed]
 
     def calibration_counts(self) -> dict[str, int]:
         """Calibration images per class."""
@@ -129,16 +169,23 @@ class ConformalSets:
                 "coverage": self.coverage, "fitted_on": self.fitted_on,
                 "counts": self.calibration_counts(),
                 "thresholds": self.thresholds(),
-                "calibration": {name: [round(float(v), 6) for v in np.sort(self.calibration.get(name, []))]
-                                for name in self.classes}}
+                "calibration": {name: [round(float(v), 6) for v in self.calibration[name]] for name in self.classes},
+                "fallback": self.fallback, "pooled": self.pooled_classes(), "absent": list(self.absent),
+                **({"weights": {name: [round(float(v), 6) for v in w] for name, w in self.weights.items()},
+                    "test_weight": self.test_weight} if self.weights else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], classes: list[str]) -> ConformalSets:
         """Rebuild from :meth:`to_dict`'s output (``classes``: the bundle's class order)."""
         try:
             calibration = {name: np.asarray(data["calibration"].get(name, []), dtype=np.float64) for name in classes}
+            weights = {name: np.asarray(w, dtype=np.float64) for name, w in (data.get("weights") or {}).items()}
+            if set(weights) - set(classes) or any(len(w) != len(calibration[n]) or not np.all(w >= 0)
+                                                  for n, w in weights.items()):
+                raise ValueError("weights do not match the calibration scores")
             return cls(list(classes), str(data["score"]), float(data["coverage"]), calibration,
-                       str(data.get("fitted_on", "")))
+                       str(data.get("fitted_on", "")), str(data.get("fallback", "always")),
+                       tuple(data.get("absent") or ()), weights, float(data.get("test_weight", 1.0)))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ChestXrayError(f"malformed conformal sets in the bundle ({type(err).__name__}: {err})") from None
 
@@ -150,13 +197,29 @@ def check_coverage(coverage: float) -> float:
     return float(coverage)
 
 
+def _quantile(scores: np.ndarray, weights: np.ndarray | None, level: float, test_weight: float) -> float | None:
+    """The conformal threshold of sorted ``scores``: the smallest score whose (weighted) share, with the new
+    image counted at ``test_weight`` as an infinite score, reaches ``level``; ``None``: no finite one does."""
+    if not len(scores):
+        return None
+    if weights is None:
+        rank = int(np.ceil((len(scores) + 1) * level))
+        return float(scores[rank - 1]) if rank <= len(scores) else None
+    cumulative = np.cumsum(weights)
+    k = int(np.searchsorted(cumulative, level * (cumulative[-1] + test_weight) - 1e-12))
+    return float(scores[k]) if k < len(scores) else None
+
+
 def fit_conformal(probs: np.ndarray, labels: np.ndarray, classes: list[str], *,
                   coverage: float = DEFAULT_COVERAGE, score: str = DEFAULT_SCORE,
-                  fitted_on: str = "") -> ConformalSets:
+                  fitted_on: str = "", absent: tuple[str, ...] | list[str] = (),
+                  weights: np.ndarray | None = None, test_weight: float = 1.0) -> ConformalSets:
     """Fit class-conditional conformal sets on held-out calibrated probabilities (N, C) and class indices (N,).
 
     The images must not have trained the model (validation, out-of-fold or a site's own labelled
-    images). ``fitted_on`` says which, for the model card.
+    images). ``fitted_on`` says which, for the model card. A class with too few images takes the pooled
+    threshold; ``absent`` classes are in no set; ``weights`` (N,) and ``test_weight`` give weighted split
+    conformal (see the module docstring).
     """
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     if probs.ndim != 2 or probs.shape[1] != len(classes) or labels.shape != (len(probs),):
@@ -168,8 +231,11 @@ def fit_conformal(probs: np.ndarray, labels: np.ndarray, classes: list[str], *,
     if labels.min() < 0 or labels.max() >= len(classes):
         raise ChestXrayError(f"conformal: class indices must be in 0..{len(classes) - 1}")
     alphas = nonconformity(probs, score)[np.arange(len(labels)), labels]
-    calibration = {name: np.sort(alphas[labels == k]) for k, name in enumerate(classes)}
-    return ConformalSets(list(classes), score, check_coverage(coverage), calibration, fitted_on)
+    calibration = {name: alphas[labels == k] for k, name in enumerate(classes)}
+    by_class = {} if weights is None else {name: np.asarray(weights, dtype=np.float64)[labels == k]
+                                           for k, name in enumerate(classes)}
+    return ConformalSets(list(classes), score, check_coverage(coverage), calibration, fitted_on, "pooled",
+                         tuple(absent), by_class, float(test_weight))
 
 
 def min_calibration_images(coverage: float) -> int:

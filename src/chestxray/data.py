@@ -11,9 +11,40 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-__all__ = ["CachedDataset", "to_model_input", "augment_batch", "mix_batch"]
+__all__ = ["CachedDataset", "EpochSampler", "epoch_seed", "to_model_input", "augment_batch", "mix_batch"]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's random draws: a function of the run's seed and the epoch alone, so that a
+    resumed run, or one with another number of loader workers, draws what an uninterrupted one draws."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler[int]):
+    """Training order drawn from ``(seed, epoch)`` alone: a permutation of ``n`` rows, or, with ``weights``,
+    ``n`` rows drawn with replacement in proportion to them (class balancing).
+
+    torch's ``RandomSampler`` draws from the global generator, so the order depended on what else had
+    drawn before it (a loader's worker seeds: a different ``num_workers`` gave a different run) and a
+    resumed run could not repeat an uninterrupted one. Lightning calls :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.p = None if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n) if self.p is None else rng.choice(self.n, self.n, replace=True, p=self.p)
+        return iter(order.tolist())
 
 
 class CachedDataset(Dataset):

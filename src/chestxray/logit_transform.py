@@ -37,6 +37,8 @@ TRAIN_KINDS = ("none", "temperature", "vector")
 SCALE_RANGE = (0.05, 20.0)
 BIAS_RANGE = (-20.0, 20.0)
 DEFAULT_FOLDS = 5
+ABSENT_LOGIT = -1e4
+"""The logit of a class ruled out at a site: exp(-1e4) is 0 in float64, and no NaN arises as -inf would."""
 _PRIOR = 1.0  # weight (in images) of the Gaussian prior pulling scale to 1 and bias to 0
 
 
@@ -47,6 +49,9 @@ class LogitTransform:
     kind: str = "none"
     scale: tuple[float, ...] = ()
     bias: tuple[float, ...] = ()
+    absent: tuple[int, ...] = ()
+    """Classes (indices) that do not occur where the model is used (a site without COVID-19 images): their
+    probability is 0 and the others share what they had."""
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """The transformed logits (float64)."""
@@ -55,7 +60,14 @@ class LogitTransform:
             z = z * np.asarray(self.scale)
         if self.bias:
             z = z + np.asarray(self.bias)
+        if self.absent:
+            z = z.copy() if z is logits else z
+            z[..., list(self.absent)] = ABSENT_LOGIT
         return z
+
+    def without(self, absent: tuple[int, ...] | list[int]) -> LogitTransform:
+        """This transform with the classes ``absent`` (indices) ruled out."""
+        return LogitTransform(self.kind, self.scale, self.bias, tuple(sorted(set(int(k) for k in absent))))
 
     def probabilities(self, logits: np.ndarray, task: str = "multiclass") -> np.ndarray:
         """Softmax (multi-class) or sigmoid (multi-label) of the transformed logits."""
@@ -69,8 +81,9 @@ class LogitTransform:
 
     def describe(self) -> str:
         """One line, e.g. ``temperature 1.40`` or ``vector scaling (scale 0.81..1.20, bias -0.30..0.45)``."""
+        ruled_out = f"; {len(self.absent)} class(es) ruled out at this site" if self.absent else ""
         if self.kind == "none":
-            return "none (the model's own probabilities)"
+            return "none (the model's own probabilities)" + ruled_out
         if self.kind == "temperature":
             return f"temperature {self.temperature:.2f}"
         parts = []
@@ -78,11 +91,12 @@ class LogitTransform:
             parts.append(f"scale {min(self.scale):.2f}..{max(self.scale):.2f}")
         if self.bias:
             parts.append(f"bias {min(self.bias):+.2f}..{max(self.bias):+.2f}")
-        return f"{self.kind} scaling ({', '.join(parts)})"
+        return f"{self.kind} scaling ({', '.join(parts)}){ruled_out}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, stored in the bundle's ``model.json`` under ``calibration``."""
-        return {"kind": self.kind, "scale": list(self.scale), "bias": list(self.bias)}
+        return {"kind": self.kind, "scale": list(self.scale), "bias": list(self.bias),
+                **({"absent": list(self.absent)} if self.absent else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, n_classes: int) -> LogitTransform:
@@ -94,10 +108,15 @@ class LogitTransform:
         sizes_ok = {"none": not scale and not bias, "temperature": len(scale) == 1 and not bias,
                     "bias": not scale and len(bias) == n_classes,
                     "vector": len(scale) == n_classes and len(bias) == n_classes}
-        if kind not in sizes_ok or not sizes_ok[kind]:
+        try:
+            absent = tuple(int(k) for k in data.get("absent") or ())
+        except (TypeError, ValueError):
+            absent = (-1,)
+        if kind not in sizes_ok or not sizes_ok[kind] or any(not 0 <= k < n_classes for k in absent) \
+                or len(set(absent)) >= n_classes:
             raise ChestXrayError(f"malformed calibration {data!r}: expected kind one of {', '.join(KINDS)} "
-                                 f"with one scale/bias per class ({n_classes})")
-        return cls(kind, scale, bias)
+                                 f"with one scale/bias per class ({n_classes}) and fewer absent classes than that")
+        return cls(kind, scale, bias, absent)
 
     @classmethod
     def from_temperature(cls, temperature: float) -> LogitTransform:

@@ -38,7 +38,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                          ModelCheckpoint, RichProgressBar)
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from .console import make_console
 from .allocator import active_allocator
@@ -46,7 +46,7 @@ from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundl
 from .cache import ImageCache, build_cache
 from .calibration import Calibration, calibrate
 from .config import RuntimeSettings, TrainConfig, load_config, save_config
-from .data import CachedDataset, augment_batch, mix_batch, to_model_input
+from .data import CachedDataset, EpochSampler, augment_batch, epoch_seed, mix_batch, to_model_input
 from .decode import content_hash
 from .errors import ChestXrayError, InputError
 from .audit import source_confound
@@ -222,13 +222,16 @@ class ClassifierModule(L.LightningModule):
         return F.cross_entropy(logits, targets, weight=weights, label_smoothing=smoothing)
 
     def on_train_epoch_start(self) -> None:
+        # every epoch's augmentation, mixup and dropout draws follow from (seed, epoch) alone: a resumed run
+        # repeats an uninterrupted one, whatever the loader's workers drew from the global generator
+        torch.manual_seed(epoch_seed(self.config.seed, self.current_epoch))
         frozen = self.current_epoch < self.config.freeze_epochs
         self.model.freeze_backbone(frozen)
         self.model.freeze_to_stride(self.config.frozen_stride)
-        if frozen:  # keep the pretrained batch-norm statistics while only the head learns
-            for module in self.model.backbone.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        keep_statistics = frozen or batch_norm_frozen(self.config)
+        for module in self.model.backbone.modules():  # set every epoch: Lightning restores the modes of
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # the epoch before after validation
+                module.train(not keep_statistics)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, targets = batch
@@ -274,6 +277,18 @@ class ClassifierModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batch_norm_frozen(config: TrainConfig) -> bool:
+    """Whether the backbone's batch-norm layers keep their starting statistics for the whole run
+    (``config.batch_norm``; ``auto``: when the weights start pretrained or warm-started).
+
+    Chosen on purpose: Lightning restores each module's train/eval mode after validation, so the eval
+    mode set for the frozen first epoch used to stick for the whole run, while a resumed run trained the
+    statistics; at the new site the frozen statistics generalised better (docs/results.md)."""
+    if config.batch_norm == "auto":
+        return config.weights != "none" or bool(config.init)
+    return config.batch_norm == "frozen"
 
 
 def validation_metrics(logits: torch.Tensor, targets: torch.Tensor, task: str) -> dict[str, float]:
@@ -630,16 +645,16 @@ def _class_weights(prepared: PreparedData, config: TrainConfig) -> torch.Tensor 
 def _loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings) -> tuple[DataLoader, DataLoader]:
     train_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.train_rows)
     val_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.val_rows)
-    sampler = None
+    weights = None
     if config.balance == "sampler" and prepared.samples.task == "multiclass":
         labels = prepared.targets[prepared.train_rows]
         weights = 1.0 / np.bincount(labels)[labels]
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels),
-                                        generator=torch.Generator().manual_seed(config.seed))
     common = {"num_workers": runtime.num_workers, "persistent_workers": runtime.num_workers > 0}
     drop_last = len(train_set) > config.batch_size
-    train = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                       drop_last=drop_last, **common)
+    # the order from (seed, epoch) alone, and the workers' seeds from the loader's own generator, never the
+    # global one: the same seed gives the same run with any --num-workers, resumed or not
+    train = DataLoader(train_set, batch_size=config.batch_size, sampler=EpochSampler(len(train_set), config.seed, weights),
+                       drop_last=drop_last, generator=torch.Generator().manual_seed(config.seed), **common)
     # validation scores in the runners' batch on a CPU (the figures do not depend on the batch; a small one
     # keeps activations in cache), in the training batch on a GPU
     val_batch = config.batch_size if torch.cuda.is_available() else DEFAULT_BATCH

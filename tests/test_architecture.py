@@ -26,12 +26,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("runners", "cam"),
     ("ood", "report", "modelcard"),
-    ("calibration",),
+    ("calibration", "label_free"),
     ("bundle", "config", "drift"),
     ("launch",),
     ("train", "predict", "dicomresult"),
     ("cv", "sweep", "evaluation", "export", "audittrail", "dicomweb", "adapt"),
-    ("serve", "quantize", "listen", "worklist"),
+    ("serve", "quantize", "listen", "worklist", "adapt_unlabeled"),
     ("cli",),
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}

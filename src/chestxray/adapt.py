@@ -129,14 +129,34 @@ def model_outputs(model: ChestXrayNet | EnsembleNet, images: np.ndarray) -> tupl
 # ---------------------------------------------------------------------- the local sample
 
 
+def site_absent(meta: BundleMeta, site_classes: Sequence[str] | None) -> list[int]:
+    """Indices of the model's classes a site declares absent: those not in ``site_classes`` (``None``:
+    every class occurs). One-line errors for a name the model does not have, or fewer than two classes."""
+    if site_classes is None:
+        return []
+    names = [name.strip() for name in site_classes if name.strip()]
+    unknown = sorted(set(names) - set(meta.classes))
+    if unknown:
+        raise ChestXrayError(f"--site-classes names {', '.join(unknown)}, which the model does not have "
+                             f"(its classes: {', '.join(meta.classes)})")
+    if len(set(names)) < 2:
+        raise ChestXrayError("--site-classes needs at least two of the model's classes: with one, there is "
+                             "nothing left to predict")
+    return [k for k, name in enumerate(meta.classes) if name not in names]
+
+
 def load_local(meta: BundleMeta, data: str | Path | Samples, *, cache_dir: str | Path | None = None,
-               progress: bool = True, min_per_class: int = MIN_PER_CLASS) -> LocalSample:
+               progress: bool = True, min_per_class: int = MIN_PER_CLASS,
+               site_classes: Sequence[str] | None = None) -> LocalSample:
     """Read the local labelled images (every split) for ``meta``'s model, refusing what cannot be adapted on.
 
-    One-line errors: classes the bundle does not have; a class with fewer than ``min_per_class``
-    readable images. Unreadable files are counted and named, the others used. Images the bundle was
+    One-line errors: classes the bundle does not have; a class the site declares present (``site_classes``,
+    default all of the model's) with no readable image, or one declared absent that has images. A present
+    class with fewer than ``min_per_class`` images is kept with a warning: its prediction sets take the
+    pooled threshold. Unreadable files are counted and named, the others used. Images the bundle was
     trained or validated on give a warning (all of them: the local sample *is* the training data).
     """
+    absent = {meta.classes[k] for k in site_absent(meta, site_classes)}
     samples = data if isinstance(data, Samples) else load_samples(data)
     if samples.task != "multiclass" or meta.task != "multiclass":
         raise ChestXrayError(f"{samples.origin}: site adaptation supports multi-class models and labels "
@@ -157,11 +177,23 @@ def load_local(meta: BundleMeta, data: str | Path | Samples, *, cache_dir: str |
     local = LocalSample(usable, np.asarray(cache.images)[ok], usable.targets(),
                         np.array([short_hash(p) or 0 for p in usable.frame["path"]], dtype=np.uint64), failed)
     counts = local.class_counts()
-    short = {name: n for name, n in counts.items() if n < min_per_class}
+    declared_absent = {name: n for name, n in counts.items() if name in absent and n}
+    if declared_absent:
+        have = ", ".join(f"{name} {n}" for name, n in declared_absent.items())
+        raise ChestXrayError(f"{samples.origin}: class(es) declared absent by --site-classes have local images "
+                             f"({have}); add them to --site-classes or leave their images out")
+    missing = [name for name, n in counts.items() if name not in absent and not n]
+    if missing:
+        raise ChestXrayError(f"{samples.origin}: no readable local image of {', '.join(missing)}; if the site has "
+                             f"no such cases, declare the classes that occur there, e.g. --site-classes "
+                             f"{','.join(name for name in meta.classes if name not in absent and name not in missing)}")
+    short = {name: n for name, n in counts.items() if name not in absent and n < min_per_class}
     if short:
         have = ", ".join(f"{name} {n}" for name, n in short.items())
-        raise ChestXrayError(f"{samples.origin}: too few readable local images in class(es) {have}; adaptation needs "
-                             f"at least {min_per_class} per class of the model ({', '.join(meta.classes)})")
+        message = (f"few local images of {have} (fewer than {min_per_class}): their prediction sets take the "
+                   "threshold of all classes pooled, and their figures are uncertain")
+        local.warnings.append(message)
+        console.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
     seen = check_seen(meta.seen_images, usable.frame["path"].tolist(), local.hashes)
     if seen is not None and seen.n_seen:
         if seen.n_seen == len(usable):
@@ -178,11 +210,12 @@ def load_local(meta: BundleMeta, data: str | Path | Samples, *, cache_dir: str |
 
 
 def local_transform(logits: np.ndarray, targets: np.ndarray, groups: np.ndarray | None = None, *,
-                    seed: int = 0) -> LogitTransform:
+                    seed: int = 0, absent: Sequence[int] = ()) -> LogitTransform:
     """The logit transform a site's own labelled images choose (any kind, sharpening allowed: they *are*
-    the new distribution)."""
-    return choose_logit_transform(logits, targets, "multiclass", kinds=KINDS, sharpen=True, groups=groups,
-                                  seed=seed).transform
+    the new distribution); ``absent`` classes ruled out."""
+    ruled_out = LogitTransform().without(absent)
+    return choose_logit_transform(ruled_out.apply(logits), targets, "multiclass", kinds=KINDS, sharpen=True,
+                                  groups=groups, seed=seed).transform.without(absent)
 
 
 def site_coverage(meta: BundleMeta) -> float:
@@ -192,17 +225,19 @@ def site_coverage(meta: BundleMeta) -> float:
 
 def site_calibration(meta: BundleMeta, logits: np.ndarray, features: np.ndarray, targets: np.ndarray,
                      groups: np.ndarray | None, *, ood: dict[str, Any] | None, fitted_on: str,
-                     seed: int = 0) -> Calibration:
+                     seed: int = 0, absent: Sequence[int] = ()) -> Calibration:
     """Everything :func:`~chestxray.calibration.calibrate_outputs` fits, on a site's labelled images: the
     logit transform (as :func:`local_transform`), operating points, conformal sets at the parent's
-    coverage, the drift reference and the figures; ``ood`` is the guard to keep (already fitted)."""
-    return calibrate_outputs(logits, targets, classes=list(meta.classes), task="multiclass", features=features,
-                             ood=ood, kinds=KINDS, sharpen=True, groups=groups, seed=seed, coverage=site_coverage(meta),
-                             fitted_on=fitted_on)
+    coverage, the drift reference and the figures; ``ood`` is the guard to keep (already fitted);
+    ``absent`` classes are ruled out."""
+    return calibrate_outputs(LogitTransform().without(absent).apply(logits), targets, classes=list(meta.classes),
+                             task="multiclass", features=features, ood=ood, kinds=KINDS, sharpen=True, groups=groups,
+                             seed=seed, coverage=site_coverage(meta), fitted_on=fitted_on, absent=absent)
 
 
 def recalibration(model: ChestXrayNet, meta: BundleMeta, logits: np.ndarray, features: np.ndarray,
-                  targets: np.ndarray, groups: np.ndarray | None = None, *, seed: int = 0) -> Adaptation:
+                  targets: np.ndarray, groups: np.ndarray | None = None, *, seed: int = 0,
+                  absent: Sequence[int] = ()) -> Adaptation:
     """Refit on these local images the logit transform, the operating points, the conformal sets, the
     drift reference and the OOD guard's reference scores (the local scores pooled with the parent's
     held-out ones, the threshold set again); the weights stay the parent's."""
@@ -212,13 +247,13 @@ def recalibration(model: ChestXrayNet, meta: BundleMeta, logits: np.ndarray, fea
         ood = guard.with_reference(guard.score(features)).to_dict()
     fitted_on = f"site's {len(targets)} local images (chestxray adapt, recalibrate)"
     return Adaptation(model, site_calibration(meta, logits, features, targets, groups, ood=ood,
-                                              fitted_on=fitted_on, seed=seed))
+                                              fitted_on=fitted_on, seed=seed, absent=absent))
 
 
 def finetune(bundle_dir: Path, meta: BundleMeta, local: LocalSample, rows: np.ndarray, work_dir: Path, *,
              with_samples: Samples | None = None, overrides: dict[str, Any] | None = None, seed: int = 0,
              cache_dir: str | Path | None = None, progress: bool = False,
-             runtime: RuntimeSettings | None = None) -> Adaptation:
+             runtime: RuntimeSettings | None = None, absent: Sequence[int] = ()) -> Adaptation:
     """Continue training the bundle's model on the local images at ``rows`` (plus ``with_samples``),
     early-stopped on an inner split of those local images, then recalibrated on that inner split;
     ``runtime`` (on one device) says how to use the machine."""
@@ -241,7 +276,7 @@ def finetune(bundle_dir: Path, meta: BundleMeta, local: LocalSample, rows: np.nd
     val_images, val_targets = local.images[rows][inner_val], local.targets[rows][inner_val]
     logits, features = model_outputs(model, val_images)
     calibration = site_calibration(meta, logits, features, val_targets, chosen.subset(inner_val).groups(),
-                                   ood=fitted.ood, seed=seed,
+                                   ood=fitted.ood, seed=seed, absent=absent,
                                    fitted_on=f"inner validation split of the local images ({len(inner_val)} images, "
                                              "chestxray adapt, finetune)")
     with_hashes = np.array([short_hash(p) or 0 for p in pool.frame["path"].iloc[extra_rows]], dtype=np.uint64)
@@ -332,9 +367,12 @@ def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
 def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = "recalibrate",
           with_data: str | Path | None = None, folds: int = DEFAULT_FOLDS, seed: int = 0, n_boot: int = 1000,
           overrides: dict[str, Any] | None = None, runtime: RuntimeSettings | None = None,
-          cache_dir: str | Path | None = None, progress: bool = True) -> AdaptationResult:
+          cache_dir: str | Path | None = None, progress: bool = True,
+          site_classes: Sequence[str] | None = None) -> AdaptationResult:
     """Estimate by k-fold inside the local sample what adapting ``bundle`` to ``data`` buys, then write the
-    child bundle, adapted on all of it, to ``out`` (see the module docstring)."""
+    child bundle, adapted on all of it, to ``out`` (see the module docstring). ``site_classes``: the
+    model's classes that occur at the site (the others are ruled out). Without labels, see
+    :func:`chestxray.adapt_unlabeled.adapt_unlabeled`."""
     if mode not in MODES:
         raise ChestXrayError(f"unknown adaptation mode {mode!r}: use {' or '.join(MODES)}")
     if with_data is not None and mode != "finetune":
@@ -347,20 +385,21 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
     parent, meta = load_bundle(bundle_dir)
     if isinstance(parent, EnsembleNet) and mode == "finetune":
         raise ChestXrayError(f"{bundle_dir}: a cross-validation ensemble can be recalibrated, not fine-tuned")
-    local = load_local(meta, data, cache_dir=cache_dir, progress=progress)
+    absent = site_absent(meta, site_classes)
+    local = load_local(meta, data, cache_dir=cache_dir, progress=progress, site_classes=site_classes)
     with_samples = _with_samples(with_data, meta) if with_data is not None else None
     groups = local.samples.groups()
     logits, features = model_outputs(parent, local.images)
-    before = meta.logit_transform().probabilities(logits)
+    before = meta.logit_transform().probabilities(logits)  # the parent as it is (absent classes included)
     classes, coverage = list(meta.classes), site_coverage(meta)
     console.print(f"estimating by {folds}-fold inside {len(local.images)} local images ({mode})")
     rows = np.arange(len(local.images))
     with tempfile.TemporaryDirectory(prefix="chestxray-adapt-") as work:
         if mode == "recalibrate":
             def fit_fold(items: tuple[np.ndarray, ...], targets: np.ndarray) -> tuple[LogitTransform, ConformalSets]:
-                transform = local_transform(items[0], targets, items[1], seed=seed)
+                transform = local_transform(items[0], targets, items[1], seed=seed, absent=absent)
                 return transform, fit_conformal(transform.probabilities(items[0]), targets, classes,
-                                                coverage=coverage)
+                                                coverage=coverage, absent=[classes[k] for k in absent])
 
             def predict_fold(fitted: tuple[LogitTransform, ConformalSets], items: tuple[np.ndarray, ...]) -> np.ndarray:
                 probs = fitted[0].probabilities(items[0])
@@ -368,14 +407,14 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
 
             outputs, fold_of = cross_fitted((logits, groups), local.targets, groups, folds, seed, fit_fold,
                                             predict_fold)
-            child = recalibration(parent, meta, logits, features, local.targets, groups, seed=seed)
+            child = recalibration(parent, meta, logits, features, local.targets, groups, seed=seed, absent=absent)
         else:
             counter = iter(range(folds + 1))
 
             def fit_fold(items: tuple[np.ndarray, ...], targets: np.ndarray) -> Adaptation:
                 return finetune(bundle_dir, meta, local, items[0], Path(work) / f"fold{next(counter)}",
                                 with_samples=with_samples, overrides=overrides, seed=seed, cache_dir=cache_dir,
-                                runtime=runtime)
+                                runtime=runtime, absent=absent)
 
             def predict_fold(fitted: Adaptation, items: tuple[np.ndarray, ...]) -> np.ndarray:
                 probs = fitted.probabilities(local.images[items[0]])
@@ -383,7 +422,7 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
 
             outputs, fold_of = cross_fitted((rows,), local.targets, groups, folds, seed, fit_fold, predict_fold)
             child = finetune(bundle_dir, meta, local, rows, Path(work) / "all", with_samples=with_samples,
-                             overrides=overrides, seed=seed, cache_dir=cache_dir, runtime=runtime)
+                             overrides=overrides, seed=seed, cache_dir=cache_dir, runtime=runtime, absent=absent)
     after, after_sets = outputs[:, :len(classes)], outputs[:, len(classes):].astype(bool)
     comparison = compare(local.targets, before, after, classes, n_boot=n_boot, seed=seed)
     before_sets = ConformalSets.from_dict(meta.conformal, classes).sets(before) if meta.conformal else None

@@ -65,6 +65,9 @@ class Calibration:
     loss_calibrated: float | None = None
     transform: LogitTransform = field(default_factory=LogitTransform)
     transform_choice: dict[str, Any] | None = None
+    held_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, compare=False, repr=False)
+    """``(logits, features, targets)`` of the held-out images (from :func:`calibrate`): the bundle keeps
+    them (``heldout.npz``) for label-free site adaptation."""
 
     def bundle_fields(self) -> dict[str, Any]:
         """The ``BundleMeta`` fields this calibration sets: ``BundleMeta(..., **calibration.bundle_fields())``."""
@@ -91,9 +94,12 @@ def calibrate(model: Runner | Any, images: np.ndarray, targets: np.ndarray, *, c
     runner = as_runner(model)
     guard_features = run_images(runner, guard_images, batch_size)[1] if guard_images is not None else None
     logits, features = run_images(runner, images, batch_size)
-    return calibrate_outputs(logits, targets, classes=classes, task=task, features=features,
-                             guard_features=guard_features, guard_targets=guard_targets, fitted_on=fitted_on,
-                             seed=seed, coverage=coverage, groups=groups)
+    calibration = calibrate_outputs(logits, targets, classes=classes, task=task, features=features,
+                                    guard_features=guard_features, guard_targets=guard_targets, fitted_on=fitted_on,
+                                    seed=seed, coverage=coverage, groups=groups)
+    if task == "multiclass" and len(logits):
+        calibration.held_out = (logits, features, np.asarray(targets))
+    return calibration
 
 
 def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[str], task: str,
@@ -102,7 +108,8 @@ def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[
                       seed: int = 0, coverage: float = DEFAULT_COVERAGE,
                       ood_flags: np.ndarray | None = None, groups: np.ndarray | None = None,
                       kinds: Sequence[str] = TRAIN_KINDS, sharpen: bool = False,
-                      ood: dict[str, Any] | None = None) -> Calibration:
+                      ood: dict[str, Any] | None = None, absent: Sequence[int] = (),
+                      weights: np.ndarray | None = None, test_weight: float = 1.0) -> Calibration:
     """:func:`calibrate` from outputs already computed: held-out ``logits`` (N, C) and ``features``,
     and the training ``guard_features`` for the OOD guard (none without them), or ``ood``, a guard
     already fitted (its dict). ``fitted_on`` says which images these are (kept with the conformal
@@ -111,7 +118,9 @@ def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[
     elsewhere (a CV ensemble's), for the reference referral rate. ``groups`` (patient of each
     held-out image) keep a patient's images in one fold when the transform is chosen among
     ``kinds``; ``sharpen`` allows scales above 1 (a site's own images, :mod:`chestxray.adapt`; never a
-    model's own validation images)."""
+    model's own validation images). ``absent`` (class indices that do not occur where the model is used)
+    get probability 0 and no place in a set; ``weights`` and ``test_weight`` make the sets weighted split
+    conformal (:mod:`chestxray.conformal`)."""
     calibration = Calibration(ood=ood)
     if guard_features is not None:
         calibration.ood = fit_guard(guard_features, guard_targets, features)
@@ -121,25 +130,28 @@ def calibrate_outputs(logits: np.ndarray, targets: np.ndarray, *, classes: list[
     calibration.scores = logit_scores(logits, targets, task)
     choice = choose_logit_transform(logits, targets, task, kinds=tuple(kinds), sharpen=sharpen, groups=groups,
                                     seed=seed)
-    calibration.transform, calibration.transform_choice = choice.transform, choice.to_dict()
+    transform = choice.transform.without(absent) if len(absent) else choice.transform
+    calibration.transform, calibration.transform_choice = transform, choice.to_dict()
     calibration.temperature = choice.transform.temperature
-    calibration.loss_calibrated = float(per_image_nll(logits, targets, task, choice.transform).mean())
-    probs = choice.transform.probabilities(logits, task)
+    calibration.loss_calibrated = float(per_image_nll(logits, targets, task, transform).mean())
+    probs = transform.probabilities(logits, task)
     calibration.operating_points = operating_points(targets, probs, classes)
     if ood_flags is None and calibration.ood is not None and features is not None and len(features):
         guard = OODGuard.from_dict(calibration.ood)
         ood_flags = guard.is_ood(guard.score(features))
     _fit_trust(calibration, probs, targets, classes, task, ood_flags=ood_flags, fitted_on=fitted_on, seed=seed,
-               coverage=coverage)
+               coverage=coverage, absent=[classes[k] for k in absent], weights=weights, test_weight=test_weight)
     return calibration
 
 
 def _fit_trust(calibration: Calibration, probs: np.ndarray, targets: np.ndarray, classes: list[str], task: str, *,
-               ood_flags: np.ndarray | None, fitted_on: str, seed: int, coverage: float) -> None:
+               ood_flags: np.ndarray | None, fitted_on: str, seed: int, coverage: float, absent: Sequence[str] = (),
+               weights: np.ndarray | None = None, test_weight: float = 1.0) -> None:
     """Fill ``calibration``'s conformal sets, drift reference and validation figures from the calibrated
     held-out ``probs`` (non-empty); ``ood_flags``: the held-out images' OOD flags, for the referral rate."""
     if task == "multiclass":
-        sets = fit_conformal(probs, targets, classes, coverage=coverage, fitted_on=fitted_on)
+        sets = fit_conformal(probs, targets, classes, coverage=coverage, fitted_on=fitted_on, absent=absent,
+                             weights=weights, test_weight=test_weight)
         small = sets.pooled_classes()
         if small:
             log.warning("conformal sets: %s ha%s fewer than %d held-out images; %s the threshold of all classes "

@@ -311,9 +311,19 @@ def _audit_trail(path: Optional[Path], disabled: bool, patient_fields: bool = Fa
 @training_options
 def adapt(bundle: Path = BundleArg,
           data: Path = typer.Argument(..., help="The site's labelled images: a class folder tree, a CSV/TSV manifest "
-                                                "or a MedMNIST .npz (every split is used)."),
+                                                "or a MedMNIST .npz (every split is used); with --unlabeled or "
+                                                "--suggest, any folder of images (labels ignored)."),
           out: Path = typer.Option(..., "--out", help="Folder for the child bundle (with adaptation.json and "
-                                                       "adaptation.html)."),
+                                                       "adaptation.html); with --suggest, the CSV to write."),
+          unlabeled: bool = typer.Option(False, "--unlabeled", help="Adapt from the site's images alone: pseudo-labels "
+                                         "by feature centroids, a new classifier layer, sets refitted on the parent's "
+                                         "validation images weighted towards the site, OOD and drift references "
+                                         "refitted."),
+          site_classes: Optional[str] = typer.Option(None, "--site-classes", help="Comma-separated classes that occur "
+                                                     "at the site (e.g. no covid19 at a children's hospital); the "
+                                                     "others are never predicted and leave the sets."),
+          suggest: Optional[int] = typer.Option(None, "--suggest", min=1, help="Write the N site images whose labels "
+                                                "would help most as a CSV (--out) to fill in; adapts nothing."),
           mode: str = typer.Option("recalibrate", "--mode", help="recalibrate (weights untouched: logit transform, "
                                    "operating points, OOD reference scores) or finetune (continue training)."),
           with_data: Optional[Path] = typer.Option(None, "--with", help="finetune: also train on this labelled data "
@@ -333,12 +343,35 @@ def adapt(bundle: Path = BundleArg,
 
     overrides, runtime_overrides = dict(settings[0]), settings[1]
     seed = overrides.pop("seed", 0)
+    declared = site_classes.split(",") if site_classes is not None else None
+    if suggest is not None or unlabeled:
+        if mode != "recalibrate" or with_data is not None or overrides or runtime_overrides:
+            raise ChestXrayError("--unlabeled and --suggest take no --mode finetune, --with or training options")
+        from .adapt_unlabeled import adapt_unlabeled, suggest_labels, unlabeled_headline
+
+        if suggest is not None:
+            table = suggest_labels(bundle, data, suggest, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
+                                   progress=err_console.is_terminal)
+            console.print(f"{len(table)} images to label: {out} (fill in its label column, then run chestxray adapt "
+                          f"BUNDLE {out} --out CHILD)", soft_wrap=True, highlight=False)
+            return
+        found = adapt_unlabeled(bundle, data, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
+                                progress=err_console.is_terminal)
+        if onnx:
+            from .export import export_onnx
+
+            exported = export_onnx(found.bundle_dir, parity_images=found.site.paths[:ONNX_PARITY_IMAGES])
+            console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e})")
+        for line in unlabeled_headline(found):
+            console.print(line, soft_wrap=True, highlight=False)
+        console.print(f"bundle: {found.bundle_dir}", soft_wrap=True)
+        return
     if (overrides or runtime_overrides) and mode != "finetune":
         given = ", ".join("--" + k.replace("_", "-") for k in [*overrides, *runtime_overrides])
         raise ChestXrayError(f"training options ({given}) only apply to --mode finetune")
     result = run_adapt(bundle, data, out, mode=mode, with_data=with_data, folds=folds, seed=seed, n_boot=n_boot,
                        overrides=overrides, runtime=RuntimeSettings().replace(**runtime_overrides),
-                       cache_dir=cache_dir, progress=err_console.is_terminal)
+                       cache_dir=cache_dir, progress=err_console.is_terminal, site_classes=declared)
     if onnx and mode == "finetune":
         from .export import export_onnx
 

@@ -120,6 +120,11 @@ def describe_lineage(lineage: dict[str, Any] | None) -> str | None:
     """One line naming the site adaptation a bundle carries, ``None`` for a bundle that was not adapted."""
     if not lineage:
         return None
+    if lineage.get("mode") == "unlabeled":
+        ruled_out = ", ".join(lineage.get("absent_classes") or []) or "none"
+        return (f"site-adapted without labels on {lineage.get('n_images')} images (classes ruled out: {ruled_out}), "
+                f"data {str(lineage.get('data_fingerprint', ''))[:12]}, from parent {lineage.get('parent_id')} "
+                f"on {str(lineage.get('date', ''))[:10]}")
     if lineage.get("mode") not in ("recalibrate", "finetune"):
         return f"warm-started from {lineage.get('parent_id')} on {str(lineage.get('date', ''))[:10]}"
     counts = ", ".join(f"{k} {v}" for k, v in (lineage.get("class_counts") or {}).items())

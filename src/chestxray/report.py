@@ -209,8 +209,31 @@ def calibration_verdict(ece_before: float, ece_after: float, transform: str | No
     return f"{what} lowered the expected calibration error on these images from {ece_before:.3f} to {ece_after:.3f}."
 
 
+def _unlabeled_section(summary: dict[str, Any]) -> str:
+    """What a label-free site adaptation changed, measured without labels."""
+    before, after = summary["before"], summary["after"]
+
+    def shares(side: dict[str, Any]) -> str:
+        return ", ".join(f"{name} {100 * v:.0f}%" for name, v in side["predicted_shares"].items())
+
+    rows = [("predicted class shares", shares(before), shares(after)),
+            ("mean confidence", _cell(before["mean_confidence"]), _cell(after["mean_confidence"]))]
+    if "referred_share" in after:
+        rows.append(("referred", f"{100 * before['referred_share']:.1f}%" if "referred_share" in before else "–",
+                     f"{100 * after['referred_share']:.1f}%"))
+    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                   for a, b, c in rows)
+    ruled_out = ", ".join(summary.get("absent_classes") or []) or "none"
+    return (f"<h2>Site adaptation without labels</h2><p>{summary['n']} site images; classes ruled out: "
+            f"{html.escape(ruled_out)}; labels changed for {100 * summary['changed_label_share']:.1f}% of them. "
+            f"{html.escape(summary['method'])}.</p><table><tr><th></th><th>before</th><th>after</th></tr>{body}"
+            f"</table><p>{html.escape(summary['unchecked'])}.</p>")
+
+
 def _adaptation_section(summary: dict[str, Any]) -> str:
     """Before/after of a site adaptation, estimated by k-fold inside the local sample."""
+    if summary.get("mode") == "unlabeled":
+        return _unlabeled_section(summary)
     before, after, diff = summary["before"], summary["after"], summary["difference"]
 
     def share(metrics: dict[str, Any], name: str) -> str:

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from .console import make_console
 from .allocator import active_allocator
-from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle
+from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle, save_held_out
 from .cache import ImageCache, build_cache
 from .calibration import Calibration, calibrate
 from .config import RuntimeSettings, TrainConfig, load_config, save_config
@@ -615,7 +615,10 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
         return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
     calibration = calibrate_on_validation(model, prepared, config.seed)
     meta = bundle_meta(prepared, config, calibration, history)
-    return RunResult(run_dir, save_bundle(run_dir / "bundle", model, meta), meta.metrics, history, calibration)
+    bundle_dir = save_bundle(run_dir / "bundle", model, meta)
+    if calibration.held_out is not None:
+        save_held_out(bundle_dir, *calibration.held_out)
+    return RunResult(run_dir, bundle_dir, meta.metrics, history, calibration)
 
 
 PROVENANCE_PATTERNS = ("README*", "LICENSE*", "LICENCE*", "SOURCES*", "CITATION*", "MANIFEST*")

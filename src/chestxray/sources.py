@@ -219,6 +219,7 @@ def _from_medmnist(npz: Path) -> Samples:
         raise ChestXrayError(f"{npz}: not a readable MedMNIST .npz file ({err})") from None
     if not labels:
         raise ChestXrayError(f"{npz}: no train_labels/val_labels/test_labels arrays (MedMNIST layout)")
+    _check_medmnist_lengths(npz, {split: len(values) for split, values in labels.items()})
     n_columns = next(iter(labels.values())).reshape(len(next(iter(labels.values()))), -1).shape[1]
     multilabel = n_columns > 1
     n_classes = n_columns if multilabel else int(max(v.max() for v in labels.values())) + 1
@@ -232,3 +233,27 @@ def _from_medmnist(npz: Path) -> Samples:
             rows.append({"path": f"{npz}{NPZ_SEPARATOR}{split}/{i}", "label": label, "split": split,
                          "patient_id": "", "source": "medmnist"})
     return Samples(_frame(rows), classes, "multilabel" if multilabel else "multiclass", str(npz))
+
+
+def _check_medmnist_lengths(npz: Path, n_labels: dict[str, int]) -> None:
+    """Refuse a split whose ``<split>_images`` is missing or holds another number of images than
+    ``<split>_labels`` has labels (read from the arrays' headers: no image is loaded)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(npz) as archive:
+            for split, count in n_labels.items():
+                member = f"{split}_images.npy"
+                if member not in archive.namelist():
+                    raise ChestXrayError(f"{npz}: {split}_labels has {count} labels but there is no {split}_images array")
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape = read(handle)[0]
+                images = shape[0] if shape else 0
+                if images != count:
+                    raise ChestXrayError(f"{npz}: {split}_images holds {images} images but {split}_labels "
+                                         f"{count} labels; the arrays must be the same length")
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ChestXrayError(f"{npz}: not a readable MedMNIST .npz file ({err})") from None

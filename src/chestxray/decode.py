@@ -25,7 +25,7 @@ from .errors import InputError
 __all__ = ["FIT_MODES", "CONTRASTS", "MAX_PIXELS", "MAX_FILE_BYTES", "IMAGE_SUFFIXES", "NPZ_SEPARATOR",
            "ImageInfo", "load_image", "decoding", "FitGeometry", "fit_geometry", "fit_square",
            "normalize_contrast", "Preprocessing", "preprocess", "probe_image", "content_hash", "is_image_file",
-           "gray_array"]
+           "gray_array", "read_file"]
 
 ImageSource = Union[str, Path, bytes]
 FitMode = Literal["pad", "crop"]
@@ -79,7 +79,7 @@ def load_image(source: ImageSource, *, min_side: int | None = None, name: str | 
         else:
             info = probe_image(source)  # header first: an oversized image is refused before it is read
             _check_size(info.width, info.height, label, info.frames)
-            data = _read_file(Path(source))
+            data = read_file(source)
         if not data:
             raise InputError(label, "empty file (0 bytes)")
         if len(data) > MAX_FILE_BYTES:
@@ -262,12 +262,21 @@ def _file_size(path: Path) -> int:
     return size
 
 
-def _read_file(path: Path) -> bytes:
+def read_file(path: str | Path) -> bytes:
+    """The bytes of an input file, checked before any byte is read: a missing path, anything but a
+    regular file (a device such as ``/dev/zero``, a FIFO, a folder), an empty file or one over
+    :data:`MAX_FILE_BYTES` is refused (:class:`InputError`); the read itself stops past the limit too
+    (a file that grew meanwhile). The one guard for every path that reads a whole input file."""
+    path = Path(path)
     _file_size(path)
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         raise InputError(path, f"cannot read ({err.strerror or err})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError(path, f"file of over {MAX_FILE_BYTES:,} bytes exceeds the limit")
+    return data
 
 
 def _is_dicom(data: bytes, label: str) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from .audittrail import AuditTrail, audit_assessment, local_caller, sha256_bytes
-from .decode import _is_dicom
+from .decode import _is_dicom, read_file
 from .dicomresult import assess, assessments_table, patient_fields, read_dataset, referral
 from .errors import ChestXrayError, InputError
 
@@ -112,10 +112,9 @@ def _score_files(predictor: Any, files: list[str], audit: AuditTrail | None) -> 
     dicoms, others = [], []
     for file in files:
         try:
-            data = Path(file).read_bytes()
-        except OSError as err:
-            rows.append({"worklist_key": _key("path", file), "path": file, "refer": True,
-                         "error": f"cannot read ({err.strerror or err})"})
+            data = read_file(file)  # decode's guard: type and size checked before a byte is read
+        except InputError as err:
+            rows.append({"worklist_key": _key("path", file), "path": file, "refer": True, "error": err.reason})
             continue
         if data and _is_dicom(data, file):
             try:

@@ -205,3 +205,18 @@ def test_worklist_refuses_devices_fifos_and_oversize_files_before_reading(predic
     assert errors["/dev/zero"] == "not a file" and errors[str(fifo)] == "not a file"
     assert "exceeds the limit" in errors[str(sparse)] and errors[str(tmp_path / "ok.png")] == ""
 
+
+def test_a_repeated_worklist_row_is_scored_once_and_said_so(bundle, tmp_path, capsys, monkeypatch):
+    from test_cli import run_main
+
+    for i in range(2):
+        (tmp_path / f"x{i}.png").write_bytes(png_bytes(seed=i))
+    worklist = tmp_path / "list.csv"
+    worklist.write_text("path\nx0.png\nx1.png\nx0.png\n./x0.png\n" + f"{tmp_path / 'x1.png'}\n")
+    out = tmp_path / "out.csv"
+    code, err = run_main(monkeypatch, capsys, "predict", str(bundle), "--worklist", str(worklist), "--out", str(out),
+                         "--no-audit")
+    table = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert code == 0, err
+    assert sorted(table["path"]) == [str(tmp_path / "x0.png"), str(tmp_path / "x1.png")]
+    assert "5 worklist entries" in err and "2 scored now" in err and "3 repeated row(s) scored once" in err

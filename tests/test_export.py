@@ -236,3 +236,27 @@ def test_a_graph_the_bundle_never_recorded_is_refused_and_auto_falls_back(export
         load_model(bundle, backend="onnx")
     assert load_model(bundle, backend="auto").backend == "torch" and "using the torch backend" in caplog.text
 
+
+def test_arch_is_checked_on_the_onnx_path(exported: ExportResult, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    data = json.loads((bundle / "model.json").read_text())
+    (bundle / "model.json").write_text(json.dumps({**data, "arch": "resnet50"}))  # a registry name, not the graph's
+    with pytest.raises(ChestXrayError, match="model.onnx: the graph is a resnet18 but model.json declares arch 'resnet50'"):
+        load_model(bundle, backend="onnx")
+    with pytest.raises(ChestXrayError, match="weights do not match the resnet50"):  # auto: then torch refuses too
+        load_model(bundle, backend="auto")
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnx", "torch"])
+def test_an_arch_that_is_no_registry_name_is_refused_by_every_backend(exported: ExportResult, tmp_path: Path,
+                                                                      capsys, monkeypatch, backend: str) -> None:
+    from test_cli import run_main
+
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    data = json.loads((bundle / "model.json").read_text())
+    (bundle / "model.json").write_text(json.dumps({**data, "arch": "../../../../etc/passwd"}))
+    image = tmp_path / "x.png"
+    Image.fromarray(xray_array(60, 80)).save(image)
+    code, err = run_main(monkeypatch, capsys, "predict", str(bundle), str(image), "--backend", backend, "--no-audit")
+    assert code != 0 and "arch" in err and "not a model registry name" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,8 @@ ONNX_ARCH_KEY = "chestxray.arch"
 """The ONNX metadata entry holding the architecture the graph was exported from."""
 RECORDED_FILES = (WEIGHTS_FILE, ONNX_FILE, INT8_ONNX_FILE)
 """The files a bundle loads for inference, whose sha256 ``model.json`` records in ``files``."""
+ARCH_PATTERN = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$"
+"""What a model registry name looks like (timm's: ``name`` or ``name.pretrained_tag``): never a path."""
 
 MAX_IMAGE_SIZE = 2048
 """Largest input side a bundle may declare (its model is built at that size for every image)."""
@@ -130,6 +133,13 @@ class BundleSchema(BaseModel):
     seen_images: _SeenImages | None = None
     lineage: _Lineage | None = None
     files: dict[Literal[RECORDED_FILES], Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = {}
+
+    @field_validator("arch")
+    @classmethod
+    def _registry_name(cls, arch: str) -> str:
+        if not re.fullmatch(ARCH_PATTERN, arch):
+            raise ValueError(f"{arch[:60]!r} is not a model registry name (such as tf_efficientnet_lite0)")
+        return arch
 
     @field_validator("classes")
     @classmethod
@@ -387,10 +397,15 @@ def weights_digest(directory: str | Path) -> str:
     return file_sha256(Path(directory) / WEIGHTS_FILE)
 
 
-def check_onnx(directory: str | Path, metadata: dict[str, str], onnx_path: str | Path | None = None) -> None:
-    """Refuse an ONNX graph (its custom ``metadata``) exported from other weights than the bundle's."""
+def check_onnx(directory: str | Path, metadata: dict[str, str], onnx_path: str | Path | None = None,
+               meta: BundleMeta | None = None) -> None:
+    """Refuse an ONNX graph (its custom ``metadata``) exported from other weights than the bundle's, or
+    (given the bundle's ``meta``) from another architecture than the one ``model.json`` declares."""
     path = Path(onnx_path or Path(directory) / ONNX_FILE)
     again = " --quantize int8 --calibration-data DATA" if path.name == INT8_ONNX_FILE else ""
     if metadata.get(ONNX_WEIGHTS_KEY) != weights_digest(directory):
         raise InputError(path, "exported from other weights than the bundle's; export it again "
                                f"with `chestxray export BUNDLE --format onnx{again}`")
+    graph_arch = metadata.get(ONNX_ARCH_KEY)
+    if meta is not None and graph_arch is not None and graph_arch != meta.arch:
+        raise InputError(path, f"the graph is a {graph_arch} but {META_FILE} declares arch {meta.arch!r}")

@@ -369,7 +369,7 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
                                  f"`chestxray export {directory} --format onnx{how}` or use the torch backend")
         verify_file(directory, meta, onnx_path.name)  # before onnxruntime parses a byte of it
         runner = OnnxRunner(onnx_path, threads)
-        check_onnx(directory, runner.metadata, onnx_path)
+        check_onnx(directory, runner.metadata, onnx_path, meta)
         return Predictor(runner, meta, **trust)
     raise ChestXrayError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 

@@ -7,6 +7,8 @@ and the decompression-bomb guard. Every failure raises :class:`InputError` namin
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import io
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from .errors import InputError
 __all__ = ["FIT_MODES", "CONTRASTS", "MAX_PIXELS", "MAX_FILE_BYTES", "IMAGE_SUFFIXES", "NPZ_SEPARATOR",
            "ImageInfo", "load_image", "decoding", "FitGeometry", "fit_geometry", "fit_square",
            "normalize_contrast", "Preprocessing", "preprocess", "probe_image", "content_hash", "is_image_file",
-           "gray_array", "read_file"]
+           "gray_array", "read_file", "find_images"]
 
 ImageSource = Union[str, Path, bytes]
 FitMode = Literal["pad", "crop"]
@@ -238,6 +240,18 @@ def content_hash(ref: str) -> str:
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` has a suffix of a format this module decodes."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def find_images(root: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files under the folder ``root`` (recursively, sorted), and the folders that could
+    not be listed as ``(folder, reason)``: an unreadable folder is reported, never skipped unsaid."""
+    unreadable: list[tuple[str, str]] = []
+
+    def failed(err: OSError) -> None:
+        unreadable.append((str(err.filename or root), f"cannot read this folder ({err.strerror or err})"))
+
+    files = [str(Path(folder) / name) for folder, _, names in os.walk(root, onerror=failed, followlinks=True) for name in names]
+    return sorted(f for f in files if Path(f).is_file() and is_image_file(Path(f))), sorted(unreadable)
 
 
 def _one_line(err: BaseException) -> str:

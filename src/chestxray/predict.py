@@ -41,7 +41,7 @@ from .console import make_console
 from .bundle import (INT8_ONNX_FILE, ONNX_FILE, BundleMeta, ChangedFileError, check_onnx, load_bundle, read_meta,
                      verify_file)
 from .conformal import ConformalSets, check_coverage
-from .decode import NPZ_SEPARATOR, gray_array, is_image_file
+from .decode import NPZ_SEPARATOR, find_images, gray_array
 from .dicomcheck import DEFAULT_POLICY, HeaderCheck, HeaderPolicy, inspect_source
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
@@ -386,8 +386,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     for item in map(str, inputs):
         path = Path(item).expanduser()
         if path.is_dir():
-            files = sorted(str(f) for f in path.rglob("*") if f.is_file() and is_image_file(f))
-            entries += [(f, None) for f in files] or [(item, "no image files in this folder")]
+            files, unreadable = find_images(path)
+            entries += [(f, None) for f in files] + unreadable
+            if not files and not unreadable:
+                entries.append((item, "no image files in this folder"))
         elif path.is_file() or NPZ_SEPARATOR in item:
             entries.append((str(path) if path.is_file() else item, None))
         elif _GLOB_CHARS.search(item):

@@ -220,3 +220,21 @@ def test_model_endpoint_shows_the_adaptation(parent: Path, local: Path, tmp_path
         body = client.get("/v1/model").json()
     assert body["lineage"]["parent_id"] == read_meta(parent).model_id
     assert body["adaptation"].startswith("site-adapted (recalibrate)")
+
+
+def test_recalibrate_copies_the_parents_graph_checked_and_recorded(parent: Path, local: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from chestxray.export import export_onnx
+
+    export_onnx(parent)
+    result = adapt(parent, local, tmp_path / "child", folds=2, n_boot=20, progress=False)
+    files = json.loads((result.bundle_dir / "model.json").read_text())["files"]
+    assert files["model.onnx"] == file_sha256(parent / "model.onnx") == file_sha256(result.bundle_dir / "model.onnx")
+    assert load_model(result.bundle_dir, backend="onnx").backend == "onnx"
+    changed = Path(shutil.copytree(parent, tmp_path / "changed"))
+    with open(changed / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ChestXrayError, match="model.onnx: sha256 .* differs"):
+        adapt(changed, local, tmp_path / "child2", folds=2, n_boot=20, progress=False)

@@ -241,7 +241,7 @@ def test_csv_manifest_with_missing_file(tmp_path):
     assert report.counts == {"train": {"pneumonia": 3, "normal": 2}, "test": {"normal": 1}}
     assert [(s.path.endswith("missing.png"), s.reason) for s in report.skipped] == [(True, "file not found")]
     assert [o.patient_id for o in report.patient_overlap] == ["p2"]
-    assert any(f.startswith("1 manifest rows skipped") for f in report.findings)
+    assert any(f.startswith("1 skipped (manifest rows, unreadable folders): file not found") for f in report.findings)
 
 
 def test_bad_input_is_one_clear_error(tmp_path):
@@ -287,3 +287,14 @@ def test_a_damaged_dicom_is_listed_and_the_audit_goes_on(make_folder, make_dicom
     report = audit(root, out_dir=tmp_path / "report")
     assert [issue.path for issue in report.unreadable] == [str(damaged)]
     assert report.unreadable[0].reason and report.images == 7
+
+
+def test_audit_warns_of_an_unreadable_class_folder(make_folder, tmp_path: Path, monkeypatch) -> None:
+    from test_sources import _unreadable
+
+    root = make_folder({"normal": 3, "pneumonia": 3})
+    _unreadable(monkeypatch, root / "pneumonia")
+    report = audit(root, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert [(s.path, s.reason) for s in report.skipped] == [(str(root / "pneumonia"),
+                                                            "cannot read this folder (Permission denied)")]
+    assert any("unreadable folders" in f and "cannot read this folder" in f for f in report.findings)

@@ -130,3 +130,36 @@ def test_multilabel_data(tmp_path: Path) -> None:
     assert result.metrics["mean_auc"] == pytest.approx(expected["mean_auc"])
     assert frame["truth"].tolist()[1] == "No Finding"
     assert any(line.startswith("mean ROC-AUC") for line in headline(result))
+
+
+class Killed(Exception):
+    """Stands for a run killed half-way."""
+
+
+def test_an_interrupted_evaluation_is_replaced_and_a_complete_one_protected(tmp_path: Path, make_folder,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import chestxray.evaluation as evaluation
+
+    bundle = make_bundle(tmp_path / "bundle", guard=False)
+    data = make_folder({"normal": 3, "pneumonia": 3})
+    out = tmp_path / "eval"
+    real_report = evaluation.write_report
+
+    def killed(*args, **kwargs):
+        raise Killed  # the machine went down while the report was written
+
+    monkeypatch.setattr(evaluation, "write_report", killed)
+    with pytest.raises(Killed):
+        evaluate(bundle, data, out, n_boot=N_BOOT, cam_gallery=0, progress=False)
+    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
+    monkeypatch.setattr(evaluation, "write_report", real_report)
+    result = evaluate(bundle, data, out, n_boot=N_BOOT, cam_gallery=0, progress=False)  # no --overwrite needed
+    assert all(path.is_file() for path in result.files.values())
+    assert any("incomplete evaluation" in w for w in result.warnings)
+    assert any("incomplete evaluation" in line for line in headline(result))
+    with pytest.raises(ChestXrayError, match="already holds an evaluation"):
+        evaluate(bundle, data, out, n_boot=N_BOOT, cam_gallery=0, progress=False)  # complete: still protected
+    monkeypatch.setattr(evaluation, "write_report", killed)
+    with pytest.raises(Killed):  # an --overwrite killed half-way leaves no old report beside new metrics
+        evaluate(bundle, data, out, n_boot=N_BOOT, cam_gallery=0, progress=False, overwrite=True)
+    assert not (out / "report.html").exists()

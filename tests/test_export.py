@@ -3,6 +3,7 @@ no file left behind by a failed check, stale exports refused, and the ONNX backe
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -160,3 +161,102 @@ def test_onnx_prediction_never_imports_torch(exported: ExportResult, tmp_path: P
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def _swap_in_another_graph(bundle: Path, name: str = "model.onnx") -> None:
+    """Replace the bundle's graph by another model's (other classifier weights) that carries the
+    original's metadata, weights digest included: what only the recorded sha256 can tell apart."""
+    proto = onnx.load(str(bundle / name))
+    for tensor in proto.graph.initializer:
+        if len(tensor.dims) == 2 and tensor.dims[0] == len(CLASSES) and tensor.data_type == onnx.TensorProto.FLOAT:
+            values = onnx.numpy_helper.to_array(tensor)
+            values = values + np.random.default_rng(0).normal(0, 1, values.shape).astype(np.float32)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
+            break
+    else:
+        raise AssertionError("no classifier weights in the graph")
+    onnx.save(proto, str(bundle / name))
+
+
+def test_export_records_the_graph_sha256_in_model_json(exported: ExportResult) -> None:
+    from chestxray.provenance import file_sha256
+
+    files = json.loads((exported.path.parent / "model.json").read_text())["files"]
+    assert files == {"model.safetensors": file_sha256(exported.path.parent / "model.safetensors"),
+                     "model.onnx": file_sha256(exported.path)}
+
+
+@pytest.mark.parametrize("backend", ["onnx", "auto", "onnx-int8"])
+def test_a_swapped_graph_is_refused_whatever_the_backend(exported: ExportResult, tmp_path: Path,
+                                                         backend: str) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    name = "model.int8.onnx" if backend == "onnx-int8" else "model.onnx"
+    if backend == "onnx-int8":  # stands for a quantized graph: recorded the way quantize_bundle records it
+        shutil.copyfile(bundle / "model.onnx", bundle / name)
+        from chestxray.bundle import record_file
+        record_file(bundle, name)
+    assert load_model(bundle, backend=backend).backend.startswith("onnx")  # loads before the swap
+    _swap_in_another_graph(bundle, name)
+    swapped, original = OnnxRunner(bundle / name), OnnxRunner(exported.path)
+    assert swapped.metadata == original.metadata  # the metadata alone cannot tell
+    assert not np.allclose(swapped(float_batch(2))[0], original(float_batch(2))[0])  # other predictions
+    with pytest.raises(ChestXrayError, match="sha256") as raised:
+        load_model(bundle, backend=backend)
+    assert type(raised.value).__name__ == "ChangedFileError"  # auto does not fall back to torch on it
+    message = str(raised.value)
+    assert message.startswith(str(bundle / name)) and "sha256" in message and "\n" not in message
+
+
+def test_a_bundle_from_before_the_hashes_loads_and_keeps_its_older_checks(exported: ExportResult,
+                                                                          tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    data = json.loads((bundle / "model.json").read_text())
+    del data["files"]
+    (bundle / "model.json").write_text(json.dumps(data))
+    assert load_model(bundle, backend="onnx").backend == "onnx"
+    assert load_model(bundle, backend="torch").backend == "torch"
+    model, meta = load_bundle(bundle)
+    with torch.no_grad():
+        model.backbone.get_classifier().bias.add_(1.0)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, bundle / "model.safetensors")
+    with pytest.raises(InputError, match="model.safetensors: sha256 .* differs"):  # provenance still holds
+        load_model(bundle, backend="torch")
+    with pytest.raises(InputError, match="exported from other weights"):
+        load_model(bundle, backend="onnx")
+
+
+def test_a_graph_the_bundle_never_recorded_is_refused_and_auto_falls_back(exported: ExportResult, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    data = json.loads((bundle / "model.json").read_text())
+    del data["files"]["model.onnx"]
+    (bundle / "model.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="model.onnx: not recorded in model.json.*export it again"):
+        load_model(bundle, backend="onnx")
+    assert load_model(bundle, backend="auto").backend == "torch" and "using the torch backend" in caplog.text
+
+
+def test_arch_is_checked_on_the_onnx_path(exported: ExportResult, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    data = json.loads((bundle / "model.json").read_text())
+    (bundle / "model.json").write_text(json.dumps({**data, "arch": "resnet50"}))  # a registry name, not the graph's
+    with pytest.raises(ChestXrayError, match="model.onnx: the graph is a resnet18 but model.json declares arch 'resnet50'"):
+        load_model(bundle, backend="onnx")
+    with pytest.raises(ChestXrayError, match="weights do not match the resnet50"):  # auto: then torch refuses too
+        load_model(bundle, backend="auto")
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnx", "torch"])
+def test_an_arch_that_is_no_registry_name_is_refused_by_every_backend(exported: ExportResult, tmp_path: Path,
+                                                                      capsys, monkeypatch, backend: str) -> None:
+    from test_cli import run_main
+
+    bundle = Path(shutil.copytree(exported.path.parent, tmp_path / "bundle"))
+    data = json.loads((bundle / "model.json").read_text())
+    (bundle / "model.json").write_text(json.dumps({**data, "arch": "../../../../etc/passwd"}))
+    image = tmp_path / "x.png"
+    Image.fromarray(xray_array(60, 80)).save(image)
+    code, err = run_main(monkeypatch, capsys, "predict", str(bundle), str(image), "--backend", backend, "--no-audit")
+    assert code != 0 and "arch" in err and "not a model registry name" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

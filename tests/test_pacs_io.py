@@ -157,3 +157,66 @@ def test_predict_and_serve_write_one_audit_line_per_inference_without_pixels(bun
     assert lines[0]["result"]["label"] == answer.json()["label"] and lines[0]["latency_ms"] > 0
     assert "PixelData" not in served.read_text() and len(served.read_text()) < 4000
     assert AuditTrail(tmp_path / "no.jsonl").patient_fields is False
+
+
+def _reads_until_memory_runs_out(monkeypatch):
+    """``Path.read_bytes`` of a device or of a file over the size limit stands for what it would do
+    on a real run (read until memory runs out): it raises ``MemoryError`` instead of reading."""
+    from chestxray.decode import MAX_FILE_BYTES
+
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if not self.is_file() or self.stat().st_size > MAX_FILE_BYTES:
+            raise MemoryError(f"read {self} whole")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+def test_worklist_refuses_devices_fifos_and_oversize_files_before_reading(predictor, tmp_path, monkeypatch):
+    import os
+    import threading
+    import time
+
+    _reads_until_memory_runs_out(monkeypatch)
+    (tmp_path / "ok.png").write_bytes(png_bytes(seed=1))
+    sparse = tmp_path / "huge.png"
+    with open(sparse, "wb") as handle:
+        handle.truncate(3 * 2**30)  # 3 GB on paper, no disk used
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+
+    def unblock_a_reader():  # before the fix the run hangs opening the FIFO: a late writer releases it
+        time.sleep(5)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # nobody opened it: as it should be
+
+    threading.Thread(target=unblock_a_reader, daemon=True).start()
+    worklist = tmp_path / "list.csv"
+    worklist.write_text("path\n/dev/zero\nhuge.png\npipe.png\nok.png\n")
+    start = time.perf_counter()
+    result = score_worklist(predictor, worklist, tmp_path / "out.csv")
+    assert time.perf_counter() - start < 5
+    assert (result.entries, result.scored, result.failed) == (4, 4, 3)
+    errors = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False).set_index("path")["error"]
+    assert errors["/dev/zero"] == "not a file" and errors[str(fifo)] == "not a file"
+    assert "exceeds the limit" in errors[str(sparse)] and errors[str(tmp_path / "ok.png")] == ""
+
+
+def test_a_repeated_worklist_row_is_scored_once_and_said_so(bundle, tmp_path, capsys, monkeypatch):
+    from test_cli import run_main
+
+    for i in range(2):
+        (tmp_path / f"x{i}.png").write_bytes(png_bytes(seed=i))
+    worklist = tmp_path / "list.csv"
+    worklist.write_text("path\nx0.png\nx1.png\nx0.png\n./x0.png\n" + f"{tmp_path / 'x1.png'}\n")
+    out = tmp_path / "out.csv"
+    code, err = run_main(monkeypatch, capsys, "predict", str(bundle), "--worklist", str(worklist), "--out", str(out),
+                         "--no-audit")
+    table = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert code == 0, err
+    assert sorted(table["path"]) == [str(tmp_path / "x0.png"), str(tmp_path / "x1.png")]
+    assert "5 worklist entries" in err and "2 scored now" in err and "3 repeated row(s) scored once" in err

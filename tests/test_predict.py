@@ -192,3 +192,18 @@ def test_write_cams_uses_safe_unique_names(predictor: Predictor, make_image, tmp
     assert sorted(p.name for p in written) == ["one_scan_1_2_cam.png", "one_scan_1_cam.png"]
     side = max(SIZE, LABELLED_MIN_SIDE)  # with a title above and a colour bar beside the overlay
     assert all(cv2.imread(str(p)).shape[0] > side and cv2.imread(str(p)).shape[1] > side for p in written)
+
+
+def test_predict_reports_an_unreadable_subfolder_as_a_failed_row(tmp_path: Path, monkeypatch) -> None:
+    from test_sources import _unreadable
+
+    bundle = make_bundle(tmp_path / "bundle")
+    folder = tmp_path / "in"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "a.png").write_bytes(png_bytes(seed=1))
+    (folder / "locked" / "b.png").write_bytes(png_bytes(seed=2))
+    _unreadable(monkeypatch, folder / "locked")
+    table = predict_paths(load_model(bundle), [folder], progress=False)
+    assert table["file"].tolist() == [str(folder / "a.png"), str(folder / "locked")]
+    assert table["error"].isna().tolist() == [True, False]
+    assert table["error"].iloc[1] == "cannot read this folder (Permission denied)"

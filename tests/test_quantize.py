@@ -172,3 +172,20 @@ def test_int8_requests_are_checked(quantized: QuantizeResult, images: Path, tmp_
         quantize_bundle(bundle, only_test.parents[1])
     with pytest.raises(ChestXrayError, match="no model.int8.onnx"):
         load_model(make_bundle(tmp_path / "fresh"), backend="onnx-int8")
+
+
+def test_the_int8_graph_sha256_is_recorded_and_checked(quantized: QuantizeResult, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from chestxray.errors import ChestXrayError
+    from chestxray.provenance import file_sha256
+
+    files = json.loads((quantized.path.parent / "model.json").read_text())["files"]
+    assert files[INT8_ONNX_FILE] == file_sha256(quantized.path) and "model.safetensors" in files
+    bundle = Path(shutil.copytree(quantized.path.parent, tmp_path / "bundle"))
+    assert load_model(bundle, backend="onnx-int8").backend == "onnx-int8"
+    with open(bundle / INT8_ONNX_FILE, "ab") as handle:
+        handle.write(b"\0")  # any change at all
+    with pytest.raises(ChestXrayError, match=f"{INT8_ONNX_FILE}: sha256 .* differs"):
+        load_model(bundle, backend="onnx-int8")

@@ -199,3 +199,58 @@ def test_pneumoniamnist(pneumoniamnist):
     official = {"train": (1214, 3494), "val": (135, 389), "test": (234, 390)}  # MedMNIST v2 paper
     assert counts == {(s, c): n for s, ns in official.items() for c, n in zip(["normal", "pneumonia"], ns)}
     assert load_image(samples.frame["path"].iloc[-1]).shape == (28, 28)
+
+
+@pytest.mark.parametrize("n_images, n_labels, compressed", [(10, 5, False), (5, 10, True), (0, 3, False)])
+def test_medmnist_arrays_of_different_lengths_are_refused(tmp_path: Path, n_images: int, n_labels: int,
+                                                          compressed: bool) -> None:
+    arrays = {"train_images": np.zeros((n_images, 28, 28), np.uint8), "train_labels": np.zeros((n_labels, 1), np.uint8),
+              "test_images": np.zeros((2, 28, 28), np.uint8), "test_labels": np.zeros((2, 1), np.uint8)}
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "m.npz", **arrays)
+    with pytest.raises(ChestXrayError) as raised:
+        load_samples(tmp_path / "m.npz")
+    message = str(raised.value)
+    assert "\n" not in message and str(tmp_path / "m.npz") in message
+    assert f"train_images holds {n_images} images but train_labels {n_labels} labels" in message
+
+
+def test_medmnist_labels_without_images_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "m.npz", train_labels=np.zeros((4, 1), np.uint8))
+    with pytest.raises(ChestXrayError, match="train_labels has 4 labels but there is no train_images array"):
+        load_samples(tmp_path / "m.npz")
+
+
+def _unreadable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Listing ``folder`` fails as it does for a mode-000 folder (tests run as root, whom permission
+    bits do not stop): ``os.scandir`` (which ``os.walk`` and ``Path.rglob`` use) and ``os.listdir``
+    (``Path.iterdir``) raise."""
+    import os
+
+    def refusing(real):
+        def listing(path=".", *args):
+            if Path(path) == folder:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", refusing(os.scandir))
+    monkeypatch.setattr(os, "listdir", refusing(os.listdir))
+
+
+def test_an_unreadable_class_subfolder_is_reported_not_skipped_unsaid(make_folder, monkeypatch) -> None:
+    root = make_folder({"normal": 2, "pneumonia": 2})
+    (root / "pneumonia" / "more").mkdir()
+    (root / "pneumonia" / "more" / "x.png").write_bytes((root / "normal").joinpath(
+        sorted(p.name for p in (root / "normal").iterdir())[0]).read_bytes())
+    _unreadable(monkeypatch, root / "pneumonia" / "more")
+    samples = load_samples(root)
+    assert len(samples) == 4
+    assert samples.skipped == [(str(root / "pneumonia" / "more"), "cannot read this folder (Permission denied)")]
+
+
+def test_an_unreadable_data_folder_is_one_line(make_folder, monkeypatch) -> None:
+    root = make_folder({"normal": 2, "pneumonia": 2})
+    _unreadable(monkeypatch, root)
+    with pytest.raises(ChestXrayError, match="cannot read this folder \\(Permission denied\\)") as raised:
+        load_samples(root)
+    assert str(raised.value).startswith(str(root)) and "\n" not in str(raised.value)

@@ -211,3 +211,21 @@ def test_an_existing_run_is_never_silently_replaced(tmp_path: Path) -> None:
         run_directory(tmp_path, "runs", overwrite=True)
     assert (tmp_path / "runs" / "notes.txt").is_file()
     assert run_directory(tmp_path / "runs", "fresh") == tmp_path / "runs" / "fresh"
+
+
+@pytest.mark.parametrize("name", ["../../escape", "../x", "a/../../b", ".", "/tmp/absolute-run"])
+def test_a_run_name_never_leads_outside_out(tmp_path: Path, name: str) -> None:
+    out = tmp_path / "runs"
+    with pytest.raises(ChestXrayError, match="--name") as raised:
+        run_directory(out, name)
+    assert "\n" not in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made anywhere
+
+
+def test_a_run_name_through_a_link_out_of_out_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ChestXrayError, match="outside --out"):
+        run_directory(out, "link/run")
+    assert run_directory(out, "group/run") == out / "group" / "run"  # a nested name inside --out is fine

@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from .console import make_console
-from .bundle import INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, save_bundle
+from .bundle import (INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, BundleMeta, ChangedFileError, load_bundle, record_file,
+                     save_bundle, verify_file)
 from .cache import build_cache
 from .calibration import Calibration, calibrate_outputs
 from .conformal import DEFAULT_COVERAGE, ConformalSets, fit_conformal, set_metrics
@@ -45,7 +46,7 @@ from .logit_transform import KINDS, LogitTransform, choose_logit_transform, fold
 from .config import RuntimeSettings, TrainConfig, make_config
 from .launch import one_device
 from .runners import TorchRunner, run_images
-from .errors import ChestXrayError
+from .errors import ChestXrayError, InputError
 from .lineage import check_seen, data_fingerprint, describe_lineage, merge_seen, short_hash
 from .metrics import bootstrap_ci, classification_metrics
 from .models import ChestXrayNet, EnsembleNet
@@ -383,6 +384,7 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
     if out.resolve() == bundle_dir.resolve():
         raise ChestXrayError(f"{out}: the child bundle needs its own folder (not the parent's)")
     parent, meta = load_bundle(bundle_dir)
+    graphs = _parent_graphs(bundle_dir, meta) if mode == "recalibrate" else {}
     if isinstance(parent, EnsembleNet) and mode == "finetune":
         raise ChestXrayError(f"{bundle_dir}: a cross-validation ensemble can be recalibrated, not fine-tuned")
     absent = site_absent(meta, site_classes)
@@ -432,13 +434,36 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
     child_meta = _child_meta(meta, child, local, lineage, summary, mode)
     out_dir = save_bundle(out, child.model, child_meta)
     if mode == "recalibrate":  # same weights: the parent's exported graphs hold (calibration is applied after them)
-        for name in (ONNX_FILE, INT8_ONNX_FILE):
-            if (bundle_dir / name).is_file():
-                shutil.copyfile(bundle_dir / name, out_dir / name)
+        _copy_graphs(bundle_dir, graphs, out_dir)
     (out_dir / REPORT_FILE).write_text(json.dumps({**summary, "before_full": comparison["before_full"],
                                                    "after_full": comparison["after_full"]}, indent=2) + "\n")
     _write_report(out_dir / REPORT_HTML, summary, comparison["after_full"], local.targets, after, classes)
     return AdaptationResult(out_dir, summary, local)
+
+
+def _parent_graphs(bundle_dir: Path, meta: BundleMeta) -> dict[str, str]:
+    """The parent's exported graphs a recalibrated child inherits, with their sha256, checked against the
+    parent's record before any work (a changed one is refused; one the parent never recorded is left
+    out, as no loader would run it)."""
+    graphs = {}
+    for name in (ONNX_FILE, INT8_ONNX_FILE):
+        if (bundle_dir / name).is_file():
+            try:
+                graphs[name] = verify_file(bundle_dir, meta, name)
+            except ChangedFileError:
+                raise
+            except InputError:
+                continue
+    return graphs
+
+
+def _copy_graphs(bundle_dir: Path, graphs: dict[str, str], out_dir: Path) -> None:
+    """Copy the parent's checked graphs into the child and record their sha256 there."""
+    for name, sha in graphs.items():
+        shutil.copyfile(bundle_dir / name, out_dir / name)
+        if record_file(out_dir, name) != sha:
+            (out_dir / name).unlink()
+            raise ChangedFileError(bundle_dir / name, "changed while it was copied into the child bundle")
 
 
 def _with_samples(with_data: str | Path, meta: BundleMeta) -> Samples:

@@ -589,7 +589,7 @@ def _findings(report: AuditReport) -> list[str]:
         strong = [c for c, r in report.shortcut.recall_by_class.items() if r >= 0.9]
         tell = f"; recognised from metadata alone: {', '.join(strong)}" if strong else ""
         findings.append(f"shortcut: {report.shortcut.note}{tell}")
-    for issues, what in ((report.unreadable, "unreadable files"), (report.skipped, "manifest rows skipped")):
+    for issues, what in ((report.unreadable, "unreadable files"), (report.skipped, "skipped (manifest rows, unreadable folders)")):
         if issues:
             reasons = pd.Series([i.reason for i in issues]).value_counts()
             findings.append(f"{len(issues)} {what}: " + "; ".join(f"{r} ({n})" for r, n in reasons.items()))
@@ -650,7 +650,7 @@ def _markdown(report: AuditReport) -> str:
                           _fmt_spread(s.file_bytes, 1 / 1024), _fmt_tally(s.formats), _fmt_tally(s.modes),
                           _fmt_tally(s.bit_depths)] for name, s in report.image_stats.items()])]
     parts += ["## Unreadable and skipped files"]
-    for issues, what in ((report.unreadable, "unreadable files"), (report.skipped, "skipped manifest rows")):
+    for issues, what in ((report.unreadable, "unreadable files"), (report.skipped, "skipped manifest rows and unreadable folders")):
         parts.append(f"{len(issues)} {what}." + ("" if not issues else "\n\n" + _md_table(
             ["file", "reason"], [[i.path, i.reason] for i in issues[:_LISTED]]) + _shown(issues, what)))
     parts += ["## Duplicates",

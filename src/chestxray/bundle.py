@@ -1,18 +1,21 @@
 """Model bundle: a folder with ``model.safetensors`` (state dict), ``model.json`` (metadata) and,
 after ``chestxray export``, ``model.onnx``. Never unpickles.
 
-This module owns the bundle's file names and the check that an exported graph holds the bundle's
-weights (:func:`weights_digest`, :func:`check_onnx`).
+This module owns the bundle's file names, the sha256 of each file that ``model.json`` records
+(``files``) and the one check of a file against that record (:func:`verify_file`, which every
+loader calls), and the check that an exported graph holds the bundle's weights
+(:func:`weights_digest`, :func:`check_onnx`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 
@@ -38,6 +41,16 @@ INT8_ONNX_FILE = "model.int8.onnx"
 """The INT8 graph written by ``chestxray export --quantize int8`` (``quantize.py``)."""
 ONNX_WEIGHTS_KEY = "chestxray.weights_sha256"
 """The ONNX metadata entry holding :func:`weights_digest` of the weights the graph was exported from."""
+ONNX_ARCH_KEY = "chestxray.arch"
+"""The ONNX metadata entry holding the architecture the graph was exported from."""
+HELD_OUT_FILE = "heldout.npz"
+"""The bundle's held-out (validation) images as the model saw them: logits (N, C), pooled features (N, F,
+float16) and class indices (N,). Label-free site adaptation refits the prediction sets on them, weighted
+towards the site (``chestxray adapt --unlabeled``). No pixels and no file names: about 0.3 MB for 100 images."""
+RECORDED_FILES = (WEIGHTS_FILE, ONNX_FILE, INT8_ONNX_FILE, HELD_OUT_FILE)
+"""The files a bundle loads for inference, whose sha256 ``model.json`` records in ``files``."""
+ARCH_PATTERN = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$"
+"""What a model registry name looks like (timm's: ``name`` or ``name.pretrained_tag``): never a path."""
 
 MAX_IMAGE_SIZE = 2048
 """Largest input side a bundle may declare (its model is built at that size for every image)."""
@@ -46,8 +59,14 @@ MAX_MEMBERS = 32
 MAX_CLASSES = 10_000
 
 __all__ = ["BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
-           "WEIGHTS_FILE", "META_FILE", "ONNX_FILE", "INT8_ONNX_FILE", "ONNX_WEIGHTS_KEY", "HELD_OUT_FILE", "HeldOut",
+           "verify_file", "record_file", "ChangedFileError", "WEIGHTS_FILE", "META_FILE", "ONNX_FILE",
+           "INT8_ONNX_FILE", "ONNX_WEIGHTS_KEY", "ONNX_ARCH_KEY", "RECORDED_FILES", "HELD_OUT_FILE", "HeldOut",
            "save_held_out", "load_held_out"]
+
+
+class ChangedFileError(InputError):
+    """A bundle file whose sha256 differs from the one ``model.json`` records: changed or swapped
+    after it was written. Never worked around (the auto backend does not fall back on it)."""
 
 
 class _Extra(BaseModel):
@@ -120,6 +139,14 @@ class BundleSchema(BaseModel):
     calibration: _Calibration | dict[str, Any] = {}
     seen_images: _SeenImages | None = None
     lineage: _Lineage | None = None
+    files: dict[Literal[RECORDED_FILES], Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = {}
+
+    @field_validator("arch")
+    @classmethod
+    def _registry_name(cls, arch: str) -> str:
+        if not re.fullmatch(ARCH_PATTERN, arch):
+            raise ValueError(f"{arch[:60]!r} is not a model registry name (such as tf_efficientnet_lite0)")
+        return arch
 
     @field_validator("classes")
     @classmethod
@@ -168,6 +195,10 @@ class BundleMeta:
     calibration: dict[str, Any] = field(default_factory=dict)
     seen_images: dict[str, Any] | None = None
     lineage: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    """sha256 (hex) of the bundle's files by name (:data:`RECORDED_FILES`): the weights (``save_bundle``)
+    and each graph exported into the bundle (:func:`record_file`); checked by :func:`verify_file` on
+    every load. Empty in bundles written before it existed (their older checks still apply)."""
 
     @property
     def model_id(self) -> str:
@@ -212,14 +243,16 @@ def save_bundle(directory: str | Path, model: ChestXrayNet | EnsembleNet, meta: 
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
         except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
             raise ChestXrayError(f"{directory / WEIGHTS_FILE}: cannot write the weights ({err})") from None
-    meta = dataclasses.replace(meta, provenance=describe(directory / WEIGHTS_FILE))
+    provenance = describe(directory / WEIGHTS_FILE)
+    meta = dataclasses.replace(meta, provenance=provenance, files={WEIGHTS_FILE: provenance["weights_sha256"]})
     return write_meta(directory, meta)
 
 
-def write_meta(directory: str | Path, meta: BundleMeta) -> Path:
-    """(Re)write a bundle's ``model.json`` and its ``MODEL_CARD.md`` (generated from it); return the folder."""
+def write_meta(directory: str | Path, meta: BundleMeta, keep: dict[str, Any] | None = None) -> Path:
+    """(Re)write a bundle's ``model.json`` and its ``MODEL_CARD.md`` (generated from it); return the folder.
+    ``keep``: entries of the ``model.json`` being rewritten that ``meta`` does not hold, kept as they are."""
     directory = Path(directory)
-    data = dataclasses.asdict(meta)
+    data = {**(keep or {}), **dataclasses.asdict(meta)}
     write_text(directory / META_FILE, json.dumps(data, indent=2) + "\n")
     write_text(directory / CARD_FILE, render_model_card(data))
     return directory
@@ -294,15 +327,48 @@ def _check_weight_shapes(meta: BundleMeta, path: Path) -> None:
         raise InputError(path, f"weights do not match the {what} declared in {META_FILE}: {'; '.join(problems)}")
 
 
-def _check_weights_hash(meta: BundleMeta, weights: Path) -> BundleMeta:
-    """``meta`` with the weights' sha256: refused when it differs from the recorded one, recorded (in
-    memory) when the bundle predates provenance."""
-    sha = file_sha256(weights)
-    recorded = meta.provenance.get("weights_sha256")
-    if recorded and recorded != sha:
-        raise InputError(weights, f"sha256 {sha[:12]}... differs from the {recorded[:12]}... recorded in "
-                                  f"{META_FILE}: the weights were changed after the bundle was saved")
-    return meta if recorded else dataclasses.replace(meta, provenance={**meta.provenance, "weights_sha256": sha})
+def verify_file(directory: str | Path, meta: BundleMeta, name: str) -> str:
+    """The sha256 of the bundle file ``name`` once it matches what ``model.json`` records; the one
+    rule every loader applies before using a bundle file (weights, ``model.onnx``, the INT8 graph).
+
+    A file whose sha256 differs from its record raises :class:`ChangedFileError` (for the weights, the
+    record is ``files`` or, in bundles written before ``files`` existed, ``provenance.weights_sha256``);
+    a file absent from a ``files`` record that lists others was not written into this bundle by
+    chestxray and raises :class:`InputError`. Bundles without ``files`` keep their older checks
+    (:func:`check_onnx` for graphs)."""
+    path = Path(directory) / name
+    try:
+        sha = file_sha256(path)
+    except OSError as err:
+        raise InputError(path, f"cannot read ({err.strerror or err})") from None
+    recorded = [value for value in (meta.files.get(name),
+                                    meta.provenance.get("weights_sha256") if name == WEIGHTS_FILE else None) if value]
+    for value in recorded:
+        if value != sha:
+            raise ChangedFileError(path, f"sha256 {sha[:12]}... differs from the {value[:12]}... recorded in "
+                                         f"{META_FILE}: the file was changed or replaced after it was written")
+    if meta.files and name not in meta.files:
+        again = "" if name == WEIGHTS_FILE else f"; export it again with `chestxray export {directory} --format onnx" + (
+            " --quantize int8 --calibration-data DATA`" if name == INT8_ONNX_FILE else "`")
+        raise InputError(path, f"not recorded in {META_FILE}: not written into this bundle by chestxray{again}")
+    return sha
+
+
+def record_file(directory: str | Path, name: str) -> str:
+    """Record the sha256 of the bundle file ``name`` (one of :data:`RECORDED_FILES`, just written into
+    the bundle) in ``model.json``, with the weights' when the bundle predates ``files``; every other
+    entry of ``model.json`` is kept as it is. Returns the recorded sha256."""
+    if name not in RECORDED_FILES:
+        raise ValueError(f"{name} is not a bundle file whose hash is recorded")
+    directory = Path(directory)
+    meta = read_meta(directory)
+    files = dict(meta.files)
+    if WEIGHTS_FILE not in files and name != WEIGHTS_FILE:
+        files[WEIGHTS_FILE] = verify_file(directory, meta, WEIGHTS_FILE)
+    files[name] = file_sha256(directory / name)
+    data = json.loads((directory / META_FILE).read_text())
+    write_meta(directory, dataclasses.replace(meta, files=files), keep=data)
+    return files[name]
 
 
 def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, BundleMeta]:
@@ -320,7 +386,9 @@ def load_bundle(directory: str | Path) -> tuple[ChestXrayNet | EnsembleNet, Bund
         state = load_file(path)
     except (SafetensorError, OSError) as err:
         raise InputError(path, f"cannot read weights ({err})") from err
-    meta = _check_weights_hash(meta, path)
+    sha = verify_file(directory, meta, WEIGHTS_FILE)  # hashed after the read: the bytes loaded are the bytes checked
+    if not meta.provenance.get("weights_sha256"):  # a bundle older than provenance: recorded in memory
+        meta = dataclasses.replace(meta, provenance={**meta.provenance, "weights_sha256": sha})
 
     def build() -> ChestXrayNet:
         return create_model(meta.arch, len(meta.classes), weights="none", task=meta.task)
@@ -336,19 +404,19 @@ def weights_digest(directory: str | Path) -> str:
     return file_sha256(Path(directory) / WEIGHTS_FILE)
 
 
-def check_onnx(directory: str | Path, metadata: dict[str, str], onnx_path: str | Path | None = None) -> None:
-    """Refuse an ONNX graph (its custom ``metadata``) exported from other weights than the bundle's."""
+def check_onnx(directory: str | Path, metadata: dict[str, str], onnx_path: str | Path | None = None,
+               meta: BundleMeta | None = None) -> None:
+    """Refuse an ONNX graph (its custom ``metadata``) exported from other weights than the bundle's, or
+    (given the bundle's ``meta``) from another architecture than the one ``model.json`` declares."""
+    path = Path(onnx_path or Path(directory) / ONNX_FILE)
+    again = " --quantize int8 --calibration-data DATA" if path.name == INT8_ONNX_FILE else ""
     if metadata.get(ONNX_WEIGHTS_KEY) != weights_digest(directory):
-        path = Path(onnx_path or Path(directory) / ONNX_FILE)
-        again = " --quantize int8 --calibration-data DATA" if path.name == INT8_ONNX_FILE else ""
         raise InputError(path, "exported from other weights than the bundle's; export it again "
                                f"with `chestxray export BUNDLE --format onnx{again}`")
+    graph_arch = metadata.get(ONNX_ARCH_KEY)
+    if meta is not None and graph_arch is not None and graph_arch != meta.arch:
+        raise InputError(path, f"the graph is a {graph_arch} but {META_FILE} declares arch {meta.arch!r}")
 
-
-HELD_OUT_FILE = "heldout.npz"
-"""The bundle's held-out (validation) images as the model saw them: logits (N, C), pooled features (N, F,
-float16) and class indices (N,). Label-free site adaptation refits the prediction sets on them, weighted
-towards the site (``chestxray adapt --unlabeled``). No pixels and no file names: about 0.3 MB for 100 images."""
 
 
 @dataclasses.dataclass
@@ -365,6 +433,7 @@ def save_held_out(directory: str | Path, logits: np.ndarray, features: np.ndarra
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, logits=np.asarray(logits, np.float32), features=np.asarray(features, np.float16),
                                 targets=np.asarray(targets))
+    record_file(directory, HELD_OUT_FILE)
     return path
 
 
@@ -374,6 +443,7 @@ def load_held_out(directory: str | Path, meta: BundleMeta) -> HeldOut | None:
     path = Path(directory) / HELD_OUT_FILE
     if not path.is_file():
         return None
+    verify_file(directory, meta, HELD_OUT_FILE)
     try:
         with np.load(path, allow_pickle=False) as data:
             held = HeldOut(data["logits"].astype(np.float64), data["features"].astype(np.float64),

@@ -570,8 +570,9 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
             raise ChestXrayError("--worklist takes its studies from the CSV; --study and --stow do not apply")
         target = out or worklist.with_name(worklist.stem + ".results.csv")
         result = score_worklist(predictor, worklist, target, dicomweb=dicomweb, batch_size=batch_size, audit=trail)
+        repeated = f", {result.duplicates} repeated row(s) scored once" if result.duplicates else ""
         err_console.print(f"{result.entries} worklist entries: {result.skipped} done before, {result.scored} scored "
-                          f"now, {result.failed} row(s) with errors; results: {result.out}")
+                          f"now{repeated}, {result.failed} row(s) with errors; results: {result.out}")
         if result.failed:
             raise typer.Exit(1)
         return

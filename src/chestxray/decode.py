@@ -7,6 +7,8 @@ and the decompression-bomb guard. Every failure raises :class:`InputError` namin
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import io
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from .errors import InputError
 __all__ = ["FIT_MODES", "CONTRASTS", "MAX_PIXELS", "MAX_FILE_BYTES", "IMAGE_SUFFIXES", "NPZ_SEPARATOR",
            "ImageInfo", "load_image", "decoding", "FitGeometry", "fit_geometry", "fit_square",
            "normalize_contrast", "Preprocessing", "preprocess", "probe_image", "content_hash", "is_image_file",
-           "gray_array"]
+           "gray_array", "read_file", "find_images"]
 
 ImageSource = Union[str, Path, bytes]
 FitMode = Literal["pad", "crop"]
@@ -79,7 +81,7 @@ def load_image(source: ImageSource, *, min_side: int | None = None, name: str | 
         else:
             info = probe_image(source)  # header first: an oversized image is refused before it is read
             _check_size(info.width, info.height, label, info.frames)
-            data = _read_file(Path(source))
+            data = read_file(source)
         if not data:
             raise InputError(label, "empty file (0 bytes)")
         if len(data) > MAX_FILE_BYTES:
@@ -240,6 +242,18 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def find_images(root: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files under the folder ``root`` (recursively, sorted), and the folders that could
+    not be listed as ``(folder, reason)``: an unreadable folder is reported, never skipped unsaid."""
+    unreadable: list[tuple[str, str]] = []
+
+    def failed(err: OSError) -> None:
+        unreadable.append((str(err.filename or root), f"cannot read this folder ({err.strerror or err})"))
+
+    files = [str(Path(folder) / name) for folder, _, names in os.walk(root, onerror=failed, followlinks=True) for name in names]
+    return sorted(f for f in files if Path(f).is_file() and is_image_file(Path(f))), sorted(unreadable)
+
+
 def _one_line(err: BaseException) -> str:
     """A library's error text on one line (some, like pydicom's, span several)."""
     return " ".join(str(err).split()) or type(err).__name__
@@ -262,12 +276,21 @@ def _file_size(path: Path) -> int:
     return size
 
 
-def _read_file(path: Path) -> bytes:
+def read_file(path: str | Path) -> bytes:
+    """The bytes of an input file, checked before any byte is read: a missing path, anything but a
+    regular file (a device such as ``/dev/zero``, a FIFO, a folder), an empty file or one over
+    :data:`MAX_FILE_BYTES` is refused (:class:`InputError`); the read itself stops past the limit too
+    (a file that grew meanwhile). The one guard for every path that reads a whole input file."""
+    path = Path(path)
     _file_size(path)
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         raise InputError(path, f"cannot read ({err.strerror or err})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError(path, f"file of over {MAX_FILE_BYTES:,} bytes exceeds the limit")
+    return data
 
 
 def _is_dicom(data: bytes, label: str) -> bool:

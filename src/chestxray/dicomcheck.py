@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .decode import _dicom_errors, _is_dicom, _read_dicom, _read_file
+from .decode import _dicom_errors, _is_dicom, _read_dicom, read_file
 
 REASON_PREFIX = "not_frontal_cxr"
 HEADER_FIELDS = ("Modality", "BodyPartExamined", "ViewPosition", "NumberOfFrames", "ImageType",
@@ -88,7 +88,7 @@ def inspect_source(source: str | Path | bytes, policy: HeaderPolicy = DEFAULT_PO
     An unreadable DICOM raises :class:`~chestxray.errors.InputError` naming the file.
     """
     label = name or ("<upload>" if isinstance(source, bytes) else str(source))
-    data = source if isinstance(source, bytes) else _read_file(Path(source))
+    data = source if isinstance(source, bytes) else read_file(source)
     if not data or not _is_dicom(data, label):
         return None
     ds = _read_dicom(data, label, stop_before_pixels=True)

@@ -80,14 +80,16 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     ``split``: ``"auto"`` takes the ``test`` split when the data has one, else every image; or
     ``"all"``, ``"train"``, ``"val"``, ``"test"``. Classes are matched by name (the order may
     differ); a class of the data unknown to the model is an error. Unreadable images are counted,
-    listed in ``metrics.json`` and left out of the metrics. Files of an earlier evaluation in
-    ``out_dir`` are refused unless ``overwrite``.
+    listed in ``metrics.json`` and left out of the metrics. A complete earlier evaluation in
+    ``out_dir`` (its ``report.html``, written last, is there) is refused unless ``overwrite``; an
+    incomplete one (a run killed before its report) is replaced, and the result's warnings say so.
     """
-    existing = [path.name for path in EvaluationResult(Path(out_dir), {}, [], "", "", 0, 0).files.values()
-                if path.exists()]
-    if existing and not overwrite:
+    files = EvaluationResult(Path(out_dir), {}, [], "", "", 0, 0).files
+    existing = [path.name for path in files.values() if path.exists()]
+    if files["report"].exists() and not overwrite:
         raise ChestXrayError(f"{out_dir} already holds an evaluation ({', '.join(existing)}); choose another --out "
                              "or replace it with --overwrite")
+    replaced = [] if files["report"].exists() else existing
     predictor = bundle if isinstance(bundle, Predictor) else load_model(bundle)
     make_folder(out_dir, "evaluation folder")  # before the work: a folder that cannot be made loses nothing
     samples, split = _select(load_samples(data), split, data)
@@ -132,6 +134,9 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     seen = check_seen(predictor.meta.seen_images, files.tolist())
     if seen is not None and seen.warning():
         result.warnings.append(seen.warning())
+    if replaced:
+        result.warnings.append(f"{out_dir} held an incomplete evaluation ({', '.join(replaced)}, no report.html: "
+                               "interrupted); replaced it")
     if before is not None and metrics["ece"] > before["ece"] + 1e-9 and not predictor.calibration.kind == "none":
         result.warnings.append(calibration_verdict(before["ece"], metrics["ece"], before["transform"]))
     summary = {**metrics, "ece_before_calibration": before["ece"] if before else None,
@@ -142,6 +147,7 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
                "bundle": "" if isinstance(bundle, Predictor) else str(bundle), "data": str(data), "split": split,
                "n_failed": len(failed), "failed": [{"file": f, "reason": r} for f, r in failed], "n_ood": result.n_ood,
                "ood_threshold": predictor.guard.threshold if predictor.guard is not None else None}
+    result.files["report"].unlink(missing_ok=True)  # the completion mark goes first, comes back last
     write_text(result.files["metrics"], json.dumps(summary, indent=2) + "\n")
     predictions = _predictions_frame(samples, ok, predictor, probs, scores, flags, failed, sets, refer, headers)
     with atomic_path(result.files["predictions"]) as tmp:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .bundle import ONNX_FILE, ONNX_WEIGHTS_KEY, BundleMeta, load_bundle, weights_digest
+from .bundle import ONNX_ARCH_KEY, ONNX_FILE, ONNX_WEIGHTS_KEY, BundleMeta, load_bundle, record_file, weights_digest
 from .errors import ChestXrayError, first_line
 from .models import ChestXrayNet, EnsembleNet, logits_and_features
 from .predict import Predictor
@@ -105,6 +105,8 @@ def export_onnx(bundle_dir: str | Path, out: str | Path | None = None, opset: in
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
+    if target.resolve() == (bundle_dir / ONNX_FILE).resolve():
+        record_file(bundle_dir, ONNX_FILE)  # loaders refuse the graph if it is ever replaced
     return ExportResult(target, opset, exporter, prob_diff, feature_diff, len(images), batch_sizes,
                         time.perf_counter() - start)
 
@@ -141,7 +143,7 @@ def _add_metadata(path: Path, meta: BundleMeta, digest: str, opset: int) -> None
     written = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise ChestXrayError(f"ONNX export: the exporter wrote opset {written} instead of {opset}")
-    entries = {ONNX_WEIGHTS_KEY: digest, "chestxray.arch": meta.arch,
+    entries = {ONNX_WEIGHTS_KEY: digest, ONNX_ARCH_KEY: meta.arch,
                "chestxray.classes": ",".join(meta.classes), "chestxray.image_size": str(meta.image_size)}
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=value)

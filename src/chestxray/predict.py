@@ -38,9 +38,10 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .console import make_console
-from .bundle import INT8_ONNX_FILE, ONNX_FILE, BundleMeta, check_onnx, load_bundle, read_meta
+from .bundle import (INT8_ONNX_FILE, ONNX_FILE, BundleMeta, ChangedFileError, check_onnx, load_bundle, read_meta,
+                     verify_file)
 from .conformal import ConformalSets, check_coverage
-from .decode import NPZ_SEPARATOR, gray_array, is_image_file
+from .decode import NPZ_SEPARATOR, find_images, gray_array
 from .dicomcheck import DEFAULT_POLICY, HeaderCheck, HeaderPolicy, inspect_source
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
@@ -333,8 +334,9 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
     exported from other weights) with onnxruntime, with ``threads`` intra-op threads (see
     ``OnnxRunner``), and never imports torch: the fastest start. Grad-CAM then is not available.
     ``backend="onnx-int8"`` runs ``model.int8.onnx`` (``chestxray export --quantize int8``) the same
-    way, refused likewise. ``backend="auto"`` takes ONNX when the bundle has it (and torch, with a warning, when that file was
-    exported from other weights). ``device`` (torch only): default CUDA when available.
+    way, refused likewise. Every file is checked against the sha256 ``model.json`` records
+    (``bundle.verify_file``). ``backend="auto"`` takes ONNX when the bundle has it (and torch, with a warning, when that
+    file was exported from other weights or not recorded; a graph changed after it was recorded is refused). ``device`` (torch only): default CUDA when available.
     ``header_policy``: what a DICOM header must say for an image not to be referred (``None``: no check);
     ``coverage``: of the conformal prediction sets (default: the bundle's). Every command that predicts
     (predict, its sharded and PACS paths, serve, listen) sets both here.
@@ -347,6 +349,8 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
         if resolve_backend(directory, backend) == "onnx":
             try:
                 return load_model(directory, "onnx", threads=threads, **trust)
+            except ChangedFileError:
+                raise  # a replaced graph is refused, never worked around
             except InputError as err:
                 log.warning("%s; using the torch backend", err)
         return load_model(directory, "torch", device=device, threads=threads, **trust)
@@ -363,8 +367,9 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
             how = " --quantize int8 --calibration-data DATA" if backend == "onnx-int8" else ""
             raise ChestXrayError(f"{directory}: no {onnx_path.name} in the bundle; create it with "
                                  f"`chestxray export {directory} --format onnx{how}` or use the torch backend")
+        verify_file(directory, meta, onnx_path.name)  # before onnxruntime parses a byte of it
         runner = OnnxRunner(onnx_path, threads)
-        check_onnx(directory, runner.metadata, onnx_path)
+        check_onnx(directory, runner.metadata, onnx_path, meta)
         return Predictor(runner, meta, **trust)
     raise ChestXrayError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 
@@ -381,8 +386,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     for item in map(str, inputs):
         path = Path(item).expanduser()
         if path.is_dir():
-            files = sorted(str(f) for f in path.rglob("*") if f.is_file() and is_image_file(f))
-            entries += [(f, None) for f in files] or [(item, "no image files in this folder")]
+            files, unreadable = find_images(path)
+            entries += [(f, None) for f in files] + unreadable
+            if not files and not unreadable:
+                entries.append((item, "no image files in this folder"))
         elif path.is_file() or NPZ_SEPARATOR in item:
             entries.append((str(path) if path.is_file() else item, None))
         elif _GLOB_CHARS.search(item):

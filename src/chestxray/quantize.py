@@ -27,7 +27,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .bundle import INT8_ONNX_FILE, BundleMeta, read_meta
+from .bundle import INT8_ONNX_FILE, BundleMeta, read_meta, record_file
 from .cache import build_cache
 from .errors import ChestXrayError, first_line
 from .export import DEFAULT_OPSET, export_onnx, quiet_tools
@@ -146,6 +146,8 @@ def quantize_bundle(bundle_dir: str | Path, calibration_data: str | Path, out: s
             partial.replace(target)
         finally:
             partial.unlink(missing_ok=True)
+    if target.resolve() == (bundle_dir / INT8_ONNX_FILE).resolve():
+        record_file(bundle_dir, INT8_ONNX_FILE)  # loaders refuse the graph if it is ever replaced
     return QuantizeResult(target, settings, str(calibration_data), len(calibration), parity, min_agreement,
                           time.perf_counter() - start, skipped)
 

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from .decode import NPZ_SEPARATOR, is_image_file
+from .decode import NPZ_SEPARATOR, find_images
 from .errors import ChestXrayError
 
 __all__ = ["COLUMNS", "SPLIT_NAMES", "NO_FINDING", "Samples", "load_samples", "patient_id_from_name"]
@@ -127,23 +127,34 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def _from_folders(root: Path) -> Samples:
-    split_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in _SPLIT_ALIASES]
+    split_dirs = [d for d in _listing(root) if d.is_dir() and d.name.lower() in _SPLIT_ALIASES]
     layouts = [(d, _SPLIT_ALIASES[d.name.lower()]) for d in split_dirs] or [(root, "")]
     names = _class_names_file(root)
     rows: list[dict] = []
     folders: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for base, split in layouts:
-        for class_dir in sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for class_dir in (d for d in _listing(base) if d.is_dir() and not d.name.startswith(".")):
             label = names.get(class_dir.name, class_dir.name)
             if label not in folders:
                 folders.append(label)
-            for file in sorted(class_dir.rglob("*")):
-                if file.is_file() and is_image_file(file):
-                    rows.append({"path": str(file), "label": label, "split": split,
-                                 "patient_id": patient_id_from_name(file.name), "source": "folder"})
+            files, unreadable = find_images(class_dir)
+            skipped += unreadable
+            for file in files:
+                rows.append({"path": file, "label": label, "split": split,
+                             "patient_id": patient_id_from_name(Path(file).name), "source": "folder"})
     order = list(dict.fromkeys(names.values()))
     classes = [c for c in order if c in folders] + sorted(c for c in folders if c not in order)
-    return Samples(_frame(rows), classes, "multiclass", str(root))
+    return Samples(_frame(rows), classes, "multiclass", str(root), skipped)
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The entries of a data or split folder, sorted; one that cannot be listed is an error (without it
+    the layout itself is unknown)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise ChestXrayError(f"{folder}: cannot read this folder ({err.strerror or err})") from None
 
 
 def _class_names_file(root: Path) -> dict[str, str]:
@@ -219,6 +230,7 @@ def _from_medmnist(npz: Path) -> Samples:
         raise ChestXrayError(f"{npz}: not a readable MedMNIST .npz file ({err})") from None
     if not labels:
         raise ChestXrayError(f"{npz}: no train_labels/val_labels/test_labels arrays (MedMNIST layout)")
+    _check_medmnist_lengths(npz, {split: len(values) for split, values in labels.items()})
     n_columns = next(iter(labels.values())).reshape(len(next(iter(labels.values()))), -1).shape[1]
     multilabel = n_columns > 1
     n_classes = n_columns if multilabel else int(max(v.max() for v in labels.values())) + 1
@@ -232,3 +244,27 @@ def _from_medmnist(npz: Path) -> Samples:
             rows.append({"path": f"{npz}{NPZ_SEPARATOR}{split}/{i}", "label": label, "split": split,
                          "patient_id": "", "source": "medmnist"})
     return Samples(_frame(rows), classes, "multilabel" if multilabel else "multiclass", str(npz))
+
+
+def _check_medmnist_lengths(npz: Path, n_labels: dict[str, int]) -> None:
+    """Refuse a split whose ``<split>_images`` is missing or holds another number of images than
+    ``<split>_labels`` has labels (read from the arrays' headers: no image is loaded)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(npz) as archive:
+            for split, count in n_labels.items():
+                member = f"{split}_images.npy"
+                if member not in archive.namelist():
+                    raise ChestXrayError(f"{npz}: {split}_labels has {count} labels but there is no {split}_images array")
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape = read(handle)[0]
+                images = shape[0] if shape else 0
+                if images != count:
+                    raise ChestXrayError(f"{npz}: {split}_images holds {images} images but {split}_labels "
+                                         f"{count} labels; the arrays must be the same length")
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ChestXrayError(f"{npz}: not a readable MedMNIST .npz file ({err})") from None

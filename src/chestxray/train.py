@@ -566,7 +566,7 @@ def run_directory(out_dir: str | Path, name: str | None, *, prefix: str = "", re
     holding anything a run does not write is never deleted. Only the first process of a launch
     checks and deletes.
     """
-    run_dir = Path(out_dir) / (name or datetime.now().strftime(f"{prefix}%Y%m%d-%H%M%S"))
+    run_dir = Path(out_dir) / (_run_name(out_dir, name) if name else datetime.now().strftime(f"{prefix}%Y%m%d-%H%M%S"))
     if resume or not is_first_process() or not run_dir.is_dir() or not any(run_dir.iterdir()):
         return run_dir
     if not overwrite:
@@ -578,6 +578,19 @@ def run_directory(out_dir: str | Path, name: str | None, *, prefix: str = "", re
                              "not deleting it: choose another --name")
     shutil.rmtree(run_dir)
     return run_dir
+
+
+def _run_name(out_dir: str | Path, name: str) -> str:
+    """``name`` when it names a folder inside ``out_dir``; an absolute name, ``..`` or a link leading
+    elsewhere is refused (a run folder may be deleted by ``--overwrite``: it must stay under ``--out``)."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ChestXrayError(f"--name {name!r}: a run name must be a relative folder inside --out "
+                             "(no absolute path, no '..')")
+    root = Path(out_dir).resolve()
+    target = (root / name).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise ChestXrayError(f"--name {name!r}: resolves to {target}, outside --out {out_dir}")
+    return name
 
 
 def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: RuntimeSettings | None = None, *,

@@ -3,7 +3,8 @@
 The worklist has a ``path`` column (image or DICOM files) or a ``study_instance_uid`` column (studies
 retrieved by WADO-RS from ``dicomweb``), or both (either per row). Results are appended to ``out``
 entry by entry, each entry's rows in one write, flushed to disk; a run that is interrupted and started
-again skips the entries already in ``out`` (by their ``worklist_key``). Every row has the
+again skips the entries already in ``out`` (by their ``worklist_key``); an entry named by several rows
+is scored once. Every row has the
 StudyInstanceUID, SOPInstanceUID and accession number (DICOM inputs), the model id and a UTC timestamp.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from .audittrail import AuditTrail, audit_assessment, local_caller, sha256_bytes
-from .decode import _is_dicom
+from .decode import _is_dicom, read_file
 from .dicomresult import assess, assessments_table, patient_fields, read_dataset, referral
 from .errors import ChestXrayError, InputError
 
@@ -41,6 +42,8 @@ class WorklistResult:
     skipped: int
     scored: int
     failed: int
+    duplicates: int = 0
+    """Rows naming an entry an earlier row of the worklist names too: each entry is scored once."""
 
 
 def read_worklist(path: str | Path) -> list[tuple[str, str]]:
@@ -77,9 +80,10 @@ def score_worklist(predictor: Any, worklist: str | Path, out: str | Path, *, dic
     """Score every entry of ``worklist`` not yet in ``out`` and append its rows to ``out`` (CSV), with the
     predictor's header check and conformal coverage."""
     entries = read_worklist(worklist)
+    unique = list(dict.fromkeys(entries))  # a repeated row is scored once, at its first place
     out = Path(out)
     done = _done_keys(out)
-    todo = [(kind, value) for kind, value in entries if _key(kind, value) not in done]
+    todo = [(kind, value) for kind, value in unique if _key(kind, value) not in done]
     if any(kind == "study" for kind, _ in todo) and not dicomweb:
         raise ChestXrayError(f"{worklist}: study UIDs need --dicomweb URL to retrieve them")
     columns = ["worklist_key", "path", *assessments_table([], predictor.classes).columns, "error", "timestamp"]
@@ -101,7 +105,7 @@ def score_worklist(predictor: Any, worklist: str | Path, out: str | Path, *, dic
         failed += sum(1 for row in rows if row.get("error"))
         scored += len({row["worklist_key"] for row in rows})
         _append(out, pd.DataFrame(rows).reindex(columns=columns))
-    return WorklistResult(out, len(entries), len(entries) - len(todo), scored, failed)
+    return WorklistResult(out, len(entries), len(unique) - len(todo), scored, failed, len(entries) - len(unique))
 
 
 def _score_files(predictor: Any, files: list[str], audit: AuditTrail | None) -> list[dict]:
@@ -112,10 +116,9 @@ def _score_files(predictor: Any, files: list[str], audit: AuditTrail | None) -> 
     dicoms, others = [], []
     for file in files:
         try:
-            data = Path(file).read_bytes()
-        except OSError as err:
-            rows.append({"worklist_key": _key("path", file), "path": file, "refer": True,
-                         "error": f"cannot read ({err.strerror or err})"})
+            data = read_file(file)  # decode's guard: type and size checked before a byte is read
+        except InputError as err:
+            rows.append({"worklist_key": _key("path", file), "path": file, "refer": True, "error": err.reason})
             continue
         if data and _is_dicom(data, file):
             try:

@@ -34,14 +34,14 @@ import pandas as pd
 import torch
 
 from .adapt import model_outputs, site_absent, site_coverage
-from .bundle import BundleMeta, load_bundle, load_held_out, save_bundle
+from .bundle import BundleMeta, HeldOut, load_bundle, load_held_out, save_bundle
 from .cache import build_cache
-from .calibration import calibrate_outputs
+from .calibration import Calibration, calibrate_outputs
 from .conformal import ConformalSets
 from .console import make_console
 from .errors import ChestXrayError
 from .label_free import (MIN_SITE_IMAGES, choose_for_labelling, centroid_pseudo_labels, domain_weights,
-                         fit_site_head, label_free_summary)
+                         SiteHead, fit_site_head, label_free_summary)
 from .lineage import data_fingerprint, short_hash
 from .logit_transform import LogitTransform
 from .models import ChestXrayNet, EnsembleNet
@@ -51,7 +51,7 @@ from .provenance import file_sha256
 from .sources import Samples
 from .storage import write_text
 
-__all__ = ["adapt_unlabeled", "UnlabeledResult", "suggest_labels", "site_images", "REPORT_FILE"]
+__all__ = ["adapt_unlabeled", "fit_unlabeled", "UnlabeledResult", "suggest_labels", "site_images", "REPORT_FILE"]
 
 REPORT_FILE = "adaptation.json"
 console = make_console(stderr=True)
@@ -110,10 +110,76 @@ def _with_head(model: ChestXrayNet, weight: np.ndarray, bias: np.ndarray) -> Che
     return child.eval()
 
 
+@dataclass
+class Fitted:
+    """What label-free adaptation fits from the arrays: the head, its calibration, the pseudo-labels."""
+
+    head: SiteHead
+    calibration: Calibration
+    pseudo: np.ndarray
+    shift: dict[str, Any]
+
+
+def fit_unlabeled(meta: BundleMeta, held: HeldOut, logits: np.ndarray, features: np.ndarray, absent: Sequence[int], *,
+                  seed: int = 0, known: np.ndarray | None = None) -> Fitted:
+    """Steps 2-5 of the module docstring on the parent's outputs for the site's images (``logits``,
+    ``features``) and its held-out reference ``held``; ``known``: labels a person gave (-1: none)."""
+    classes = list(meta.classes)
+    present = np.array([k not in absent for k in range(len(classes))])
+    before = meta.logit_transform().without(absent).probabilities(logits)
+    pseudo, _ = centroid_pseudo_labels(before, features, present, known)
+    head = fit_site_head(features, pseudo, len(classes), seed=seed)
+    # trust parts on the parent's validation images through the new head, weighted towards the site
+    keep = present[held.targets]
+    ref_logits, ref_features, ref_targets = head.logits(held.features[keep]), held.features[keep], held.targets[keep]
+    ref_weights, site_weights, shift = domain_weights(ref_features, features, seed=seed)
+    ood = None
+    if meta.ood:
+        guard = OODGuard.from_dict(meta.ood)
+        ood = guard.with_reference(guard.score(features)).to_dict()
+    fitted_on = (f"the parent's {int(keep.sum())} validation images through the site head, weighted towards the site's "
+                 f"{len(features)} images (chestxray adapt --unlabeled)")
+    calibration = calibrate_outputs(ref_logits, ref_targets, classes=classes, task="multiclass",
+                                    features=ref_features, ood=ood, fitted_on=fitted_on, seed=seed,
+                                    coverage=site_coverage(meta), absent=absent, weights=ref_weights,
+                                    test_weight=float(np.quantile(site_weights, 0.9)))
+    return Fitted(head, calibration, pseudo, shift)
+
+
+def _known_labels(meta: BundleMeta, site: SiteImages, labels: str | Path | None) -> np.ndarray | None:
+    """Per site image, the label a person gave in the CSV ``labels`` (``path,label``, as ``--suggest``
+    writes it, blanks allowed), -1 where none; one-line errors for unknown classes or files."""
+    if labels is None:
+        return None
+    from .errors import InputError
+
+    try:
+        table = pd.read_csv(labels, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as err:
+        raise InputError(labels, f"cannot read the labels CSV ({err})") from None
+    if not {"path", "label"} <= set(table.columns):
+        raise InputError(labels, "the labels CSV needs the columns path and label (as --suggest writes it)")
+    table = table[table["label"].str.strip() != ""]
+    unknown = sorted(set(table["label"].str.strip()) - set(meta.classes))
+    if unknown:
+        raise InputError(labels, f"labels {', '.join(unknown)} are not the model's classes ({', '.join(meta.classes)})")
+    where = {str(Path(p).resolve()): i for i, p in enumerate(site.paths)}
+    known = np.full(len(site.paths), -1)
+    missing = [p for p in table["path"] if str(Path(p).resolve()) not in where]
+    if missing:
+        raise InputError(labels, f"{len(missing)} labelled file(s) are not among the site's readable images, "
+                                 f"e.g. {missing[0]}")
+    for path, label in zip(table["path"], table["label"].str.strip()):
+        known[where[str(Path(path).resolve())]] = list(meta.classes).index(label)
+    return known
+
+
 def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path], out: str | Path, *,
                     site_classes: Sequence[str] | None = None, seed: int = 0, cache_dir: str | Path | None = None,
-                    progress: bool = True) -> UnlabeledResult:
-    """Adapt ``bundle`` to a site from its unlabelled images (see the module docstring); write the child to ``out``."""
+                    progress: bool = True, labels: str | Path | None = None) -> UnlabeledResult:
+    """Adapt ``bundle`` to a site from its unlabelled images (see the module docstring); write the child to
+    ``out``. ``labels``: a CSV (``path,label``) of the images a person labelled, e.g. those ``--suggest``
+    chose; they keep their labels and anchor the centroids."""
     bundle_dir, out = Path(bundle), Path(out)
     if out.resolve() == bundle_dir.resolve():
         raise ChestXrayError(f"{out}: the child bundle needs its own folder (not the parent's)")
@@ -127,32 +193,19 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
                              "train since label-free adaptation exists); retrain it, or adapt with labels")
     absent = site_absent(meta, site_classes)
     classes = list(meta.classes)
-    present = np.array([k not in absent for k in range(len(classes))])
     site = site_images(meta, data, cache_dir=cache_dir, progress=progress)
     if len(site.images) < MIN_SITE_IMAGES:
         raise ChestXrayError(f"{data}: {len(site.images)} readable site images; label-free adaptation needs at "
                              f"least {MIN_SITE_IMAGES}")
+    known = _known_labels(meta, site, labels)
+    if known is not None and np.isin(known, absent).any():
+        raise ChestXrayError(f"{labels}: labelled images of a class declared absent by --site-classes "
+                             f"({', '.join(sorted({classes[k] for k in known if k in absent}))}); declare it present")
     logits, features = model_outputs(parent, site.images)
     parent_transform = meta.logit_transform()
-    before = parent_transform.without(absent).probabilities(logits)
-    pseudo, _ = centroid_pseudo_labels(before, features, present)
-    head = fit_site_head(features, pseudo, len(classes), seed=seed)
+    fitted = fit_unlabeled(meta, held, logits, features, absent, seed=seed, known=known)
+    head, calibration, pseudo, shift = fitted.head, fitted.calibration, fitted.pseudo, fitted.shift
     child_model = _with_head(parent, head.weight, head.bias)
-
-    # trust parts on the parent's validation images through the new head, weighted towards the site
-    keep = present[held.targets]
-    ref_logits, ref_features, ref_targets = head.logits(held.features[keep]), held.features[keep], held.targets[keep]
-    ref_weights, site_weights, shift = domain_weights(ref_features, features, seed=seed)
-    ood = None
-    if meta.ood:
-        guard = OODGuard.from_dict(meta.ood)
-        ood = guard.with_reference(guard.score(features)).to_dict()
-    fitted_on = (f"the parent's {int(keep.sum())} validation images through the site head, weighted towards the site's "
-                 f"{len(site.images)} unlabelled images (chestxray adapt --unlabeled)")
-    calibration = calibrate_outputs(ref_logits, ref_targets, classes=classes, task="multiclass",
-                                    features=ref_features, ood=ood, fitted_on=fitted_on, seed=seed,
-                                    coverage=site_coverage(meta), absent=absent, weights=ref_weights,
-                                    test_weight=float(np.quantile(site_weights, 0.9)))
     after = calibration.transform.probabilities(head.logits(features))
     after_sets = ConformalSets.from_dict(calibration.conformal, classes).sets(after)
     before_sets = (ConformalSets.from_dict(meta.conformal, classes).sets(parent_transform.probabilities(logits))
@@ -163,6 +216,7 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
     summary = label_free_summary(parent_transform.probabilities(logits), after, classes, before_sets=before_sets,
                                  after_sets=after_sets, before_ood=before_ood, after_ood=after_ood)
     summary.update(mode="unlabeled", absent_classes=[classes[k] for k in absent], domain_shift=shift,
+                   labelled_by_a_person=int((known >= 0).sum()) if known is not None else 0,
                    pseudo_label_shares={name: round(float(np.mean(pseudo == k)), 4) for k, name in enumerate(classes)},
                    unreadable=[{"file": f, "reason": r} for f, r in site.failed],
                    method="each site image labelled by its nearest class centroid in feature space (centroids "

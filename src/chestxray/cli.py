@@ -324,6 +324,8 @@ def adapt(bundle: Path = BundleArg,
                                                      "others are never predicted and leave the sets."),
           suggest: Optional[int] = typer.Option(None, "--suggest", min=1, help="Write the N site images whose labels "
                                                 "would help most as a CSV (--out) to fill in; adapts nothing."),
+          labels: Optional[Path] = typer.Option(None, "--labels", help="With --unlabeled: a CSV (path,label) of the "
+                                                "site images a person labelled, e.g. the --suggest CSV filled in."),
           mode: str = typer.Option("recalibrate", "--mode", help="recalibrate (weights untouched: logit transform, "
                                    "operating points, OOD reference scores) or finetune (continue training)."),
           with_data: Optional[Path] = typer.Option(None, "--with", help="finetune: also train on this labelled data "
@@ -344,6 +346,9 @@ def adapt(bundle: Path = BundleArg,
     overrides, runtime_overrides = dict(settings[0]), settings[1]
     seed = overrides.pop("seed", 0)
     declared = site_classes.split(",") if site_classes is not None else None
+    if labels is not None and not unlabeled:
+        raise ChestXrayError("--labels goes with --unlabeled (labelled images where a person gave labels, the "
+                             "site's other images for the rest); a labelled folder needs neither")
     if suggest is not None or unlabeled:
         if mode != "recalibrate" or with_data is not None or overrides or runtime_overrides:
             raise ChestXrayError("--unlabeled and --suggest take no --mode finetune, --with or training options")
@@ -356,7 +361,7 @@ def adapt(bundle: Path = BundleArg,
                           f"BUNDLE {out} --out CHILD)", soft_wrap=True, highlight=False)
             return
         found = adapt_unlabeled(bundle, data, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
-                                progress=err_console.is_terminal)
+                                progress=err_console.is_terminal, labels=labels)
         if onnx:
             from .export import export_onnx
 

@@ -45,13 +45,21 @@ def _directions(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def centroid_pseudo_labels(probs: np.ndarray, features: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def centroid_pseudo_labels(probs: np.ndarray, features: np.ndarray, present: np.ndarray,
+                           known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(labels (N,), centroids (C, F))``: each image's nearest class centroid (cosine) among the
     ``present`` classes (a boolean (C,)), the centroids averaged over the images weighted by ``probs``.
+    ``known`` (N,): a label where a person gave one, -1 elsewhere; those images count for their own class
+    only and keep their label.
 
     One round, as SHOT's pseudo-labelling: more rounds let large classes absorb neighbours.
     """
-    probs, present = np.asarray(probs, dtype=np.float64), np.asarray(present, dtype=bool)
+    probs, present = np.array(probs, dtype=np.float64), np.asarray(present, dtype=bool)
+    labelled = None
+    if known is not None:
+        known = np.asarray(known)
+        labelled = known >= 0
+        probs[labelled] = np.eye(probs.shape[1])[known[labelled]]
     if probs.ndim != 2 or probs.shape[0] != len(features) or probs.shape[1] != len(present):
         raise ChestXrayError(f"pseudo-labels: probabilities {probs.shape} do not match features {np.shape(features)}")
     x = _directions(features)
@@ -60,7 +68,10 @@ def centroid_pseudo_labels(probs: np.ndarray, features: np.ndarray, present: np.
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     similarity = x @ centroids.T
     similarity[:, ~present] = -np.inf
-    return similarity.argmax(1), centroids
+    labels = similarity.argmax(1)
+    if labelled is not None:
+        labels[labelled] = known[labelled]
+    return labels, centroids
 
 
 @dataclass

@@ -1,0 +1,175 @@
+"""A bundle at a new site (``../shared/datasets/pediatric_site``): unadapted, without labels, and with few labels.
+
+One command, on any bundle trained by ``chestxray train`` (it needs the bundle's ``heldout.npz``):
+
+    .venv/bin/python bench/bench_newsite.py runs/demo/bundle
+
+The site's labels are read only to score; no choice below is made on them. Parts, each on the same
+cached outputs of the bundle's model on every site image:
+
+- ``unadapted``: the bundle as trained, and with the classes the site lacks ruled out (``--site-classes``).
+- ``unlabeled``: ``chestxray adapt --unlabeled`` (``adapt_unlabeled.fit_unlabeled``), adapted on all the
+  site's images and scored on them (transductive, as the command is used), and adapted on a random half
+  and scored on the other half (``--halvings``, inductive: images the adaptation never saw).
+- ``labels``: ``--suggest N`` against N random images (``--draws`` draws), for N in ``--sizes``: the N
+  labelled images plus the unlabelled rest adapt the model (``adapt --unlabeled --labels``), and the
+  other images are scored.
+
+Each figure comes with its 95% bootstrap interval (accuracy, balanced accuracy) or its mean and sd over
+draws. The result goes to ``bench/results/newsite-*.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DATA, save_result  # noqa: E402
+
+
+def figures(y: np.ndarray, probs: np.ndarray, sets: np.ndarray | None, ood: np.ndarray | None, classes: list[str],
+            seed: int = 0) -> dict[str, Any]:
+    from chestxray.metrics import bootstrap_ci, expected_calibration_error
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    pred = probs.argmax(1)
+    out: dict[str, Any] = {"n": int(len(y)), "accuracy": float(np.mean(pred == y)),
+                           "accuracy_ci": list(bootstrap_ci(lambda t, p: accuracy_score(t, p.argmax(1)), y, probs,
+                                                            n_boot=1000, seed=seed)),
+                           "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+                           "balanced_accuracy_ci": list(bootstrap_ci(
+                               lambda t, p: balanced_accuracy_score(t, p.argmax(1)), y, probs, n_boot=1000, seed=seed)),
+                           "ece": float(expected_calibration_error(y, probs)),
+                           "recall": {classes[k]: float(np.mean(pred[y == k] == k)) for k in np.unique(y)}}
+    if sets is not None:
+        refer = sets.sum(1) != 1
+        if ood is not None:
+            refer |= ood
+        out.update(set_coverage=float(sets[np.arange(len(y)), y].mean()), mean_set_size=float(sets.sum(1).mean()),
+                   referred=float(refer.mean()), accuracy_unreferred=float(np.mean(pred[~refer] == y[~refer]))
+                   if (~refer).any() else None)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--site", type=Path, default=DATA / "pediatric_site")
+    parser.add_argument("--site-classes", default="normal,viral_pneumonia,bacterial_pneumonia")
+    parser.add_argument("--halvings", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50, 100, 200])
+    parser.add_argument("--draws", type=int, default=10)
+    args = parser.parse_args()
+
+    from chestxray.adapt import model_outputs, site_absent
+    from chestxray.adapt_unlabeled import fit_unlabeled
+    from chestxray.bundle import load_bundle, load_held_out
+    from chestxray.conformal import ConformalSets
+    from chestxray.label_free import choose_for_labelling
+    from chestxray.ood import OODGuard
+    from chestxray.sources import load_samples
+    from chestxray.cache import build_cache
+
+    start = time.perf_counter()
+    model, meta = load_bundle(args.bundle)
+    held = load_held_out(args.bundle, meta)
+    if held is None:
+        sys.exit(f"{args.bundle}: no heldout.npz; retrain the bundle with this version of chestxray")
+    classes = list(meta.classes)
+    site = load_samples(args.site).with_classes(classes)
+    cache = build_cache(site, meta.preprocessing(), progress=False)
+    ok = np.asarray(cache.ok)
+    y = site.targets()[ok]
+    logits, features = model_outputs(model, np.asarray(cache.images)[ok])
+    absent = site_absent(meta, args.site_classes.split(","))
+    guard = OODGuard.from_dict(meta.ood) if meta.ood else None
+    parent_ood = guard.is_ood(guard.score(features)) if guard else None
+    record: dict[str, Any] = {"bundle": str(args.bundle), "model_id": meta.model_id, "site": str(args.site),
+                              "site_classes": args.site_classes, "n_site": int(len(y))}
+
+    def parent_figures(rows: np.ndarray, rule_out: bool) -> dict[str, Any]:
+        transform = meta.logit_transform().without(absent) if rule_out else meta.logit_transform()
+        probs = transform.probabilities(logits[rows])
+        sets = ConformalSets.from_dict(meta.conformal, classes)
+        if rule_out:
+            sets.absent = tuple(classes[k] for k in absent)
+        return figures(y[rows], probs, sets.sets(probs) if meta.conformal else None,
+                       parent_ood[rows] if parent_ood is not None else None, classes)
+
+    def adapted_figures(fit_rows: np.ndarray, score_rows: np.ndarray, known: np.ndarray | None = None,
+                        seed: int = 0) -> dict[str, Any]:
+        fitted = fit_unlabeled(meta, held, logits[fit_rows], features[fit_rows], absent, seed=seed,
+                               known=None if known is None else known[fit_rows])
+        probs = fitted.calibration.transform.probabilities(fitted.head.logits(features[score_rows]))
+        sets = ConformalSets.from_dict(fitted.calibration.conformal, classes).sets(probs)
+        ood = None
+        if fitted.calibration.ood:
+            child_guard = OODGuard.from_dict(fitted.calibration.ood)
+            ood = child_guard.is_ood(child_guard.score(features[score_rows]))
+        return {**figures(y[score_rows], probs, sets, ood, classes), "domain_auc": fitted.shift["domain_auc"]}
+
+    every = np.arange(len(y))
+    record["unadapted"] = parent_figures(every, False)
+    record["ruled_out"] = parent_figures(every, True)
+    record["unlabeled_transductive"] = adapted_figures(every, every)
+    halves = []
+    for h in range(args.halvings):
+        fit_rows = np.sort(np.random.default_rng(h).permutation(len(y))[: len(y) // 2])
+        score_rows = np.setdiff1d(every, fit_rows)
+        halves.append({"parent": parent_figures(score_rows, True), "adapted": adapted_figures(fit_rows, score_rows)})
+    record["unlabeled_halves"] = halves
+
+    probs_all = meta.logit_transform().without(absent).probabilities(logits)
+    labels_part: dict[str, Any] = {}
+    for n in args.sizes:
+        suggested = choose_for_labelling(probs_all, features, n, seed=0)
+        rows = {"suggested": [suggested],
+                "random": [np.random.default_rng(1000 + d).choice(len(y), n, replace=False) for d in range(args.draws)]}
+        labels_part[str(n)] = {}
+        for how, draws in rows.items():
+            found = []
+            for chosen in draws:
+                known = np.full(len(y), -1)
+                known[chosen] = y[chosen]
+                rest = np.setdiff1d(every, chosen)
+                adapted = adapted_figures(every, rest, known)
+                found.append({"accuracy": adapted["accuracy"], "balanced_accuracy": adapted["balanced_accuracy"],
+                              "set_coverage": adapted["set_coverage"], "referred": adapted["referred"],
+                              "parent_accuracy": parent_figures(rest, True)["accuracy"]})
+            labels_part[str(n)][how] = {k: {"mean": float(np.mean([f[k] for f in found])),
+                                            "sd": float(np.std([f[k] for f in found]))} for k in found[0]}
+    record["labels"] = labels_part
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    path = save_result("newsite", record)
+
+    def line(name: str, f: dict[str, Any]) -> str:
+        lo, hi = f["accuracy_ci"]
+        sets = (f"; sets cover {100 * f['set_coverage']:.1f}%, referred {100 * f['referred']:.1f}%"
+                if "set_coverage" in f else "")
+        return (f"{name:28s} accuracy {100 * f['accuracy']:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), balanced "
+                f"{100 * f['balanced_accuracy']:.1f}%, ECE {f['ece']:.3f}{sets}")
+
+    print(line("unadapted", record["unadapted"]))
+    print(line("site classes declared", record["ruled_out"]))
+    print(line("--unlabeled (all images)", record["unlabeled_transductive"]))
+    for name in ("accuracy", "set_coverage", "referred"):
+        before = [h["parent"][name] for h in halves]
+        after = [h["adapted"][name] for h in halves]
+        print(f"halves ({args.halvings}), other half scored: {name} {100 * np.mean(before):.1f}% -> "
+              f"{100 * np.mean(after):.1f}% (sd {100 * np.std(after):.1f})")
+    for n, part in labels_part.items():
+        s, r = part["suggested"]["accuracy"], part["random"]["accuracy"]
+        print(f"{n:>4} labels: suggested {100 * s['mean']:.1f}%, random {100 * r['mean']:.1f}% +- {100 * r['sd']:.1f} "
+              f"(parent on the same images {100 * part['random']['parent_accuracy']['mean']:.1f}%)")
+    print(f"result: {path}")
+
+
+if __name__ == "__main__":
+    main()

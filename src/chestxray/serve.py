@@ -438,13 +438,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
             if explainer.model is None:
                 raise ApiError(400, "Grad-CAM needs a PyTorch model: serve with the torch backend")
             extra["cam_png"] = base64.b64encode(await queue.call(explainer.gradcam_png, image)).decode("ascii")
-        return PredictionOut(
-            label=prediction.label, probabilities=prediction.probabilities, ood=prediction.ood,
-            ood_score=prediction.ood_score, ood_percentile=prediction.ood_percentile, model_id=model_id,
-            latency_ms=round((time.perf_counter() - start) * 1000, 2), prediction_set=prediction.prediction_set,
-            coverage=predictor.coverage if prediction.prediction_set is not None else None,
-            refer=prediction.refer, reasons=prediction.reasons, cautions=prediction.cautions,
-            header=prediction.header, adaptation=model_info.adaptation, **extra)
+        answer = {k: v for k, v in prediction.to_dict().items() if k not in ("file", "error")}  # the CLI's form
+        return PredictionOut(**answer, latency_ms=round((time.perf_counter() - start) * 1000, 2), **extra)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -253,3 +253,12 @@ def test_the_predict_table_shows_the_header_verdict_and_wraps_only_in_a_terminal
     assert len(shown) > 5  # the legend was wrapped to the terminal...
     legend = "dicom: the header check; refer: why a reader should look. All reasons: --format json."
     assert legend in " ".join(line.strip() for line in shown[4:])  # ...between words only
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "serve"])
+def test_help_shows_no_bool_placeholder_nor_an_empty_default(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.stdout and "(default: )" not in result.stdout
+    if command == "serve":
+        assert "TCP port of the API" in result.stdout

@@ -383,3 +383,15 @@ def test_serve_refuses_bad_options_before_starting(bundle: Path, options: dict, 
 def test_serve_refuses_an_onnx_backend_without_an_export(bundle: Path) -> None:
     with pytest.raises(ChestXrayError, match="chestxray export"):
         serve(bundle, backend="onnx")
+
+
+def test_the_server_says_which_model_answers_and_has_a_favicon(bundle: Path, caplog) -> None:
+    import logging
+
+    predictor = load_model(bundle)
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        with TestClient(create_app(predictor, api_key="", source=str(bundle), url="http://127.0.0.1:8000/")) as c:
+            assert c.get("/favicon.ico").status_code == 204
+    line = next(r.getMessage() for r in caplog.records if r.name == "uvicorn.error" and "serving" in r.getMessage())
+    assert str(bundle) in line and predictor.meta.model_id in line and "backend torch" in line
+    assert "no prediction sets" in line and "header check on" in line and "http://127.0.0.1:8000/docs" in line

@@ -21,6 +21,15 @@ import typer
 from .console import make_console
 from .errors import ChestXrayError
 
+def _flag_type(option: typer.core.TyperOption, ctx) -> Optional[str]:
+    """An option's type as --help shows it; none for a flag (``--tta``, ``--onnx/--no-onnx``, ``--help``):
+    typer would show ``<bool>``, a value that is never typed."""
+    return None if option.is_flag else _typer_type(option, ctx)
+
+
+_typer_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type  # the one place chestxray's help is drawn
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate, explain and serve chest X-ray classifiers. Not a diagnostic device.")
 console = make_console()
@@ -120,7 +129,7 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
         for name, default, meta in options:
             flag = name.replace("_", "-")
             check = meta["check"]
-            shown = str(default).lower() if isinstance(default, bool) else default
+            shown = str(default).lower() if isinstance(default, bool) else default if default != "" else "none"
             limit = f"; {check}" if check is not None and not isinstance(check, Choices) else ""
             text = f"{meta['help']} (default: {shown}{limit})"
             metavar = "[" + "|".join(map(str, check.values)) + "]" if isinstance(check, Choices) else None
@@ -472,7 +481,7 @@ def export(bundle: Path = BundleArg,
 @app.command()
 def serve(bundle: Path = BundleArg,
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-          port: int = typer.Option(8000),
+          port: int = typer.Option(8000, help="TCP port of the API and the web page."),
           backend: str = typer.Option("auto", help=BACKEND_HELP),
           workers: int = typer.Option(1, help="Server processes, each with its own model."),
           threads: Optional[int] = typer.Option(None, help="Compute threads per worker (default: cores / workers)."),

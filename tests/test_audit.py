@@ -132,6 +132,7 @@ def test_near_copy_within_train_and_nothing_else(planted):
     near = [p for p in report.duplicates if p.kind == "near"]
     assert [(p.path_a, p.path_b) for p in near] == [tuple(str(p) for p in plan["near"])]
     assert near[0].scope == "within train"
+    assert any(f.startswith("1 duplicate pair within a split") for f in report.findings)  # not "1 ... pairs"
     assert 0 < near[0].distance <= NEAR_DUPLICATE_MAX_DISTANCE
 
 
@@ -241,7 +242,8 @@ def test_csv_manifest_with_missing_file(tmp_path):
     assert report.counts == {"train": {"pneumonia": 3, "normal": 2}, "test": {"normal": 1}}
     assert [(s.path.endswith("missing.png"), s.reason) for s in report.skipped] == [(True, "file not found")]
     assert [o.patient_id for o in report.patient_overlap] == ["p2"]
-    assert any(f.startswith("1 skipped (manifest rows, unreadable folders): file not found") for f in report.findings)
+    assert any(f.startswith("1 entry skipped (manifest rows, unreadable folders): file not found")
+               for f in report.findings)  # one row: singular
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

@@ -164,3 +164,53 @@ def test_a_protected_server_asks_for_the_key(browser: webdriver.Chrome, predicto
         upload(browser, xray_file)
         wait.until(seen.visibility_of_element_located((By.ID, "result")))
         assert browser.find_element(By.ID, "label").text in CLASSES
+
+
+REPORT_LAYOUT = """
+const page = document.documentElement;
+const broken = [];  // non-path cells whose text is laid out on more than one line
+for (const cell of document.querySelectorAll('table.rows td:not(.path), table.rows th')) {
+  const range = document.createRange();
+  range.selectNodeContents(cell);
+  const tops = new Set(Array.from(range.getClientRects(), (r) => Math.round(r.top)));
+  if (cell.textContent.trim().split(/\\s+/).length === 1 && tops.size > 1) broken.push(cell.textContent);
+}
+return {scroll: page.scrollWidth, client: page.clientWidth, broken: broken,
+        widest: Math.max(...Array.from(document.querySelectorAll('table'), (t) => t.getBoundingClientRect().right))};
+"""
+
+
+def test_the_evaluation_report_fits_a_1280_px_window_without_breaking_words(browser: webdriver.Chrome,
+                                                                            tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+    from scipy.special import softmax
+
+    from chestxray.metrics import classification_metrics
+    from chestxray.report import write_report
+
+    classes = ["bacterial_pneumonia", "viral_pneumonia", "covid19", "normal"]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 40)
+    probs = softmax(rng.normal(size=(40, 4)), axis=1)
+    files = [f"some_site_export_2024/{classes[t]}/patient_{i:05d}_study_2024_01_01_series_3_frontal_posteroanterior"
+             f"_view_image.png" for i, t in enumerate(y)]
+    frame = pd.DataFrame({"file": files, "truth": [classes[t] for t in y],
+                          "prediction": [classes[p] for p in probs.argmax(1)],
+                          "prediction_set": ["" if i % 3 == 0 else "bacterial_pneumonia|viral_pneumonia" for i in
+                                             range(40)],
+                          "refer": [i % 2 == 0 for i in range(40)], "ood": [i % 5 == 0 for i in range(40)],
+                          "ood_percentile": rng.uniform(0, 100, 40), **{c: probs[:, k] for k, c in enumerate(classes)}})
+    out = write_report(tmp_path / "report.html", title="layout", metrics=classification_metrics(y, probs, classes,
+                                                                                                n_boot=10),
+                       y_true=y, probs=probs, classes=classes, predictions=frame)
+    page = out.read_text(encoding="utf-8")
+    assert ">Yes<" in page and ">No<" in page and ">True<" not in page and ">False<" not in page
+    assert "<td>(none)</td>" in page
+    browser.set_window_size(1280, 900)
+    browser.get(out.as_uri())
+    layout = browser.execute_script(REPORT_LAYOUT)
+    assert browser.execute_script("return window.innerWidth") <= 1280
+    assert layout["scroll"] <= layout["client"], layout  # no horizontal scrolling: every column on screen
+    assert layout["widest"] <= layout["client"], layout
+    assert layout["broken"] == [], layout  # labels, figures and headers never break inside a word

@@ -197,3 +197,68 @@ def test_cv_and_sweep_print_their_results_once(tmp_path: Path) -> None:
     assert sweep.stdout.count("best trial 0") == 1 and sweep.stdout.count("best config:") == 1
     again = CliRunner().invoke(app, ["cv", str(data), "--folds", "3", "--out", runs, "--name", "c", *flags])
     assert again.exit_code != 0 and "already holds a run" in str(again.exception or again.output)
+
+
+def _four_images(tmp_path: Path) -> list[Path]:
+    """Four X-rays with long folder and file names, one of them unreadable."""
+    paths = []
+    for i, folder in enumerate(["bacterial_pneumonia_site_a", "covid19_site_b", "normal_site_c", "viral_site_d"]):
+        path = tmp_path / "a_rather_long_parent_folder_name" / folder / f"person{i}_patient_scan_{i:04d}_frontal_view.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(xray_array(seed=i)).save(path)
+        paths.append(path)
+    paths[-1].write_bytes(b"not an image")
+    return paths
+
+
+def test_piped_predict_of_four_images_is_a_short_table_that_fits_80_columns(tmp_path: Path) -> None:
+    from factories import sets_for
+
+    confound = {"method": "test", "threshold": 0.8, "auc": {"normal": 0.95, "pneumonia": 0.97},
+                "flagged": ["normal", "pneumonia"], "note": ""}
+    bundle = make_bundle(tmp_path / "bundle", conformal=sets_for(0.6), source_confound=confound)
+    images = _four_images(tmp_path)
+    result = CliRunner().invoke(app, ["predict", str(bundle), *map(str, images)], env={"COLUMNS": "80"})
+    assert result.exit_code == 1  # the unreadable one
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 12, result.stdout
+    table = lines[:2 + len(images)]  # header, rule, one line per image
+    assert all(len(line) <= 80 for line in table), "\n".join(table)
+    assert table[0].split() == ["file", "label", "p", "set", "ood", "refer"]
+    assert [line.split()[1] for line in table[2:]][-1] == "unreadable"
+    for path, line in zip(images, table[2:]):
+        assert path.name in line or "…" in line  # the file's own name, or a shortened one
+    cautions = [line for line in lines if line.startswith("* caution:")]
+    assert 1 <= len(cautions) <= 2 and len(set(cautions)) == len(cautions)  # each caution once, not per row
+    assert sum("caution" in line for line in lines) == len(cautions)
+
+
+def test_the_predict_table_shows_the_header_verdict_and_wraps_only_in_a_terminal(tmp_path: Path, make_dicom,
+                                                                                 monkeypatch) -> None:
+    from rich.console import Console
+
+    import chestxray.cli as cli
+
+    bundle = make_bundle(tmp_path / "bundle", guard=False)  # the header is the one check that runs
+    ct, dx = make_dicom("ct.dcm", xray_array(64, 64), Modality="CT"), make_dicom("dx.dcm", xray_array(64, 64))
+    piped = CliRunner().invoke(app, ["predict", str(bundle), str(ct), str(dx)], env={"COLUMNS": "60"})
+    assert piped.exit_code == 0, piped.output
+    rows = {line.split()[0]: line.split() for line in piped.stdout.splitlines()[2:4]}
+    assert rows["ct.dcm"][-2:] == ["FAIL", "dicom"] and rows["dx.dcm"][-2:] == ["ok", "no"]  # verdict, refer codes
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=60, color_system=None))
+    assert CliRunner().invoke(app, ["predict", str(bundle), str(ct), str(dx)]).exit_code == 0
+    shown = screen.getvalue().splitlines()
+    assert all(len(line) <= 60 for line in shown), screen.getvalue()
+    assert len(shown) > 5  # the legend was wrapped to the terminal...
+    legend = "dicom: the header check; refer: why a reader should look. All reasons: --format json."
+    assert legend in " ".join(line.strip() for line in shown[4:])  # ...between words only
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "serve"])
+def test_help_shows_no_bool_placeholder_nor_an_empty_default(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.stdout and "(default: )" not in result.stdout
+    if command == "serve":
+        assert "TCP port of the API" in result.stdout

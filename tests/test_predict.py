@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_a_bad_input_in_a_list_leaves_the_others(predictor: Predictor, make_imag
     assert [r.error is not None for r in results] == [False, True, True, True]
     assert "uint8" in results[2].error and "no such file" in results[3].error
     assert results[1].probabilities == {} and results[1].label == "" and results[1].ood_score is None
-    assert results[0].to_dict()["probabilities"] == results[0].probabilities
+    assert results[0].to_dict()["probabilities"] == {c: round(p, 4) for c, p in results[0].probabilities.items()}
 
 
 def test_temperature_scales_the_logits() -> None:
@@ -207,3 +208,23 @@ def test_predict_reports_an_unreadable_subfolder_as_a_failed_row(tmp_path: Path,
     assert table["file"].tolist() == [str(folder / "a.png"), str(folder / "locked")]
     assert table["error"].isna().tolist() == [True, False]
     assert table["error"].iloc[1] == "cannot read this folder (Permission denied)"
+
+
+def test_one_serialised_form_of_a_prediction_lists_objects_and_rounded_figures() -> None:
+    prediction = Prediction("a/b.dcm", "pneumonia", {"normal": 0.12345678, "pneumonia": 0.87654322}, False, 3.14159,
+                            56.00000000000001, prediction_set=["pneumonia"], coverage=0.9,
+                            reasons=["not_frontal_cxr: Modality CT"], refer=True,
+                            cautions=["caution: x"], header={"Modality": "CT"}, model_id="m@1")
+    data = prediction.to_dict()
+    assert data["probabilities"] == {"normal": 0.1235, "pneumonia": 0.8765}
+    assert data["ood_percentile"] == 56.0 and data["ood_score"] == 3.14
+    assert data["prediction_set"] == ["pneumonia"] and data["header"] == {"Modality": "CT"}
+    assert data["cautions"] == ["caution: x"] and data["reasons"] == ["not_frontal_cxr: Modality CT"]
+    assert json.loads(json.dumps(data)) == data and "called" not in data
+    assert prediction.header_reasons == ["not_frontal_cxr: Modality CT"]
+    row = prediction.to_row()
+    assert row["prediction_set"] == "pneumonia" and row["ood_percentile"] == 56.0 and row["normal"] == 0.1235
+    assert json.loads(row["header"]) == {"Modality": "CT"} and row["cautions"] == "caution: x"
+    unchecked = Prediction("x.png", "normal", {"normal": 1.0}, False, None)
+    assert unchecked.to_dict()["prediction_set"] is None and unchecked.to_row()["prediction_set"] == "not checked"
+    assert unchecked.to_dict()["header"] is None and unchecked.to_row()["header"] == ""

@@ -229,3 +229,29 @@ def test_a_run_name_through_a_link_out_of_out_is_refused(tmp_path: Path) -> None
     with pytest.raises(ChestXrayError, match="outside --out"):
         run_directory(out, "link/run")
     assert run_directory(out, "group/run") == out / "group" / "run"  # a nested name inside --out is fine
+
+
+@pytest.mark.slow
+def test_a_terminal_shows_one_progress_display_numbered_like_the_epoch_lines(tmp_path: Path, monkeypatch) -> None:
+    """Our bar alone (never Lightning's ``Epoch 0/1 ... 0.00it/s``), the summaries printed above it and
+    numbered the same way, a measured rate, and no bar left once training ends; the last epoch logs
+    the learning rate it trained at (a cosine schedule reaches 0 only after its last step)."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    import chestxray.train as train
+
+    screen = io.StringIO()
+    monkeypatch.setattr(train, "console", Console(file=screen, force_terminal=True, width=100, color_system=None))
+    data = _write_classes(tmp_path / "data")
+    result = fit(data, TrainConfig(**TINY), out_dir=tmp_path / "runs", name="bar", progress=True)
+    shown = screen.getvalue()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)
+    assert "Epoch 0" not in text and "it/s" not in text  # Lightning's bar is gone
+    assert re.search(r"epoch 1/2 training .* \d+/\d+ \d+\.\d img/s", text) and "epoch 2/2 validating" in text
+    summaries = [line for line in text.splitlines() if re.match(r"epoch \d/2  train_loss", line)]
+    assert [line[:9] for line in summaries] == ["epoch 1/2", "epoch 2/2"]  # each on its own line
+    assert shown.rstrip().endswith("\x1b[2K") or "img/s" not in shown.splitlines()[-1]  # the bar was erased
+    assert (result.history["lr"] > 0).all() and (result.history["lr_backbone"] > 0).all()

@@ -85,7 +85,8 @@ def test_a_dicom_header_that_is_not_a_frontal_chest_xray_is_referred_with_the_re
     assert result.error is None and result.refer and reason in result.reasons
     assert result.header["Modality"] == tags.get("Modality", "CR")
     row = predict_paths(model, [path], progress=False).iloc[0]
-    assert bool(row["refer"]) and reason in row["reasons"] and "Modality=" in row["header"]
+    assert bool(row["refer"]) and reason in row["reasons"]
+    assert json.loads(row["header"])["Modality"] == result.header["Modality"]  # CSV: the header's JSON object
 
 
 def test_the_header_check_is_configurable_and_passes_a_frontal_dx(trusted, make_dicom):
@@ -160,7 +161,7 @@ def test_predict_files_and_worklist_honour_coverage_and_the_header_switch(wide, 
                     "--out", str(out))
     assert result.exit_code == 0, result.output
     row = json.loads(out.read_text())[0]
-    assert HALF in row["reasons"] and "not_frontal_cxr" not in row["reasons"] and row["header"] == ""
+    assert row["reasons"] == [HALF] and row["header"] is None  # JSON: a list of reasons, no header object
     assert audit_reasons(audit_log)[-1] == [HALF]  # the audit line carries the table's reasons
     worklist = tmp_path / "list.csv"
     worklist.write_text(f"path\n{ct}\n")
@@ -286,3 +287,31 @@ def test_the_drift_reference_counts_ood_flags_given_from_a_guard_fitted_elsewher
     features = rng.normal(size=(40, 8))
     guard = OODGuard.fit(features, np.arange(40) % 2)
     np.testing.assert_allclose(np.sort(cross_fitted_scores(features, np.arange(40) % 2)), guard.held_out)
+
+
+@pytest.mark.parametrize("kind", ["png", "dicom"])
+def test_the_cli_json_and_the_rest_json_of_an_image_are_the_same(trusted, make_image, make_dicom, tmp_path, kind):
+    """One serialiser (Prediction.to_dict): same keys, same types, same rounded figures; the REST answer
+    adds its latency, the CLI names the file and its error."""
+    from fastapi.testclient import TestClient
+
+    from chestxray.serve import create_app
+
+    path = make_image("x.png", xray_array(seed=3)) if kind == "png" else make_dicom("ct.dcm", xray_array(64, 64),
+                                                                                     Modality="CT")
+    result = invoke("predict", str(trusted), str(path), "--format", "json")
+    assert result.exit_code == 0, result.output
+    (cli,) = json.loads(result.stdout)
+    with TestClient(create_app(load_model(trusted), api_key="")) as client:
+        answer = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())})
+    assert answer.status_code == 200, answer.text
+    rest = answer.json()
+    assert cli.pop("file") == str(path) and cli.pop("error") is None and isinstance(rest.pop("latency_ms"), float)
+    assert cli == rest
+    assert isinstance(cli["prediction_set"], list) and isinstance(cli["cautions"], list)
+    assert (cli["header"] is None) == (kind == "png")
+    if kind == "dicom":
+        assert cli["header"]["Modality"] == "CT" and "not_frontal_cxr: Modality CT" in cli["reasons"]
+    assert all(p == round(p, 4) for p in cli["probabilities"].values())
+    assert cli["ood_percentile"] == round(cli["ood_percentile"], 1)
+    assert "\\/" not in result.stdout  # slashes are not escaped

@@ -566,20 +566,23 @@ def _findings(report: AuditReport) -> list[str]:
                         f"{pairs[0].split_a} ({_kinds(pairs)}); scores on {later_split} are inflated")
     within = [p for p in report.duplicates if p.scope.startswith("within")]
     if within:
-        findings.append(f"{len(within)} duplicate pairs within a split ({_kinds(within)})")
+        findings.append(f"{_count(len(within), 'duplicate pair')} within a split ({_kinds(within)})")
     conflicting = [p for p in report.duplicates if p.label_a != p.label_b]
     if conflicting:
-        findings.append(f"{len(conflicting)} duplicate pairs carry different labels")
+        findings.append(f"{_count(len(conflicting), 'duplicate pair')} "
+                        f"{'carries' if len(conflicting) == 1 else 'carry'} different labels")
     against = [p for p in report.duplicates if p.scope == AGAINST_SCOPE]
     if against:
-        findings.append(f"{len({p.path_a for p in against})} images also appear in {report.against} "
+        shared = len({p.path_a for p in against})
+        findings.append(f"{_count(shared, 'image')} also appear{'s' if shared == 1 else ''} in {report.against} "
                         f"({_kinds(against)})")
     if report.near_duplicate_note:
         findings.append(report.near_duplicate_note)
     if report.patient_overlap:
         names = ", ".join(p.patient_id for p in report.patient_overlap[:5])
         more = "" if len(report.patient_overlap) <= 5 else ", ..."
-        findings.append(f"{len(report.patient_overlap)} patients have images in more than one split "
+        n = len(report.patient_overlap)
+        findings.append(f"{_count(n, 'patient')} {'has' if n == 1 else 'have'} images in more than one split "
                         f"({names}{more})")
     unknown = report.images - report.images_with_patient_id
     if unknown:
@@ -589,10 +592,13 @@ def _findings(report: AuditReport) -> list[str]:
         strong = [c for c, r in report.shortcut.recall_by_class.items() if r >= 0.9]
         tell = f"; recognised from metadata alone: {', '.join(strong)}" if strong else ""
         findings.append(f"shortcut: {report.shortcut.note}{tell}")
-    for issues, what in ((report.unreadable, "unreadable files"), (report.skipped, "skipped (manifest rows, unreadable folders)")):
+    for issues, one, many in ((report.unreadable, "unreadable file", "unreadable files"),
+                              (report.skipped, "entry skipped (manifest rows, unreadable folders)",
+                               "entries skipped (manifest rows, unreadable folders)")):
         if issues:
             reasons = pd.Series([i.reason for i in issues]).value_counts()
-            findings.append(f"{len(issues)} {what}: " + "; ".join(f"{r} ({n})" for r, n in reasons.items()))
+            findings.append(f"{len(issues)} {one if len(issues) == 1 else many}: "
+                            + "; ".join(f"{r} ({n})" for r, n in reasons.items()))
     return findings
 
 
@@ -626,6 +632,11 @@ def _md_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``: a count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _shown(items: list, what: str) -> str:

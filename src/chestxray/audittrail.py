@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChestXrayError
+from .metrics import PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, rounded
 
 AUDIT_ENV = "CHESTXRAY_AUDIT_LOG"
 PATIENT_FIELDS_ENV = "CHESTXRAY_AUDIT_PATIENT_FIELDS"
@@ -86,13 +87,17 @@ class AuditTrail:
         return line
 
 
+AUDITED = ("label", "probabilities", "ood", "ood_percentile")
+"""The keys of a prediction's serialised form (``Prediction.to_dict``) that an audit line's ``result`` keeps."""
+
+
 def prediction_result(prediction: Any) -> dict[str, Any]:
-    """The ``result`` of an audit line for a :class:`~chestxray.predict.Prediction` (no pixels)."""
+    """The ``result`` of an audit line for a :class:`~chestxray.predict.Prediction` (no pixels): its
+    :data:`AUDITED` keys as ``to_dict`` serialises them, or its error."""
     if prediction.error:
         return {"error": prediction.error}
-    return {"label": prediction.label, "probabilities": prediction.probabilities, "ood": prediction.ood,
-            "ood_percentile": prediction.ood_percentile}
-
+    data = prediction.to_dict()
+    return {key: data[key] for key in AUDITED}
 
 
 def audit_assessment(trail: AuditTrail | None, *, source: str, caller: str, data: bytes, assessment: Any,
@@ -100,36 +105,32 @@ def audit_assessment(trail: AuditTrail | None, *, source: str, caller: str, data
     """One line for a :class:`~chestxray.dicomresult.Assessment` of a DICOM instance (``data``: its bytes)."""
     if trail is None:
         return
-    result = ({"label": assessment.label, "probabilities": assessment.probabilities, "ood": assessment.ood,
-               "ood_percentile": assessment.ood_percentile} if assessment.label else {"label": None})
+    result = ({"label": assessment.label,
+               "probabilities": {c: rounded(p, PROBABILITY_DECIMALS) for c, p in assessment.probabilities.items()},
+               "ood": assessment.ood, "ood_percentile": rounded(assessment.ood_percentile, PERCENTILE_DECIMALS)}
+              if assessment.label else {"label": None})
     trail.record(source=source, caller=caller, input_sha256=sha256_bytes(data), model_id=assessment.model_id,
                  weights_sha256=assessment.weights_sha256, result=result, refer=assessment.refer,
                  reasons=assessment.reasons, latency_ms=latency_ms, sop_instance_uid=assessment.sop_instance_uid,
                  study_instance_uid=assessment.study_instance_uid, patient=patient)
 
 
-def audit_table(trail: AuditTrail, table: Any, meta: Any, latency_ms: float) -> None:
-    """One line per row of a ``predict_paths`` table (``latency_ms``: the run's mean time per image)."""
-    from types import SimpleNamespace
-
+def audit_predictions(trail: AuditTrail, predictions: list[Any], meta: Any, latency_ms: float) -> None:
+    """One line per :class:`~chestxray.predict.Prediction` of files (``predict``; ``latency_ms``: the run's
+    mean time per image)."""
     from .decode import content_hash
     from .dicomcheck import referral
 
     caller = local_caller()
-    for row in table.to_dict("records"):
-        file, error = str(row["file"]), row.get("error") if isinstance(row.get("error"), str) else None
+    for prediction in predictions:
         try:
-            digest, uids = content_hash(file), _dicom_uids(file)
-        except Exception:  # noqa: BLE001 - unreadable: the row's error says why
+            digest, uids = content_hash(prediction.file), _dicom_uids(prediction.file)
+        except Exception:  # noqa: BLE001 - unreadable: the prediction's error says why
             digest, uids = "", {}
-        given = row.get("reasons") if isinstance(row.get("reasons"), str) else ""
-        refer, reasons = referral(SimpleNamespace(error=error, reasons=given.split("; ") if given else []))
-        result = {"error": error} if error else {
-            "label": row["label"], "probabilities": {c: row[c] for c in meta.classes if c in row},
-            "ood": bool(row.get("ood")), "ood_percentile": row.get("ood_percentile")}
+        refer, reasons = referral(prediction)
         trail.record(source="predict", caller=caller, input_sha256=digest, model_id=meta.model_id,
-                     weights_sha256=meta.provenance.get("weights_sha256", ""), result=result, refer=refer,
-                     reasons=reasons, latency_ms=latency_ms, **uids)
+                     weights_sha256=meta.provenance.get("weights_sha256", ""), result=prediction_result(prediction),
+                     refer=refer, reasons=reasons, latency_ms=latency_ms, **uids)
 
 
 def _dicom_uids(file: str) -> dict[str, str]:
@@ -159,9 +160,7 @@ def audit_upload(trail: AuditTrail, data: bytes, prediction: Any, meta: Any, cal
         except Exception:  # noqa: BLE001 - the prediction's error says what was wrong
             pass
     refer, reasons = referral(prediction)  # its reasons hold the header check's, as the server ran it
-    result = {"error": prediction.error} if prediction.error else {
-        "label": prediction.label, "probabilities": prediction.probabilities, "ood": prediction.ood,
-        "ood_percentile": prediction.ood_percentile}
+    result = prediction_result(prediction)
     trail.record(source="serve", caller=caller, input_sha256=sha256_bytes(data), model_id=meta.model_id,
                  weights_sha256=meta.provenance.get("weights_sha256", ""), result=result, refer=refer,
                  reasons=reasons, latency_ms=latency_ms, patient=patient, **uids)

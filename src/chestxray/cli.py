@@ -21,6 +21,15 @@ import typer
 from .console import make_console
 from .errors import ChestXrayError
 
+def _flag_type(option: typer.core.TyperOption, ctx) -> Optional[str]:
+    """An option's type as --help shows it; none for a flag (``--tta``, ``--onnx/--no-onnx``, ``--help``):
+    typer would show ``<bool>``, a value that is never typed."""
+    return None if option.is_flag else _typer_type(option, ctx)
+
+
+_typer_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type  # the one place chestxray's help is drawn
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate, explain and serve chest X-ray classifiers. Not a diagnostic device.")
 console = make_console()
@@ -120,7 +129,7 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
         for name, default, meta in options:
             flag = name.replace("_", "-")
             check = meta["check"]
-            shown = str(default).lower() if isinstance(default, bool) else default
+            shown = str(default).lower() if isinstance(default, bool) else default if default != "" else "none"
             limit = f"; {check}" if check is not None and not isinstance(check, Choices) else ""
             text = f"{meta['help']} (default: {shown}{limit})"
             metavar = "[" + "|".join(map(str, check.values)) + "]" if isinstance(check, Choices) else None
@@ -438,12 +447,15 @@ def predict(bundle: Path = BundleArg,
     if run is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return
     if trail is not None:
-        from .audittrail import audit_table
+        from .audittrail import audit_predictions
         from .bundle import read_meta
 
-        audit_table(trail, run.table, read_meta(bundle),
-                    (time.perf_counter() - started) * 1000 / max(1, len(run.table)))
-    _write_table(run.table, fmt, out)
+        audit_predictions(trail, run.predictions, read_meta(bundle),
+                          (time.perf_counter() - started) * 1000 / max(1, len(run.predictions)))
+    if fmt == "table":
+        _render_predictions(run.predictions)
+    _write_table(run.table, "csv" if fmt == "table" else fmt, out, records=[p.to_dict() for p in run.predictions],
+                 echo=fmt != "table")
     if cam is not None:
         err_console.print(f"{len(run.cams)} Grad-CAM overlay(s) in {cam}")
     for file, error in run.failed:
@@ -507,7 +519,7 @@ def export(bundle: Path = BundleArg,
 @app.command()
 def serve(bundle: Path = BundleArg,
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-          port: int = typer.Option(8000),
+          port: int = typer.Option(8000, help="TCP port of the API and the web page."),
           backend: str = typer.Option("auto", help=BACKEND_HELP),
           workers: int = typer.Option(1, help="Server processes, each with its own model."),
           threads: Optional[int] = typer.Option(None, help="Compute threads per worker (default: cores / workers)."),
@@ -684,8 +696,87 @@ def _display_names(files: list[str]) -> list[str]:
     return [os.path.relpath(f, base) if base and f.startswith(base + os.path.sep) else f for f in files]
 
 
-def _write_table(table, fmt: str, out: Optional[Path]) -> None:
-    """CSV or JSON with every column; the table view shows one line per file (all columns go to --out)."""
+TABLE_WIDTH = 80
+"""Columns a results table fits off a terminal (in a terminal: the terminal's width, if wider)."""
+REFER_CODES = (("uncertain:", "set"), ("out_of_distribution:", "ood"), ("not_frontal_cxr:", "dicom"))
+"""The short name of each kind of referral reason in a table (the reasons themselves are in --format json)."""
+
+
+def _fit_names(names: list[str], width: int) -> list[str]:
+    """``names`` shortened to ``width`` characters: leading folders first (``…/name``), then the middle of the
+    file's own name (``head…tail``); unless two would then read the same (then all are given whole)."""
+    def cut(name: str) -> str:
+        if len(name) <= width:
+            return name
+        base = os.path.basename(name)
+        if len(base) + 2 <= width:  # start at a folder, never inside one
+            _, _, rest = name[len(name) - width + 2:].partition(os.path.sep)
+            return "…" + os.path.sep + (rest or base)
+        keep = max(width - 1, 8)
+        return base[:keep // 2] + "…" + base[len(base) - (keep - keep // 2):]
+
+    shown = [cut(name) for name in names]
+    return shown if len(set(shown)) == len(set(names)) else names
+
+
+def _refer_codes(reasons: list[str]) -> str:
+    """``no``, or the kinds of reasons to refer joined by '+' (e.g. ``set+ood``)."""
+    codes = [code for prefix, code in REFER_CODES if any(r.startswith(prefix) for r in reasons)]
+    codes += ["other"] if any(not r.startswith(tuple(p for p, _ in REFER_CODES)) for r in reasons) else []
+    return "+".join(dict.fromkeys(codes)) if reasons else "no"
+
+
+def _render_predictions(predictions: list) -> None:
+    """The predictions as one line each (short headers, no cell wider than its words), then once each: what
+    the columns mean and every caution the labels carry (marked ``*``). Every figure and reason: --format json."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    called = any(p.called is not None for p in predictions)
+    cautions = list(dict.fromkeys(c for p in predictions for c in p.cautions))
+    coverages = sorted({p.coverage for p in predictions if p.coverage is not None})
+    rows = []
+    for p in predictions:
+        if p.error:
+            rows.append(["unreadable", "", *([""] if called else []), "", "", "", "error"])
+            continue
+        probability = p.probabilities.get(p.label)
+        ood = "–" if p.ood_score is None else ("YES" if p.ood else "no") + (
+            "" if p.ood_percentile is None else f" {p.ood_percentile:.0f}%")
+        dicom = "–" if p.header is None else "FAIL" if p.header_reasons else "ok"
+        rows.append([p.label + ("*" if p.cautions else ""), "" if probability is None else f"{probability:.2f}",
+                     *(["|".join(p.called or []) or "–"] if called else []),
+                     "–" if p.prediction_set is None else str(len(p.prediction_set)), ood, dicom,
+                     _refer_codes(p.reasons)])
+    headers = ["label", "p", *(["called"] if called else []), "set", "ood", "dicom", "refer"]
+    shown = [i for i, h in enumerate(headers)  # a check that ran on no input is not a column
+             if not (h in ("set", "ood", "dicom") and all(r[i] in ("–", "") for r in rows))]
+    headers, rows = [headers[i] for i in shown], [[r[i] for i in shown] for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    room = (console.width if console.is_terminal else TABLE_WIDTH) - sum(widths) - 2 * len(headers) - 1
+    names = _fit_names(_display_names([p.file for p in predictions]), max(room, 16))
+    table = Table("file", *headers, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for column in table.columns:  # no cell is wrapped; in a terminal too narrow for the table, cut with '…'
+        column.no_wrap, column.overflow = True, "ellipsis"
+    for name, row in zip(names, rows):
+        table.add_row(escape(name), *map(escape, row))
+    console.print(table)
+    level = "/".join(f"{100 * c:g}%" for c in coverages) or "conformal"
+    meaning = {"p": "the label's probability", "called": "classes at or above the operating point",
+               "set": f"classes in its {level} prediction set (refer unless 1)",
+               "ood": "unusual, and the share of held-out training X-rays more typical",
+               "dicom": "the header check", "refer": "why a reader should look"}
+    console.print("; ".join(f"{h}: {meaning[h]}" for h in headers if h in meaning)
+                  + ". All reasons: --format json.", highlight=False)
+    for caution in cautions:
+        console.print(f"* {caution}", highlight=False, markup=False)
+
+
+def _write_table(table, fmt: str, out: Optional[Path], records: Optional[list[dict]] = None, *,
+                 echo: bool = True) -> None:
+    """CSV or JSON with every column; the table view shows one line per file (all columns go to --out).
+    ``records``: the JSON form of the rows (``Prediction.to_dict``; default: the table's rows)."""
     if fmt == "table":
         from rich.table import Table
 
@@ -714,16 +805,25 @@ def _write_table(table, fmt: str, out: Optional[Path]) -> None:
                          *(["[yellow]" + escape(row["cautions"] or "") + "[/]"] if cautions else []),
                          *([escape(error)] if errors else []))
         console.print(view)
-    else:
-        text = table.to_csv(index=False) if fmt == "csv" else table.to_json(orient="records", indent=2)
-        if out is None:
-            console.print(text, markup=False, highlight=False, soft_wrap=True)
+    text = table.to_csv(index=False) if fmt != "json" else _json_text(table, records)
+    if echo and fmt != "table" and out is None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True, end="")
     if out is not None:
         from .storage import atomic_path
 
         with atomic_path(out) as tmp:
-            table.to_json(tmp, orient="records", indent=2) if fmt == "json" else table.to_csv(tmp, index=False)
-        err_console.print(f"results: {out}")
+            Path(tmp).write_text(text, encoding="utf-8")
+        err_console.print(f"results: {out}", soft_wrap=True)
+
+
+def _json_text(table, records: Optional[list[dict]]) -> str:
+    """The rows as a JSON array (NaN as null, slashes unescaped), one key per line."""
+    import json
+
+    from .metrics import json_safe
+
+    rows = records if records is not None else table.astype(object).where(table.notna(), None).to_dict("records")
+    return json.dumps(json_safe(rows), indent=2, ensure_ascii=False) + "\n"
 
 
 def _check_output(out: Path) -> None:

@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 
 from .dicomcheck import DEFAULT_POLICY, check_header, referral
 from .errors import InputError
+from .metrics import PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, rounded
 
 NOTICE = ("Not a diagnostic device: produced by a research model (chestxray). It has not been cleared for "
           "clinical use; a qualified reader must make every diagnostic decision.")
@@ -88,7 +89,8 @@ def assessments_table(assessments: list[Assessment], classes: list[str]) -> Any:
 
     rows = [{"study_instance_uid": a.study_instance_uid, "series_instance_uid": a.series_instance_uid,
              "sop_instance_uid": a.sop_instance_uid, "accession_number": a.accession_number, "label": a.label,
-             **{c: a.probabilities.get(c) for c in classes}, "ood": a.ood, "ood_percentile": a.ood_percentile,
+             **{c: rounded(a.probabilities.get(c), PROBABILITY_DECIMALS) for c in classes}, "ood": a.ood,
+             "ood_percentile": rounded(a.ood_percentile, PERCENTILE_DECIMALS),
              "refer": a.refer, "reasons": "; ".join(a.reasons), "model_id": a.model_id} for a in assessments]
     return pd.DataFrame(rows, columns=["study_instance_uid", "series_instance_uid", "sop_instance_uid",
                                        "accession_number", "label", *classes, "ood", "ood_percentile", "refer",

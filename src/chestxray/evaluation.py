@@ -207,6 +207,14 @@ def _selective(y_true: np.ndarray, probs: np.ndarray, refer: np.ndarray, sets_ch
                          "accuracy_referred": accuracy_referred, "accuracy_referred_ci": referred_ci}}
 
 
+def _origin_name(origin: str | None) -> str:
+    """The training data as the report names it: its folder's (or file's) own name, not a path on the machine
+    that trained the model."""
+    if not origin:
+        return "?"
+    return Path(str(origin).rstrip("/\\")).name or str(origin)
+
+
 def _relative(path: str, root: str | Path) -> str:
     """``path`` relative to the data root (the folder, or the folder of a manifest or .npz); as is elsewhere."""
     base = Path(str(root)).expanduser()
@@ -336,7 +344,7 @@ def _notes(predictor: Predictor, samples: Samples, split: str, result: Evaluatio
     notes += [f"Warning: {w}" for w in result.warnings]
     if trained:
         counts = ", ".join(f"{k} {v}" for k, v in (trained.get("class_counts") or {}).items())
-        notes.append(f"Trained on {trained.get('origin', '?')}: {trained.get('n_train', '?')} training and "
+        notes.append(f"Trained on {_origin_name(trained.get('origin'))}: {trained.get('n_train', '?')} training and "
                      f"{trained.get('n_val', '?')} validation images ({counts}).")
         if split != "test" and _same_place(trained.get("origin"), samples.origin):
             notes.append("Warning: these images come from the training data set and may include training or "

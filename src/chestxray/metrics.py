@@ -34,6 +34,21 @@ _CLASS_AUC = "roc_auc/"  # keys of per-class AUC resamples, moved into the per-c
 _BATCH_ELEMENTS = 2_000_000  # resamples are evaluated in batches of about this many indices
 
 
+PROBABILITY_DECIMALS = 4
+"""Decimals of a probability in every result a user reads (CLI JSON and CSV, REST, worklist, audit)."""
+PERCENTILE_DECIMALS = 1
+"""Decimals of an OOD percentile (0-100) in every result."""
+SCORE_DECIMALS = 2
+"""Decimals of an OOD score in every result."""
+
+
+def rounded(value: float | None, decimals: int) -> float | None:
+    """``value`` rounded for a result, ``None`` (not checked) for ``None`` or NaN."""
+    if value is None or value != value:
+        return None
+    return round(float(value), decimals)
+
+
 def json_number(value: float) -> float | None:
     """A plain float for JSON, ``None`` for NaN."""
     return None if np.isnan(value) else float(value)

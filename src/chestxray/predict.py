@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import logging
 import re
 import threading
@@ -42,11 +43,12 @@ from .bundle import (INT8_ONNX_FILE, ONNX_FILE, BundleMeta, ChangedFileError, ch
                      verify_file)
 from .conformal import ConformalSets, check_coverage
 from .decode import NPZ_SEPARATOR, find_images, gray_array
-from .dicomcheck import DEFAULT_POLICY, HeaderCheck, HeaderPolicy, inspect_source
+from .dicomcheck import DEFAULT_POLICY, REASON_PREFIX, HeaderCheck, HeaderPolicy, inspect_source
 from .errors import ChestXrayError, InputError
 from .launch import local_rank, world_size
 from .lineage import describe_lineage
-from .metrics import json_number, logits_to_probs
+from .metrics import (PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, SCORE_DECIMALS, json_number, logits_to_probs,
+                      rounded)
 from .ood import OODGuard
 from .runners import DEFAULT_BATCH, OnnxRunner, Runner, TorchRunner, run_images
 from .sources import NO_FINDING
@@ -57,7 +59,8 @@ if TYPE_CHECKING:  # torch, timm and Grad-CAM load with the torch backend only: 
     from .models import ChestXrayNet, EnsembleNet
 
 __all__ = ["Predictor", "Prediction", "PredictionRun", "load_model", "predict_files", "predict_paths",
-           "sharded_predict", "expand_inputs", "apply_operating_point", "write_cams", "shard", "resolve_backend",
+           "predict_inputs", "predictions_table", "sharded_predict", "sharded_predictions", "call_operating_point",
+           "expand_inputs", "apply_operating_point", "write_cams", "shard", "resolve_backend",
            "BACKENDS", "TTA_VIEWS"]
 
 Source = str | Path | bytes | np.ndarray
@@ -77,9 +80,15 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+NOT_CHECKED = "not checked"
+"""A check that could not run, in a flat row (CSV, tables)."""
 @dataclass
 class Prediction:
-    """The model's answer for one input; ``error`` is set (and the rest empty) when it could not be read."""
+    """The model's answer for one input; ``error`` is set (and the rest empty) when it could not be read.
+
+    :meth:`to_dict` is the one serialised form of a prediction (CLI JSON, REST API, audit trail);
+    :meth:`to_row` flattens it for CSV and tables (CLI, worklist).
+    """
 
     file: str
     label: str
@@ -96,10 +105,56 @@ class Prediction:
     cautions: list[str] = field(default_factory=list)
     header: dict[str, str] | None = None
     """The DICOM header fields the check read; ``None``: no DICOM header (not checked)."""
+    coverage: float | None = None
+    """Coverage of ``prediction_set``; ``None`` when the sets were not checked."""
+    model_id: str = ""
+    """``<arch>@<first 12 hex digits of the weights' sha256>``: which weights answered."""
+    adaptation: str | None = None
+    """The site adaptation that answered (``None``: the model as trained)."""
+    called: list[str] | None = None
+    """The classes at or above their threshold at an operating point; ``None``: none was asked for."""
+
+    @property
+    def header_reasons(self) -> list[str]:
+        """The reasons to refer that come from the DICOM header check (``not_frontal_cxr: ...``)."""
+        return [reason for reason in self.reasons if reason.startswith(REASON_PREFIX)]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict."""
-        return asdict(self)
+        """The JSON form: lists for the set, reasons and cautions, an object (or ``null``) for the header,
+        probabilities to :data:`PROBABILITY_DECIMALS`, percentiles to :data:`PERCENTILE_DECIMALS`.
+        ``called`` only when an operating point was applied."""
+        found = {"file": self.file, "label": self.label,
+                 "probabilities": {c: rounded(p, PROBABILITY_DECIMALS) for c, p in self.probabilities.items()},
+                 "prediction_set": None if self.prediction_set is None else list(self.prediction_set),
+                 "coverage": self.coverage, "refer": self.refer, "reasons": list(self.reasons),
+                 "cautions": list(self.cautions), "ood": self.ood, "ood_score": rounded(self.ood_score, SCORE_DECIMALS),
+                 "ood_percentile": rounded(self.ood_percentile, PERCENTILE_DECIMALS),
+                 "header": None if self.header is None else dict(self.header), "error": self.error,
+                 "model_id": self.model_id, "adaptation": self.adaptation}
+        if self.called is not None:
+            found["called"] = list(self.called)
+        return found
+
+    def to_row(self) -> dict[str, Any]:
+        """:meth:`to_dict` flattened for a CSV row: one column per class probability; the set and ``called``
+        joined by ``|`` (the set :data:`NOT_CHECKED` when it was not checked), reasons and cautions by
+        ``; ``, the header as its JSON object (empty when there is none)."""
+        data = self.to_dict()
+        failed = bool(self.error)
+        row = {"file": data["file"], "label": data["label"]}
+        if self.called is not None:
+            row["called"] = "" if failed else "|".join(self.called)
+        row.update({
+            "prediction_set": "" if failed else NOT_CHECKED if self.prediction_set is None
+            else "|".join(self.prediction_set),
+            "refer": data["refer"], "reasons": "; ".join(data["reasons"]), "cautions": "; ".join(data["cautions"]),
+            **data["probabilities"], "ood": data["ood"], "ood_score": data["ood_score"],
+            "ood_percentile": data["ood_percentile"],
+            "header": "" if data["header"] is None else json.dumps(data["header"], separators=(",", ":")),
+            "error": data["error"], "model_id": data["model_id"]})
+        if self.adaptation:
+            row["adaptation"] = self.adaptation
+        return row
 
 
 class Predictor:
@@ -247,7 +302,8 @@ class Predictor:
             rows = iter(range(len(good)))
             for name, image, error, header in chunk:
                 if image is None:
-                    yield Prediction(name, "", {}, False, None, None, error)
+                    yield Prediction(name, "", {}, False, None, None, error, model_id=self.meta.model_id,
+                                     adaptation=self.adaptation or None)
                     continue
                 i = next(rows)
                 p, score = probs[i], scores[i]
@@ -257,7 +313,8 @@ class Predictor:
                     name, label, {c: float(v) for c, v in zip(self.classes, p)}, flagged, json_number(score),
                     json_number(self.ood_percentiles(score)),
                     prediction_set=None if sets is None else [c for c, inside in zip(self.classes, sets[i]) if inside],
-                    cautions=self.cautions(label))
+                    cautions=self.cautions(label), coverage=None if sets is None else self.coverage,
+                    model_id=self.meta.model_id, adaptation=self.adaptation or None)
                 yield self.with_header(prediction, header)
 
     def cautions(self, label: str) -> list[str]:
@@ -400,15 +457,15 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     return entries
 
 
-def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size: int = DEFAULT_BATCH,
-                  progress: bool = True, *, tta: bool = False) -> pd.DataFrame:
-    """Predict files, folders and globs; one row per file: ``file, label, <class>..., ood, ood_score, ood_percentile,
-    error, model_id`` (and ``adaptation`` for a site-adapted bundle: :func:`~chestxray.lineage.describe_lineage`).
+def predict_inputs(predictor: Predictor, inputs: Sequence[str | Path], batch_size: int = DEFAULT_BATCH,
+                   progress: bool = True, *, tta: bool = False) -> list[Prediction]:
+    """A :class:`Prediction` for every file that files, folders and globs name, in order; unreadable
+    files (and patterns that match nothing) get an ``error``.
 
-    Files are decoded by a few threads while the model runs; unreadable files get an ``error``.
+    Files are decoded by a few threads while the model runs.
     """
     entries = expand_inputs(inputs)
-    rows = []
+    predictions: list[Prediction] = []
     with _progress(progress) as bar, ThreadPoolExecutor(_DECODE_THREADS) as pool:
         task = bar.add_task("predicting", total=len(entries))
 
@@ -418,13 +475,29 @@ def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size
 
         decoded = _map_ahead(pool, decode, entries, ahead=2 * batch_size)
         for result in predictor._predict_decoded(decoded, tta=tta, batch_size=batch_size):
-            rows.append(table_row(result))
+            predictions.append(result)
             bar.advance(task)
-    table = pd.DataFrame(rows, columns=["file", "label", "prediction_set", "refer", "reasons", "cautions",
-                                        *predictor.classes, "ood", "ood_score", "ood_percentile", "header", "error"])
-    table["model_id"] = predictor.meta.model_id
-    if predictor.adaptation:  # a site-adapted bundle: which adaptation answered
-        table["adaptation"] = predictor.adaptation
+    return predictions
+
+
+def predictions_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> pd.DataFrame:
+    """One row per prediction (:meth:`Prediction.to_row`): ``file, label, [called,] prediction_set, refer,
+    reasons, cautions, <class>..., ood, ood_score, ood_percentile, header, error, model_id`` (and
+    ``adaptation`` for a site-adapted bundle)."""
+    rows = [prediction.to_row() for prediction in predictions]
+    called = any(prediction.called is not None for prediction in predictions)
+    columns = ["file", "label", *(["called"] if called else []), "prediction_set", "refer", "reasons", "cautions",
+               *classes, "ood", "ood_score", "ood_percentile", "header", "error", "model_id"]
+    if any("adaptation" in row for row in rows):
+        columns.append("adaptation")
+    return pd.DataFrame(rows, columns=columns)
+
+
+def predict_paths(predictor: Predictor, inputs: Sequence[str | Path], batch_size: int = DEFAULT_BATCH,
+                  progress: bool = True, *, tta: bool = False) -> pd.DataFrame:
+    """:func:`predict_inputs` as a table (:func:`predictions_table`)."""
+    table = predictions_table(predict_inputs(predictor, inputs, batch_size, progress, tta=tta), predictor.classes)
+    table["model_id"] = predictor.meta.model_id  # also on an empty table
     return table
 
 
@@ -443,12 +516,25 @@ def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend:
                     batch_size: int = DEFAULT_BATCH, progress: bool = True, tta: bool = False,
                     coverage: float | None = None,
                     header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> pd.DataFrame | None:
-    """:func:`predict_paths` over files, folders and globs, with every rank of a ``torchrun`` launch.
+    """:func:`sharded_predictions` as a table (:func:`predictions_table`) on rank 0, ``None`` on the others."""
+    found = sharded_predictions(model, inputs, backend=backend, batch_size=batch_size, progress=progress, tta=tta,
+                                coverage=coverage, header_policy=header_policy)
+    if found is None:
+        return None
+    predictions, classes = found
+    return predictions_table(predictions, classes)
+
+
+def sharded_predictions(model: str | Path, inputs: Sequence[str | Path], *, backend: str = "torch",
+                        batch_size: int = DEFAULT_BATCH, progress: bool = True, tta: bool = False,
+                        coverage: float | None = None, header_policy: HeaderPolicy | None = DEFAULT_POLICY
+                        ) -> tuple[list[Prediction], list[str]] | None:
+    """:func:`predict_inputs` over files, folders and globs, with every rank of a ``torchrun`` launch.
 
     Rank 0 expands the inputs once and sends the list to every rank; each rank predicts a contiguous
     shard of whole batches, so every image is predicted in the same batch as in one process (on CPUs
     the figures equal those of one process with as many threads as each rank); rank 0 gathers the
-    rows in input order. Returns the table on rank 0 and ``None`` on the others; outside a
+    predictions in input order. Returns them (and the classes) on rank 0 and ``None`` on the others; outside a
     distributed launch it runs in this process. Each rank uses the GPU of its local rank if any.
     ``coverage`` and ``header_policy`` as for :func:`load_model`, on every rank.
     """
@@ -460,7 +546,7 @@ def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend:
     predictor = load_model(model, backend, device=f"cuda:{local_rank()}" if cuda else None, coverage=coverage,
                            header_policy=header_policy)
     if world_size() == 1:
-        return predict_paths(predictor, inputs, batch_size, progress, tta=tta)
+        return predict_inputs(predictor, inputs, batch_size, progress, tta=tta), predictor.classes
     if not dist.is_initialized():  # kept for the life of the process: a group made again after
         dist.init_process_group("gloo")  # destroy_process_group can hang on torchrun's store
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")  # only Python objects travel
@@ -468,76 +554,60 @@ def sharded_predict(model: str | Path, inputs: Sequence[str | Path], *, backend:
     entries = [expand_inputs(inputs) if rank == 0 else None]
     dist.broadcast_object_list(entries, src=0, group=group)
     files = [file for file, _ in shard(entries[0], rank, world, block=batch_size)]
-    frame = predict_paths(predictor, files, batch_size, progress and rank == 0, tta=tta)
-    frames: list[pd.DataFrame | None] | None = [None] * world if rank == 0 else None
-    dist.gather_object(frame, frames, dst=0, group=group)
-    if frames is None:
+    mine = predict_inputs(predictor, files, batch_size, progress and rank == 0, tta=tta)
+    parts: list[list[Prediction] | None] | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0, group=group)
+    if parts is None:
         return None
-    parts = [part for part in frames if len(part)]
-    return pd.concat(parts, ignore_index=True) if parts else frame
+    return [prediction for part in parts for prediction in part or []], predictor.classes
 
 
 @dataclass
 class PredictionRun:
-    """What :func:`predict_files` produced: the table (see :func:`predict_paths`) and the Grad-CAM files."""
+    """What :func:`predict_files` produced: the predictions, their table (:func:`predictions_table`) and
+    the Grad-CAM files."""
 
+    predictions: list[Prediction]
     table: pd.DataFrame
     cams: list[Path]
 
     @property
     def failed(self) -> list[tuple[str, str]]:
         """``(file, error)`` of every input that could not be predicted."""
-        rows = self.table["error"].notna() & (self.table["error"] != "")
-        return [tuple(pair) for pair in self.table.loc[rows, ["file", "error"]].itertuples(index=False)]
+        return [(p.file, p.error) for p in self.predictions if p.error]
 
 
 def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: str = "auto",
                   batch_size: int = DEFAULT_BATCH, tta: bool = False, operating_point: str | None = None,
                   cam_dir: str | Path | None = None, progress: bool = False, coverage: float | None = None,
                   header_check: bool = True) -> PredictionRun | None:
-    """Everything ``chestxray predict`` does: predict files, folders and globs with ``bundle``, add the
-    ``called`` column at ``operating_point`` (:func:`apply_operating_point`), write Grad-CAM overlays
-    into ``cam_dir`` (:func:`write_cams`). ``coverage``: of the conformal prediction sets (default: the
+    """Everything ``chestxray predict`` does: predict files, folders and globs with ``bundle``, call the
+    classes at ``operating_point`` (:func:`call_operating_point`), write Grad-CAM overlays into
+    ``cam_dir`` (:func:`write_cams`). ``coverage``: of the conformal prediction sets (default: the
     bundle's); ``header_check``: refer DICOMs whose header says they are not frontal chest radiographs.
 
-    Under ``torchrun`` every rank predicts its shard (:func:`sharded_predict`); rank 0 gets the
+    Under ``torchrun`` every rank predicts its shard (:func:`sharded_predictions`); rank 0 gets the
     result and the others ``None`` (Grad-CAM runs on rank 0 alone).
     """
     predictor = None
     trust = {"coverage": coverage, "header_policy": DEFAULT_POLICY if header_check else None}
     if world_size() > 1:
-        table = sharded_predict(bundle, inputs, backend=backend, batch_size=batch_size, progress=progress, tta=tta,
-                                **trust)
-        if table is None:  # a rank other than 0
+        found = sharded_predictions(bundle, inputs, backend=backend, batch_size=batch_size, progress=progress,
+                                    tta=tta, **trust)
+        if found is None:  # a rank other than 0
             return None
+        predictions, classes = found
     else:
         predictor = load_model(bundle, backend=backend, **trust)
-        table = predict_paths(predictor, inputs, batch_size=batch_size, progress=progress, tta=tta)
+        predictions, classes = predict_inputs(predictor, inputs, batch_size, progress, tta=tta), predictor.classes
     if operating_point:
         meta = predictor.meta if predictor is not None else read_meta(bundle)  # a sharded run loads none here
-        table = apply_operating_point(table, meta.operating_points, operating_point)
+        predictions = call_operating_point(predictions, meta.operating_points, operating_point)
     cams: list[Path] = []
     if cam_dir is not None:
         explainer = predictor if predictor is not None and predictor.model is not None else load_model(bundle)
         cams = write_cams(explainer, inputs, cam_dir, progress=progress)
-    return PredictionRun(table, cams)
-
-
-NOT_CHECKED = "not checked"
-
-
-def table_row(result: Prediction) -> dict[str, Any]:
-    """One flat row of a :class:`Prediction` for a table: lists joined, checks that did not run as "not checked"."""
-    failed = bool(result.error)
-    return {"file": result.file, "label": result.label,
-            "prediction_set": "" if failed else NOT_CHECKED if result.prediction_set is None
-            else "|".join(result.prediction_set),
-            "refer": result.refer, "reasons": "; ".join(result.reasons), "cautions": "; ".join(result.cautions),
-            **result.probabilities, "ood": result.ood, "ood_score": result.ood_score,
-            "ood_percentile": result.ood_percentile,
-            "header": "" if failed or result.header is None else
-            "; ".join(f"{k}={v}" for k, v in result.header.items()) or "(no fields)",
-            "error": result.error}
+    return PredictionRun(predictions, predictions_table(predictions, classes), cams)
 
 
 def referral_reasons(prediction: Prediction, header: HeaderCheck | None, coverage: float | None,
@@ -581,14 +651,29 @@ def source_caution(name: str, auc: float) -> str:
             f"may reflect the image's origin rather than disease")
 
 
-def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float]], point: str) -> pd.DataFrame:
-    """``table`` (from :func:`predict_paths`) with a ``called`` column after ``label``: the classes whose
-    probability is at or above their ``point`` threshold (see ``BundleMeta.operating_points``), joined by '|'."""
+def operating_thresholds(points: dict[str, dict[str, float]], point: str) -> dict[str, float]:
+    """Each class's threshold at ``point`` (see ``BundleMeta.operating_points``); refuses a point the bundle lacks."""
     available = sorted({name for thresholds in points.values() for name in thresholds})
     if point not in available:
         raise ChestXrayError(f"operating point {point!r} is not in this bundle "
                              f"(it has: {', '.join(available) or 'none; retrain to get them'})")
-    thresholds = {name: by_point[point] for name, by_point in points.items() if point in by_point}
+    return {name: by_point[point] for name, by_point in points.items() if point in by_point}
+
+
+def call_operating_point(predictions: Sequence[Prediction], points: dict[str, dict[str, float]],
+                         point: str) -> list[Prediction]:
+    """``predictions`` with ``called`` set: the classes whose probability is at or above their ``point``
+    threshold (empty for an unreadable input)."""
+    thresholds = operating_thresholds(points, point)
+    return [replace(p, called=[] if p.error else [name for name, t in thresholds.items()
+                                                  if p.probabilities.get(name, -1.0) >= t])
+            for p in predictions]
+
+
+def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float]], point: str) -> pd.DataFrame:
+    """``table`` (from :func:`predict_paths`) with a ``called`` column after ``label``, as
+    :func:`call_operating_point` decides it, joined by '|'."""
+    thresholds = operating_thresholds(points, point)
     called = ["" if isinstance(row.get("error"), str) and row["error"] else
               "|".join(name for name, t in thresholds.items() if row[name] >= t)
               for row in table.to_dict("records")]

@@ -33,12 +33,16 @@ h1 { margin-bottom: .2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 
 .headline { display: flex; flex-wrap: wrap; gap: 1em; }
 .headline div { background: #f3f6fa; padding: .6em 1em; border-radius: 4px; }
 .headline b { display: block; font-size: 1.3em; }
-table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+table { border-collapse: collapse; max-width: 100%; }
+td, th { border: 1px solid #ccc; padding: .25em .6em; text-align: right; overflow-wrap: normal; }
 th:first-child, td:first-child { text-align: left; }
+table.rows { width: 100%; } table.rows td.path { text-align: left; overflow-wrap: anywhere; }
+.path { overflow-wrap: anywhere; }
 img { max-width: 100%; } .figures img { max-width: 49%; } .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
-.gallery figure { margin: 0; width: 220px; font-size: .85em; word-break: break-all; }
+.gallery figure { margin: 0; width: 220px; font-size: .85em; }
 .gallery img { width: 220px; }
 .bad { color: #b00020; } .card { background: #fafafa; border: 1px solid #ddd; padding: 0 1em; border-radius: 4px; }
+.card table { display: block; overflow-x: auto; } .card code, .card pre { overflow-wrap: anywhere; white-space: pre-wrap; }
 """
 
 
@@ -60,8 +64,10 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and value != value):
         return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "Yes" if value else "No"
     return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
 
 
@@ -179,7 +185,8 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 def _gallery(errors_gallery: list[dict]) -> str:
     figures = "".join(
-        f"<figure>{_img(item['image_png'], str(item['file']))}<figcaption>{html.escape(str(item['file']))}<br>"
+        f"<figure>{_img(item['image_png'], str(item['file']))}<figcaption><span class=\"path\">"
+        f"{html.escape(str(item['file']))}</span><br>"
         f"truth: <b>{html.escape(str(item['truth']))}</b><br>predicted: <b>{html.escape(str(item['prediction']))}"
         f"</b> ({100 * item['confidence']:.1f}%)</figcaption></figure>"
         for item in errors_gallery
@@ -358,11 +365,25 @@ def _selective_section(selective: dict[str, Any]) -> str:
             "referred (95% Wilson intervals).</p>" + _img(_png_bytes(fig), "risk-coverage curve"))
 
 
+PATH_COLUMNS = ("file",)
+"""Listing columns that hold paths: the only cells that may break inside a word (anywhere, to fit the page)."""
+
+
+def _listing_cell(column: str, value: Any) -> str:
+    if column in PATH_COLUMNS:
+        return f'<td class="path">{_cell(value)}</td>'
+    if column == "prediction_set" and value == "":
+        return "<td>(none)</td>"  # an empty conformal set: no class fits
+    if column == "prediction_set" and isinstance(value, str):
+        return f"<td>{html.escape(value.replace('|', ', '))}</td>"
+    return f"<td>{_cell(value)}</td>"
+
+
 def _rows_table(frame: pd.DataFrame, columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(_listing_cell(c, v) for c, v in zip(columns, row)) + "</tr>"
                    for row in frame[columns].itertuples(index=False))
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<table class="rows"><tr>{head}</tr>{body}</table>'
 
 
 def _listings_section(predictions: pd.DataFrame, classes: list[str], link: str | None) -> str:

@@ -344,14 +344,15 @@ class _RequestLimit:
 def create_app(predictor: Any, *, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, cam_predictor: Any | None = None,
                max_batch: int = MAX_BATCH, audit: Any | None = None,
-               drift: DriftMonitor | None = None) -> FastAPI:
+               drift: DriftMonitor | None = None, source: str | None = None, url: str | None = None) -> FastAPI:
     """The FastAPI app serving ``predictor`` (a :class:`chestxray.predict.Predictor`).
 
     ``audit`` (a :class:`chestxray.audittrail.AuditTrail`) gets one line per prediction.
 
     ``api_key`` (default: ``$CHESTXRAY_API_KEY``; ``""`` for none) protects ``/v1/*``. Grad-CAM (``?cam=true``) uses
     ``cam_predictor`` when given (a torch predictor beside an ONNX one), else ``predictor``. ``drift``: the
-    drift monitor (default: one over the last 500 predictions against the bundle's reference).
+    drift monitor (default: one over the last 500 predictions against the bundle's reference). ``source``
+    (the bundle folder) and ``url`` (where it is served) go into the line logged at startup.
     """
     meta = predictor.meta
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -374,6 +375,8 @@ def create_app(predictor: Any, *, api_key: str | None = None,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # uvicorn's own lines say nothing of the model: say once which one answers, and how
+        logging.getLogger("uvicorn.error").info("%s", startup_line(predictor, source, url, key is not None))
         yield
         queue.close()
         decoder.shutdown(wait=False, cancel_futures=True)
@@ -438,13 +441,12 @@ def create_app(predictor: Any, *, api_key: str | None = None,
             if explainer.model is None:
                 raise ApiError(400, "Grad-CAM needs a PyTorch model: serve with the torch backend")
             extra["cam_png"] = base64.b64encode(await queue.call(explainer.gradcam_png, image)).decode("ascii")
-        return PredictionOut(
-            label=prediction.label, probabilities=prediction.probabilities, ood=prediction.ood,
-            ood_score=prediction.ood_score, ood_percentile=prediction.ood_percentile, model_id=model_id,
-            latency_ms=round((time.perf_counter() - start) * 1000, 2), prediction_set=prediction.prediction_set,
-            coverage=predictor.coverage if prediction.prediction_set is not None else None,
-            refer=prediction.refer, reasons=prediction.reasons, cautions=prediction.cautions,
-            header=prediction.header, adaptation=model_info.adaptation, **extra)
+        answer = {k: v for k, v in prediction.to_dict().items() if k not in ("file", "error")}  # the CLI's form
+        return PredictionOut(**answer, latency_ms=round((time.perf_counter() - start) * 1000, 2), **extra)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # browsers ask for it: an answer, not a 404 in the log
+        return Response(status_code=204)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -487,7 +489,9 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
                 "HEADER_CHECK": "1" if header_check else "0"}
     protocol = guarded_protocol(max_per_client=max_per_client)
     options = {"host": host, "port": port, "log_level": log_level, **uvicorn_options(protocol)}
-    trust = {"coverage": coverage, "header_check": header_check}
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    settings["URL"] = url
+    trust = {"coverage": coverage, "header_check": header_check, "url": url}
     if workers == 1:
         uvicorn.run(_app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads, **trust), **options)
         return
@@ -503,10 +507,10 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
 def app_from_environment() -> FastAPI:
     """App factory of each uvicorn worker process, configured by :func:`serve` through the environment."""
     env = {name: os.environ.get(_SERVE_ENV + name, "")
-           for name in ("BUNDLE", "BACKEND", "MAX_UPLOAD", "THREADS", "COVERAGE", "HEADER_CHECK")}
+           for name in ("BUNDLE", "BACKEND", "MAX_UPLOAD", "THREADS", "COVERAGE", "HEADER_CHECK", "URL")}
     return _app_for_bundle(env["BUNDLE"], env["BACKEND"], None, int(env["MAX_UPLOAD"]), int(env["THREADS"]),
                            coverage=float(env["COVERAGE"]) if env["COVERAGE"] else None,
-                           header_check=env["HEADER_CHECK"] != "0")
+                           header_check=env["HEADER_CHECK"] != "0", url=env["URL"] or None)
 
 
 @contextmanager
@@ -537,14 +541,27 @@ def background_server(app: FastAPI, host: str = "127.0.0.1",
         sock.close()
 
 
+def startup_line(predictor: Any, source: str | None, url: str | None, keyed: bool) -> str:
+    """What a server says when it starts: bundle, model id, backend, coverage, header check, URL."""
+    level = getattr(predictor, "coverage", None)  # any predictor-like object is served
+    coverage = f"prediction sets at {100 * level:g}% coverage" if level is not None else "no prediction sets"
+    header = "DICOM header check on" if getattr(predictor, "header_policy", None) is not None else \
+        "DICOM header check off"
+    where = f"; page {url}, API docs {url.rstrip('/')}/docs" if url else ""
+    return (f"chestxray {__version__} serving {source or 'a bundle'}: model {predictor.meta.model_id}, "
+            f"backend {getattr(predictor, 'backend', '?')}, {coverage}, {header}, API key {'required' if keyed else 'not required'}"
+            f"{where}")
+
+
 def _app_for_bundle(bundle_dir: str, backend: str, api_key: str | None, max_upload_bytes: int,
-                    threads: int, *, coverage: float | None = None, header_check: bool = True) -> FastAPI:
+                    threads: int, *, coverage: float | None = None, header_check: bool = True,
+                    url: str | None = None) -> FastAPI:
     torch.set_num_threads(threads)  # the ONNX runner follows torch's setting
     predictor = load_model(bundle_dir, backend=backend, coverage=coverage,
                            header_policy=DEFAULT_POLICY if header_check else None)
     cam_predictor = load_model(bundle_dir, backend="torch") if predictor.backend != "torch" else None
     return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor,
-                      audit=trail_from_environment())
+                      audit=trail_from_environment(), source=bundle_dir, url=url)
 
 
 def _key_guard(key: str) -> Callable[..., Any]:

@@ -34,9 +34,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
-                                         ModelCheckpoint, RichProgressBar)
+                                         ModelCheckpoint)
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
@@ -360,6 +361,71 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+class TrainingProgress(Callback):
+    """The one progress display of a training run (rank 0, on the console's stderr): ``epoch 2/5`` as the
+    epoch summaries number it, the batches done, images per second measured since the epoch started,
+    and the time left; the summaries print above it, and it is removed when training ends."""
+
+    def __init__(self) -> None:
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._images = 0
+        self._start = time.perf_counter()
+
+    def _show(self, trainer: L.Trainer, phase: str, total: float) -> None:
+        if self._bar is None:
+            return
+        self._images, self._start = 0, time.perf_counter()
+        self._bar.update(self._task, description=f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {phase}",
+                         total=total, completed=0, rate="")
+        self._bar.refresh()  # each phase is shown, however short
+
+    def _advance(self, batch: Any) -> None:
+        if self._bar is None:
+            return
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self._images += len(images)
+        elapsed = time.perf_counter() - self._start
+        self._bar.update(self._task, advance=1, rate=f"{self._images / elapsed:.1f} img/s" if elapsed > 0 else "")
+        self._bar.refresh()
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+                                 transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("", total=None, rate="")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._show(trainer, "training", trainer.num_training_batches)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._advance(batch)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._show(trainer, "validating", sum(trainer.num_val_batches))
+
+    def on_validation_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._advance(batch)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.close()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the display (nothing stale is left on the terminal)."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
 class EpochLog(Callback):
     """One line per epoch on the console and one row of :meth:`history` (also ``metrics.csv`` when given a path)."""
 
@@ -375,22 +441,28 @@ class EpochLog(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+        self._lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # the rates this step trains at: read after the epoch, a per-step schedule has already moved on
+        # (after the last step of a cosine schedule, to 0)
+        self._lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.is_global_zero or MONITOR not in trainer.callback_metrics:
             return
         logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
         epoch = trainer.current_epoch + 1
-        groups = trainer.optimizers[0].param_groups  # the head's, then the backbone's
+        lrs = self._lrs  # the head's, then the backbone's: those of the epoch's last step
         row = {"epoch": epoch, "train_loss": logged.get("train_loss", math.nan), "val_loss": logged[MONITOR],
-               "val_acc": logged["val_acc"], "val_auc": logged["val_auc"], "lr": groups[0]["lr"],
-               **({"lr_backbone": groups[1]["lr"]} if len(groups) > 1 else {}),
+               "val_acc": logged["val_acc"], "val_auc": logged["val_auc"], "lr": lrs[0],
+               **({"lr_backbone": lrs[1]} if len(lrs) > 1 else {}),
                "train_px": self.config.train_size(epoch - 1), "seconds": time.perf_counter() - self._start}
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
         if self.path is not None:
             with atomic_path(self.path) as tmp:
                 pd.DataFrame(self.rows).to_csv(tmp, index=False)
-        console.print(f"epoch {epoch:>3}/{self.config.epochs}  train_loss {row['train_loss']:.4f}  "
+        console.print(f"epoch {epoch}/{self.config.epochs}  train_loss {row['train_loss']:.4f}  "
                       f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_auc {row['val_auc']:.3f}  "
                       f"lr {row['lr']:.2e}  {row['seconds']:.0f}s", soft_wrap=True)
 
@@ -711,11 +783,11 @@ def _make_trainer(config: TrainConfig, runtime: RuntimeSettings, checkpoint_dir:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if config.ema:  # validation, checkpoints and the bundle then use the averaged weights
         callbacks.append(EMAWeightAveraging(decay=config.ema))
-    if progress:
-        callbacks.append(RichProgressBar(leave=False))
+    if progress:  # ours alone: Lightning's bar would count epochs from 0 and share the line with the summaries
+        callbacks.append(TrainingProgress())
     return L.Trainer(max_epochs=config.epochs, accelerator=accelerator,
                      **trainer_layout(runtime, accelerator, config.freeze_epochs > 0 or config.frozen_stride > 0),
-                     precision=precision, callbacks=callbacks, logger=logger, enable_progress_bar=progress,
+                     precision=precision, callbacks=callbacks, logger=logger, enable_progress_bar=False,
                      plugins=[AtomicCheckpointIO()],
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
                      default_root_dir=checkpoint_dir, log_every_n_steps=1)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from .audittrail import AuditTrail, audit_assessment, local_caller, sha256_bytes
+from .audittrail import AuditTrail, audit_assessment, local_caller, prediction_result, sha256_bytes
 from .decode import _is_dicom, read_file
 from .dicomresult import assess, assessments_table, patient_fields, read_dataset, referral
 from .errors import ChestXrayError, InputError
@@ -140,16 +140,14 @@ def _score_files(predictor: Any, files: list[str], audit: AuditTrail | None) -> 
     meta = predictor.meta
     for (file, data), prediction in zip(others, predictions):
         refer, reasons = referral(prediction)
-        rows.append({"worklist_key": _key("path", file), "path": file, "label": prediction.label,
-                     **prediction.probabilities, "ood": prediction.ood, "ood_percentile": prediction.ood_percentile,
-                     "refer": refer, "reasons": "; ".join(reasons), "model_id": meta.model_id,
-                     "error": prediction.error})
+        row = prediction.to_row()  # the CLI's row: same rounding, same joins
+        row.pop("file")
+        rows.append({"worklist_key": _key("path", file), "path": file, **row, "refer": refer,
+                     "reasons": "; ".join(reasons), "model_id": meta.model_id})
         if audit is not None:
-            result = {"error": prediction.error} if prediction.error else {
-                "label": prediction.label, "probabilities": prediction.probabilities, "ood": prediction.ood}
             audit.record(source="predict", caller=local_caller(), input_sha256=sha256_bytes(data),
                          model_id=meta.model_id, weights_sha256=meta.provenance.get("weights_sha256", ""),
-                         result=result, refer=refer, reasons=reasons, latency_ms=latency)
+                         result=prediction_result(prediction), refer=refer, reasons=reasons, latency_ms=latency)
     return rows
 
 

@@ -74,7 +74,7 @@ def test_recalibrate_changes_the_calibration_not_the_weights_and_keeps_lineage(p
     assert table["adaptation"].str.contains("site-adapted \\(recalibrate\\) on 16 local images").all()
     logits = predictor.forward_arrays(np.stack([predictor.prepare(f) for f in table["file"]]))[0]
     expected = predictor.calibration.probabilities(logits)
-    assert np.allclose(table[["normal", "pneumonia"]].to_numpy(), expected, atol=1e-6)
+    assert np.allclose(table[["normal", "pneumonia"]].to_numpy(), expected, atol=5e-5)  # the table rounds to 4 decimals
 
 
 def test_the_same_local_data_gives_the_same_fingerprint_whatever_the_file_names(parent: Path, make_folder,
@@ -190,7 +190,7 @@ def test_a_three_class_site_adapts_a_four_class_bundle(tmp_path: Path, make_fold
     table = predict_paths(load_model(result.bundle_dir), [str(site)], progress=False)
     assert (table["covid19"] == 0).all() and not table["label"].eq("covid19").any()
     assert not table["prediction_set"].astype(str).str.contains("covid19").any()
-    np.testing.assert_allclose(table[declared].sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(table[declared].sum(1), 1.0, atol=2e-4)  # 4 decimals each
     cli = CliRunner().invoke(app, ["adapt", str(parent), str(site), "--out", str(tmp_path / "cli"), "--folds", "3",
                                    "--n-boot", "20", "--site-classes", "normal,viral,bacterial"])
     assert cli.exit_code == 0, cli.output

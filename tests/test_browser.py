@@ -5,6 +5,8 @@ file shows the server's error; a key-protected server asks for the key."""
 
 from __future__ import annotations
 
+import os
+
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,14 +46,25 @@ def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+def browser() -> Iterator[webdriver.Chrome]:
+    # Chromium keeps a Unix socket in its profile folder, and a socket path may not exceed 107 bytes: under a
+    # long TMPDIR (a stranger's machine, CI) the browser would not start. Profile and temporary files go to a
+    # short folder of their own under /tmp instead.
+    import shutil
+    import tempfile
+
+    short = tempfile.mkdtemp(prefix="cxr-chromium-", dir="/tmp")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={short}/profile"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.quit()
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": short})
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture

@@ -210,7 +210,7 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
     after_sets = ConformalSets.from_dict(calibration.conformal, classes).sets(after)
     before_sets = (ConformalSets.from_dict(meta.conformal, classes).sets(parent_transform.probabilities(logits))
                    if meta.conformal else None)
-    guard_after = OODGuard.from_dict(ood) if ood else None
+    guard_after = OODGuard.from_dict(calibration.ood) if calibration.ood else None
     before_ood = OODGuard.from_dict(meta.ood).is_ood(OODGuard.from_dict(meta.ood).score(features)) if meta.ood else None
     after_ood = guard_after.is_ood(guard_after.score(features)) if guard_after else None
     summary = label_free_summary(parent_transform.probabilities(logits), after, classes, before_sets=before_sets,

@@ -547,7 +547,29 @@ def source_confound(samples: Samples, seed: int = 0, *, table: pd.DataFrame | No
     auc = {name: round(float(roc_auc_score(labels == name, probs[:, k])), 4) for k, name in enumerate(names)}
     flagged = [name for name in names if auc[name] >= CONFOUND_AUC]
     return {**result, "auc": auc, "flagged": flagged, "images": int(len(table)),
+            "differences": {name: how_images_differ(table, name) for name in flagged},
             "note": f"{len(flagged)} of {len(names)} classes separable from the others by file metadata alone"}
+
+
+def how_images_differ(table: pd.DataFrame, name: str) -> str:
+    """In plain words, how the images of class ``name`` differ from the others' in a :func:`metadata_table`
+    (with a ``label`` column): their usual format, colour mode and size, where those differ."""
+    mine, rest = table[table["label"] == name], table[table["label"] != name]
+    parts = []
+    words = {"L": "grayscale", "I;16": "16-bit grayscale", "I": "32-bit grayscale", "RGB": "colour (RGB)",
+             "RGBA": "colour with transparency (RGBA)", "P": "palette colour", "LA": "grayscale with transparency"}
+    for column, what in (("format", "stored as"), ("mode", "in")):
+        a, b = mine[column].mode(), rest[column].mode()
+        if len(a) and len(b) and a.iloc[0] != b.iloc[0]:
+            share = float((mine[column] == a.iloc[0]).mean())
+            mine_word, rest_word = (words.get(v, v) if column == "mode" else v for v in (a.iloc[0], b.iloc[0]))
+            parts.append(f"mostly {what} {mine_word or 'unknown'} ({100 * share:.0f}%) where the others are "
+                         f"{rest_word or 'unknown'}")
+    width_a, width_b = float(mine["width"].median()), float(rest["width"].median())
+    if width_b and not 0.8 <= width_a / width_b <= 1.25:
+        parts.append(f"{'wider' if width_a > width_b else 'narrower'} (median {width_a:.0f} px against "
+                     f"{width_b:.0f} px)")
+    return "; ".join(parts) or "in file size and proportions"
 
 
 # ------------------------------------------------------------------------------------ findings

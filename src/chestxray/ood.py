@@ -44,7 +44,7 @@ import numpy as np
 
 from .errors import ChestXrayError
 
-__all__ = ["power_normalise", "OODGuard", "cross_fitted_scores"]
+__all__ = ["power_normalise", "OODGuard", "cross_fitted_scores", "typicality"]
 
 METHOD = "ppca-mahalanobis"
 VERSION = 1
@@ -61,6 +61,19 @@ def _encode(array: np.ndarray) -> dict[str, Any]:
 
 def _decode(item: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(item["float32"]), dtype="<f4").reshape(item["shape"]).astype(np.float64)
+
+
+def typicality(percentile: float | None, quantile: float | None = DEFAULT_QUANTILE) -> str:
+    """What an OOD percentile means, in words: ``less typical than 82% of training X-rays: usual``.
+
+    Usual below the 90th percentile, unusual up to the guard's threshold (its ``quantile``), and past it
+    unlike the training X-rays (flagged)."""
+    if percentile is None or np.isnan(percentile):
+        return "not checked (this bundle has no out-of-distribution guard)"
+    limit = 100 * (quantile if quantile is not None else DEFAULT_QUANTILE)
+    verdict = ("usual" if percentile < 90 else "unusual" if percentile < limit
+               else "unlike the training X-rays (flagged)")
+    return f"less typical than {percentile:.0f}% of training X-rays: {verdict}"
 
 
 def power_normalise(features: np.ndarray) -> np.ndarray:

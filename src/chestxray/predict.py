@@ -49,7 +49,7 @@ from .launch import local_rank, world_size
 from .lineage import describe_lineage
 from .metrics import (PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, SCORE_DECIMALS, json_number, logits_to_probs,
                       rounded)
-from .ood import OODGuard
+from .ood import OODGuard, typicality
 from .runners import DEFAULT_BATCH, OnnxRunner, Runner, TorchRunner, run_images
 from .sources import NO_FINDING
 
@@ -113,6 +113,8 @@ class Prediction:
     """The site adaptation that answered (``None``: the model as trained)."""
     called: list[str] | None = None
     """The classes at or above their threshold at an operating point; ``None``: none was asked for."""
+    typicality: str | None = None
+    """What ``ood_percentile`` means, in words (:func:`chestxray.ood.typicality`); ``None``: not checked."""
 
     @property
     def header_reasons(self) -> list[str]:
@@ -128,7 +130,7 @@ class Prediction:
                  "prediction_set": None if self.prediction_set is None else list(self.prediction_set),
                  "coverage": self.coverage, "refer": self.refer, "reasons": list(self.reasons),
                  "cautions": list(self.cautions), "ood": self.ood, "ood_score": rounded(self.ood_score, SCORE_DECIMALS),
-                 "ood_percentile": rounded(self.ood_percentile, PERCENTILE_DECIMALS),
+                 "ood_percentile": rounded(self.ood_percentile, PERCENTILE_DECIMALS), "typicality": self.typicality,
                  "header": None if self.header is None else dict(self.header), "error": self.error,
                  "model_id": self.model_id, "adaptation": self.adaptation}
         if self.called is not None:
@@ -309,17 +311,21 @@ class Predictor:
                 p, score = probs[i], scores[i]
                 flagged = bool(self.guard.is_ood(score)) if self.guard is not None else False
                 label = self.label(p)
+                percentile = json_number(self.ood_percentiles(score))
                 prediction = Prediction(
                     name, label, {c: float(v) for c, v in zip(self.classes, p)}, flagged, json_number(score),
-                    json_number(self.ood_percentiles(score)),
+                    percentile,
                     prediction_set=None if sets is None else [c for c, inside in zip(self.classes, sets[i]) if inside],
                     cautions=self.cautions(label), coverage=None if sets is None else self.coverage,
-                    model_id=self.meta.model_id, adaptation=self.adaptation or None)
+                    model_id=self.meta.model_id, adaptation=self.adaptation or None,
+                    typicality=None if percentile is None else typicality(percentile, self.guard.quantile))
                 yield self.with_header(prediction, header)
 
     def cautions(self, label: str) -> list[str]:
         """The source-confound cautions for a predicted label (see the module docstring)."""
-        return [source_caution(name, self.confounded[name]) for name in label.split("|") if name in self.confounded]
+        how = (self.meta.source_confound or {}).get("differences") or {}
+        return [source_caution(name, self.confounded[name], how.get(name)) for name in label.split("|")
+                if name in self.confounded]
 
     def with_header(self, prediction: Prediction, header: HeaderCheck | None) -> Prediction:
         """``prediction`` with the DICOM header check and its referral decided (see :func:`referral_reasons`)."""
@@ -629,7 +635,7 @@ def referral_reasons(prediction: Prediction, header: HeaderCheck | None, coverag
     if prediction.ood:
         threshold = f" above the threshold {guard.threshold:.1f}" if guard is not None else ""
         percentile = "" if prediction.ood_percentile is None else \
-            f", less typical than {prediction.ood_percentile:.0f}% of held-out training X-rays"
+            f", {typicality(prediction.ood_percentile, guard.quantile if guard is not None else None)}"
         reasons.append(f"out_of_distribution: score {prediction.ood_score:.1f}{threshold}{percentile}")
     if header is not None:
         reasons += list(header.reasons)
@@ -644,11 +650,14 @@ def confounded_classes(source_confound: dict[str, Any] | None) -> dict[str, floa
     return {name: float(auc[name]) for name in source_confound.get("flagged", []) if auc.get(name) is not None}
 
 
-def source_caution(name: str, auc: float) -> str:
-    """The caution on a prediction of a class whose training images are separable by their source."""
-    return (f"caution: {name} training images differ from the others in how they were made or stored (file "
-            f"metadata alone tells them apart, AUC {auc:.2f}): they may come from another source, and this call "
-            f"may reflect the image's origin rather than disease")
+def source_caution(name: str, auc: float, how: str | None = None) -> str:
+    """The caution on a prediction of a class whose training images are separable by their source, in
+    words a clinician-researcher reads at once; ``how``: what the audit found (``source_confound.differences``)."""
+    found = f" ({how})" if how else ""
+    return (f"caution: this model's {name} training images came from a different source than its other images"
+            f"{found}, so it may have learned to recognise that source rather than the disease: an X-ray from "
+            f"another hospital or population (adults rather than children, say) may be called {name} for that "
+            f"reason alone (file metadata tells the {name} images apart with AUC {auc:.2f})")
 
 
 def operating_thresholds(points: dict[str, dict[str, float]], point: str) -> dict[str, float]:

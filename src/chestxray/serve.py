@@ -117,6 +117,9 @@ class PredictionOut(BaseModel):
     ood_percentile: float | None = Field(
         None, description="Share (0-100) of held-out training X-rays with a lower ood_score: 50 is typical, "
                           "the flag starts near 99 (null: no guard, or a bundle without held-out scores).")
+    typicality: str | None = Field(
+        None, description="What ood_percentile means, in words: 'less typical than 82% of training X-rays: usual' "
+                          "(usual below 90, unusual up to the guard's threshold, then flagged; null: not checked).")
     model_id: str = Field(description="<arch>@<first 12 hex digits of the weights' sha256>: which weights answered.")
     latency_ms: float = Field(description="Server time from the received upload to the answer.")
     cam_png: str | None = Field(None, description="Base64 PNG of the Grad-CAM overlay (with ?cam=true).")

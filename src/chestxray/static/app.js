@@ -140,8 +140,8 @@ function renderResult(result, fileName) {
   $("result").classList.toggle("unreliable", Boolean(result.ood || result.refer));
   $("ood-score").textContent = result.ood_score === null || result.ood_score === undefined
     ? "not checked" : result.ood_score.toFixed(2) + (oodThreshold === null ? "" : " (flagged above " + oodThreshold.toFixed(2) + ")");
-  $("ood-percentile").textContent = result.ood_percentile === null || result.ood_percentile === undefined
-    ? "Out-of-distribution check: not checked (no guard in this bundle)." : "Less typical than " + Math.round(result.ood_percentile) + "% of held-out training X-rays.";
+  $("ood-percentile").textContent = result.typicality
+    ? "Typicality: " + result.typicality + "." : "Out-of-distribution check: not checked (no guard in this bundle).";
   $("meta").textContent = fileName + " · answered in " + Math.round(result.latency_ms) + " ms";
   const heatmap = $("heatmap");
   if (result.cam_png) {

@@ -183,12 +183,26 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_complete_checkpoint(tmp_
 
 def test_the_same_seed_gives_the_same_run_with_any_number_of_workers(tmp_path):
     """Before: the loader drew its order and its workers' seeds from the global generator, so
-    --num-workers 2 gave other losses than --num-workers 0 with the same seed."""
-    from chestxray.config import RuntimeSettings
+    --num-workers 2 gave other losses than --num-workers 0 with the same seed. Each run is a process of
+    its own, as a user's is (loader workers forked from a long test session can stall on its state)."""
+    import json
+    import subprocess
+    import sys
 
     data = _two_classes(tmp_path / "data")
-    config = TrainConfig(**{**FAST, "epochs": 3, "freeze_epochs": 1})
-    runs = [fit(data, config, RuntimeSettings(num_workers=workers), out_dir=tmp_path / "runs", name=f"w{workers}",
-                progress=False).history for workers in (0, 2)]
+    script = ("import json, sys\n"
+              "from chestxray.config import RuntimeSettings, TrainConfig\n"
+              "from chestxray.train import fit\n"
+              "config = TrainConfig(**json.loads(sys.argv[1]))\n"
+              "run = fit(sys.argv[2], config, RuntimeSettings(num_workers=int(sys.argv[3])), out_dir=sys.argv[4],\n"
+              "          name='w' + sys.argv[3], progress=False)\n"
+              "print(run.history.to_json(orient='records'))\n")
+    settings = json.dumps({**FAST, "epochs": 3, "freeze_epochs": 1})
+    runs = []
+    for workers in (0, 2):
+        done = subprocess.run([sys.executable, "-c", script, settings, str(data), str(workers), str(tmp_path / "runs")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(pd.DataFrame(json.loads(done.stdout.strip().splitlines()[-1])))
     for column in ("train_loss", "val_loss", "val_acc"):
         np.testing.assert_allclose(runs[1][column], runs[0][column], rtol=1e-6, atol=1e-7, err_msg=column)

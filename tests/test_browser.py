@@ -147,7 +147,7 @@ def test_the_page_shows_the_set_the_referral_its_reasons_the_caution_and_the_hea
     both = "uncertain: the 90% prediction set holds normal, pneumonia"
     assert dicom["set"] == "Prediction set at 90% coverage: normal, pneumonia."
     assert not dicom["refer_hidden"] and dicom["reasons"] == [both, "not_frontal_cxr: Modality CT"]
-    assert len(dicom["cautions"]) == 1 and "training images differ from the others" in dicom["cautions"][0]
+    assert len(dicom["cautions"]) == 1 and "came from a different source than its other images" in dicom["cautions"][0]
     assert not dicom["header_hidden"] and dicom["header"]["Modality"] == "CT" and dicom["header"]["ViewPosition"] == "PA"
     assert dicom["header_none"] == "" and "not checked" in dicom["ood_percentile"]
     assert not png["refer_hidden"] and png["reasons"] == [both] and len(png["cautions"]) == 1

@@ -29,7 +29,9 @@ def _digest(path: str) -> str:
 
 
 @pytest.mark.slow
-def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path) -> None:
+def test_cross_validation_writes_folds_oof_and_ensemble(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the wiring of the ensemble's guard on these few images; the 100-image floor has its own test (test_calibration)
+    monkeypatch.setattr("chestxray.calibration.MIN_GUARD_IMAGES", 10)
     data = write_xrays(tmp_path / "data")
     result = cross_validate(data, TrainConfig(**TINY), folds=3, out_dir=tmp_path / "runs", name="cv",
                             keep_models=True, progress=False)

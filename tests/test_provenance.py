@@ -31,7 +31,7 @@ def test_changed_weights_are_refused_and_old_bundles_get_their_hash(tmp_path):
     data = json.loads(meta_path.read_text())
     data["provenance"]["weights_sha256"] = "0" * 64
     meta_path.write_text(json.dumps(data))
-    with pytest.raises(InputError, match="weights were changed"):
+    with pytest.raises(InputError, match="changed or replaced after it was written"):
         load_bundle(bundle)
     del data["provenance"]  # a bundle written before provenance existed
     meta_path.write_text(json.dumps(data))

@@ -737,7 +737,9 @@ def _loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettin
     if config.balance == "sampler" and prepared.samples.task == "multiclass":
         labels = prepared.targets[prepared.train_rows]
         weights = 1.0 / np.bincount(labels)[labels]
-    common = {"num_workers": runtime.num_workers, "persistent_workers": runtime.num_workers > 0}
+    # not persistent: a persistent loader whose first iterator Lightning opens early (to count the steps of the
+    # schedule) stalled now and then in the next epoch with 2 workers; a fork per epoch costs milliseconds
+    common = {"num_workers": runtime.num_workers, "persistent_workers": False}
     drop_last = len(train_set) > config.batch_size
     # the order from (seed, epoch) alone, and the workers' seeds from the loader's own generator, never the
     # global one: the same seed gives the same run with any --num-workers, resumed or not

@@ -341,8 +341,8 @@ def adapt(bundle: Path = BundleArg,
                                                    "(e.g. the original training set; its test split is left out)."),
           folds: int = typer.Option(5, "--folds", "-k", help="Folds of the before/after estimate inside the sample."),
           n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
-          onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="finetune: also export the child to ONNX "
-                                    "(recalibrate copies the parent's graph: same weights)."),
+          onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="finetune and --unlabeled: also export the "
+                                    "child to ONNX (recalibrate copies the parent's graph: same weights)."),
           cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Adapt BUNDLE to a new site from a small labelled sample; print an honest k-fold before/after estimate.
 

@@ -346,6 +346,8 @@ def adapt(bundle: Path = BundleArg,
           cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Adapt BUNDLE to a new site from a small labelled sample; print an honest k-fold before/after estimate.
 
+    --unlabeled adapts from the site's images alone; --suggest N names the images worth labelling first.
+
     Training and hardware options (finetune only) override the short fine-tuning run, e.g. --epochs 6;
     --seed (default 0) also seeds the folds and the bootstrap.
     """

@@ -730,6 +730,35 @@ def _class_weights(prepared: PreparedData, config: TrainConfig) -> torch.Tensor 
     return torch.tensor(len(targets) / (n_classes * counts), dtype=torch.float32)
 
 
+SOCKET_PATH_ROOM = 60
+"""Longest temporary folder under which multiprocessing may place its sockets (see :func:`short_worker_tempdir`)."""
+
+
+def short_worker_tempdir() -> None:
+    """Give loader workers a temporary folder short enough for a Unix socket.
+
+    torch's loader workers hand each batch to the main process as a file descriptor, through a
+    multiprocessing listener socket in ``$TMPDIR/pymp-*/``; a socket path may not exceed 107 bytes, so
+    under a long ``TMPDIR`` every worker failed ("DataLoader worker exited unexpectedly") or the run
+    stalled for good. Workers inherit this process's multiprocessing folder when they are forked, so a
+    short one under /tmp is made here first (removed at exit, as multiprocessing removes its own)."""
+    import multiprocessing
+    from multiprocessing import util
+
+    if len(tempfile.gettempdir()) <= SOCKET_PATH_ROOM:
+        return
+    config = multiprocessing.current_process()._config  # noqa: SLF001 - where multiprocessing.util keeps it
+    current = config.get("tempdir")
+    if current is not None and len(current) <= SOCKET_PATH_ROOM:
+        return
+    try:
+        folder = tempfile.mkdtemp(prefix="pymp-", dir="/tmp")
+    except OSError:
+        return  # no /tmp to use: leave multiprocessing as it is
+    util.Finalize(None, shutil.rmtree, args=[folder, True], exitpriority=-100)
+    config["tempdir"] = folder
+
+
 def _loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings) -> tuple[DataLoader, DataLoader]:
     train_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.train_rows)
     val_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.val_rows)
@@ -737,9 +766,9 @@ def _loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettin
     if config.balance == "sampler" and prepared.samples.task == "multiclass":
         labels = prepared.targets[prepared.train_rows]
         weights = 1.0 / np.bincount(labels)[labels]
-    # not persistent: a persistent loader whose first iterator Lightning opens early (to count the steps of the
-    # schedule) stalled now and then in the next epoch with 2 workers; a fork per epoch costs milliseconds
-    common = {"num_workers": runtime.num_workers, "persistent_workers": False}
+    common = {"num_workers": runtime.num_workers, "persistent_workers": runtime.num_workers > 0}
+    if runtime.num_workers > 0:
+        short_worker_tempdir()
     drop_last = len(train_set) > config.batch_size
     # the order from (seed, epoch) alone, and the workers' seeds from the loader's own generator, never the
     # global one: the same seed gives the same run with any --num-workers, resumed or not

@@ -476,15 +476,23 @@ def _with_samples(with_data: str | Path, meta: BundleMeta) -> Samples:
     return Samples(pool.frame, list(meta.classes), "multiclass", pool.origin)
 
 
-def _lineage(bundle_dir: Path, meta: BundleMeta, local: LocalSample, mode: str, data: str | Path | Samples,
-             with_data: str | Path | None) -> dict[str, Any]:
+def lineage_record(bundle_dir: Path, meta: BundleMeta, mode: str, data: Any, *, fingerprint: str, n_images: int,
+                   n_unreadable: int, **fields: Any) -> dict[str, Any]:
+    """The lineage a site-adapted child carries (every mode, labelled or not): its parent (id, weights
+    sha256, folder, lineage), the site's data (name, content fingerprint, counts), the mode and the date;
+    ``fields`` adds what a mode knows besides (class counts, classes ruled out, the data mixed in)."""
     return {"mode": mode, "parent_id": meta.model_id,
             "parent_weights_sha256": file_sha256(bundle_dir / WEIGHTS_FILE), "parent_bundle": str(bundle_dir),
             "parent_lineage": meta.lineage, "data": str(data.origin if isinstance(data, Samples) else data),
-            "data_fingerprint": local.fingerprint(), "n_images": int(len(local.images)),
-            "class_counts": local.class_counts(), "n_unreadable": len(local.failed),
-            "with_data": str(with_data) if with_data is not None else None,
+            "data_fingerprint": fingerprint, "n_images": int(n_images), "n_unreadable": int(n_unreadable), **fields,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _lineage(bundle_dir: Path, meta: BundleMeta, local: LocalSample, mode: str, data: str | Path | Samples,
+             with_data: str | Path | None) -> dict[str, Any]:
+    return lineage_record(bundle_dir, meta, mode, data, fingerprint=local.fingerprint(), n_images=len(local.images),
+                          n_unreadable=len(local.failed), class_counts=local.class_counts(),
+                          with_data=str(with_data) if with_data is not None else None)
 
 
 def _summary(comparison: dict[str, Any], child: Adaptation, local: LocalSample, lineage: dict[str, Any],

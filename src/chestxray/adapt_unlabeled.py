@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .adapt import model_outputs, site_absent, site_coverage
+from .adapt import lineage_record, model_outputs, site_absent, site_coverage
 from .bundle import BundleMeta, HeldOut, load_bundle, load_held_out, save_bundle
 from .cache import build_cache
 from .calibration import Calibration, calibrate_outputs
@@ -47,7 +47,6 @@ from .logit_transform import LogitTransform
 from .models import ChestXrayNet, EnsembleNet
 from .ood import OODGuard
 from .predict import expand_inputs
-from .provenance import file_sha256
 from .sources import Samples
 from .storage import write_text
 
@@ -210,9 +209,13 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
     after_sets = ConformalSets.from_dict(calibration.conformal, classes).sets(after)
     before_sets = (ConformalSets.from_dict(meta.conformal, classes).sets(parent_transform.probabilities(logits))
                    if meta.conformal else None)
-    guard_after = OODGuard.from_dict(calibration.ood) if calibration.ood else None
-    before_ood = OODGuard.from_dict(meta.ood).is_ood(OODGuard.from_dict(meta.ood).score(features)) if meta.ood else None
-    after_ood = guard_after.is_ood(guard_after.score(features)) if guard_after else None
+    def flagged(guard: dict[str, Any] | None) -> np.ndarray | None:
+        if not guard:
+            return None
+        fitted = OODGuard.from_dict(guard)
+        return fitted.is_ood(fitted.score(features))
+
+    before_ood, after_ood = flagged(meta.ood), flagged(calibration.ood)
     summary = label_free_summary(parent_transform.probabilities(logits), after, classes, before_sets=before_sets,
                                  after_sets=after_sets, before_ood=before_ood, after_ood=after_ood)
     summary.update(mode="unlabeled", absent_classes=[classes[k] for k in absent], domain_shift=shift,
@@ -228,11 +231,9 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
                                  predicted_shares=summary["after"]["predicted_shares"],
                                  referral_rate=summary["after"].get("referred_share"))
     hashes = np.array([short_hash(p) or 0 for p in site.paths], dtype=np.uint64)
-    lineage = {"mode": "unlabeled", "parent_id": meta.model_id,
-               "parent_weights_sha256": file_sha256(bundle_dir / "model.safetensors"), "parent_bundle": str(bundle_dir),
-               "parent_lineage": meta.lineage, "data": str(data), "data_fingerprint": data_fingerprint(hashes, [""] * len(hashes)),
-               "n_images": int(len(site.images)), "n_unreadable": len(site.failed),
-               "absent_classes": summary["absent_classes"], "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    lineage = lineage_record(bundle_dir, meta, "unlabeled", data,
+                             fingerprint=data_fingerprint(hashes, [""] * len(hashes)), n_images=len(site.images),
+                             n_unreadable=len(site.failed), absent_classes=summary["absent_classes"])
     extra = {**meta.extra, **calibration.extra_fields(), "calibration_choice": calibration.transform_choice,
              "adaptation": {k: v for k, v in summary.items() if k != "unreadable"}}
     child_meta = dataclasses.replace(meta, **calibration.bundle_fields(), lineage=lineage, extra=extra,

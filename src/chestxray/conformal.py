@@ -120,8 +120,10 @@ class ConformalSets:
     def sets(self, probs: np.ndarray, coverage: float | None = None) -> np.ndarray:
         """Boolean (N, C): the classes in each image's prediction set at ``coverage`` (default: the stored one).
 
-        The same decision as "p-value above ``1 - coverage``" (tested against crepes' p-values), taken
-        from :meth:`thresholds` with numpy alone, so that prediction stays light.
+        For unweighted sets whose classes all have enough calibration images, the same decision as
+        "p-value above ``1 - coverage``" (tested against crepes' p-values); pooled thresholds, weights and
+        absent classes apply here only (:meth:`p_values` stays the plain Mondrian p-value). Taken from
+        :meth:`thresholds` with numpy alone, so that prediction stays light.
         """
         alphas = self._alphas(probs)
         limits = np.array([np.inf if t is None else t for t in self.thresholds(coverage).values()])

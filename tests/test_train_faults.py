@@ -181,6 +181,35 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_complete_checkpoint(tmp_
     assert not [p for p in checkpoints.iterdir() if p.name.endswith(".tmp")]
 
 
+class _KillAfterRow(Callback):
+    """Dies at the end of epoch ``at`` (0-based) after ``metrics.csv`` got the epoch's row but before
+    ``last.ckpt`` holds the epoch (Lightning runs checkpoint callbacks after the others)."""
+
+    def __init__(self, metrics: Path, at: int) -> None:
+        self.metrics, self.at = metrics, at
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.current_epoch == self.at:
+            assert len(pd.read_csv(self.metrics)) == self.at + 1  # the row is written
+            raise RuntimeError("simulated kill between the row and the checkpoint")
+
+
+def test_a_kill_between_the_metrics_row_and_the_checkpoint_resumes_to_the_same_rows(tmp_path):
+    """Before: a kill 0.3 s after row 2 resumed from epoch 1 and rewrote row 2 with other numbers."""
+    data = _two_classes(tmp_path / "data")
+    config = TrainConfig(**{**FAST, "epochs": 3, "freeze_epochs": 1})
+    whole = fit(data, config, out_dir=tmp_path / "runs", name="whole", progress=False).history
+    run = tmp_path / "runs" / "cut"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        fit(data, config, out_dir=tmp_path / "runs", name="cut", progress=False,
+            callbacks=[_KillAfterRow(run / "metrics.csv", at=1)])
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+    resumed = fit(data, None, out_dir=tmp_path / "runs", name="cut", resume=True, progress=False).history
+    assert list(resumed["epoch"]) == [1, 2, 3] and list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2, 3]
+    for column in ("train_loss", "val_loss", "val_acc"):
+        np.testing.assert_allclose(resumed[column], whole[column], rtol=1e-6, atol=1e-7, err_msg=column)
+
+
 def test_the_same_seed_gives_the_same_run_with_any_number_of_workers(tmp_path):
     """Before: the loader drew its order and its workers' seeds from the global generator, so
     --num-workers 2 gave other losses than --num-workers 0 with the same seed. Each run is a process of

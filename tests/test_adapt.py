@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from factories import TINY, make_bundle, sets_for
 from typer.testing import CliRunner
@@ -223,6 +224,22 @@ def test_unlabeled_adaptation_uses_only_the_site_images(tmp_path: Path, make_fol
     # the labels worth asking for: n distinct site images, written as a CSV to fill in
     wanted = suggest_labels(run.bundle_dir, site, 5, tmp_path / "label_these.csv", progress=False)
     assert len(set(wanted["path"])) == 5 and (tmp_path / "label_these.csv").read_text().startswith("path,label,")
+    # the suggested images, labelled by a person, join the unlabelled rest; the head's training set is chosen
+    # by a k-fold on those labels
+    wanted["label"] = ["normal" if "/normal/" in path else "pneumonia" for path in wanted["path"]]
+    more = sorted(str(p) for p in site.rglob("*.jpg") if str(p) not in set(wanted["path"]))[:5]
+    labelled = pd.concat([wanted[["path", "label"]], pd.DataFrame(
+        {"path": more, "label": ["normal" if "/normal/" in p else "pneumonia" for p in more]})])
+    labelled.to_csv(tmp_path / "labelled.csv", index=False)
+    with_labels = adapt_unlabeled(run.bundle_dir, site, tmp_path / "child2", site_classes=["normal", "pneumonia"],
+                                  labels=tmp_path / "labelled.csv", progress=False)
+    assert with_labels.summary["labelled_by_a_person"] == 10
+    assert with_labels.summary["domain_shift"]["head_fitted_on"]["chosen"] in (
+        "labelled images alone", "labels and pseudo-labels")
+    pd.DataFrame({"path": [more[0]], "label": ["covid19"]}).to_csv(tmp_path / "absent.csv", index=False)
+    with pytest.raises(ChestXrayError, match="declared absent"):
+        adapt_unlabeled(run.bundle_dir, site, tmp_path / "child3", site_classes=["normal", "pneumonia"],
+                        labels=tmp_path / "absent.csv", progress=False)
     # a bundle without the held-out reference is refused in one line
     with pytest.raises(ChestXrayError, match="no held-out reference"):
         adapt_unlabeled(make_bundle(tmp_path / "old"), site, tmp_path / "x", progress=False)

@@ -40,7 +40,7 @@ from .calibration import Calibration, calibrate_outputs
 from .conformal import ConformalSets
 from .console import make_console
 from .errors import ChestXrayError
-from .label_free import (MIN_SITE_IMAGES, choose_for_labelling, centroid_pseudo_labels, domain_weights,
+from .label_free import (MIN_SITE_IMAGES, choose_for_labelling, choose_head_labels, centroid_pseudo_labels, domain_weights,
                          SiteHead, fit_site_head, label_free_summary)
 from .lineage import data_fingerprint, short_hash
 from .logit_transform import LogitTransform
@@ -127,7 +127,10 @@ def fit_unlabeled(meta: BundleMeta, held: HeldOut, logits: np.ndarray, features:
     present = np.array([k not in absent for k in range(len(classes))])
     before = meta.logit_transform().without(absent).probabilities(logits)
     pseudo, _ = centroid_pseudo_labels(before, features, present, known)
-    head = fit_site_head(features, pseudo, len(classes), seed=seed)
+    head_rows, head_labels, head_choice = np.arange(len(pseudo)), pseudo, None
+    if known is not None and (known >= 0).any():
+        head_rows, head_labels, head_choice = choose_head_labels(before, features, present, known, seed=seed)
+    head = fit_site_head(features[head_rows], head_labels, len(classes), seed=seed)
     # trust parts on the parent's validation images through the new head, weighted towards the site
     keep = present[held.targets]
     ref_logits, ref_features, ref_targets = head.logits(held.features[keep]), held.features[keep], held.targets[keep]
@@ -142,6 +145,8 @@ def fit_unlabeled(meta: BundleMeta, held: HeldOut, logits: np.ndarray, features:
                                     features=ref_features, ood=ood, fitted_on=fitted_on, seed=seed,
                                     coverage=site_coverage(meta), absent=absent, weights=ref_weights,
                                     test_weight=float(np.quantile(site_weights, 0.9)))
+    if head_choice is not None:
+        shift = {**shift, "head_fitted_on": head_choice}
     return Fitted(head, calibration, pseudo, shift)
 
 

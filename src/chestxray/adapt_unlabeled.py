@@ -141,8 +141,11 @@ def fit_unlabeled(meta: BundleMeta, held: HeldOut, logits: np.ndarray, features:
         ood = guard.with_reference(guard.score(features)).to_dict()
     fitted_on = (f"the parent's {int(keep.sum())} validation images through the site head, weighted towards the site's "
                  f"{len(features)} images (chestxray adapt --unlabeled)")
+    # a temperature at most: the site head decides, and a per-class transform fitted on the parent's own
+    # validation images would move its decisions back towards them (measured: 90.7% -> 85.6% with 100 labels)
     calibration = calibrate_outputs(ref_logits, ref_targets, classes=classes, task="multiclass",
                                     features=ref_features, ood=ood, fitted_on=fitted_on, seed=seed,
+                                    kinds=("none", "temperature"),
                                     coverage=site_coverage(meta), absent=absent, weights=ref_weights,
                                     test_weight=float(np.quantile(site_weights, 0.9)))
     if head_choice is not None:

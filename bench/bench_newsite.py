@@ -22,6 +22,7 @@ draws. The result goes to ``bench/results/newsite-*.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -97,10 +98,13 @@ def main() -> None:
     def parent_figures(rows: np.ndarray, rule_out: bool) -> dict[str, Any]:
         transform = meta.logit_transform().without(absent) if rule_out else meta.logit_transform()
         probs = transform.probabilities(logits[rows])
-        sets = ConformalSets.from_dict(meta.conformal, classes)
-        if rule_out:
-            sets.absent = tuple(classes[k] for k in absent)
-        return figures(y[rows], probs, sets.sets(probs) if meta.conformal else None,
+        found = None
+        if meta.conformal:
+            sets = ConformalSets.from_dict(meta.conformal, classes)
+            if rule_out:
+                sets = dataclasses.replace(sets, absent=tuple(classes[k] for k in absent))
+            found = sets.sets(probs)
+        return figures(y[rows], probs, found,
                        parent_ood[rows] if parent_ood is not None else None, classes)
 
     def adapted_figures(fit_rows: np.ndarray, score_rows: np.ndarray, known: np.ndarray | None = None,

@@ -39,11 +39,10 @@ from .cache import build_cache
 from .calibration import Calibration, calibrate_outputs
 from .conformal import ConformalSets
 from .console import make_console
-from .errors import ChestXrayError
+from .errors import ChestXrayError, InputError
 from .label_free import (MIN_SITE_IMAGES, choose_for_labelling, choose_head_labels, centroid_pseudo_labels, domain_weights,
                          SiteHead, fit_site_head, label_free_summary)
 from .lineage import data_fingerprint, short_hash
-from .logit_transform import LogitTransform
 from .models import ChestXrayNet, EnsembleNet
 from .ood import OODGuard
 from .predict import expand_inputs
@@ -129,7 +128,7 @@ def fit_unlabeled(meta: BundleMeta, held: HeldOut, logits: np.ndarray, features:
     pseudo, _ = centroid_pseudo_labels(before, features, present, known)
     head_rows, head_labels, head_choice = np.arange(len(pseudo)), pseudo, None
     if known is not None and (known >= 0).any():
-        head_rows, head_labels, head_choice = choose_head_labels(before, features, present, known, seed=seed)
+        head_rows, head_labels, head_choice = choose_head_labels(before, features, present, known, pseudo, seed=seed)
     head = fit_site_head(features[head_rows], head_labels, len(classes), seed=seed)
     # trust parts on the parent's validation images through the new head, weighted towards the site
     keep = present[held.targets]
@@ -158,8 +157,6 @@ def _known_labels(meta: BundleMeta, site: SiteImages, labels: str | Path | None)
     writes it, blanks allowed), -1 where none; one-line errors for unknown classes or files."""
     if labels is None:
         return None
-    from .errors import InputError
-
     try:
         table = pd.read_csv(labels, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as err:

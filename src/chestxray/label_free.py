@@ -180,11 +180,11 @@ def choose_for_labelling(probs: np.ndarray, features: np.ndarray, n: int, *, see
     return chosen[np.argsort(-entropy[chosen], kind="stable")]
 
 
-def choose_head_labels(probs: np.ndarray, features: np.ndarray, present: np.ndarray, known: np.ndarray, *,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def choose_head_labels(probs: np.ndarray, features: np.ndarray, present: np.ndarray, known: np.ndarray,
+                       pseudo: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(rows, labels, facts)`` the site head is fitted on when a person labelled some images (``known``:
-    a label, or -1): the labelled images alone, or every image with pseudo-labels for the unlabelled
-    ones, whichever predicts the held-out labelled images better in a stratified k-fold on them (folds:
+    a label, or -1): the labelled images alone, or every image with ``pseudo`` (the labels of
+    :func:`centroid_pseudo_labels` with ``known``) for the unlabelled ones, whichever predicts the held-out labelled images better in a stratified k-fold on them (folds:
     up to 5, as the smallest labelled class allows; too few labels for two folds: pseudo-labels).
 
     Measured at the new site: a few labels do better beside the pseudo-labels, 50 or more alone; the
@@ -193,7 +193,6 @@ def choose_head_labels(probs: np.ndarray, features: np.ndarray, present: np.ndar
 
     known = np.asarray(known)
     labelled = np.flatnonzero(known >= 0)
-    pseudo, _ = centroid_pseudo_labels(probs, features, present, known)
     every = np.arange(len(known))
     counts = np.bincount(known[labelled], minlength=len(present))[np.unique(known[labelled])]
     folds = int(min(5, counts.min())) if len(counts) >= 2 else 0

@@ -159,6 +159,8 @@ class TrainConfig:
                           group="Regularisation", check=Choices(("none", "weights", "sampler")))
     augment: float = option(1.0, "strength of rotation/scale/shift/brightness/contrast augmentation (0 = off)",
                             group="Regularisation", check=Interval(0))
+    photometric: float = option(0.0, "strength of gamma/blur/noise augmentation, how a scanner and an export change "
+                                     "an image (0 = off)", group="Regularisation", check=Interval(0))
     mixup: float = option(0.2, "alpha of mixup's Beta(alpha, alpha) blend of image pairs (0 = off)",
                           group="Regularisation", check=Interval(0))
     ema: float = option(0.0, "decay per step of an exponential moving average of the weights (0 = off)",

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["CachedDataset", "EpochSampler", "epoch_seed", "to_model_input", "augment_batch", "mix_batch"]
+__all__ = ["CachedDataset", "EpochSampler", "epoch_seed", "to_model_input", "augment_batch", "photometric_batch",
+           "mix_batch"]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -97,6 +98,37 @@ def augment_batch(images: torch.Tensor, strength: float = 1.0, hflip: bool = Fal
     brightness = (uniform(-0.1, 0.1) * strength).view(-1, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+
+def photometric_batch(images: torch.Tensor, strength: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random changes of how an X-ray was acquired and encoded, on a float batch (B, 1, S, S) in [0, 1].
+
+    At ``strength`` 1: a gamma curve x**g with g in exp(+-0.4) (exposure and the scanner's look-up
+    table), a Gaussian blur of sigma up to 1.2 px on a random half of the batch (the detector's
+    sharpness, resampling by a PACS export), and Gaussian noise of sd up to 0.03 (quantum noise,
+    lossy encoding). The geometry is untouched. ``strength`` 0 returns the batch.
+    """
+    if strength <= 0:
+        return images
+    batch, device = images.shape[0], images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return (torch.rand(batch, generator=generator) * (high - low) + low).to(device)
+
+    gamma = torch.exp(uniform(-0.4, 0.4) * strength).view(-1, 1, 1, 1)
+    out = images.clamp(min=1e-6).pow(gamma)
+    sigma = uniform(0.0, 1.2 * strength) * (torch.rand(batch, generator=generator) < 0.5).float().to(device)
+    radius = max(1, math.ceil(2.5 * 1.2 * strength))
+    taps = torch.arange(-radius, radius + 1, device=device, dtype=out.dtype)
+    kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.clamp(min=1e-3).view(-1, 1)) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, taps): sigma 0 leaves a unit impulse
+    side = out.shape[-1]
+    flat = out.view(1, batch, side, side)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(batch, 1, 1, -1), groups=batch)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(batch, 1, -1, 1), groups=batch)
+    noise = torch.randn(out.shape, generator=generator).to(device) * uniform(0.0, 0.03 * strength).view(-1, 1, 1, 1)
+    return (flat.view_as(out) + noise).clamp_(0.0, 1.0)
 
 
 def mix_batch(images: torch.Tensor, alpha: float, generator: torch.Generator | None = None

@@ -47,7 +47,8 @@ from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundl
 from .cache import ImageCache, build_cache
 from .calibration import Calibration, calibrate
 from .config import RuntimeSettings, TrainConfig, load_config, save_config
-from .data import CachedDataset, EpochSampler, augment_batch, epoch_seed, mix_batch, to_model_input
+from .data import (CachedDataset, EpochSampler, augment_batch, epoch_seed, mix_batch, photometric_batch,
+                   to_model_input)
 from .decode import content_hash
 from .errors import ChestXrayError, InputError
 from .audit import source_confound
@@ -214,6 +215,7 @@ class ClassifierModule(L.LightningModule):
             if side < x.shape[-1]:  # progressive resizing: smaller images in the early epochs
                 x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
             x = augment_batch(x, self.config.augment, self.config.hflip)
+            x = photometric_batch(x, self.config.photometric)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.data import augment_batch, mix_batch
+from chestxray.data import augment_batch, mix_batch, photometric_batch
 
 
 def left_heavy_batch(n: int = 8, side: int = 32) -> torch.Tensor:
@@ -46,3 +46,19 @@ def test_mixup_blends_pairs_and_zero_alpha_is_identity():
     assert lam_again == lam and torch.equal(order_again, order)
     lams = [mix_batch(images, 0.4, torch.Generator().manual_seed(s))[2] for s in range(200)]
     assert abs(np.mean(lams) - 0.5) < 0.06 and np.mean(np.minimum(lams, 1 - np.array(lams)) < 0.1) > 0.3  # Beta(.4,.4): U-shaped
+
+
+def test_photometric_changes_the_look_not_the_geometry():
+    """Gamma, blur and noise: off at strength 0, repeated by a seed, values kept in [0, 1], and the anatomy
+    stays where it was (a bright left half stays brighter than the right in every image)."""
+    images = torch.zeros(16, 1, 32, 32)
+    images[..., :16] = 0.8
+    assert photometric_batch(images, 0.0) is images
+    first = photometric_batch(images, 1.0, torch.Generator().manual_seed(4))
+    again = photometric_batch(images, 1.0, torch.Generator().manual_seed(4))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, photometric_batch(images, 1.0, torch.Generator().manual_seed(5)))
+    assert first.min() >= 0 and first.max() <= 1 and first.shape == images.shape
+    assert (first[..., :12].mean(dim=(1, 2, 3)) > first[..., 20:].mean(dim=(1, 2, 3)) + 0.3).all()
+    edge = (first[..., 15] - first[..., 16]).mean(dim=(1, 2))  # blurred images soften the edge, sharp ones keep it
+    assert edge.min() < edge.max() - 0.05

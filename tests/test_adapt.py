@@ -316,3 +316,26 @@ def test_recalibrate_copies_the_parents_graph_checked_and_recorded(parent: Path,
         handle.write(b"\0")
     with pytest.raises(ChestXrayError, match="model.onnx: sha256 .* differs"):
         adapt(changed, local, tmp_path / "child2", folds=2, n_boot=20, progress=False)
+
+
+def test_the_head_choice_folds_train_on_most_labels_and_return_what_they_chose() -> None:
+    """choose_head_labels: up to HEAD_CHOICE_FOLDS folds (as the smallest labelled class allows: 10 with 12 a
+    class, 3 with 3 a class), and the rows and labels it returns are those of the option it reports."""
+    from chestxray.label_free import HEAD_CHOICE_FOLDS, choose_head_labels
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], 60)
+    features = rng.normal(size=(180, 8)) + 3 * np.eye(3, 8)[truth]
+    probs = np.full((180, 3), 1 / 3)
+    present = np.ones(3, dtype=bool)
+    pseudo = (truth + 1) % 3
+    for per_class, folds in ((12, HEAD_CHOICE_FOLDS), (3, 3)):
+        known = np.full(180, -1)
+        labelled = np.concatenate([np.flatnonzero(truth == k)[:per_class] for k in range(3)])
+        known[labelled] = truth[labelled]
+        rows, labels, facts = choose_head_labels(probs, features, present, known, pseudo)
+        assert facts["folds"] == folds and HEAD_CHOICE_FOLDS == 10
+        if facts["chosen"] == "labelled images alone":
+            assert np.array_equal(np.sort(rows), np.sort(labelled)) and np.array_equal(labels, known[rows])
+        else:
+            assert len(rows) == 180 and np.array_equal(labels, pseudo)

@@ -29,7 +29,7 @@ from .ood import power_normalise
 
 __all__ = ["centroid_pseudo_labels", "SiteHead", "fit_site_head", "domain_weights", "label_free_summary", "choose_for_labelling",
            "choose_head_labels",
-           "HEAD_C", "WEIGHT_RANGE"]
+           "HEAD_C", "HEAD_CHOICE_FOLDS", "WEIGHT_RANGE"]
 
 HEAD_C = 0.1
 """Inverse L2 penalty of the site head's logistic regression on standardised features (scikit-learn's ``C``)."""
@@ -38,6 +38,9 @@ WEIGHT_RANGE = (0.05, 20.0)
 carry a whole class's calibration."""
 MIN_SITE_IMAGES = 20
 """Fewest readable site images label-free adaptation runs on: centroids and a domain classifier need them."""
+
+HEAD_CHOICE_FOLDS = 10
+"""Most folds of :func:`choose_head_labels`' k-fold choice of the site head's labels."""
 
 
 def _directions(features: np.ndarray) -> np.ndarray:
@@ -184,18 +187,21 @@ def choose_head_labels(probs: np.ndarray, features: np.ndarray, present: np.ndar
                        pseudo: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(rows, labels, facts)`` the site head is fitted on when a person labelled some images (``known``:
     a label, or -1): the labelled images alone, or every image with ``pseudo`` (the labels of
-    :func:`centroid_pseudo_labels` with ``known``) for the unlabelled ones, whichever predicts the held-out labelled images better in a stratified k-fold on them (folds:
-    up to 5, as the smallest labelled class allows; too few labels for two folds: pseudo-labels).
+    :func:`centroid_pseudo_labels` with ``known``) for the unlabelled ones, whichever predicts the held-out
+    labelled images better in a stratified k-fold on them (folds: up to :data:`HEAD_CHOICE_FOLDS`, as the
+    smallest labelled class allows; too few labels for two folds: pseudo-labels; a tie: pseudo-labels).
 
-    Measured at the new site: a few labels do better beside the pseudo-labels, 50 or more alone; the
-    k-fold lets each site's own labels decide instead of a count fixed on one site."""
+    The k-fold lets each site's own labels decide instead of a count fixed on one site. Its folds are many
+    because the choice is biased otherwise: the head on labelled images alone learns from the labels it is
+    given, so a fold that trains it on 80% of them (5 folds) underrates it against the pseudo-labels, which
+    use every image in every fold; 10 folds train it on 90%."""
     from sklearn.model_selection import StratifiedKFold
 
     known = np.asarray(known)
     labelled = np.flatnonzero(known >= 0)
     every = np.arange(len(known))
     counts = np.bincount(known[labelled], minlength=len(present))[np.unique(known[labelled])]
-    folds = int(min(5, counts.min())) if len(counts) >= 2 else 0
+    folds = int(min(HEAD_CHOICE_FOLDS, counts.min())) if len(counts) >= 2 else 0
     facts: dict[str, Any] = {"labelled": int(len(labelled)), "folds": folds}
     if folds < 2:
         return every, pseudo, {**facts, "chosen": "pseudo-labels (too few labels for a k-fold choice)"}

@@ -241,8 +241,14 @@ def test_unlabeled_adaptation_uses_only_the_site_images(tmp_path: Path, make_fol
         adapt_unlabeled(run.bundle_dir, site, tmp_path / "child3", site_classes=["normal", "pneumonia"],
                         labels=tmp_path / "absent.csv", progress=False)
     # a bundle without the held-out reference is refused in one line
-    with pytest.raises(ChestXrayError, match="no held-out reference"):
-        adapt_unlabeled(make_bundle(tmp_path / "old"), site, tmp_path / "x", progress=False)
+    old = make_bundle(tmp_path / "old")
+    with pytest.raises(ChestXrayError, match="no held-out reference.*--reference"):
+        adapt_unlabeled(old, site, tmp_path / "x", progress=False)
+    # ... unless labelled images of its own kind stand in for it (--reference)
+    reference = make_folder({"normal": 8, "pneumonia": 8}, root="reference")
+    from_reference = adapt_unlabeled(old, site, tmp_path / "x", progress=False, reference=reference)
+    assert read_meta(from_reference.bundle_dir).lineage["mode"] == "unlabeled"
+    assert "weights" in read_meta(from_reference.bundle_dir).conformal
 
 
 def test_unreadable_local_files_are_counted_named_and_the_rest_used(parent: Path, local: Path,

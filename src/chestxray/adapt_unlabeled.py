@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .adapt import lineage_record, model_outputs, site_absent, site_coverage
+from .adapt import lineage_record, load_local, model_outputs, site_absent, site_coverage
 from .bundle import BundleMeta, HeldOut, load_bundle, load_held_out, save_bundle
 from .cache import build_cache
 from .calibration import Calibration, calibrate_outputs
@@ -49,7 +49,8 @@ from .predict import expand_inputs
 from .sources import Samples
 from .storage import write_text
 
-__all__ = ["adapt_unlabeled", "fit_unlabeled", "UnlabeledResult", "suggest_labels", "site_images", "REPORT_FILE"]
+__all__ = ["adapt_unlabeled", "fit_unlabeled", "reference_held_out", "UnlabeledResult", "suggest_labels", "site_images",
+           "REPORT_FILE"]
 
 REPORT_FILE = "adaptation.json"
 console = make_console(stderr=True)
@@ -178,12 +179,25 @@ def _known_labels(meta: BundleMeta, site: SiteImages, labels: str | Path | None)
     return known
 
 
+def reference_held_out(parent: ChestXrayNet, meta: BundleMeta, reference: str | Path | Samples, *,
+                       cache_dir: str | Path | None = None, progress: bool = True) -> HeldOut:
+    """A held-out reference for a bundle without ``heldout.npz`` (trained before it existed): the parent's
+    outputs on ``reference``, labelled images of the population it was trained for that it never trained
+    on (e.g. the validation images of its run's ``split.csv``, or its source's test split). Every class of
+    the model needs an image; images the bundle trained on are warned about (their scores are too good)."""
+    local = load_local(meta, reference, cache_dir=cache_dir, progress=progress, min_per_class=1)
+    logits, features = model_outputs(parent, local.images)
+    return HeldOut(np.asarray(logits, np.float32), np.asarray(features, np.float32), np.asarray(local.targets))
+
+
 def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path], out: str | Path, *,
                     site_classes: Sequence[str] | None = None, seed: int = 0, cache_dir: str | Path | None = None,
-                    progress: bool = True, labels: str | Path | None = None) -> UnlabeledResult:
+                    progress: bool = True, labels: str | Path | None = None,
+                    reference: str | Path | Samples | None = None) -> UnlabeledResult:
     """Adapt ``bundle`` to a site from its unlabelled images (see the module docstring); write the child to
     ``out``. ``labels``: a CSV (``path,label``) of the images a person labelled, e.g. those ``--suggest``
-    chose; they keep their labels and anchor the centroids."""
+    chose; they keep their labels and anchor the centroids. ``reference``: labelled images standing in for
+    the bundle's ``heldout.npz`` (:func:`reference_held_out`), for bundles trained without one."""
     bundle_dir, out = Path(bundle), Path(out)
     if out.resolve() == bundle_dir.resolve():
         raise ChestXrayError(f"{out}: the child bundle needs its own folder (not the parent's)")
@@ -191,10 +205,12 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
     if isinstance(parent, EnsembleNet) or meta.task != "multiclass":
         raise ChestXrayError(f"{bundle_dir}: label-free adaptation needs a single multi-class model "
                              "(not a cross-validation ensemble or a multi-label model)")
-    held = load_held_out(bundle_dir, meta)
+    held = (reference_held_out(parent, meta, reference, cache_dir=cache_dir, progress=progress)
+            if reference is not None else load_held_out(bundle_dir, meta))
     if held is None:
         raise ChestXrayError(f"{bundle_dir}: the bundle has no held-out reference (heldout.npz, written by chestxray "
-                             "train since label-free adaptation exists); retrain it, or adapt with labels")
+                             "train since label-free adaptation exists); give --reference DATA (labelled images of "
+                             "its own kind that it did not train on), retrain it, or adapt with labels")
     absent = site_absent(meta, site_classes)
     classes = list(meta.classes)
     site = site_images(meta, data, cache_dir=cache_dir, progress=progress)

@@ -335,6 +335,9 @@ def adapt(bundle: Path = BundleArg,
                                                 "would help most as a CSV (--out) to fill in; adapts nothing."),
           labels: Optional[Path] = typer.Option(None, "--labels", help="With --unlabeled: a CSV (path,label) of the "
                                                 "site images a person labelled, e.g. the --suggest CSV filled in."),
+          reference: Optional[Path] = typer.Option(None, "--reference", help="With --unlabeled: labelled images of the "
+                                                   "bundle's own kind that it did not train on, for a bundle without "
+                                                   "heldout.npz (trained by an older chestxray)."),
           mode: str = typer.Option("recalibrate", "--mode", help="recalibrate (weights untouched: logit transform, "
                                    "operating points, OOD reference scores) or finetune (continue training)."),
           with_data: Optional[Path] = typer.Option(None, "--with", help="finetune: also train on this labelled data "
@@ -357,6 +360,8 @@ def adapt(bundle: Path = BundleArg,
     overrides, runtime_overrides = dict(settings[0]), settings[1]
     seed = overrides.pop("seed", 0)
     declared = site_classes.split(",") if site_classes is not None else None
+    if reference is not None and not unlabeled:
+        raise ChestXrayError("--reference goes with --unlabeled (it stands in for the bundle's heldout.npz)")
     if labels is not None and not unlabeled:
         raise ChestXrayError("--labels goes with --unlabeled (labelled images where a person gave labels, the "
                              "site's other images for the rest); a labelled folder needs neither")
@@ -369,10 +374,10 @@ def adapt(bundle: Path = BundleArg,
             table = suggest_labels(bundle, data, suggest, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
                                    progress=err_console.is_terminal)
             console.print(f"{len(table)} images to label: {out} (fill in its label column, then run chestxray adapt "
-                          f"BUNDLE {out} --out CHILD)", soft_wrap=True, highlight=False)
+                          f"BUNDLE IMAGES --unlabeled --labels {out} --out CHILD)", soft_wrap=True, highlight=False)
             return
         found = adapt_unlabeled(bundle, data, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
-                                progress=err_console.is_terminal, labels=labels)
+                                progress=err_console.is_terminal, labels=labels, reference=reference)
         if onnx:
             from .export import export_onnx
 

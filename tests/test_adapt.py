@@ -198,6 +198,7 @@ def test_a_three_class_site_adapts_a_four_class_bundle(tmp_path: Path, make_fold
     assert cli.exit_code == 0, cli.output
 
 
+@pytest.mark.slow  # trains a parent, then adapts it three times and suggests labels (2 s quiet, 20 s busy)
 def test_unlabeled_adaptation_uses_only_the_site_images(tmp_path: Path, make_folder) -> None:
     """adapt --unlabeled: pseudo-labels, a new classifier layer, weighted sets on the held-out reference,
     and a summary that says what could not be checked without labels."""

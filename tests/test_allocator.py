@@ -34,6 +34,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @needs_tcmalloc
+@pytest.mark.slow  # starts the CLI in a new process (2 s each)
 def test_cli_puts_itself_on_tcmalloc() -> None:
     done = cli("info", env=clean_env())
     assert done.returncode == 0, done.stderr
@@ -43,6 +44,7 @@ def test_cli_puts_itself_on_tcmalloc() -> None:
     assert "commands run on allocator tcmalloc" in version.stdout
 
 
+@pytest.mark.slow  # starts the CLI in a new process (2 s each)
 def test_system_turns_it_off() -> None:
     done = cli("info", env=clean_env(CHESTXRAY_ALLOCATOR="system"))
     assert done.returncode == 0, done.stderr
@@ -51,6 +53,7 @@ def test_system_turns_it_off() -> None:
     assert "commands run on allocator system" in cli("--version", env=clean_env(CHESTXRAY_ALLOCATOR="system")).stdout
 
 
+@pytest.mark.slow  # starts the CLI in a new process (2 s each)
 def test_missing_library_is_said_once_and_the_command_goes_on(tmp_path: Path) -> None:
     missing = tmp_path / "libtcmalloc_minimal.so.4"
     done = cli("info", env=clean_env(CHESTXRAY_ALLOCATOR=str(missing)))

@@ -1,5 +1,6 @@
 """The fast tier keeps itself fast: tests/conftest.py fails an unmarked test whose call runs over the
-limit, lets a ``slow`` one run as long as it takes, and puts the PACS and browser tests in the slow tier."""
+limit, lets a ``slow`` one run as long as it takes, and puts the PACS and browser tests in the slow tier;
+on a busy machine the limit grows with the load."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, limit: float
     pytester.makeini("[pytest]\nmarkers =\n    slow\n    browser\n    pacs\n")
     with monkeypatch.context() as patch:
         patch.setattr(conftest, "FAST_TEST_LIMIT_S", limit)
+        patch.setattr(conftest, "load_factor", lambda: 1.0)  # whatever else the machine is doing
         return pytester.runpytest_inprocess("-p", "no:cacheprovider", *args, plugins=[conftest])
 
 
@@ -48,7 +50,7 @@ def test_the_limit_can_be_turned_off(pytester: pytest.Pytester, monkeypatch: pyt
 
 
 def test_pacs_and_browser_tests_are_in_the_slow_tier(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytester.makepyfile(test_listen="def test_a(): pass\n", test_other="""
+    pytester.makepyfile(test_fakepacs="def test_a(): pass\n", test_other="""
 import pytest
 
 @pytest.mark.browser
@@ -56,4 +58,20 @@ def test_b(): pass
 
 def test_c(): pass
 """)
+    monkeypatch.setattr(conftest, "PACS_MODULES", {"test_fakepacs.py"})  # not test_listen.py: imported already
     run(pytester, monkeypatch, 5.0, "-m", "not slow").assert_outcomes(passed=1, deselected=2)
+
+
+def test_a_busy_machine_raises_the_limit(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(test_sleepy=SLEEPY)
+    pytester.makeini("[pytest]\nmarkers =\n    slow\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(conftest, "FAST_TEST_LIMIT_S", 0.2)
+        patch.setattr(conftest, "load_factor", lambda: 4.0)  # four times as busy as its cores: 0.8 s
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider", plugins=[conftest])
+    result.assert_outcomes(passed=3)
+    monkeypatch.setattr(conftest.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(conftest.os, "cpu_count", lambda: 2)
+    assert conftest.load_factor() == 4.5
+    monkeypatch.setattr(conftest.os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    assert conftest.load_factor() == 1.0

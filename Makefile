@@ -1,12 +1,13 @@
 # Quick start: `make demo` (train + evaluate on the course dataset) and `make test` (whole suite).
-# Both create .venv and install everything they need on a fresh clone.
+# Both create .venv and install everything they need on a fresh clone. `make test-fast` is the fast tier
+# (no apt, no Orthanc, no Chromium); `make docs` builds the documentation site with --strict.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export CHESTXRAY_DATA ?= $(abspath ../shared/datasets)
 
-.PHONY: demo test install install-dev allocator browser pacs clean
+.PHONY: demo test test-fast test-slow docs install install-dev allocator browser pacs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import pytest, skimage, hypothesis"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[docs]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings"
 	touch $@
 
 install: $(VENV)/.installed allocator
@@ -50,8 +56,23 @@ pacs:
 	command -v Orthanc >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb)
 
+# The whole suite. Tiers (tests/conftest.py): `slow` marks what trains, starts processes or servers, drives
+# Chromium (`browser`) or needs Orthanc (`pacs`); everything else is the fast tier, where a test over 5 s fails.
 test: install-dev browser pacs
 	$(BIN)/python -m pytest -q
 
+# The fast tier: no apt, Orthanc or Chromium, a few hypothesis examples per property; at most 90 s on 2 cores.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow" --hypothesis-profile fast
+
+# The rest of `make test` after `make test-fast` (CI runs both): the slow tier, and the property tests
+# again with their full example counts.
+test-slow: install-dev browser pacs
+	$(BIN)/python -m pytest -q -m "slow or hypothesis"
+
+# The documentation site (MkDocs, Material, mkdocstrings) into site/; any warning fails the build.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

@@ -9,13 +9,76 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image
 
 # The CLI's entry point re-executes its process onto tcmalloc (chestxray.allocator); tests call it
 # in-process, so the suite runs on the system allocator. test_allocator.py switches it on explicitly.
 os.environ["CHESTXRAY_ALLOCATOR"] = "system"
+# Set before torch is imported (by any test or subprocess): OpenMP threads that wait sleep instead of
+# spinning. On 2 cores shared with other work, spinning threads starve each other; measured on such a
+# machine (load 3-4), test_bundle, test_calibration, test_evaluation and test_predict took 54.8 s
+# (52 s of CPU) spinning and 15.9 s (14 s of CPU) passive (not measured on a quiet machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DATASETS = Path(os.environ.get("CHESTXRAY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+
+# The fast tier (`make test-fast`: `pytest -m "not slow"`) must stay fast. An unmarked test whose call
+# takes longer than this fails, with a message saying to speed it up or mark it `slow`; a slow machine
+# raises it (CHESTXRAY_FAST_TEST_LIMIT_S=20), 0 turns the rule off. On a machine busier than its cores
+# the limit grows with the load (see load_factor).
+FAST_TEST_LIMIT_S = float(os.environ.get("CHESTXRAY_FAST_TEST_LIMIT_S", "5"))
+
+
+def load_factor() -> float:
+    """How many times over its cores the machine is loaded (1-minute load average), at least 1: on 2
+    cores shared with other work, torch's threads wait for each other and a 0.3 s test can take 7 s."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:  # no load average on this system
+        return 1.0
+
+# Modules that need a real PACS (Orthanc) or talk DICOM over the network: the slow tier, whatever else
+# they are marked (their own modules keep no tier marks of their own).
+PACS_MODULES = {"test_listen.py", "test_pacs_io.py"}
+
+# Hypothesis: `full` (make test) runs each property test's own example count; `fast` (make test-fast,
+# `--hypothesis-profile fast`) caps every count at a few examples (tests/fuzzing.py `examples`).
+settings.register_profile("full", deadline=None, database=None)
+settings.register_profile("fast", deadline=None, database=None, max_examples=10)
+settings.load_profile("full")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Print the slowest tests of every run (``--durations``), so that a test growing slow shows."""
+    if config.option.durations is None:
+        config.option.durations = 15
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tier marks: a PACS module's tests are ``pacs``; ``pacs`` and ``browser`` tests are ``slow``."""
+    for item in items:
+        if item.path.name in PACS_MODULES:
+            item.add_marker(pytest.mark.pacs)
+        if item.get_closest_marker("pacs") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Fail an unmarked test that ran longer than ``FAST_TEST_LIMIT_S``: the fast tier does not decay."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not report.passed or FAST_TEST_LIMIT_S <= 0 or item.get_closest_marker("slow"):
+        return
+    factor = load_factor()
+    if call.duration > FAST_TEST_LIMIT_S * factor:
+        busy = f" (x{factor:.1f} for the machine's load)" if factor > 1 else ""
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {call.duration:.1f} s, over the fast tier's {FAST_TEST_LIMIT_S:g} s"
+                           f"{busy} (tests/conftest.py): make it faster or mark it @pytest.mark.slow; on a slow "
+                           "machine set CHESTXRAY_FAST_TEST_LIMIT_S higher (0: no limit)")
 
 
 def xray_array(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:

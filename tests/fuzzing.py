@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import xray_array
+from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -62,6 +63,12 @@ class Case:
     seed: str
     name: str
     data: bytes
+
+
+def examples(full: int) -> int:
+    """A property test's example count: ``full`` under the ``full`` profile (``make test``), the
+    profile's own small count under ``fast`` (``make test-fast``; profiles in tests/conftest.py)."""
+    return full if settings.get_current_profile_name() == "full" else min(full, settings.default.max_examples)
 
 
 def _encode(array: np.ndarray, fmt: str, **options) -> bytes:

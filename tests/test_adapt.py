@@ -136,6 +136,7 @@ def test_adapt_fits_each_fold_without_its_images_and_the_child_on_all(parent: Pa
     assert set().union(*held_out) == final
 
 
+@pytest.mark.slow  # trains
 def test_finetune_changes_the_weights_and_keeps_lineage(parent: Path, local: Path, tmp_path: Path) -> None:
     overrides = {"epochs": 1, "batch_size": 8, "channels_last": False}
     result = adapt(parent, local, tmp_path / "child", mode="finetune", folds=2, n_boot=20, overrides=overrides,
@@ -197,6 +198,7 @@ def test_a_three_class_site_adapts_a_four_class_bundle(tmp_path: Path, make_fold
     assert cli.exit_code == 0, cli.output
 
 
+@pytest.mark.slow  # trains a parent, then adapts it three times and suggests labels (2 s quiet, 20 s busy)
 def test_unlabeled_adaptation_uses_only_the_site_images(tmp_path: Path, make_folder) -> None:
     """adapt --unlabeled: pseudo-labels, a new classifier layer, weighted sets on the held-out reference,
     and a summary that says what could not be checked without labels."""
@@ -260,6 +262,7 @@ def test_unreadable_local_files_are_counted_named_and_the_rest_used(parent: Path
     assert read_meta(result.bundle_dir).lineage["n_unreadable"] == 1
 
 
+@pytest.mark.slow  # trains
 def test_training_images_are_remembered_and_warned_about(make_folder, tmp_path: Path) -> None:
     data = make_folder({"normal": 8, "pneumonia": 8}, root="train")
     run = fit(data, TrainConfig(**TINY), out_dir=tmp_path / "runs", name="r", progress=False)
@@ -306,6 +309,7 @@ def test_model_endpoint_shows_the_adaptation(parent: Path, local: Path, tmp_path
     assert body["adaptation"].startswith("site-adapted (recalibrate)")
 
 
+@pytest.mark.slow  # exports ONNX
 def test_recalibrate_copies_the_parents_graph_checked_and_recorded(parent: Path, local: Path, tmp_path: Path) -> None:
     import json
     import shutil

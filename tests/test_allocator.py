@@ -34,6 +34,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @needs_tcmalloc
+@pytest.mark.slow  # starts the CLI in a new process (2 s each)
 def test_cli_puts_itself_on_tcmalloc() -> None:
     done = cli("info", env=clean_env())
     assert done.returncode == 0, done.stderr
@@ -43,6 +44,7 @@ def test_cli_puts_itself_on_tcmalloc() -> None:
     assert "commands run on allocator tcmalloc" in version.stdout
 
 
+@pytest.mark.slow  # starts the CLI in a new process (2 s each)
 def test_system_turns_it_off() -> None:
     done = cli("info", env=clean_env(CHESTXRAY_ALLOCATOR="system"))
     assert done.returncode == 0, done.stderr
@@ -51,6 +53,7 @@ def test_system_turns_it_off() -> None:
     assert "commands run on allocator system" in cli("--version", env=clean_env(CHESTXRAY_ALLOCATOR="system")).stdout
 
 
+@pytest.mark.slow  # starts the CLI in a new process (2 s each)
 def test_missing_library_is_said_once_and_the_command_goes_on(tmp_path: Path) -> None:
     missing = tmp_path / "libtcmalloc_minimal.so.4"
     done = cli("info", env=clean_env(CHESTXRAY_ALLOCATOR=str(missing)))
@@ -135,3 +138,40 @@ def test_serve_workers_run_on_tcmalloc(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("library", [Path("/usr/lib/libtcmalloc_minimal.so.4"), None], ids=["installed", "missing"])
+def test_the_python_api_says_once_when_it_trains_on_the_system_allocator(monkeypatch, capsys, library) -> None:
+    """A notebook's fit() runs on whatever the interpreter was started with; the training line says which
+    allocator, and on the system one a note says how to get tcmalloc (the CLI re-executes instead)."""
+    from types import SimpleNamespace
+
+    from chestxray import train
+    from chestxray.config import TrainConfig
+
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.delenv("CHESTXRAY_ALLOCATOR_WARNED", raising=False)
+    monkeypatch.setattr(allocator, "active_allocator", lambda: "system")
+    monkeypatch.setattr(train, "active_allocator", lambda: "system")
+    monkeypatch.setattr(allocator, "find_library", lambda choice=None: library)
+    prepared = SimpleNamespace(train_rows=[0, 1], val_rows=[2], samples=SimpleNamespace(classes=["a", "b"]))
+    train._start_run(None, TrainConfig(), prepared)
+    err = capsys.readouterr().err
+    assert "allocator system" in err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "system allocator" in notes[0]
+    assert (f"LD_PRELOAD={library}" in notes[0] and "jupyter" in notes[0]) if library else \
+        "libtcmalloc-minimal4" in notes[0]
+
+
+def test_no_note_where_the_allocator_was_chosen_or_already_said(monkeypatch) -> None:
+    monkeypatch.setattr(allocator, "active_allocator", lambda: "system")
+    monkeypatch.setenv(allocator.ENV, "system")  # chosen: nothing to say
+    assert allocator.system_allocator_note() is None
+    monkeypatch.delenv(allocator.ENV)
+    monkeypatch.setenv("CHESTXRAY_ALLOCATOR_WARNED", "1")  # the command line warned already
+    assert allocator.system_allocator_note() is None
+    monkeypatch.delenv("CHESTXRAY_ALLOCATOR_WARNED")
+    assert allocator.system_allocator_note() is not None
+    monkeypatch.setattr(allocator, "active_allocator", lambda: "tcmalloc")
+    assert allocator.system_allocator_note() is None

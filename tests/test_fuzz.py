@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from chestxray.predict import load_model
 from chestxray.serve import create_app
 from factories import make_bundle
-from fuzzing import CONTENT_TYPES, Case, check_decode, check_predict, damaged_files, load_seeds, mutated
+from fuzzing import CONTENT_TYPES, Case, check_decode, check_predict, damaged_files, examples, load_seeds, mutated
 
 SEEDS = load_seeds()
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -26,7 +26,7 @@ def test_the_seeds_cover_every_format_and_decode():
     assert all(check_decode(Case(s.name, s.name, s.data)) == "ok" for s in SEEDS)
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=examples(300))
 @given(case=mutated(SEEDS))
 def test_load_image_refuses_damaged_files_with_its_own_error(case):
     check_decode(case)
@@ -39,7 +39,7 @@ def client(tmp_path_factory: pytest.TempPathFactory):
         yield client
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=examples(120))
 @given(case=mutated(SEEDS), content_type=st.sampled_from(CONTENT_TYPES))
 def test_predict_answers_damaged_uploads_with_a_4xx_json_never_a_500(client, case, content_type):
     check_predict(client, case, content_type)

@@ -49,7 +49,12 @@ def test_imagenet_backbone_loaded_and_head_fresh() -> None:
     assert (float(first.mean), float(first.std)) == (0.5, 0.5)
 
 
-@pytest.mark.parametrize("arch", list_models())
+# the larger backbones take seconds each to build on 2 cores: the slow tier builds them
+HEAVY = {"resnet50", "densenet121", "vgg16", "tf_efficientnet_lite2", "mobilenetv3_large_100"}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.slow) if arch in HEAVY else arch
+                                  for arch in list_models()])
 def test_every_named_arch_builds(arch: str) -> None:
     model = create_model(arch, num_classes=3, weights="none").eval()
     x = torch.rand(2, 1, 64, 64)

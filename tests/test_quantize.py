@@ -25,6 +25,8 @@ from conftest import xray_array
 from factories import BINARY_CLASSES, make_bundle, png_bytes
 
 
+pytestmark = pytest.mark.slow  # trains, exports and quantizes a model (module fixture), then runs INT8 graphs
+
 def write_images(root: Path, n: int = 64) -> Path:
     """``n`` varied synthetic X-rays in class folders under ``root/train`` (the second class brighter
     and with more contrast), plus an unreadable file in ``root/test`` that calibration must never read."""

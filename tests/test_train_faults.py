@@ -49,6 +49,7 @@ class _Crash(Callback):
             raise RuntimeError("simulated kill")
 
 
+@pytest.mark.slow  # trains, is killed and resumes, three times
 @pytest.mark.parametrize("recipe", [{}, {"freeze_epochs": 1}, {"freeze_epochs": 1, "batch_norm": "frozen"}],
                          ids=["plain", "frozen-first-epoch", "frozen-statistics"])
 def test_last_checkpoint_after_every_epoch_and_an_exact_resume(tmp_path, recipe):
@@ -157,6 +158,7 @@ def test_a_full_disk_under_the_run_folder_is_one_line_and_leaves_no_empty_file(t
     assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == []
 
 
+@pytest.mark.slow  # trains (and resumes) real runs
 def test_a_full_disk_while_checkpointing_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch):
     from lightning.fabric.plugins import TorchCheckpointIO
 
@@ -194,6 +196,7 @@ class _KillAfterRow(Callback):
             raise RuntimeError("simulated kill between the row and the checkpoint")
 
 
+@pytest.mark.slow  # trains (and resumes) real runs
 def test_a_kill_between_the_metrics_row_and_the_checkpoint_resumes_to_the_same_rows(tmp_path):
     """Before: a kill 0.3 s after row 2 resumed from epoch 1 and rewrote row 2 with other numbers."""
     data = _two_classes(tmp_path / "data")
@@ -210,6 +213,7 @@ def test_a_kill_between_the_metrics_row_and_the_checkpoint_resumes_to_the_same_r
         np.testing.assert_allclose(resumed[column], whole[column], rtol=1e-6, atol=1e-7, err_msg=column)
 
 
+@pytest.mark.slow  # trains (and resumes) real runs
 def test_the_same_seed_gives_the_same_run_with_any_number_of_workers(tmp_path):
     """Before: the loader drew its order and its workers' seeds from the global generator, so
     --num-workers 2 gave other losses than --num-workers 0 with the same seed. Each run is a process of

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["ENV", "active_allocator", "command_allocator", "ensure_allocator", "find_library"]
+__all__ = ["ENV", "active_allocator", "command_allocator", "ensure_allocator", "find_library", "system_allocator_note"]
 
 ENV = "CHESTXRAY_ALLOCATOR"
 _REEXEC = "CHESTXRAY_ALLOCATOR_REEXEC"  # set on the re-executed process: never loop
@@ -67,6 +67,21 @@ def command_allocator() -> str:
         return active_allocator()
     library = find_library()
     return library.name.split(".so")[0].removeprefix("lib").split("_")[0] if library else active_allocator()
+
+
+def system_allocator_note() -> str | None:
+    """The one line a Python process (a notebook, a script calling ``fit``) gets when it runs on the
+    system allocator without having chosen it: how to start it on tcmalloc. None when it runs on
+    another allocator, when ``$CHESTXRAY_ALLOCATOR`` is ``system``, or when the command line already
+    said the library is missing (the ``chestxray`` commands re-execute themselves and never need it)."""
+    if active_allocator() != "system" or os.environ.get(ENV, "tcmalloc") == "system" or os.environ.get(_WARNED):
+        return None
+    library = find_library()
+    how = (f"start Python with LD_PRELOAD={library} (a notebook: LD_PRELOAD=\"$(python -m chestxray.allocator)\" "
+           "jupyter lab)" if library else
+           "install libtcmalloc-minimal4 (Debian/Ubuntu) and start Python with it in LD_PRELOAD")
+    return (f"note: this Python runs on the system allocator, which trains slower than tcmalloc: {how}; "
+            f"{ENV}=system silences this")
 
 
 def ensure_allocator(argv: list[str] | None = None, *, execv=os.execve) -> str:

@@ -42,7 +42,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from torch.utils.data import DataLoader
 
 from .console import make_console
-from .allocator import active_allocator
+from .allocator import active_allocator, system_allocator_note
 from .bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle, save_held_out
 from .cache import ImageCache, build_cache
 from .calibration import Calibration, calibrate
@@ -531,6 +531,8 @@ def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData
     console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
                   f"{len(prepared.val_rows)} ({len(prepared.samples.classes)} classes, {config.image_size}px; "
                   f"{runtime['threads']} threads, allocator {runtime['allocator']}){target}")
+    if note := system_allocator_note():  # the Python API's runs: the CLI has put itself on tcmalloc
+        console.print(note, highlight=False)
     if run_dir is None:
         return
     make_folder(run_dir, "run folder")

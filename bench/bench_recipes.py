@@ -45,6 +45,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], bool, str]] = {
     "photometric": ({"photometric": 1.0}, False, "plus gamma, blur and noise augmentation (--photometric 1)"),
     "ema": ({"ema": 0.98}, False, "plus an exponential moving average of the weights (--ema 0.98)"),
     "bn-train": ({"batch_norm": "train"}, False, "batch norm trained after the frozen epoch (--batch-norm train)"),
+    "clahe": ({"contrast": "clahe"}, False, "adaptive histogram equalisation before resizing (--contrast clahe)"),
     "size-320": ({"image_size": 320}, False, "320-px images (--image-size 320)"),
     "lite2": ({"arch": "tf_efficientnet_lite2"}, False, "EfficientNet-Lite2 backbone (--arch tf_efficientnet_lite2)"),
 }

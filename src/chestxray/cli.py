@@ -605,6 +605,7 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
 
     web = client(dicomweb)
     tables = []
+    failed = 0
     for uid in studies:
         started = time.perf_counter()
         result = assess_study(predictor, web, uid)
@@ -615,6 +616,9 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
             table["stored_sr_uid"] = stored
         for sop_uid, why in result.skipped:
             err_console.print(f"skipped: {sop_uid}: {why}", markup=False, highlight=False, soft_wrap=True)
+        for label, why in result.failed:
+            err_console.print(f"failed: {label}: {why}", markup=False, highlight=False, soft_wrap=True)
+        failed += len(result.failed)
         tables.append(table)
     table = pd.concat(tables, ignore_index=True)
     if fmt == "table":
@@ -632,6 +636,8 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
         _write_table(table, fmt, out)
     if stow:
         err_console.print(f"{len(table)} structured report(s) stored by STOW-RS at {dicomweb}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _figure(value: object, spec: str = ".3f") -> str:

@@ -32,8 +32,8 @@ from typing import Any
 
 from .audittrail import AuditTrail, audit_assessment
 from .dicomcheck import DEFAULT_POLICY, HeaderPolicy
-from .dicomresult import (ACCEPTED_CLASSES, Assessment, assess, build_cam_image, build_sr, patient_fields,
-                          read_dataset)
+from .dicomresult import (ACCEPTED_CLASSES, Assessment, assess, build_cam_image, build_sr, check_instance,
+                          patient_fields, read_dataset)
 from .errors import ChestXrayError, InputError
 
 log = logging.getLogger("chestxray.listen")
@@ -44,7 +44,6 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 DEFAULT_AE_TITLE = "CHESTXRAY"
 DEFAULT_PORT = 11112
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PARTIAL = ".part"
 
 
@@ -221,9 +220,8 @@ class Listener:
         try:
             data = event.encoded_dataset(include_meta=True)
             ds = read_dataset(data, "received dataset")
-            uid = str(ds.SOPInstanceUID)
-            _check_received(ds, uid)
-        except (InputError, ValueError, AttributeError, KeyError, TypeError) as err:
+            uid = check_instance(ds, "received dataset")
+        except InputError as err:
             log.warning("refused a dataset from %s: %s", _caller(event), err)
             return CANNOT_UNDERSTAND
         try:
@@ -416,21 +414,6 @@ def listen(bundle: str | Path, config: ListenConfig, *, backend: str = "auto",
             time.sleep(3600)
     finally:
         listener.stop()
-
-
-def _check_received(ds: Any, uid: str) -> None:
-    """Refuse (ValueError) what cannot be assessed: a bad UID, no image, or truncated pixel data."""
-    if not _UID.match(uid) or len(uid) > 64:
-        raise ValueError(f"invalid SOP Instance UID {uid[:80]!r}")
-    if "PixelData" not in ds:
-        raise ValueError(f"{uid}: no pixel data")
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    if rows <= 0 or columns <= 0:
-        raise ValueError(f"{uid}: invalid image size {columns}x{rows}")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        expected = rows * columns * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
-        if len(ds.PixelData) < expected * int(ds.get("NumberOfFrames", 1) or 1):
-            raise ValueError(f"{uid}: pixel data is {len(ds.PixelData)} bytes, the header needs {expected}")
 
 
 def _write_durably(path: Path, data: bytes) -> Path:

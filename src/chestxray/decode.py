@@ -11,6 +11,7 @@ import os
 
 import hashlib
 import io
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,6 +91,18 @@ def load_image(source: ImageSource, *, min_side: int | None = None, name: str | 
         if _is_dicom(data, label):
             return _decode_dicom(data, label)
         return _decode_raster(data, label, min_side)
+
+
+class _DecoderTracebacks(logging.Filter):
+    """pydicom's pixel decoders log a traceback for every plugin that fails on a damaged image; the
+    failure reaches the caller as one :class:`InputError` line, so the traceback is kept for debug
+    logging only (``chestxray`` logger at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.exc_info or logging.getLogger("chestxray").isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DecoderTracebacks())
 
 
 @contextmanager

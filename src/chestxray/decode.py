@@ -12,7 +12,9 @@ import os
 import hashlib
 import io
 import logging
+import re
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -351,8 +353,11 @@ def _open_pil(data: bytes | BinaryIO, label: str) -> Image.Image:
         return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except UnidentifiedImageError:
         raise InputError(label, "not a readable image (unrecognised or corrupt format)") from None
-    except Image.DecompressionBombError as err:
-        raise InputError(label, f"refused as a decompression bomb ({_one_line(err)})") from None
+    except Image.DecompressionBombError as err:  # PIL's own limit is higher: quote the documented one
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found.group(1)):,} pixels" if found else "more pixels"
+        raise InputError(label, f"image of {size} exceeds the limit of {MAX_PIXELS:,} pixels "
+                                "(decompression-bomb guard)") from None
     except OSError as err:  # e.g. a header cut short
         raise InputError(label, f"corrupt or truncated image header ({_one_line(err)})") from None
 
@@ -479,7 +484,7 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as npz:
             return {k: npz[k] for k in npz.files if k.endswith("_images")}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise InputError(path, f"not a readable .npz file ({_one_line(err)})") from None
 
 

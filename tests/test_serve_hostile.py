@@ -174,3 +174,103 @@ async def _overload() -> None:
     release.set()
     await asyncio.gather(*running, healthz)
     assert limit.active == 0
+
+
+_SLOW_HEAD = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+              b"Content-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
+              b"filename=\"x.png\"\r\n\r\n\x89PNG")
+
+
+def _answer(sock: socket.socket, wait: float = 20) -> bytes:
+    sock.settimeout(wait)
+    answer = b""
+    try:
+        while b'"error"' not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    except (TimeoutError, socket.timeout):
+        pass
+    return answer
+
+
+@pytest.mark.timeout(45)
+def test_a_body_sent_a_byte_a_second_is_cut_by_the_minimum_rate(app, monkeypatch):
+    """Before: only the 60 s body deadline applied, so 1-byte/s bodies held the request slots for 60 s."""
+    import threading
+
+    import chestxray.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "BODY_GRACE_S", 0.5, raising=False)
+    monkeypatch.setattr(serve_module, "MIN_BODY_RATE", 10_000, raising=False)
+    with background_server(app) as url:
+        sock = _connect(url)
+        sock.sendall(_SLOW_HEAD)
+        stop = threading.Event()
+
+        def drip() -> None:
+            while not stop.is_set():
+                try:
+                    sock.sendall(b"x")
+                except OSError:
+                    return
+                stop.wait(0.2)
+
+        threading.Thread(target=drip, daemon=True).start()
+        answer = _answer(sock, 40)
+        stop.set()
+        assert answer.startswith(b"HTTP/1.1 408") and b"upload slower than 9 kB/s after 0.5 s" in answer, answer
+        sock.close()
+        _answers_everyone_else(url)
+
+
+def test_one_address_cannot_take_every_request_slot(predictor):
+    """Before: 75 slow bodies from 3 addresses took all 64 slots and an honest client got 0 of 93."""
+    app = create_app(predictor, api_key="", max_active_per_client=2)
+    with background_server(app) as url:
+        slow = [_connect(url, "127.0.0.7") for _ in range(3)]
+        for sock in slow[:2]:
+            sock.sendall(_SLOW_HEAD)  # each holds a request slot until the body deadline
+        time.sleep(0.3)
+        slow[2].sendall(_SLOW_HEAD)
+        answer = _answer(slow[2])
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many requests from your address" in answer, answer
+        _answers_everyone_else(url)  # another address still has capacity
+        for sock in slow:
+            sock.close()
+
+
+def test_head_is_answered_wherever_get_is(app):
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for path in ("/healthz", "/v1/model", "/", "/metrics", "/v1/model/card"):
+            get, head = client.get(path), client.head(path)
+            assert head.status_code == get.status_code == 200, path
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+        assert client.head("/v1/predict").status_code == 405
+
+
+def test_a_client_that_hangs_up_mid_upload_is_one_log_line(app, caplog):
+    """Before: 68 log lines (a ClientDisconnect traceback) per aborted upload."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with background_server(app) as url:
+        sock = _connect(url)
+        sock.sendall(_SLOW_HEAD)
+        time.sleep(0.3)
+        sock.close()
+        deadline = time.monotonic() + 20
+        while not any("hung up during its upload" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.1)
+        _answers_everyone_else(url)
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize("args", [["serve", "B", "--port", "99999"], ["listen", "B", "--port", "141211"],
+                                  ["serve", "B", "--max-upload-mb", "-1"], ["listen", "B", "--max-dataset-mb", "0"]])
+def test_numeric_options_out_of_range_are_refused_before_anything_runs(args, tmp_path):
+    from typer.testing import CliRunner
+
+    from chestxray.cli import app as cli
+
+    result = CliRunner().invoke(cli, [args[0], str(tmp_path), *args[2:]])
+    assert result.exit_code == 2 and "Invalid value for" in result.output and "Traceback" not in result.output

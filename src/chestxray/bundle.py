@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +58,8 @@ MAX_IMAGE_SIZE = 2048
 MAX_MEMBERS = 32
 """Most ensemble members a bundle may declare (each is a whole model in memory)."""
 MAX_CLASSES = 10_000
+MAX_META_BYTES = 64 * 2**20
+"""Largest ``model.json`` read (64 MiB; a bundle's is tens of kB, its calibration scores included)."""
 
 __all__ = ["BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
            "verify_file", "record_file", "ChangedFileError", "WEIGHTS_FILE", "META_FILE", "ONNX_FILE",
@@ -268,9 +271,16 @@ def read_meta(directory: str | Path) -> BundleMeta:
     if not path.is_file():
         raise InputError(path, "missing: not a chestxray bundle")
     try:
+        if path.stat().st_size > MAX_META_BYTES:
+            raise InputError(path, f"{path.stat().st_size:,} bytes exceeds the limit of {MAX_META_BYTES:,} bytes "
+                                   "for model.json")
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(path, f"not valid JSON ({err})") from err
+        raise InputError(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise InputError(path, "not a model.json: nested too deeply") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read ({err.strerror or err})") from None
     if not isinstance(data, dict):
         raise InputError(path, "not a JSON object")
     if data.get("format") != FORMAT:
@@ -279,6 +289,8 @@ def read_meta(directory: str | Path) -> BundleMeta:
         BundleSchema.model_validate(data)
     except ValidationError as err:
         raise InputError(path, f"invalid model.json: {_problems(err)}") from None
+    except RecursionError:
+        raise InputError(path, "invalid model.json: nested too deeply") from None
     names = [f.name for f in dataclasses.fields(BundleMeta)]
     meta = BundleMeta(**{name: data[name] for name in names if name in data})
     try:
@@ -448,7 +460,7 @@ def load_held_out(directory: str | Path, meta: BundleMeta) -> HeldOut | None:
         with np.load(path, allow_pickle=False) as data:
             held = HeldOut(data["logits"].astype(np.float64), data["features"].astype(np.float64),
                            data["targets"].astype(np.int64))
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise InputError(path, f"damaged held-out reference ({type(err).__name__})") from None
     n = len(held.targets)
     if held.logits.shape != (n, len(meta.classes)) or held.features.ndim != 2 or len(held.features) != n \

@@ -526,12 +526,14 @@ def export(bundle: Path = BundleArg,
 @app.command()
 def serve(bundle: Path = BundleArg,
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-          port: int = typer.Option(8000, help="TCP port of the API and the web page."),
+          port: int = typer.Option(8000, min=1, max=65535, help="TCP port of the API and the web page."),
           backend: str = typer.Option("auto", help=BACKEND_HELP),
-          workers: int = typer.Option(1, help="Server processes, each with its own model."),
-          threads: Optional[int] = typer.Option(None, help="Compute threads per worker (default: cores / workers)."),
-          max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload."),
-          max_per_client: int = typer.Option(32, "--max-connections-per-client",
+          workers: int = typer.Option(1, min=1, help="Server processes, each with its own model."),
+          threads: Optional[int] = typer.Option(None, min=1,
+                                                help="Compute threads per worker (default: cores / workers)."),
+          max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, max=1024,
+                                              help="Largest accepted upload."),
+          max_per_client: int = typer.Option(32, "--max-connections-per-client", min=1,
                                              help="Open connections allowed from one address (raise it behind "
                                                   "a reverse proxy)."),
           audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
@@ -557,15 +559,21 @@ def listen(bundle: Path = BundleArg,
                                               "(without it they wait in SPOOL/outbox)."),
            ae_title: str = typer.Option("CHESTXRAY", "--ae-title", help="This node's AE title."),
            host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-           port: int = typer.Option(11112, help="DICOM port."),
+           port: int = typer.Option(11112, min=1, max=65535, help="DICOM port."),
            allow: Optional[list[str]] = typer.Option(None, "--allow", help="Calling AE title allowed to send "
                                                      "(repeatable; default: any)."),
            spool: Path = typer.Option(Path("chestxray-spool"), "--spool", help="Queue folder: received instances "
                                       "and undelivered results survive a restart here."),
            cam: bool = typer.Option(False, "--cam", help="Also send the Grad-CAM overlay as a Secondary Capture."),
-           min_free_mb: int = typer.Option(64, "--min-free-mb", help="Refuse instances (0xA700) when the spool's "
-                                           "disk would keep less free space than this."),
-           retry_max_s: float = typer.Option(300.0, "--retry-max-s", help="Longest wait between delivery tries."),
+           min_free_mb: int = typer.Option(64, "--min-free-mb", min=0, help="Refuse instances (0xA700) when the "
+                                           "spool's disk would keep less free space than this."),
+           retry_max_s: float = typer.Option(300.0, "--retry-max-s", min=0.1,
+                                             help="Longest wait between delivery tries."),
+           max_dataset_mb: int = typer.Option(256, "--max-dataset-mb", min=1, max=1024,
+                                              help="Refuse (0xA700) a received dataset larger than this."),
+           max_associations: int = typer.Option(64, "--max-associations", min=1, max=1024,
+                                                help="Connections served at once (at most a quarter of them "
+                                                     "from one address)."),
            backend: str = typer.Option("auto", help="auto (onnx when the bundle has model.onnx, else torch), "
                                                     "torch or onnx."),
            audit_log: Optional[Path] = AuditOpt, no_audit: bool = NoAuditOpt,
@@ -579,7 +587,9 @@ def listen(bundle: Path = BundleArg,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ListenConfig(spool=spool, destination=Destination.parse(dest) if dest else None, ae_title=ae_title,
                           host=host, port=port, allowed_callers=tuple(allow or ()), cam=cam,
-                          min_free_bytes=min_free_mb * 2**20, retry_max_s=retry_max_s)
+                          min_free_bytes=min_free_mb * 2**20, retry_max_s=retry_max_s,
+                          max_dataset_bytes=max_dataset_mb * 2**20, max_associations=max_associations,
+                          max_per_address=max(1, max_associations // 4))
     run_listener(bundle, config, backend=backend, audit=_audit_trail(audit_log, no_audit, audit_patient_fields),
                  **_trust(coverage, header_check))
 
@@ -610,6 +620,7 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
 
     web = client(dicomweb)
     tables = []
+    failed = 0
     for uid in studies:
         started = time.perf_counter()
         result = assess_study(predictor, web, uid)
@@ -620,6 +631,9 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
             table["stored_sr_uid"] = stored
         for sop_uid, why in result.skipped:
             err_console.print(f"skipped: {sop_uid}: {why}", markup=False, highlight=False, soft_wrap=True)
+        for label, why in result.failed:
+            err_console.print(f"failed: {label}: {why}", markup=False, highlight=False, soft_wrap=True)
+        failed += len(result.failed)
         tables.append(table)
     table = pd.concat(tables, ignore_index=True)
     if fmt == "table":
@@ -637,6 +651,8 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
         _write_table(table, fmt, out)
     if stow:
         err_console.print(f"{len(table)} structured report(s) stored by STOW-RS at {dicomweb}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _figure(value: object, spec: str = ".3f") -> str:

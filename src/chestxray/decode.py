@@ -11,12 +11,16 @@ import os
 
 import hashlib
 import io
+import logging
+import re
+import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple, Union, get_args
+from typing import BinaryIO, Callable, Literal, NamedTuple, Union, get_args
 
 import cv2
 import numpy as np
@@ -27,7 +31,7 @@ from .errors import InputError
 __all__ = ["FIT_MODES", "CONTRASTS", "MAX_PIXELS", "MAX_FILE_BYTES", "IMAGE_SUFFIXES", "NPZ_SEPARATOR",
            "ImageInfo", "load_image", "decoding", "FitGeometry", "fit_geometry", "fit_square",
            "normalize_contrast", "Preprocessing", "preprocess", "probe_image", "content_hash", "is_image_file",
-           "gray_array", "read_file", "find_images"]
+           "gray_array", "read_file", "read_capped", "find_images"]
 
 ImageSource = Union[str, Path, bytes]
 FitMode = Literal["pad", "crop"]
@@ -89,6 +93,18 @@ def load_image(source: ImageSource, *, min_side: int | None = None, name: str | 
         if _is_dicom(data, label):
             return _decode_dicom(data, label)
         return _decode_raster(data, label, min_side)
+
+
+class _DecoderTracebacks(logging.Filter):
+    """pydicom's pixel decoders log a traceback for every plugin that fails on a damaged image; the
+    failure reaches the caller as one :class:`InputError` line, so the traceback is kept for debug
+    logging only (``chestxray`` logger at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.exc_info or logging.getLogger("chestxray").isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DecoderTracebacks())
 
 
 @contextmanager
@@ -282,15 +298,41 @@ def read_file(path: str | Path) -> bytes:
     :data:`MAX_FILE_BYTES` is refused (:class:`InputError`); the read itself stops past the limit too
     (a file that grew meanwhile). The one guard for every path that reads a whole input file."""
     path = Path(path)
-    _file_size(path)
+    size = _file_size(path)
     try:
         with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+            return read_capped(handle.read, path, limit=MAX_FILE_BYTES, expected=size)
     except OSError as err:
         raise InputError(path, f"cannot read ({err.strerror or err})") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise InputError(path, f"file of over {MAX_FILE_BYTES:,} bytes exceeds the limit")
-    return data
+
+
+_CHUNK = 1 << 20
+
+
+def read_capped(read: Callable[[int], bytes], label: str | Path, *, limit: int = MAX_FILE_BYTES,
+                deadline: float | None = None, expected: int | None = None, what: str = "file") -> bytes:
+    """Every byte of a stream, with the limits every input path shares: ``read(n)`` (a file's, an HTTP
+    answer's, a socket's) is called until it returns nothing; more than ``limit`` bytes, or still
+    reading past ``deadline`` (a :func:`time.monotonic` time), is refused (:class:`InputError`
+    naming ``label``) as soon as it happens, so memory never holds more than ``limit`` bytes read.
+    ``expected`` (a file's size) lets a regular file be read in one call."""
+    if expected is not None and expected <= limit:
+        first = read(expected + 1)  # the common case: one read, no copy
+        more = read(1) if len(first) <= expected else b""
+        if len(first) <= expected and not more:
+            return first
+        chunks, received = [first, more], len(first) + len(more)
+    else:
+        chunks, received = [], 0
+    while received <= limit:
+        if deadline is not None and time.monotonic() > deadline:
+            raise InputError(label, f"{what} not received in time ({received:,} bytes came before the deadline)")
+        chunk = read(min(_CHUNK, limit + 1 - received))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        received += len(chunk)
+    raise InputError(label, f"{what} of over {limit:,} bytes exceeds the limit of {limit:,} bytes")
 
 
 def _is_dicom(data: bytes, label: str) -> bool:
@@ -311,8 +353,11 @@ def _open_pil(data: bytes | BinaryIO, label: str) -> Image.Image:
         return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except UnidentifiedImageError:
         raise InputError(label, "not a readable image (unrecognised or corrupt format)") from None
-    except Image.DecompressionBombError as err:
-        raise InputError(label, f"refused as a decompression bomb ({_one_line(err)})") from None
+    except Image.DecompressionBombError as err:  # PIL's own limit is higher: quote the documented one
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found.group(1)):,} pixels" if found else "more pixels"
+        raise InputError(label, f"image of {size} exceeds the limit of {MAX_PIXELS:,} pixels "
+                                "(decompression-bomb guard)") from None
     except OSError as err:  # e.g. a header cut short
         raise InputError(label, f"corrupt or truncated image header ({_one_line(err)})") from None
 
@@ -439,7 +484,7 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as npz:
             return {k: npz[k] for k in npz.files if k.endswith("_images")}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise InputError(path, f"not a readable .npz file ({_one_line(err)})") from None
 
 

@@ -10,6 +10,7 @@ instance twice (a restart half-way) gives the same objects, never duplicates in 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,7 @@ ALGORITHM_PARAMETERS = ("111002", "DCM", "Algorithm Parameters")
 COMMENT = ("121106", "DCM", "Comment")
 SOURCE = ("260753009", "SCT", "Source")
 NOT_ASSESSED = "not assessed"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass
@@ -106,6 +108,34 @@ def read_dataset(data: bytes, name: str) -> Dataset:
         raise InputError(name, f"not a readable DICOM dataset ({' '.join(str(err).split()) or type(err).__name__})") \
             from None
     return ds
+
+
+def check_instance(ds: Dataset, name: str) -> str:
+    """The SOP Instance UID of a received instance that can be assessed; :class:`InputError` naming
+    ``name`` for a bad UID, no image, or pixel data shorter than its header says (a truncated file).
+    The one check ``listen`` (C-STORE) and DICOMweb apply before an instance is queued or assessed."""
+    try:
+        uid = str(ds.SOPInstanceUID)
+        if not _UID.match(uid) or len(uid) > 64:
+            raise InputError(name, f"invalid SOP Instance UID {uid[:80]!r}")
+        if "PixelData" not in ds:
+            raise InputError(name, f"{uid}: no pixel data")
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        if rows <= 0 or columns <= 0:
+            raise InputError(name, f"{uid}: invalid image size {columns}x{rows}")
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and not syntax.is_compressed:
+            expected = rows * columns * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+            expected *= int(ds.get("NumberOfFrames", 1) or 1)
+            if len(ds.PixelData) < expected:
+                raise InputError(name, f"{uid}: truncated: pixel data is {len(ds.PixelData):,} bytes, "
+                                       f"the header needs {expected:,}")
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom parses lazily: a broken element raises anything here
+        raise InputError(name, f"not a readable DICOM dataset ({' '.join(str(err).split()) or type(err).__name__})") \
+            from None
+    return uid
 
 
 def assess(predictor: Any, datasets: list[tuple[Dataset, bytes]]) -> list[Assessment]:

@@ -12,8 +12,18 @@ an object the destination keeps refusing is moved to spool/failed/ with the reas
 
 DIMSE statuses: CR, DX and Secondary Capture storage are accepted; any other storage SOP class is refused with 0x0122
 (SOP class not supported); a dataset that cannot be parsed or has no usable image gets 0xC000 (cannot
-understand); a spool without room gets 0xA700 (out of resources). Calling AE titles outside the
-allow-list are rejected at association (A-ASSOCIATE-RJ, calling AE title not recognised).
+understand); a spool without room, or a dataset over :data:`MAX_DATASET_BYTES`, gets 0xA700 (out of
+resources). Calling AE titles outside the allow-list are rejected at association (A-ASSOCIATE-RJ, calling AE
+title not recognised).
+
+Hostile peers: a received dataset streams to a file in ``spool/receiving/`` as it arrives (pynetdicom's
+chunked receiving), and stops being written past the size limit, so a huge C-STORE costs neither memory
+nor disk; a connection must send its association request within :data:`ACSE_TIMEOUT_S`, an idle
+association is closed after :data:`NETWORK_TIMEOUT_S`; at most :data:`MAX_ASSOCIATIONS` connections in all
+and :data:`MAX_ASSOCIATIONS_PER_ADDRESS` from one address are served (more are closed at once). A destination
+answering 0xA7xx (out of resources, transient) gets the back-off of a destination that is down; what was
+moved to ``failed/`` after :attr:`ListenConfig.max_attempts` refusals is put back in the outbox every
+:attr:`ListenConfig.retry_failed_s` seconds and at every start.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ from typing import Any
 
 from .audittrail import AuditTrail, audit_assessment
 from .dicomcheck import DEFAULT_POLICY, HeaderPolicy
-from .dicomresult import (ACCEPTED_CLASSES, Assessment, assess, build_cam_image, build_sr, patient_fields,
-                          read_dataset)
+from .dicomresult import (ACCEPTED_CLASSES, Assessment, assess, build_cam_image, build_sr, check_instance,
+                          patient_fields, read_dataset)
+from .decode import read_capped
 from .errors import ChestXrayError, InputError
 
 log = logging.getLogger("chestxray.listen")
@@ -44,7 +55,22 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 DEFAULT_AE_TITLE = "CHESTXRAY"
 DEFAULT_PORT = 11112
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_DATASET_BYTES = 256 * 2**20
+"""Largest C-STORE dataset accepted (256 MiB; a chest X-ray is 5 to 60 MB): a larger one is refused with
+0xA700 and its bytes are dropped as they arrive."""
+ACSE_TIMEOUT_S = 10.0
+"""Seconds a connection may take to request an association (and to answer a release)."""
+DIMSE_TIMEOUT_S = 30.0
+"""Seconds a peer may take to complete a DIMSE message once it started it."""
+NETWORK_TIMEOUT_S = 30.0
+"""Seconds an association may stay silent before it is closed."""
+MAX_ASSOCIATIONS = 64
+"""Connections (associations and connections that have not asked for one yet) served at once."""
+MAX_ASSOCIATIONS_PER_ADDRESS = 16
+"""Connections served at once from one address: more are closed at once, so that one sender (or an
+attacker holding idle sockets) cannot lock out the others."""
+RETRY_FAILED_S = 3600.0
+"""Seconds between two returns of ``failed/`` results to the outbox (0: only at start)."""
 _PARTIAL = ".part"
 
 
@@ -84,6 +110,25 @@ class ListenConfig:
     max_attempts: int = 20
     """Refusals by the destination of one object before it is moved to ``failed/``."""
     batch_size: int = 8
+    max_dataset_bytes: int = MAX_DATASET_BYTES
+    max_associations: int = MAX_ASSOCIATIONS
+    max_per_address: int = MAX_ASSOCIATIONS_PER_ADDRESS
+    acse_timeout_s: float = ACSE_TIMEOUT_S
+    dimse_timeout_s: float = DIMSE_TIMEOUT_S
+    network_timeout_s: float = NETWORK_TIMEOUT_S
+    retry_failed_s: float = RETRY_FAILED_S
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ChestXrayError(f"--port {self.port}: a port is 1 to 65535")
+        for name in ("max_dataset_bytes", "max_associations", "max_per_address", "max_attempts", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ChestXrayError(f"listen: {name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "retry_base_s", "retry_max_s"):
+            if not float(getattr(self, name)) > 0:
+                raise ChestXrayError(f"listen: {name} must be positive (got {getattr(self, name)})")
+        if self.min_free_bytes < 0 or self.retry_failed_s < 0:
+            raise ChestXrayError("listen: the free-space reserve and the failed/ retry period cannot be negative")
 
 
 class SpoolFull(Exception):
@@ -96,11 +141,16 @@ class Spool:
 
     def __init__(self, root: Path, min_free_bytes: int) -> None:
         self.root = Path(root)
-        self.incoming, self.working, self.outbox, self.failed = (
-            self.root / name for name in ("incoming", "working", "outbox", "failed"))
+        self.incoming, self.working, self.outbox, self.failed, self.receiving = (
+            self.root / name for name in ("incoming", "working", "outbox", "failed", "receiving"))
         self.min_free_bytes = min_free_bytes
-        for folder in (self.incoming, self.working, self.outbox, self.failed):
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (self.incoming, self.working, self.outbox, self.failed, self.receiving):
+                folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.receiving.iterdir():  # a receipt cut short: never acknowledged, the sender resends
+                stale.unlink(missing_ok=True)
+        except OSError as err:
+            raise ChestXrayError(f"--spool {self.root}: cannot use it as a spool ({err.strerror or err})") from None
         for partial in self.root.rglob(f"*{_PARTIAL}"):  # a write cut short: never acknowledged, the sender resends
             partial.unlink(missing_ok=True)
         for claimed in self.pending(self.working):  # being assessed when the node stopped: assess again
@@ -136,6 +186,18 @@ class Spool:
         except OSError as err:
             raise SpoolFull(err.strerror or str(err)) from None
 
+    def retry_failed(self) -> int:
+        """Put the results the destination refused too often (``failed/<uid>.dcm`` beside its ``.json``
+        state) back in the outbox, their count of refusals reset; returns how many."""
+        moved = 0
+        for state in sorted(self.failed.glob("*.json")):
+            result = state.with_suffix(".dcm")
+            if result.exists():
+                os.replace(result, self.outbox / result.name)
+                moved += 1
+            state.unlink(missing_ok=True)
+        return moved
+
     def pending(self, folder: Path, limit: int | None = None) -> list[Path]:
         """The ``.dcm`` files of ``folder``, oldest first."""
         files = sorted(folder.glob("*.dcm"), key=lambda p: (_mtime(p), p.name))
@@ -159,6 +221,7 @@ class Listener:
         self._server: Any = None
         self._threads: list[threading.Thread] = []
         self._next_delivery = 0.0
+        self._failed_retried = time.monotonic()
         self._failures = 0
         self.delivered = 0
         self.algorithm = f"chestxray {predictor.meta.arch}".strip()
@@ -170,19 +233,27 @@ class Listener:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        ae = AE(ae_title=self.config.ae_title)
+        config = self.config
+        ae = _timed_ae(config.ae_title, config)
+        ae.maximum_associations = config.max_associations
         for context in AllStoragePresentationContexts:
             syntaxes = ALL_TRANSFER_SYNTAXES if context.abstract_syntax in ACCEPTED_CLASSES else None
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        if self.config.allowed_callers:
-            ae.require_calling_aet = list(self.config.allowed_callers)
+        if config.allowed_callers:
+            ae.require_calling_aet = list(config.allowed_callers)
+        _receive_to_files(self.spool.receiving, config.max_dataset_bytes)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
         try:
-            self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
-        except OSError as err:
-            raise ChestXrayError(f"cannot listen on {self.config.host}:{self.config.port} "
-                                 f"({err.strerror or err})") from None
+            self._server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers)
+        except (OSError, OverflowError, ValueError) as err:
+            raise ChestXrayError(f"cannot listen on {config.host}:{config.port} "
+                                 f"({getattr(err, 'strerror', None) or err})") from None
+        self._server.verify_request = self._admit  # the per-address cap, before a thread is spent on it
+        moved = self.spool.retry_failed()
+        if moved:
+            log.warning("%d result(s) from failed/ put back in the outbox", moved)
+        self._failed_retried = time.monotonic()
         for target, name in ((self._assess_loop, "chestxray-assess"), (self._delivery_loop, "chestxray-deliver")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -213,19 +284,55 @@ class Listener:
 
     # ------------------------------------------------------------------ receiving
 
+    def _admit(self, request: Any, client_address: Any) -> bool:
+        """socketserver's ``verify_request``: False (the socket is closed at once) beyond the caps."""
+        server = self._server
+        if server is None:
+            return False
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        active = server.active_associations
+        if len(active) >= self.config.max_associations:
+            log.warning("refused a connection from %s: %d connections already served", host, len(active))
+            return False
+        mine = sum(1 for assoc in active if _address(assoc) == host)
+        if mine >= self.config.max_per_address:
+            log.warning("refused a connection from %s: %d connections from that address already", host, mine)
+            return False
+        return True
+
     def _on_store(self, event: Any) -> int:
+        path = _received_path(event)
+        try:
+            return self._store(event, path)
+        finally:
+            if path is not None:
+                _OVERSIZE.discard(str(path))
+                path.unlink(missing_ok=True)  # pynetdicom removes it too; the memory was never used
+
+    def _store(self, event: Any, path: Path | None) -> int:
         if event.context.abstract_syntax not in ACCEPTED_CLASSES:
             log.warning("refused %s from %s: SOP class %s is not CR, DX or Secondary Capture storage", _uid_text(event),
                         _caller(event), event.context.abstract_syntax)
             return SOP_CLASS_NOT_SUPPORTED
+        if path is not None and str(path) in _OVERSIZE:
+            log.warning("refused %s from %s: dataset over the limit of %s bytes", _uid_text(event), _caller(event),
+                        f"{self.config.max_dataset_bytes:,}")
+            return OUT_OF_RESOURCES
         try:
-            data = event.encoded_dataset(include_meta=True)
+            if path is not None:
+                with path.open("rb") as handle:
+                    data = read_capped(handle.read, "received dataset", limit=self.config.max_dataset_bytes,
+                                       what="dataset")
+            else:
+                data = event.encoded_dataset(include_meta=True)
             ds = read_dataset(data, "received dataset")
-            uid = str(ds.SOPInstanceUID)
-            _check_received(ds, uid)
-        except (InputError, ValueError, AttributeError, KeyError, TypeError) as err:
+            uid = check_instance(ds, "received dataset")
+        except InputError as err:
             log.warning("refused a dataset from %s: %s", _caller(event), err)
             return CANNOT_UNDERSTAND
+        except OSError as err:
+            log.error("refused a dataset from %s: cannot read it back (%s)", _caller(event), err.strerror or err)
+            return OUT_OF_RESOURCES
         try:
             self.spool.accept(data, uid)
         except SpoolFull as err:
@@ -248,7 +355,7 @@ class Listener:
                 while not self._stop.is_set() and self._assess_batch():
                     pass
             except Exception:  # noqa: BLE001 - e.g. the disk went away; keep the thread, retry
-                log.exception("assessing the spool failed; retrying in 5 s")
+                _log_failure("assessing the spool failed; retrying in 5 s")
                 time.sleep(5.0)
 
     def _assess_batch(self) -> bool:
@@ -270,7 +377,7 @@ class Listener:
         try:
             assessments = assess(self.predictor, [(ds, data) for _, ds, data in received])
         except Exception:  # noqa: BLE001 - a model failure must not stop the node; the files stay queued
-            log.exception("inference failed; the %d instance(s) stay in the spool, retrying in 5 s", len(received))
+            _log_failure("inference failed; the %d instance(s) stay in the spool, retrying in 5 s", len(received))
             for path, _, _ in received:
                 self.spool.release(path)
             time.sleep(5.0)
@@ -285,7 +392,7 @@ class Listener:
                 time.sleep(1.0)
                 return False
             except Exception as err:  # noqa: BLE001 - an instance we cannot report on is kept, not lost
-                log.exception("cannot build the results of %s; moved to failed/", path.name)
+                _log_failure("cannot build the results of %s; moved to failed/", path.name)
                 _write_durably(self.spool.failed / f"{path.stem}.reason", f"{type(err).__name__}: {err}\n".encode())
                 _move(path, self.spool.failed)
                 continue
@@ -326,6 +433,11 @@ class Listener:
                 continue
             if self.config.destination is None:
                 continue
+            if self.config.retry_failed_s and time.monotonic() - self._failed_retried > self.config.retry_failed_s:
+                self._failed_retried = time.monotonic()
+                moved = self.spool.retry_failed()
+                if moved:
+                    log.warning("%d result(s) from failed/ put back in the outbox", moved)
             files = self.spool.pending(self.spool.outbox)
             if files:
                 try:
@@ -335,7 +447,6 @@ class Listener:
 
     def _deliver_files(self, files: list[Path]) -> None:
         from pydicom import dcmread
-        from pynetdicom import AE
 
         destination = self.config.destination
         datasets = []
@@ -345,7 +456,7 @@ class Listener:
             except Exception as err:  # noqa: BLE001 - written by us; a disk fault
                 log.error("%s: unreadable result (%s); moved to failed/", path.name, err)
                 _move(path, self.spool.failed)
-        ae = AE(ae_title=self.config.ae_title)
+        ae = _timed_ae(self.config.ae_title, self.config)
         for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
             ae.add_requested_context(sop_class)
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
@@ -363,6 +474,9 @@ class Listener:
                     path.unlink(missing_ok=True)
                     path.with_suffix(".json").unlink(missing_ok=True)
                     self.delivered += 1
+                elif 0xA700 <= code <= 0xA7FF:  # out of resources: transient, as a destination that is down
+                    self._back_off(f"{destination.ae_title} is out of resources (status 0x{code:04X})")
+                    return
                 else:
                     self._refused(path, code)
             self._failures = 0
@@ -418,19 +532,79 @@ def listen(bundle: str | Path, config: ListenConfig, *, backend: str = "auto",
         listener.stop()
 
 
-def _check_received(ds: Any, uid: str) -> None:
-    """Refuse (ValueError) what cannot be assessed: a bad UID, no image, or truncated pixel data."""
-    if not _UID.match(uid) or len(uid) > 64:
-        raise ValueError(f"invalid SOP Instance UID {uid[:80]!r}")
-    if "PixelData" not in ds:
-        raise ValueError(f"{uid}: no pixel data")
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    if rows <= 0 or columns <= 0:
-        raise ValueError(f"{uid}: invalid image size {columns}x{rows}")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        expected = rows * columns * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
-        if len(ds.PixelData) < expected * int(ds.get("NumberOfFrames", 1) or 1):
-            raise ValueError(f"{uid}: pixel data is {len(ds.PixelData)} bytes, the header needs {expected}")
+def _log_failure(message: str, *args: Any) -> None:
+    """An unexpected failure in one log line naming it; its traceback at debug level only."""
+    import sys
+
+    err = sys.exc_info()[1]
+    log.error(message + " (%s: %s)", *args, type(err).__name__, " ".join(str(err).split()))
+    log.debug("traceback", exc_info=True)
+
+
+_OVERSIZE: set[str] = set()
+"""Files of datasets still arriving that passed the size limit (their further bytes are dropped)."""
+
+
+class _CappedFile:
+    """The file pynetdicom streams a received dataset into, that stops writing past ``limit`` bytes:
+    the rest of an oversized dataset is dropped as it arrives and the file is emptied (memory and disk
+    stay bounded); the C-STORE handler then refuses it."""
+
+    def __init__(self, handle: Any, limit: int) -> None:
+        self._handle = handle
+        self._limit = limit
+        self._written = 0
+
+    def write(self, data: bytes) -> int:
+        if self.name in _OVERSIZE:
+            return len(data)
+        self._written += len(data)
+        if self._written > self._limit:
+            _OVERSIZE.add(self.name)
+            self._handle.truncate(0)
+            return len(data)
+        return self._handle.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def _receive_to_files(folder: Path, limit: int) -> None:
+    """Make pynetdicom stream every received C-STORE dataset to a capped file in ``folder`` instead of
+    memory (process-wide: the listener started last sets the folder and the limit)."""
+    import tempfile
+
+    from pynetdicom import _config, dimse_messages
+
+    def capped(*args: Any, **kwargs: Any) -> _CappedFile:
+        return _CappedFile(tempfile.NamedTemporaryFile(*args, **{**kwargs, "dir": folder}), limit)
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = capped
+
+
+def _received_path(event: Any) -> Path | None:
+    try:
+        return Path(event.dataset_path)
+    except (AttributeError, TypeError, ValueError):  # not received to a file
+        return None
+
+
+def _timed_ae(ae_title: str, config: ListenConfig) -> Any:
+    """A pynetdicom AE with the listener's ACSE, DIMSE and network timeouts."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout, ae.dimse_timeout = config.acse_timeout_s, config.dimse_timeout_s
+    ae.network_timeout = config.network_timeout_s
+    return ae
+
+
+def _address(assoc: Any) -> str | None:
+    try:
+        return assoc.requestor.address
+    except AttributeError:
+        return None
 
 
 def _write_durably(path: Path, data: bytes) -> Path:

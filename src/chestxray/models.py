@@ -239,7 +239,16 @@ def read_state_file(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise InputError(path, "weights file not found (weights must be 'imagenet', 'none' or a file path)")
     try:
-        if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as err:
+        raise InputError(path, f"cannot read weights ({err.strerror or err})") from None
+    safetensors = len(head) > 8 and head[8:9] == b"{"  # 8-byte header length, then the JSON header
+    torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch's zip format or a legacy pickle
+    if not (safetensors or torch_file):
+        raise InputError(path, "not a weights file (neither .safetensors nor a PyTorch state dict)")
+    try:
+        if safetensors:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

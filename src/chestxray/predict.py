@@ -51,6 +51,7 @@ from .metrics import (PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, SCORE_DECIMALS,
                       rounded)
 from .ood import OODGuard, typicality
 from .runners import DEFAULT_BATCH, OnnxRunner, Runner, TorchRunner, run_images
+from .storage import make_folder, write_bytes
 from .sources import NO_FINDING
 
 if TYPE_CHECKING:  # torch, timm and Grad-CAM load with the torch backend only: ONNX predicts without them
@@ -433,6 +434,10 @@ def load_model(path: str | Path, backend: str = "torch", *, device: str | None =
         verify_file(directory, meta, onnx_path.name)  # before onnxruntime parses a byte of it
         runner = OnnxRunner(onnx_path, threads)
         check_onnx(directory, runner.metadata, onnx_path, meta)
+        if runner.n_outputs is not None and runner.n_outputs != len(meta.classes):
+            raise InputError(onnx_path, f"the graph gives {runner.n_outputs} class scores but model.json declares "
+                                        f"{len(meta.classes)} classes; export it again with "
+                                        f"`chestxray export {directory} --format onnx`")
         return Predictor(runner, meta, **trust)
     raise ChestXrayError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 
@@ -695,8 +700,7 @@ def write_cams(predictor: Predictor, inputs: Sequence[str | Path], out_dir: str 
                target: str | int | None = None, progress: bool = True) -> list[Path]:
     """Write ``<stem>_cam.png`` Grad-CAM overlays for the inputs (as :func:`predict_paths` expands them)
     into ``out_dir``; unreadable inputs are skipped. Returns the files written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir, "Grad-CAM folder")  # a folder that cannot be made or written: one line
     written: list[Path] = []
     used: set[str] = set()
     entries = [file for file, error in expand_inputs(inputs) if error is None]
@@ -709,8 +713,7 @@ def write_cams(predictor: Predictor, inputs: Sequence[str | Path], out_dir: str 
             except InputError:
                 continue
             stem = _unique(_safe_stem(file), used)
-            written.append(out_dir / f"{stem}_cam.png")
-            written[-1].write_bytes(png)
+            written.append(write_bytes(out_dir / f"{stem}_cam.png", png))
     return written
 
 

@@ -102,6 +102,9 @@ class OnnxRunner:
         if names != OUTPUT_NAMES:
             raise InputError(self.path, f"ONNX outputs are {names}, expected {OUTPUT_NAMES}")
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        width = self.session.get_outputs()[0].shape[-1] if self.session.get_outputs()[0].shape else None
+        self.n_outputs: int | None = width if isinstance(width, int) else None
+        """Class scores per image the graph gives (``None``: not fixed in the graph)."""
 
     @property
     def backend(self) -> str:

@@ -12,8 +12,11 @@ are run together as one batch.
 Hostile clients: :class:`GuardedH11Protocol` closes a connection that has not sent a whole request
 head within :data:`HEADER_TIMEOUT_S` of opening or of its previous answer (idle and slow-header
 connections), and refuses connections beyond :data:`MAX_CONNECTIONS_PER_CLIENT` per client address
-or :data:`MAX_CONNECTIONS` in all; an upload must arrive within :data:`BODY_TIMEOUT_S` (408); at most
-:data:`MAX_ACTIVE_REQUESTS` requests run at once (503 beyond; ``/healthz`` always answers). Idle
+or :data:`MAX_CONNECTIONS` in all; an upload must arrive within :data:`BODY_TIMEOUT_S` and, after the first
+:data:`BODY_GRACE_S`, at :data:`MIN_BODY_RATE` bytes a second at least (408: a body sent a byte a second
+frees its request slot within seconds); at most :data:`MAX_ACTIVE_REQUESTS` requests run at once and
+:data:`MAX_ACTIVE_PER_CLIENT` from one address (503 beyond; ``/healthz`` always answers). HEAD is answered
+wherever GET is. A client that hangs up mid-upload is one log line, not a traceback. Idle
 connections cost no request slot: uvicorn's own ``limit_concurrency`` counted them, so 64 idle
 sockets made every request 503.
 """
@@ -48,6 +51,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
@@ -85,6 +89,11 @@ KEEP_ALIVE_S = 5
 """Seconds an idle keep-alive connection is kept after an answer (uvicorn's ``timeout_keep_alive``)."""
 BODY_TIMEOUT_S = 60.0
 """Seconds an upload may take to arrive once its headers are in (408 beyond)."""
+BODY_GRACE_S = 5.0
+"""Seconds an upload may take before :data:`MIN_BODY_RATE` applies."""
+MIN_BODY_RATE = 32 * 1024
+"""Bytes a second an upload must average after :data:`BODY_GRACE_S` (408 below): slow bodies cannot hold
+request slots."""
 MAX_CONNECTIONS_PER_CLIENT = 32
 """Open connections allowed from one client address; more are answered 503 and closed. Behind a
 reverse proxy every client has the proxy's address: raise it there (``serve(max_per_client=...)``)."""
@@ -92,6 +101,9 @@ MAX_CONNECTIONS = 1000
 """Open connections allowed in all; more are answered 503 and closed."""
 MAX_ACTIVE_REQUESTS = 64
 """Requests handled at once (each may hold an upload in memory); more are answered 503."""
+MAX_ACTIVE_PER_CLIENT = 16
+"""Requests handled at once from one client address, so that other addresses keep capacity (503 beyond).
+Lifted when the per-client connection cap is raised (behind a reverse proxy every client has its address)."""
 MAX_HEADER_BYTES = 16 * 1024
 """Largest request head (h11's ``max_incomplete_event_size``): a longer one gets 400 and is closed."""
 log = logging.getLogger("chestxray.serve")
@@ -322,32 +334,61 @@ def uvicorn_options(protocol: type[GuardedH11Protocol] = GuardedH11Protocol) -> 
 
 
 class _RequestLimit:
-    """At most ``limit`` requests in progress; more are answered 503 at once (``/healthz`` is exempt)."""
+    """At most ``limit`` requests in progress, and ``per_client`` from one client address; more are
+    answered 503 at once (``/healthz`` is exempt)."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_ACTIVE_REQUESTS) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_ACTIVE_REQUESTS, per_client: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.per_client = limit if per_client is None else per_client
         self.active = 0
+        self.by_client: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/healthz":
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit:
-            await JSONResponse({"error": "server busy: too many requests at once, retry shortly"}, status_code=503,
+        client = (scope.get("client") or ("?", 0))[0]
+        if self.active >= self.limit or self.by_client.get(client, 0) >= self.per_client:
+            whose = "at once" if self.active >= self.limit else "from your address at once"
+            await JSONResponse({"error": f"server busy: too many requests {whose}, retry shortly"}, status_code=503,
                                headers={"Retry-After": "1"})(scope, receive, send)
             return
         self.active += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+            self.by_client[client] -= 1
+            if not self.by_client[client]:
+                del self.by_client[client]
+
+
+class _HeadAsGet:
+    """HEAD answered wherever GET is: the GET answer's status and headers, without its body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
 
 
 def create_app(predictor: Any, *, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, cam_predictor: Any | None = None,
                max_batch: int = MAX_BATCH, audit: Any | None = None,
-               drift: DriftMonitor | None = None, source: str | None = None, url: str | None = None) -> FastAPI:
+               drift: DriftMonitor | None = None, source: str | None = None, url: str | None = None,
+               max_active_per_client: int = MAX_ACTIVE_PER_CLIENT) -> FastAPI:
     """The FastAPI app serving ``predictor`` (a :class:`chestxray.predict.Predictor`).
 
     ``audit`` (a :class:`chestxray.audittrail.AuditTrail`) gets one line per prediction.
@@ -388,8 +429,9 @@ def create_app(predictor: Any, *, api_key: str | None = None,
                   description="Chest X-ray classification. A research tool, **not a diagnostic device**.")
     monitor = drift or DriftMonitor(list(meta.classes), _drift_reference(meta.extra.get("reference"), predictor))
     card = render_model_card(dataclasses.asdict(meta))
-    app.add_middleware(_RequestLimit)
+    app.add_middleware(_RequestLimit, per_client=max_active_per_client)
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_HeadAsGet)
     _add_error_handlers(app)
     guard = [Depends(_key_guard(key))] if key else []
     refusals = {status: {"model": ErrorOut} for status in (400, 401, 408, 413, 415, 422, 503)}
@@ -480,6 +522,11 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
         raise ChestXrayError(f"unknown backend '{backend}': use {', '.join(BACKENDS)}")
     if workers < 1 or (threads is not None and threads < 1):
         raise ChestXrayError(f"workers and threads must be at least 1, not {workers} and {threads}")
+    if not 1 <= port <= 65535:
+        raise ChestXrayError(f"--port {port}: a port is 1 to 65535")
+    if max_upload_bytes < 1 or max_per_client < 1:
+        raise ChestXrayError(f"the upload limit and the per-client connection cap must be at least 1, not "
+                             f"{max_upload_bytes} and {max_per_client}")
     threads = threads or max(1, torch.get_num_threads() // workers)
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if host not in _LOOPBACK and not key:
@@ -494,7 +541,7 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bac
     options = {"host": host, "port": port, "log_level": log_level, **uvicorn_options(protocol)}
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     settings["URL"] = url
-    trust = {"coverage": coverage, "header_check": header_check, "url": url}
+    trust = {"coverage": coverage, "header_check": header_check, "url": url, "max_per_client": max_per_client}
     if workers == 1:
         uvicorn.run(_app_for_bundle(settings["BUNDLE"], backend, key, max_upload_bytes, threads, **trust), **options)
         return
@@ -513,7 +560,8 @@ def app_from_environment() -> FastAPI:
            for name in ("BUNDLE", "BACKEND", "MAX_UPLOAD", "THREADS", "COVERAGE", "HEADER_CHECK", "URL")}
     return _app_for_bundle(env["BUNDLE"], env["BACKEND"], None, int(env["MAX_UPLOAD"]), int(env["THREADS"]),
                            coverage=float(env["COVERAGE"]) if env["COVERAGE"] else None,
-                           header_check=env["HEADER_CHECK"] != "0", url=env["URL"] or None)
+                           header_check=env["HEADER_CHECK"] != "0", url=env["URL"] or None,
+                           max_per_client=int(os.environ.get(_SERVE_ENV + "MAX_PER_CLIENT") or MAX_CONNECTIONS_PER_CLIENT))
 
 
 @contextmanager
@@ -558,13 +606,16 @@ def startup_line(predictor: Any, source: str | None, url: str | None, keyed: boo
 
 def _app_for_bundle(bundle_dir: str, backend: str, api_key: str | None, max_upload_bytes: int,
                     threads: int, *, coverage: float | None = None, header_check: bool = True,
-                    url: str | None = None) -> FastAPI:
+                    url: str | None = None, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> FastAPI:
     torch.set_num_threads(threads)  # the ONNX runner follows torch's setting
     predictor = load_model(bundle_dir, backend=backend, coverage=coverage,
                            header_policy=DEFAULT_POLICY if header_check else None)
     cam_predictor = load_model(bundle_dir, backend="torch") if predictor.backend != "torch" else None
     return create_app(predictor, api_key=api_key, max_upload_bytes=max_upload_bytes, cam_predictor=cam_predictor,
-                      audit=trail_from_environment(), source=bundle_dir, url=url)
+                      audit=trail_from_environment(), source=bundle_dir, url=url,
+                      # behind a reverse proxy (a raised connection cap) every client has its address
+                      max_active_per_client=MAX_ACTIVE_REQUESTS if max_per_client > MAX_CONNECTIONS_PER_CLIENT
+                      else MAX_ACTIVE_PER_CLIENT)
 
 
 def _key_guard(key: str) -> Callable[..., Any]:
@@ -593,24 +644,38 @@ async def _read_upload(request: Request, limit: int, timeout: float | None = Non
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(415, "send the image as multipart/form-data in the field 'file'")
 
+    seconds = BODY_TIMEOUT_S if timeout is None else timeout
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    final = start + seconds
+
+    def allowed(received: int) -> float:
+        """The deadline for the rest of the body: the total one, or sooner at the minimum rate."""
+        return min(final, start + BODY_GRACE_S + received / MIN_BODY_RATE)
+
     async def counted() -> Any:
         received = 0
         async for chunk in request.stream():
             received += len(chunk)
             if received > body_limit:
                 raise ApiError(413, f"upload larger than the limit of {_megabytes(limit)}")
+            budget.reschedule(allowed(received))
             yield chunk
 
     parser = MultiPartParser(request.headers, counted(), max_files=1, max_fields=8)
     parser.spool_max_size = body_limit  # keep the file in memory: nothing from a request touches the disk
-    seconds = BODY_TIMEOUT_S if timeout is None else timeout
     try:
-        async with asyncio.timeout(seconds):
+        async with asyncio.timeout_at(allowed(0)) as budget:
             form = await parser.parse()
     except MultiPartException as err:
         raise ApiError(422, f"malformed multipart body ({err.message})") from None
+    except ClientDisconnect:
+        log.info("%s hung up during its upload", request.client.host if request.client else "a client")
+        raise ApiError(400, "client disconnected during the upload") from None
     except TimeoutError:
-        raise ApiError(408, f"upload not received within {seconds:g} s") from None
+        if loop.time() >= final:
+            raise ApiError(408, f"upload not received within {seconds:g} s") from None
+        raise ApiError(408, f"upload slower than {MIN_BODY_RATE // 1024} kB/s after {BODY_GRACE_S:g} s") from None
     upload = form.get("file")
     try:
         if not isinstance(upload, UploadFile):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -226,7 +227,7 @@ def _from_medmnist(npz: Path) -> Samples:
     try:
         with np.load(npz) as arrays:
             labels = {s: arrays[f"{s}_labels"] for s in SPLIT_NAMES if f"{s}_labels" in arrays.files}
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise ChestXrayError(f"{npz}: not a readable MedMNIST .npz file ({err})") from None
     if not labels:
         raise ChestXrayError(f"{npz}: no train_labels/val_labels/test_labels arrays (MedMNIST layout)")
@@ -249,7 +250,6 @@ def _from_medmnist(npz: Path) -> Samples:
 def _check_medmnist_lengths(npz: Path, n_labels: dict[str, int]) -> None:
     """Refuse a split whose ``<split>_images`` is missing or holds another number of images than
     ``<split>_labels`` has labels (read from the arrays' headers: no image is loaded)."""
-    import zipfile
 
     try:
         with zipfile.ZipFile(npz) as archive:

@@ -159,9 +159,14 @@ def _score_study(predictor: Any, web: Any, uid: str, audit: AuditTrail | None) -
         result = assess_study(predictor, web, uid)
     except ChestXrayError as err:
         return [{"worklist_key": _key("study", uid), "study_instance_uid": uid, "refer": True, "error": str(err)}]
+    except Exception as err:  # noqa: BLE001 - one study's failure is its row's error, the run goes on
+        return [{"worklist_key": _key("study", uid), "study_instance_uid": uid, "refer": True,
+                 "error": f"cannot assess the study ({type(err).__name__}: {' '.join(str(err).split())})"}]
     latency = (time.perf_counter() - start) * 1000 / max(1, len(result.assessments))
     rows = [{"worklist_key": _key("study", uid), **row, "error": None}
             for row in assessments_table(result.assessments, predictor.classes).to_dict("records")]
+    rows += [{"worklist_key": _key("study", uid), "study_instance_uid": uid, "refer": True,
+              "error": f"{label}: {reason}"} for label, reason in result.failed]
     audit_assessments(audit, result, latency)
     if not rows:
         rows = [{"worklist_key": _key("study", uid), "study_instance_uid": uid, "refer": True,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chestxray.bundle import META_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, save_bundle
+from chestxray.model.bundle import META_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, save_bundle
 from chestxray.errors import ChestXrayError
-from chestxray.models import EnsembleNet, create_model
+from chestxray.model.models import EnsembleNet, create_model
 
 CONTRACT_FIELDS = {
     "format", "arch", "classes", "task", "image_size", "channels", "mean", "std", "preprocess",
@@ -152,7 +152,7 @@ def test_model_json_of_the_wrong_type_or_range_is_one_line_naming_the_field(tmp_
 
 def test_no_model_is_built_before_the_weights_match_the_declared_members(tmp_path, monkeypatch):
     """Before: extra.members = 1000 built 1000 models (15 GB, killed) before any check."""
-    import chestxray.models as models_module
+    import chestxray.model.models as models_module
 
     bundle = _small_bundle(tmp_path)
     _rewrite(bundle, **{"extra.members": 30})
@@ -174,7 +174,7 @@ def test_an_ensemble_bundle_still_loads(tmp_path):
 def test_the_schema_covers_every_bundle_field():
     import dataclasses
 
-    from chestxray.bundle import BundleSchema
+    from chestxray.model.bundle import BundleSchema
 
     assert {f.name for f in dataclasses.fields(BundleMeta)} <= set(BundleSchema.model_fields)
 

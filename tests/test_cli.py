@@ -15,9 +15,9 @@ from factories import TINY, make_bundle, write_xrays
 from PIL import Image
 from typer.testing import CliRunner
 
-from chestxray.bundle import META_FILE
+from chestxray.model.bundle import META_FILE
 from chestxray.cli import app, main
-from chestxray.config import RuntimeSettings, TrainConfig, declared_options
+from chestxray.training.config import RuntimeSettings, TrainConfig, declared_options
 from conftest import xray_array
 
 COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve", "listen"]
@@ -152,11 +152,11 @@ def test_predict_calls_classes_at_an_operating_point(tmp_path: Path, monkeypatch
 def test_the_python_api_is_one_import_away() -> None:
     import chestxray
     from chestxray import TrainConfig, cross_validate, evaluate, fit, load_model, load_samples
-    from chestxray.config import TrainConfig as config_class
-    from chestxray.predict import load_model as loader
+    from chestxray.training.config import TrainConfig as config_class
+    from chestxray.inference.predict import load_model as loader
 
     assert TrainConfig is config_class and load_model is loader
-    import chestxray.evaluation  # noqa: F401 - importing the module must not shadow the function
+    import chestxray.inference.evaluation  # noqa: F401 - importing the module must not shadow the function
 
     assert all(callable(f) for f in (cross_validate, chestxray.evaluate, evaluate, fit, load_samples))
     assert set(chestxray.__all__) >= {"fit", "load_model", "TrainConfig"}
@@ -177,7 +177,7 @@ def test_train_exports_onnx_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, 
     assert code == 0, err
     assert (bundle / "model.onnx").is_file() == onnx
     if onnx:
-        from chestxray.predict import load_model
+        from chestxray.inference.predict import load_model
 
         assert load_model(bundle, backend="auto").backend == "onnx"  # its weights digest matches
 

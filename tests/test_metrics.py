@@ -18,7 +18,7 @@ from sklearn.metrics import (
 )
 
 from chestxray.errors import ChestXrayError
-from chestxray.metrics import (
+from chestxray.stats.metrics import (
     accuracy_interval_text,
     bootstrap_ci,
     classification_metrics,

@@ -11,22 +11,93 @@ The shortest path, from a notebook::
     load_model(run.bundle_dir).predict("xray.dcm")      # Prediction(label=..., probabilities=...)
 
 Each name is imported on first use, so that ``import chestxray`` stays light.
+
+The modules live in subpackages by concern (``data``, ``stats``, ``model``, ``trust``, ``inference``,
+``deploy``, ``training``, ``dicom``, ``serving``; docs/ARCHITECTURE.md draws them). The flat paths of
+before (``chestxray.predict``, ``chestxray.train``, ...) still import: :data:`_MOVED` maps each to
+its new home, and importing the old name gives the very same module object.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import sys
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
-_LAZY = {"load_model": "predict", "predict_files": "predict", "fit": "train", "prepare_data": "train",
-         "train_model": "train", "calibrate": "calibration", "cross_validate": "cv", "evaluate": "evaluation",
-         "TrainConfig": "config", "RuntimeSettings": "config", "load_samples": "sources"}
-# Never a name that is also a submodule's (e.g. sweep): once the submodule is imported it would shadow the function.
+_LAZY = {"load_model": "inference.predict", "predict_files": "inference.predict", "fit": "training.train",
+         "prepare_data": "training.train", "train_model": "training.train", "calibrate": "trust.calibration",
+         "cross_validate": "training.cv", "evaluate": "inference.evaluation", "TrainConfig": "training.config",
+         "RuntimeSettings": "training.config", "load_samples": "data.sources"}
 __all__ = ["__version__", *_LAZY]
+
+# Old flat module name -> its module below the package today.
+_MOVED = {
+    "decode": "data.decode", "sources": "data.sources", "cache": "data.cache", "splits": "data.splits",
+    "audit": "data.audit", "dicomcheck": "data.dicomcheck",
+    "metrics": "stats.metrics", "logit_transform": "stats.logit_transform", "conformal": "stats.conformal",
+    "ood": "stats.ood",
+    "models": "model.models", "runners": "model.runners", "cam": "model.cam", "bundle": "model.bundle",
+    "modelcard": "model.modelcard",
+    "calibration": "trust.calibration", "lineage": "trust.lineage", "drift": "trust.drift",
+    "label_free": "trust.label_free",
+    "predict": "inference.predict", "evaluation": "inference.evaluation", "report": "inference.report",
+    "export": "deploy.export", "quantize": "deploy.quantize",
+    "config": "training.config", "train": "training.train", "cv": "training.cv", "sweep": "training.sweep",
+    "adapt": "training.adapt", "adapt_unlabeled": "training.adapt_unlabeled",
+    "dicomresult": "dicom.dicomresult", "dicomweb": "dicom.dicomweb", "listen": "dicom.listen",
+    "worklist": "dicom.worklist", "audittrail": "dicom.inferencelog",
+    "serve": "serving.serve",
+}
+# (``chestxray.data``, once the torch Dataset module, is now the data subpackage: it re-exports that
+# module's names, so ``from chestxray.data import CachedDataset`` still works.)
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``chestxray.<old>`` as the module that now lives at ``chestxray.<_MOVED[old]>``.
+
+    The loader hands back the real module (imported under its new name), so ``sys.modules`` holds one
+    object under both names and a monkeypatch through either name patches the same module.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        package, _, old = fullname.partition(".")
+        if package != __name__ or old not in _MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        module = import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+        spec.loader_state = module.__spec__  # the import system sets __spec__ to the alias's: put it back below
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__ = module.__spec__.loader_state
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModules())
+
+
+class _Package(ModuleType):
+    """The package module: a submodule imported by its old flat name never shadows a function of the
+    package face (``chestxray.audit`` is the function even after ``import chestxray.audit``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _MOVED:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'chestxray' has no attribute {name!r}")

@@ -79,7 +79,7 @@ def package_imports(path: Path, package: Path = PACKAGE) -> set[str]:
                 child = f"{dotted}.{name}" if dotted else name
                 if is_module(child, package):
                     found.add(child)
-                elif dotted or not name.startswith("__"):  # ``from chestxray import __version__`` is no module
+                elif dotted or not name.startswith("_"):  # ``from chestxray import __version__`` is no module
                     found.add(f"?{child}")
         else:
             found.add(f"?{dotted}")

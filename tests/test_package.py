@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +44,33 @@ def test_an_unknown_name_is_still_an_attribute_error() -> None:
         chestxray.no_such_thing  # noqa: B018
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("chestxray.no_such_module")
+
+
+SUBPACKAGES = ["data", "stats", "model", "trust", "inference", "deploy", "training", "dicom", "serving"]
+
+
+def test_every_module_declares_its_public_names() -> None:
+    package = Path(chestxray.__file__).parent
+    def assigned(node: ast.stmt) -> set[str]:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        return {getattr(name, "id", None) for target in targets for name in getattr(target, "elts", [target])}
+
+    missing = [str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
+               if not any("__all__" in assigned(node) for node in ast.parse(path.read_text()).body)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("sub", SUBPACKAGES)
+def test_a_subpackage_re_exports_its_modules_public_names(sub: str) -> None:
+    """Every name in a submodule's ``__all__`` is the subpackage's attribute, the same object, except
+    names equal to a submodule's (the submodule wins) or defined by two submodules."""
+    package = importlib.import_module(f"chestxray.{sub}")
+    submodules = {path.stem for path in Path(package.__file__).parent.glob("*.py")} - {"__init__"}
+    owners: dict[str, list[str]] = {}
+    for name in sorted(submodules):
+        for public in importlib.import_module(f"chestxray.{sub}.{name}").__all__:
+            owners.setdefault(public, []).append(name)
+    expected = {name for name, where in owners.items() if len(where) == 1 and name not in submodules}
+    assert set(package.__all__) == expected
+    for name in expected:
+        assert getattr(package, name) is getattr(importlib.import_module(f"chestxray.{sub}.{owners[name][0]}"), name)

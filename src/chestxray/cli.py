@@ -5,6 +5,8 @@ Every :class:`ChestXrayError` becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+__all__ = ["app", "run"]
+
 import functools
 import inspect
 import logging

@@ -8,6 +8,9 @@ whose header says it is not what the model was trained on. Every reason reads
 
 from __future__ import annotations
 
+__all__ = ["REASON_PREFIX", "HEADER_FIELDS", "HeaderPolicy", "DEFAULT_POLICY", "check_header", "header_summary",
+           "HeaderCheck", "inspect_source", "check_source", "referral"]
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -16,6 +16,10 @@ backend="onnx-int8")`` runs it; ``OnnxRunner.quantization`` reads the record bac
 
 from __future__ import annotations
 
+__all__ = ["MIN_AGREEMENT", "DEFAULT_CALIBRATION_IMAGES", "DEFAULT_PARITY_IMAGES", "MIN_CALIBRATION_IMAGES",
+           "MIN_PARITY_IMAGES", "CALIBRATION_BATCH", "QuantSettings", "Parity", "QuantizeResult", "quantize_bundle",
+           "check_parity"]
+
 import json
 import tempfile
 import time

@@ -9,6 +9,13 @@ instance twice (a restart half-way) gives the same objects, never duplicates in 
 
 from __future__ import annotations
 
+__all__ = ["NOTICE", "MANUFACTURER", "SCHEME", "CR_STORAGE", "DX_PRESENTATION_STORAGE", "DX_PROCESSING_STORAGE",
+           "SECONDARY_CAPTURE_STORAGE", "ACCEPTED_CLASSES", "SR_SERIES_NUMBER", "CAM_SERIES_NUMBER", "PATIENT_KEYWORDS",
+           "TITLE", "FINDING", "PROBABILITY", "REFERRAL", "REFER", "NO_REFER", "REASON", "OOD_PERCENTILE",
+           "ALGORITHM_NAME", "ALGORITHM_VERSION", "ALGORITHM_PARAMETERS", "COMMENT", "SOURCE", "NOT_ASSESSED",
+           "Assessment", "assessments_table", "read_dataset", "assess", "patient_fields", "result_uid", "build_sr",
+           "build_cam_image", "read_sr"]
+
 import io
 import warnings
 from collections.abc import Iterator

@@ -3,6 +3,8 @@ structured reports back by STOW-RS."""
 
 from __future__ import annotations
 
+__all__ = ["TIMEOUT_S", "StudyResult", "client", "retrieve_study", "assess_study", "store_reports"]
+
 import io
 from dataclasses import dataclass, field
 from typing import Any

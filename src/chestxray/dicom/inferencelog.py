@@ -13,6 +13,10 @@ and flushed to disk, so concurrent writers in one process never interleave and a
 
 from __future__ import annotations
 
+__all__ = ["AUDIT_ENV", "PATIENT_FIELDS_ENV", "default_audit_path", "sha256_bytes", "local_caller", "AuditTrail",
+           "AUDITED", "prediction_result", "audit_assessment", "audit_predictions", "audit_upload",
+           "trail_from_environment"]
+
 import getpass
 import hashlib
 import json

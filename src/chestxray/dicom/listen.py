@@ -18,6 +18,9 @@ allow-list are rejected at association (A-ASSOCIATE-RJ, calling AE title not rec
 
 from __future__ import annotations
 
+__all__ = ["SUCCESS", "SOP_CLASS_NOT_SUPPORTED", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "DEFAULT_AE_TITLE",
+           "DEFAULT_PORT", "Destination", "ListenConfig", "SpoolFull", "Spool", "Listener", "listen"]
+
 import json
 import logging
 import os

@@ -10,6 +10,8 @@ StudyInstanceUID, SOPInstanceUID and accession number (DICOM inputs), the model 
 
 from __future__ import annotations
 
+__all__ = ["PATH_COLUMN", "STUDY_COLUMN", "WorklistResult", "read_worklist", "score_worklist", "audit_assessments"]
+
 import csv
 import io
 import os

@@ -9,6 +9,8 @@ metadata (a plain dict, as ``model.json`` holds it), so the card cannot disagree
 
 from __future__ import annotations
 
+__all__ = ["CARD_FILE", "render_model_card"]
+
 from typing import Any
 
 from ..stats.logit_transform import LogitTransform

@@ -35,6 +35,9 @@ adaptation all call :func:`fit_conformal` on whatever held-out data they have.
 
 from __future__ import annotations
 
+__all__ = ["SCORES", "DEFAULT_SCORE", "DEFAULT_COVERAGE", "RAPS_LAMBDA", "RAPS_K", "nonconformity", "ConformalSets",
+           "check_coverage", "fit_conformal", "min_calibration_images", "set_metrics"]
+
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -22,6 +22,9 @@ data, the usual case after a shift.
 
 from __future__ import annotations
 
+__all__ = ["KINDS", "TRAIN_KINDS", "SCALE_RANGE", "BIAS_RANGE", "DEFAULT_FOLDS", "ABSENT_LOGIT", "LogitTransform",
+           "TransformChoice", "per_image_nll", "fit_logit_transform", "fold_indices", "choose_logit_transform"]
+
 from dataclasses import dataclass, field
 from typing import Any
 

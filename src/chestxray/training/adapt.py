@@ -23,6 +23,11 @@ mode and the date.
 
 from __future__ import annotations
 
+__all__ = ["MODES", "MIN_PER_CLASS", "DEFAULT_FOLDS", "FINETUNE_DEFAULTS", "REPORT_FILE", "REPORT_HTML", "LocalSample",
+           "Adaptation", "AdaptationResult", "model_outputs", "site_absent", "load_local", "local_transform",
+           "site_coverage", "site_calibration", "recalibration", "finetune", "finetune_config", "cross_fitted",
+           "compare", "adapt", "lineage_record", "headline"]
+
 import dataclasses
 import json
 import shutil

@@ -19,6 +19,9 @@ in one process do not collide).
 
 from __future__ import annotations
 
+__all__ = ["DEFAULT_WINDOW", "MIN_WINDOW", "MEDIAN_PERCENTILE_LIMIT", "FLAGGED_SHARE_LIMIT", "SHARE_DISTANCE_LIMIT",
+           "REFERRAL_EXCESS_LIMIT", "DriftMonitor"]
+
 import logging
 import threading
 from collections import deque

@@ -13,6 +13,9 @@ adaptation mode and the date.
 
 from __future__ import annotations
 
+__all__ = ["HASH_BITS", "HASH_NAME", "short_hash", "short_hashes", "encode_hashes", "decode_hashes",
+           "seen_images_record", "merge_seen", "SeenCheck", "check_seen", "data_fingerprint", "describe_lineage"]
+
 import base64
 import hashlib
 from collections.abc import Iterable, Sequence

@@ -702,7 +702,7 @@ def _display_names(files: list[str]) -> list[str]:
 
 TABLE_WIDTH = 80
 """Columns a results table fits off a terminal (in a terminal: the terminal's width, if wider)."""
-REFER_CODES = (("uncertain:", "set"), ("out_of_distribution:", "ood"), ("not_frontal_cxr:", "dicom"))
+REFER_CODES = {"uncertain": "set", "out_of_distribution": "ood", "not_frontal_cxr": "dicom"}
 """The short name of each kind of referral reason in a table (the reasons themselves are in --format json)."""
 
 
@@ -725,9 +725,12 @@ def _fit_names(names: list[str], width: int) -> list[str]:
 
 def _refer_codes(reasons: list[str]) -> str:
     """``no``, or the kinds of reasons to refer joined by '+' (e.g. ``set+ood``)."""
-    codes = [code for prefix, code in REFER_CODES if any(r.startswith(prefix) for r in reasons)]
-    codes += ["other"] if any(not r.startswith(tuple(p for p, _ in REFER_CODES)) for r in reasons) else []
-    return "+".join(dict.fromkeys(codes)) if reasons else "no"
+    from .trust.referral import reason_kind
+
+    kinds = {reason_kind(reason) for reason in reasons}
+    codes = [code for kind, code in REFER_CODES.items() if kind in kinds]
+    codes += ["other"] if kinds - set(REFER_CODES) else []
+    return "+".join(codes) if reasons else "no"
 
 
 def _render_predictions(predictions: list) -> None:

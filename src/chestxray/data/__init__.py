@@ -22,7 +22,7 @@ _EXPORTS = {
             "normalize_contrast", "Preprocessing", "preprocess", "probe_image", "content_hash", "is_image_file",
             "gray_array", "read_file", "find_images"),
     "dicomcheck": ("REASON_PREFIX", "HEADER_FIELDS", "HeaderPolicy", "DEFAULT_POLICY", "check_header",
-            "header_summary", "HeaderCheck", "inspect_source", "check_source", "referral"),
+            "header_summary", "HeaderCheck", "inspect_source", "check_source"),
     "sources": ("COLUMNS", "SPLIT_NAMES", "NO_FINDING", "Samples", "load_samples", "patient_id_from_name"),
     "splits": ("stratify_labels", "kfold_splits", "train_val_split", "save_split", "load_split"),
 }

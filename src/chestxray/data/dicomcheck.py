@@ -9,7 +9,7 @@ whose header says it is not what the model was trained on. Every reason reads
 from __future__ import annotations
 
 __all__ = ["REASON_PREFIX", "HEADER_FIELDS", "HeaderPolicy", "DEFAULT_POLICY", "check_header", "header_summary",
-           "HeaderCheck", "inspect_source", "check_source", "referral"]
+           "HeaderCheck", "inspect_source", "check_source"]
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,15 +120,3 @@ def _int(ds: Any, keyword: str) -> int:
     except (TypeError, ValueError):
         return 1
 
-
-def referral(prediction: Any | None, header_reasons: list[str] | None = None) -> tuple[bool, list[str]]:
-    """``(refer, reasons)`` with every reason to refer: the header check's (``header_reasons``), an
-    unreadable input, and the prediction's own (``prediction.reasons``: a conformal set of more or
-    fewer than one class, out of distribution, its DICOM header as the predictor checked it; see
-    ``chestxray.predict.referral_reasons``). ``prediction`` None: not classified because of the header."""
-    reasons = list(header_reasons or [])
-    if prediction is not None and prediction.error:
-        reasons.append(f"unreadable: {prediction.error}")
-    elif prediction is not None:
-        reasons += [reason for reason in prediction.reasons if reason not in reasons]
-    return bool(reasons), reasons

@@ -28,7 +28,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from ..data.dicomcheck import DEFAULT_POLICY, check_header, referral
+from ..data.dicomcheck import DEFAULT_POLICY, check_header
+from ..trust.referral import referral
 from ..errors import InputError
 from ..stats.metrics import PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, rounded
 
@@ -83,10 +84,21 @@ class Assessment:
     model_id: str
     weights_sha256: str
     header: list[str] = field(default_factory=list)
+    error: str | None = None
+    """Why the pixels could not be classified (``None``: they were, or the header check stopped them)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
         return asdict(self)
+
+    def to_audit(self) -> dict[str, Any]:
+        """The ``result`` of an inference-log line, as :meth:`Prediction.to_audit
+        <chestxray.inference.predict.Prediction.to_audit>` words it (``label`` null when not classified)."""
+        if not self.label:
+            return {"label": None}
+        return {"label": self.label,
+                "probabilities": {c: rounded(p, PROBABILITY_DECIMALS) for c, p in self.probabilities.items()},
+                "ood": self.ood, "ood_percentile": rounded(self.ood_percentile, PERCENTILE_DECIMALS)}
 
 
 def assessments_table(assessments: list[Assessment], classes: list[str]) -> Any:
@@ -143,7 +155,8 @@ def assess(predictor: Any, datasets: list[tuple[Dataset, bytes]]) -> list[Assess
             sop_instance_uid=str(ds.get("SOPInstanceUID", "")), study_instance_uid=str(ds.get("StudyInstanceUID", "")),
             series_instance_uid=str(ds.get("SeriesInstanceUID", "")), accession_number=str(ds.get("AccessionNumber", "")),
             label=label, probabilities=probabilities, ood=ood, ood_percentile=percentile, refer=refer,
-            reasons=reasons, model_id=meta.model_id, weights_sha256=sha, header=headers[i]))
+            reasons=reasons, model_id=meta.model_id, weights_sha256=sha, header=headers[i],
+            error=prediction.error if prediction is not None and prediction.error else None))
     return results
 
 

@@ -14,7 +14,7 @@ and flushed to disk, so concurrent writers in one process never interleave and a
 from __future__ import annotations
 
 __all__ = ["AUDIT_ENV", "PATIENT_FIELDS_ENV", "default_audit_path", "sha256_bytes", "local_caller", "AuditTrail",
-           "AUDITED", "prediction_result", "audit_assessment", "audit_predictions", "audit_upload",
+           "audit_assessment", "audit_predictions", "audit_upload",
            "trail_from_environment"]
 
 import getpass
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ChestXrayError
-from ..stats.metrics import PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, rounded
 
 AUDIT_ENV = "CHESTXRAY_AUDIT_LOG"
 PATIENT_FIELDS_ENV = "CHESTXRAY_AUDIT_PATIENT_FIELDS"
@@ -90,18 +89,16 @@ class AuditTrail:
                 os.close(fd)
         return line
 
+    def record_prediction(self, prediction: Any, meta: Any, *, source: str, caller: str, input_sha256: str,
+                          latency_ms: float, patient: dict[str, str] | None = None, **uids: str) -> dict[str, Any]:
+        """The line of a :class:`~chestxray.inference.predict.Prediction` (its :meth:`to_audit` result and its
+        :func:`~chestxray.trust.referral.referral`) by the model of ``meta``."""
+        from ..trust.referral import referral
 
-AUDITED = ("label", "probabilities", "ood", "ood_percentile")
-"""The keys of a prediction's serialised form (``Prediction.to_dict``) that an audit line's ``result`` keeps."""
-
-
-def prediction_result(prediction: Any) -> dict[str, Any]:
-    """The ``result`` of an audit line for a :class:`~chestxray.predict.Prediction` (no pixels): its
-    :data:`AUDITED` keys as ``to_dict`` serialises them, or its error."""
-    if prediction.error:
-        return {"error": prediction.error}
-    data = prediction.to_dict()
-    return {key: data[key] for key in AUDITED}
+        refer, reasons = referral(prediction)  # its reasons hold the header check's, as the predictor ran it
+        return self.record(source=source, caller=caller, input_sha256=input_sha256, model_id=meta.model_id,
+                           weights_sha256=meta.provenance.get("weights_sha256", ""), result=prediction.to_audit(),
+                           refer=refer, reasons=reasons, latency_ms=latency_ms, patient=patient, **uids)
 
 
 def audit_assessment(trail: AuditTrail | None, *, source: str, caller: str, data: bytes, assessment: Any,
@@ -109,12 +106,8 @@ def audit_assessment(trail: AuditTrail | None, *, source: str, caller: str, data
     """One line for a :class:`~chestxray.dicomresult.Assessment` of a DICOM instance (``data``: its bytes)."""
     if trail is None:
         return
-    result = ({"label": assessment.label,
-               "probabilities": {c: rounded(p, PROBABILITY_DECIMALS) for c, p in assessment.probabilities.items()},
-               "ood": assessment.ood, "ood_percentile": rounded(assessment.ood_percentile, PERCENTILE_DECIMALS)}
-              if assessment.label else {"label": None})
     trail.record(source=source, caller=caller, input_sha256=sha256_bytes(data), model_id=assessment.model_id,
-                 weights_sha256=assessment.weights_sha256, result=result, refer=assessment.refer,
+                 weights_sha256=assessment.weights_sha256, result=assessment.to_audit(), refer=assessment.refer,
                  reasons=assessment.reasons, latency_ms=latency_ms, sop_instance_uid=assessment.sop_instance_uid,
                  study_instance_uid=assessment.study_instance_uid, patient=patient)
 
@@ -123,7 +116,6 @@ def audit_predictions(trail: AuditTrail, predictions: list[Any], meta: Any, late
     """One line per :class:`~chestxray.predict.Prediction` of files (``predict``; ``latency_ms``: the run's
     mean time per image)."""
     from ..data.decode import content_hash
-    from ..data.dicomcheck import referral
 
     caller = local_caller()
     for prediction in predictions:
@@ -131,10 +123,8 @@ def audit_predictions(trail: AuditTrail, predictions: list[Any], meta: Any, late
             digest, uids = content_hash(prediction.file), _dicom_uids(prediction.file)
         except Exception:  # noqa: BLE001 - unreadable: the prediction's error says why
             digest, uids = "", {}
-        refer, reasons = referral(prediction)
-        trail.record(source="predict", caller=caller, input_sha256=digest, model_id=meta.model_id,
-                     weights_sha256=meta.provenance.get("weights_sha256", ""), result=prediction_result(prediction),
-                     refer=refer, reasons=reasons, latency_ms=latency_ms, **uids)
+        trail.record_prediction(prediction, meta, source="predict", caller=caller, input_sha256=digest,
+                                latency_ms=latency_ms, **uids)
 
 
 def _dicom_uids(file: str) -> dict[str, str]:
@@ -152,7 +142,7 @@ def audit_upload(trail: AuditTrail, data: bytes, prediction: Any, meta: Any, cal
                  name: str = "<upload>") -> None:
     """One line for an uploaded image (``serve``; ``prediction`` with its referral decided, the DICOM header
     check's reasons included): a DICOM upload also gets its UIDs."""
-    from .dicomresult import patient_fields, read_dataset, referral
+    from .dicomresult import patient_fields, read_dataset
 
     uids, patient = {}, None
     if len(data) > 132 and data[128:132] == b"DICM":
@@ -163,11 +153,8 @@ def audit_upload(trail: AuditTrail, data: bytes, prediction: Any, meta: Any, cal
             patient = patient_fields(ds)
         except Exception:  # noqa: BLE001 - the prediction's error says what was wrong
             pass
-    refer, reasons = referral(prediction)  # its reasons hold the header check's, as the server ran it
-    result = prediction_result(prediction)
-    trail.record(source="serve", caller=caller, input_sha256=sha256_bytes(data), model_id=meta.model_id,
-                 weights_sha256=meta.provenance.get("weights_sha256", ""), result=result, refer=refer,
-                 reasons=reasons, latency_ms=latency_ms, patient=patient, **uids)
+    trail.record_prediction(prediction, meta, source="serve", caller=caller, input_sha256=sha256_bytes(data),
+                            latency_ms=latency_ms, patient=patient, **uids)
 
 
 def trail_from_environment() -> AuditTrail | None:

@@ -24,9 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from .inferencelog import AuditTrail, audit_assessment, local_caller, prediction_result, sha256_bytes
+from .inferencelog import AuditTrail, audit_assessment, local_caller, sha256_bytes
 from ..data.decode import _is_dicom, read_file
-from .dicomresult import assess, assessments_table, patient_fields, read_dataset, referral
+from .dicomresult import assess, assessments_table, patient_fields, read_dataset
+from ..trust.referral import referral
 from ..errors import ChestXrayError, InputError
 
 PATH_COLUMN = "path"
@@ -134,9 +135,7 @@ def _score_files(predictor: Any, files: list[str], audit: AuditTrail | None) -> 
     latency = (time.perf_counter() - start) * 1000 / max(1, len(files))
     table = assessments_table(assessments, predictor.classes)
     for (file, ds, data), row, assessment in zip(dicoms, table.to_dict("records"), assessments):
-        rows.append({"worklist_key": _key("path", file), "path": file, **row,
-                     "error": next((r[len("unreadable: "):] for r in assessment.reasons if r.startswith("unreadable: ")),
-                                   None)})
+        rows.append({"worklist_key": _key("path", file), "path": file, **row, "error": assessment.error})
         audit_assessment(audit, source="predict", caller=local_caller(), data=data, assessment=assessment,
                          latency_ms=latency, patient=patient_fields(ds))
     meta = predictor.meta
@@ -147,9 +146,8 @@ def _score_files(predictor: Any, files: list[str], audit: AuditTrail | None) -> 
         rows.append({"worklist_key": _key("path", file), "path": file, **row, "refer": refer,
                      "reasons": "; ".join(reasons), "model_id": meta.model_id})
         if audit is not None:
-            audit.record(source="predict", caller=local_caller(), input_sha256=sha256_bytes(data),
-                         model_id=meta.model_id, weights_sha256=meta.provenance.get("weights_sha256", ""),
-                         result=prediction_result(prediction), refer=refer, reasons=reasons, latency_ms=latency)
+            audit.record_prediction(prediction, meta, source="predict", caller=local_caller(),
+                                    input_sha256=sha256_bytes(data), latency_ms=latency)
     return rows
 
 

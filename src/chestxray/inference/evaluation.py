@@ -33,6 +33,7 @@ from ..stats.metrics import (
 )
 from ..trust.lineage import check_seen
 from ..model.modelcard import render_model_card
+from ..trust.referral import refer_mask
 from .predict import NOT_CHECKED, Predictor, load_model
 from .report import calibration_verdict, write_report
 from ..model.runners import DEFAULT_BATCH
@@ -123,9 +124,7 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     metrics["conformal"] = None if sets is None else {
         **set_metrics(sets, y_true, predictor.classes, coverage=predictor.coverage, n_boot=n_boot, seed=seed),
         "score": predictor.conformal.score, "fitted_on": predictor.conformal.fitted_on}
-    refer = np.array([bool(h) for h in headers]) | flags
-    if sets is not None:
-        refer |= sets.sum(1) != 1
+    refer = refer_mask(sets, flags, np.array([bool(h) for h in headers], dtype=bool))
     if not multilabel:
         metrics["selective"] = _selective(y_true, probs, refer, sets is not None, predictor.guard is not None)
     out_dir = Path(out_dir)

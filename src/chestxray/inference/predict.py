@@ -43,10 +43,11 @@ from ..model.bundle import (INT8_ONNX_FILE, ONNX_FILE, BundleMeta, ChangedFileEr
                      verify_file)
 from ..stats.conformal import ConformalSets, check_coverage
 from ..data.decode import NPZ_SEPARATOR, find_images, gray_array
-from ..data.dicomcheck import DEFAULT_POLICY, REASON_PREFIX, HeaderCheck, HeaderPolicy, inspect_source
+from ..data.dicomcheck import DEFAULT_POLICY, HeaderCheck, HeaderPolicy, inspect_source
 from ..errors import ChestXrayError, InputError
 from ..launch import local_rank, world_size
 from ..trust.lineage import describe_lineage
+from ..trust.referral import NOT_FRONTAL, reason_kind, referral_reasons
 from ..stats.metrics import (PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, SCORE_DECIMALS, json_number, logits_to_probs,
                       rounded)
 from ..stats.ood import OODGuard, typicality
@@ -58,7 +59,7 @@ if TYPE_CHECKING:  # torch, timm and Grad-CAM load with the torch backend only: 
 
     from ..model.models import ChestXrayNet, EnsembleNet
 
-__all__ = ["Predictor", "Prediction", "PredictionRun", "load_model", "predict_files", "predict_paths",
+__all__ = ["AUDITED", "Predictor", "Prediction", "PredictionRun", "load_model", "predict_files", "predict_paths",
            "predict_inputs", "predictions_table", "sharded_predict", "sharded_predictions", "call_operating_point",
            "expand_inputs", "apply_operating_point", "write_cams", "shard", "resolve_backend",
            "BACKENDS", "TTA_VIEWS"]
@@ -82,6 +83,10 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 NOT_CHECKED = "not checked"
 """A check that could not run, in a flat row (CSV, tables)."""
+AUDITED = ("label", "probabilities", "ood", "ood_percentile")
+"""The keys of a prediction's serialised form (:meth:`Prediction.to_dict`) that an inference-log line keeps."""
+
+
 @dataclass
 class Prediction:
     """The model's answer for one input; ``error`` is set (and the rest empty) when it could not be read.
@@ -119,7 +124,7 @@ class Prediction:
     @property
     def header_reasons(self) -> list[str]:
         """The reasons to refer that come from the DICOM header check (``not_frontal_cxr: ...``)."""
-        return [reason for reason in self.reasons if reason.startswith(REASON_PREFIX)]
+        return [reason for reason in self.reasons if reason_kind(reason) == NOT_FRONTAL]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: lists for the set, reasons and cautions, an object (or ``null``) for the header,
@@ -136,6 +141,14 @@ class Prediction:
         if self.called is not None:
             found["called"] = list(self.called)
         return found
+
+    def to_audit(self) -> dict[str, Any]:
+        """The ``result`` of an inference-log line (no pixels, no file name): the :data:`AUDITED` keys as
+        :meth:`to_dict` serialises them, or the error."""
+        if self.error:
+            return {"error": self.error}
+        data = self.to_dict()
+        return {key: data[key] for key in AUDITED}
 
     def to_row(self) -> dict[str, Any]:
         """:meth:`to_dict` flattened for a CSV row: one column per class probability; the set and ``called``
@@ -614,32 +627,6 @@ def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: 
         explainer = predictor if predictor is not None and predictor.model is not None else load_model(bundle)
         cams = write_cams(explainer, inputs, cam_dir, progress=progress)
     return PredictionRun(predictions, predictions_table(predictions, classes), cams)
-
-
-def referral_reasons(prediction: Prediction, header: HeaderCheck | None, coverage: float | None,
-                     guard: OODGuard | None) -> list[str]:
-    """Why a prediction must be referred to a reader rather than trusted; empty when nothing says so.
-
-    A conformal set with more than one class (the model cannot tell them apart at the set's coverage)
-    or none (no class fits the image), an out-of-distribution image, a DICOM header that says the
-    image is not a frontal chest radiograph.
-    """
-    if prediction.error:
-        return []
-    reasons = []
-    found = prediction.prediction_set
-    if found is not None and len(found) != 1:
-        level = f"{100 * coverage:g}%" if coverage is not None else ""
-        reasons.append(f"uncertain: the {level} prediction set holds {', '.join(found)}" if found
-                       else f"uncertain: no class fits (the {level} prediction set is empty)")
-    if prediction.ood:
-        threshold = f" above the threshold {guard.threshold:.1f}" if guard is not None else ""
-        percentile = "" if prediction.ood_percentile is None else \
-            f", {typicality(prediction.ood_percentile, guard.quantile if guard is not None else None)}"
-        reasons.append(f"out_of_distribution: score {prediction.ood_score:.1f}{threshold}{percentile}")
-    if header is not None:
-        reasons += list(header.reasons)
-    return reasons
 
 
 def confounded_classes(source_confound: dict[str, Any] | None) -> dict[str, float]:

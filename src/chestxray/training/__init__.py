@@ -15,7 +15,7 @@ _EXPORTS = {
     "adapt": ("MODES", "MIN_PER_CLASS", "DEFAULT_FOLDS", "FINETUNE_DEFAULTS", "REPORT_HTML", "LocalSample",
             "Adaptation", "AdaptationResult", "model_outputs", "site_absent", "load_local", "local_transform",
             "site_coverage", "site_calibration", "recalibration", "finetune", "finetune_config", "cross_fitted",
-            "compare", "lineage_record", "headline"),
+            "compare", "site_lineage", "headline"),
     "adapt_unlabeled": ("fit_unlabeled", "UnlabeledResult", "suggest_labels", "site_images"),
     "config": ("Interval", "Choices", "option", "validate", "declared_options", "TrainConfig", "RuntimeSettings",
             "make_config", "load_config", "load_runtime", "save_config"),
@@ -23,7 +23,7 @@ _EXPORTS = {
     "sweep": ("SweepResult", "PruneTrial", "DEFAULT_SPACE", "default_space", "load_space", "check_space", "suggest",
             "trials_table"),
     "train": ("fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta",
-            "drop_test_copies", "warm_start_config", "initial_model", "PreparedData", "RunResult",
+            "model_meta", "drop_test_copies", "warm_start_config", "initial_model", "PreparedData", "RunResult",
             "ClassifierModule", "MONITOR"),
 }
 __all__, __getattr__, __dir__ = _exports(__name__, _EXPORTS)

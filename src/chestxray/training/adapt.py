@@ -26,7 +26,7 @@ from __future__ import annotations
 __all__ = ["MODES", "MIN_PER_CLASS", "DEFAULT_FOLDS", "FINETUNE_DEFAULTS", "REPORT_FILE", "REPORT_HTML", "LocalSample",
            "Adaptation", "AdaptationResult", "model_outputs", "site_absent", "load_local", "local_transform",
            "site_coverage", "site_calibration", "recalibration", "finetune", "finetune_config", "cross_fitted",
-           "compare", "adapt", "lineage_record", "headline"]
+           "compare", "adapt", "site_lineage", "headline"]
 
 import dataclasses
 import json
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from ..console import make_console
-from ..model.bundle import (INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, BundleMeta, ChangedFileError, load_bundle, record_file,
+from ..model.bundle import (INT8_ONNX_FILE, ONNX_FILE, BundleMeta, ChangedFileError, load_bundle, record_file,
                      save_bundle, verify_file)
 from ..data.cache import build_cache
 from ..trust.calibration import Calibration, calibrate_outputs
@@ -52,11 +52,11 @@ from .config import RuntimeSettings, TrainConfig, make_config
 from ..launch import one_device
 from ..model.runners import TorchRunner, run_images
 from ..errors import ChestXrayError, InputError
-from ..trust.lineage import check_seen, data_fingerprint, describe_lineage, merge_seen, short_hash
+from ..trust.lineage import (check_seen, data_fingerprint, describe_lineage, lineage_record, merge_seen,
+                             short_hash)
 from ..stats.metrics import bootstrap_ci, classification_metrics
 from ..model.models import ChestXrayNet, EnsembleNet
 from ..stats.ood import OODGuard
-from ..provenance import file_sha256
 from ..data.sources import Samples, load_samples
 from ..data.splits import save_split, train_val_split
 
@@ -481,21 +481,19 @@ def _with_samples(with_data: str | Path, meta: BundleMeta) -> Samples:
     return Samples(pool.frame, list(meta.classes), "multiclass", pool.origin)
 
 
-def lineage_record(bundle_dir: Path, meta: BundleMeta, mode: str, data: Any, *, fingerprint: str, n_images: int,
-                   n_unreadable: int, **fields: Any) -> dict[str, Any]:
-    """The lineage a site-adapted child carries (every mode, labelled or not): its parent (id, weights
-    sha256, folder, lineage), the site's data (name, content fingerprint, counts), the mode and the date;
-    ``fields`` adds what a mode knows besides (class counts, classes ruled out, the data mixed in)."""
-    return {"mode": mode, "parent_id": meta.model_id,
-            "parent_weights_sha256": file_sha256(bundle_dir / WEIGHTS_FILE), "parent_bundle": str(bundle_dir),
-            "parent_lineage": meta.lineage, "data": str(data.origin if isinstance(data, Samples) else data),
-            "data_fingerprint": fingerprint, "n_images": int(n_images), "n_unreadable": int(n_unreadable), **fields,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def site_lineage(bundle_dir: Path, meta: BundleMeta, mode: str, data: Any, *, fingerprint: str, n_images: int,
+                 n_unreadable: int, **fields: Any) -> dict[str, Any]:
+    """The lineage a site-adapted child carries (every mode, labelled or not): :func:`lineage_record` with
+    the site's data (name, content fingerprint, counts); ``fields`` adds what a mode knows besides
+    (class counts, classes ruled out, the data mixed in)."""
+    return lineage_record(bundle_dir, meta, mode, data=str(data.origin if isinstance(data, Samples) else data),
+                          data_fingerprint=fingerprint, n_images=int(n_images), n_unreadable=int(n_unreadable),
+                          **fields)
 
 
 def _lineage(bundle_dir: Path, meta: BundleMeta, local: LocalSample, mode: str, data: str | Path | Samples,
              with_data: str | Path | None) -> dict[str, Any]:
-    return lineage_record(bundle_dir, meta, mode, data, fingerprint=local.fingerprint(), n_images=len(local.images),
+    return site_lineage(bundle_dir, meta, mode, data, fingerprint=local.fingerprint(), n_images=len(local.images),
                           n_unreadable=len(local.failed), class_counts=local.class_counts(),
                           with_data=str(with_data) if with_data is not None else None)
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .adapt import lineage_record, model_outputs, site_absent, site_coverage
+from .adapt import model_outputs, site_absent, site_coverage, site_lineage
 from ..model.bundle import BundleMeta, HeldOut, load_bundle, load_held_out, save_bundle
 from ..data.cache import build_cache
 from ..trust.calibration import Calibration, calibrate_outputs
@@ -236,7 +236,7 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
                                  predicted_shares=summary["after"]["predicted_shares"],
                                  referral_rate=summary["after"].get("referred_share"))
     hashes = np.array([short_hash(p) or 0 for p in site.paths], dtype=np.uint64)
-    lineage = lineage_record(bundle_dir, meta, "unlabeled", data,
+    lineage = site_lineage(bundle_dir, meta, "unlabeled", data,
                              fingerprint=data_fingerprint(hashes, [""] * len(hashes)), n_images=len(site.images),
                              n_unreadable=len(site.failed), absent_classes=summary["absent_classes"])
     extra = {**meta.extra, **calibration.extra_fields(), "calibration_choice": calibration.transform_choice,

@@ -27,13 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..model.bundle import BundleMeta, save_bundle
-from ..data.audit import source_confound
+from ..model.bundle import save_bundle
 from ..trust.calibration import Calibration, calibrate_outputs, fit_guard
 from .config import RuntimeSettings, TrainConfig
 from ..stats.conformal import DEFAULT_COVERAGE, ConformalSets, set_metrics
 from ..errors import ChestXrayError
-from ..trust.lineage import seen_images_record
 from ..launch import one_device
 from ..stats.metrics import accuracy_at_coverages, json_safe, logit_scores, logits_to_probs
 from ..model.models import ChestXrayNet, EnsembleNet
@@ -41,7 +39,7 @@ from ..stats.ood import OODGuard, cross_fitted_scores
 from ..model.runners import TorchRunner, run_images
 from ..data.sources import NO_FINDING, Samples
 from ..data.splits import kfold_splits, train_val_split
-from .train import PreparedData, console, drop_test_copies, prepare_data, run_directory, train_model
+from .train import PreparedData, console, drop_test_copies, model_meta, prepare_data, run_directory, train_model
 
 __all__ = ["cross_validate", "CVResult", "SCORES"]
 
@@ -206,15 +204,9 @@ def _save_ensemble(directory: Path, members: list[ChestXrayNet], prepared: Prepa
         oof_logits, prepared.targets, classes=list(pool.classes), task=pool.task, seed=config.seed, ood_flags=flags,
         fitted_on=f"out-of-fold predictions ({len(members)} folds, {len(oof_logits)} images)",
         groups=pool.groups()), ood=ood)
-    meta = BundleMeta(
-        classes=list(pool.classes), image_size=config.image_size, preprocess=config.preprocessing().options(),
-        **calibration.bundle_fields(), source_confound=source_confound(pool, config.seed),
-        train_fingerprint=prepared.cache.fingerprint,
-        metrics={**summary["oof"], "evaluated_on": f"out-of-fold ({len(members)} folds)"},
-        seen_images=seen_images_record(pool.frame["path"].tolist(), []),
-        extra={"config": config.to_dict(), "calibration_choice": calibration.transform_choice,
-               "trained_on": {"origin": pool.origin, "n_train": len(pool),
-                              "class_counts": pool.frame["label"].value_counts().to_dict()},
-               **calibration.extra_fields(),
-               "cv": {"folds": len(members), "mean": summary["mean"], "std": summary["std"]}})
+    # every pool image trained the ensemble (4 of its 5 members): none was held out from it
+    meta = model_meta(pool, config, calibration, fingerprint=prepared.cache.fingerprint,
+                      metrics={**summary["oof"], "evaluated_on": f"out-of-fold ({len(members)} folds)"},
+                      train_paths=pool.frame["path"].tolist(), val_paths=[],
+                      extra={"cv": {"folds": len(members), "mean": summary["mean"], "std": summary["std"]}})
     return save_bundle(directory, ensemble, meta)

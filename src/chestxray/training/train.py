@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from ..console import make_console
 from ..allocator import active_allocator
-from ..model.bundle import WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle, save_held_out
+from ..model.bundle import BundleMeta, load_bundle, read_meta, save_bundle, save_held_out
 from ..data.cache import ImageCache, build_cache
 from ..trust.calibration import Calibration, calibrate
 from .config import RuntimeSettings, TrainConfig, load_config, save_config
@@ -51,18 +51,18 @@ from ..data.dataset import CachedDataset, EpochSampler, augment_batch, epoch_see
 from ..data.decode import content_hash
 from ..errors import ChestXrayError, InputError
 from ..data.audit import source_confound
-from ..trust.lineage import seen_images_record
+from ..trust.lineage import lineage_record, seen_images_record
 from ..launch import gather_in_order, is_first_process, trainer_layout
 from ..stats.metrics import logit_scores
 from ..model.models import ChestXrayNet, create_model, load_state_strict
-from ..provenance import file_sha256
 from ..inference.report import plot_training_curves
 from ..model.runners import DEFAULT_BATCH
 from ..data.sources import Samples, load_samples
 from ..data.splits import load_split, save_split, train_val_split
 from ..storage import atomic_path, make_folder, temporary_name, write_error, write_text
 
-__all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "drop_test_copies",
+__all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "model_meta",
+           "drop_test_copies",
            "warm_start_config", "initial_model",
            "PreparedData", "RunResult", "ClassifierModule", "MONITOR"]
 
@@ -562,20 +562,31 @@ def bundle_meta(prepared: PreparedData, config: TrainConfig, calibration: Calibr
     if calibration.loss_calibrated is not None:
         metrics["val_loss_calibrated"] = calibration.loss_calibrated
     paths = prepared.samples.frame["path"].to_numpy()
+    return model_meta(prepared.samples, config, calibration, fingerprint=prepared.cache.fingerprint, metrics=metrics,
+                      train_paths=paths[prepared.train_rows], val_paths=paths[prepared.val_rows],
+                      extra={"history": (history if history is not None else pd.DataFrame()).to_dict("list")},
+                      **_init_lineage(config))
+
+
+def model_meta(samples: Samples, config: TrainConfig, calibration: Calibration, *, fingerprint: str,
+               metrics: dict[str, Any], train_paths: Sequence[str], val_paths: Sequence[str],
+               extra: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None) -> BundleMeta:
+    """The one builder of a trained model's :class:`BundleMeta` (a single run's and a CV ensemble's):
+    classes, preprocessing, ``calibration``'s fields, the source-confound check, the cache fingerprint,
+    ``metrics``, the content hashes of the training and validation images, what it was trained on
+    (origin, image counts, class counts, provenance files) and ``extra`` besides."""
     return BundleMeta(
-        classes=list(prepared.samples.classes), image_size=config.image_size,
+        classes=list(samples.classes), image_size=config.image_size,
         preprocess=config.preprocessing().options(), **calibration.bundle_fields(),
-        source_confound=source_confound(prepared.samples, config.seed),
-        train_fingerprint=prepared.cache.fingerprint, metrics=metrics,
-        seen_images=seen_images_record(paths[prepared.train_rows], paths[prepared.val_rows]),
+        source_confound=source_confound(samples, config.seed),
+        train_fingerprint=fingerprint, metrics=metrics,
+        seen_images=seen_images_record(list(train_paths), list(val_paths)),
         extra={"config": config.to_dict(), "trained_on": {
-            "origin": prepared.samples.origin, "n_train": int(len(prepared.train_rows)),
-            "n_val": int(len(prepared.val_rows)),
-            "class_counts": prepared.samples.frame["label"].value_counts().to_dict(),
-            "provenance_files": provenance_files(prepared.samples.origin)},
-            **calibration.extra_fields(), "calibration_choice": calibration.transform_choice,
-            "history": (history if history is not None else pd.DataFrame()).to_dict("list")},
-        **_init_lineage(config))
+            "origin": samples.origin, "n_train": int(len(train_paths)), "n_val": int(len(val_paths)),
+            "class_counts": samples.frame["label"].value_counts().to_dict(),
+            "provenance_files": provenance_files(samples.origin)},
+            **calibration.extra_fields(), "calibration_choice": calibration.transform_choice, **(extra or {})},
+        lineage=lineage)
 
 
 def warm_start_config(config: TrainConfig, data: str | Path | Samples) -> tuple[TrainConfig, Samples]:
@@ -622,11 +633,7 @@ def _init_lineage(config: TrainConfig) -> dict[str, Any]:
     """``{"lineage": ...}`` naming the bundle a warm-started run began from; empty otherwise."""
     if not config.init:
         return {}
-    parent = read_meta(config.init)
-    return {"lineage": {"mode": "warm start (train --init)", "parent_id": parent.model_id,
-                        "parent_weights_sha256": file_sha256(Path(config.init) / WEIGHTS_FILE),
-                        "parent_bundle": str(config.init),
-                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+    return {"lineage": lineage_record(config.init, read_meta(config.init), "warm start (train --init)")}
 
 
 def run_directory(out_dir: str | Path, name: str | None, *, prefix: str = "", resume: bool = False,

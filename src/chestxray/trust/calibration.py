@@ -44,6 +44,7 @@ from ..errors import ChestXrayError
 from ..stats.logit_transform import TRAIN_KINDS, LogitTransform, choose_logit_transform, per_image_nll
 from ..stats.metrics import LogitScores, classification_metrics, logit_scores, operating_points
 from ..stats.ood import OODGuard
+from .referral import refer_mask
 from ..model.runners import DEFAULT_BATCH, Runner, as_runner, run_images
 
 __all__ = ["Calibration", "calibrate", "calibrate_outputs", "fit_guard", "MIN_GUARD_IMAGES"]
@@ -160,9 +161,7 @@ def _fit_trust(calibration: Calibration, probs: np.ndarray, targets: np.ndarray,
                         "it takes" if len(small) == 1 else "they take")
         calibration.conformal = sets.to_dict()
         # as a loaded bundle's sets (scores stored rounded) refer these images: set not one class, or OOD
-        refer = ConformalSets.from_dict(calibration.conformal, classes).sets(probs).sum(1) != 1
-        if ood_flags is not None:
-            refer |= np.asarray(ood_flags, dtype=bool)
+        refer = refer_mask(ConformalSets.from_dict(calibration.conformal, classes).sets(probs), ood_flags)
         calibration.reference["referral_rate"] = float(refer.mean())
         found = classification_metrics(targets, probs, classes, n_boot=1000, seed=seed)
         for name in ("accuracy", "balanced_accuracy", "macro_auc"):

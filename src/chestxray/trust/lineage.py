@@ -14,17 +14,21 @@ adaptation mode and the date.
 from __future__ import annotations
 
 __all__ = ["HASH_BITS", "HASH_NAME", "short_hash", "short_hashes", "encode_hashes", "decode_hashes",
-           "seen_images_record", "merge_seen", "SeenCheck", "check_seen", "data_fingerprint", "describe_lineage"]
+           "seen_images_record", "merge_seen", "SeenCheck", "check_seen", "data_fingerprint", "describe_lineage", "lineage_record"]
 
 import base64
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..data.decode import content_hash
+from ..model.bundle import WEIGHTS_FILE
+from ..provenance import file_sha256
 
 HASH_BITS = 64
 HASH_NAME = "sha256/64"
@@ -134,3 +138,14 @@ def describe_lineage(lineage: dict[str, Any] | None) -> str | None:
     return (f"site-adapted ({lineage.get('mode')}) on {lineage.get('n_images')} local images ({counts}), "
             f"data {str(lineage.get('data_fingerprint', ''))[:12]}, from parent {lineage.get('parent_id')} "
             f"on {str(lineage.get('date', ''))[:10]}")
+
+
+def lineage_record(parent_dir: str | Path, parent: Any, mode: str, **fields: Any) -> dict[str, Any]:
+    """The one lineage record a child bundle carries (a warm start, every site adaptation): its mode, its
+    parent (``parent``: the parent's ``BundleMeta``; id, weights sha256, folder, the parent's own
+    lineage), what the mode knows besides (``fields``: the site's data, counts, classes ruled out) and
+    the date."""
+    return {"mode": mode, "parent_id": parent.model_id,
+            "parent_weights_sha256": file_sha256(Path(parent_dir) / WEIGHTS_FILE), "parent_bundle": str(parent_dir),
+            "parent_lineage": parent.lineage, **fields,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

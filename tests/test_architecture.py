@@ -37,10 +37,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("trust.calibration", "trust.label_free"),
     ("model.bundle", "training.config", "trust.drift"),
     ("launch", "trust.lineage"),
-    ("training.train", "inference.predict", "dicom.dicomresult"),
-    ("training.cv", "training.sweep", "inference.evaluation", "deploy.export", "dicom.inferencelog",
-     "dicom.dicomweb", "training.adapt"),
-    ("serving.serve", "deploy.quantize", "dicom.listen", "dicom.worklist", "training.adapt_unlabeled"),
+    ("inference.predict", "dicom.dicomresult"),
+    ("inference.evaluation", "deploy.export", "dicom.inferencelog", "dicom.dicomweb"),
+    ("training.train", "deploy.quantize"),
+    ("training.cv", "training.sweep", "training.adapt"),
+    ("serving.serve", "dicom.listen", "dicom.worklist", "training.adapt_unlabeled"),
     ("cli",),
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}

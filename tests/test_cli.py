@@ -183,6 +183,29 @@ def test_train_exports_onnx_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, 
 
 
 @pytest.mark.slow
+def test_fit_writes_the_bundle_chestxray_train_writes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                      tmp_path: Path) -> None:
+    """The ONNX export after training is part of the API: ``fit()`` and ``chestxray train`` write the same
+    files, the same weights and the same graph."""
+    from chestxray.provenance import file_sha256
+    from chestxray.training.config import TrainConfig
+    from chestxray.training.train import fit
+
+    data = write_xrays(tmp_path / "data")
+    code, err = run_main(monkeypatch, capsys, "train", str(data), "--out", str(tmp_path / "cli"), "--name", "r",
+                         "--arch", "tf_efficientnet_lite0", "--weights", "none", "--image-size", "32",
+                         "--epochs", "1", "--batch-size", "8", "--freeze-epochs", "0")
+    assert code == 0, err
+    run = fit(data, TrainConfig(arch="tf_efficientnet_lite0", weights="none", image_size=32, epochs=1, batch_size=8,
+                                freeze_epochs=0), out_dir=tmp_path / "api", name="r", progress=False)
+    cli_bundle, api_bundle = tmp_path / "cli" / "r" / "bundle", run.bundle_dir
+    assert sorted(p.name for p in api_bundle.iterdir()) == sorted(p.name for p in cli_bundle.iterdir())
+    assert "model.onnx" in {p.name for p in api_bundle.iterdir()} and run.onnx is not None
+    assert file_sha256(api_bundle / "model.safetensors") == file_sha256(cli_bundle / "model.safetensors")
+    assert sorted(p.name for p in run.run_dir.iterdir()) == sorted(p.name for p in (tmp_path / "cli" / "r").iterdir())
+
+
+@pytest.mark.slow
 def test_cv_and_sweep_print_their_results_once(tmp_path: Path) -> None:
     data = write_xrays(tmp_path / "data")
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]

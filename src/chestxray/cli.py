@@ -174,10 +174,6 @@ def _batch(batch_size: Optional[int]) -> int:
     return batch_size or DEFAULT_BATCH
 
 
-ONNX_PARITY_IMAGES = 16
-"""Validation X-rays on which `train` checks the exported ONNX model against PyTorch."""
-
-
 @app.command()
 @training_options
 def train(data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = OutOpt,
@@ -193,17 +189,12 @@ def train(data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = 
 
     training, runtime = _settings("train", config, settings)
     result = fit(data, None if resume else training, runtime, out_dir=out, name=name, resume=resume,
-                 overwrite=overwrite, cache_dir=cache_dir)
+                 overwrite=overwrite, cache_dir=cache_dir, onnx=onnx)
     if not result.metrics:  # a rank other than 0 of a distributed run
         return
-    if onnx:
-        from .deploy.export import export_onnx
-        from .data.splits import split_files
-
-        validation = split_files(result.run_dir / "split.csv", "val")[:ONNX_PARITY_IMAGES]
-        exported = export_onnx(result.bundle_dir, parity_images=validation)
-        console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e} on "
-                      f"{exported.n_images} images)", soft_wrap=True)
+    if result.onnx is not None:
+        console.print(f"onnx: {result.onnx.path} (max probability difference {result.onnx.max_prob_diff:.1e} on "
+                      f"{result.onnx.n_images} images)", soft_wrap=True)
     console.print(f"bundle: {result.bundle_dir}", soft_wrap=True)
 
 
@@ -374,12 +365,9 @@ def adapt(bundle: Path = BundleArg,
                           f"BUNDLE {out} --out CHILD)", soft_wrap=True, highlight=False)
             return
         found = adapt_unlabeled(bundle, data, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
-                                progress=err_console.is_terminal, labels=labels)
-        if onnx:
-            from .deploy.export import export_onnx
-
-            exported = export_onnx(found.bundle_dir, parity_images=found.site.paths[:ONNX_PARITY_IMAGES])
-            console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e})")
+                                progress=err_console.is_terminal, labels=labels, onnx=onnx)
+        if found.onnx is not None:
+            console.print(f"onnx: {found.onnx.path} (max probability difference {found.onnx.max_prob_diff:.1e})")
         for line in unlabeled_headline(found):
             console.print(line, soft_wrap=True, highlight=False)
         console.print(f"bundle: {found.bundle_dir}", soft_wrap=True)
@@ -389,13 +377,9 @@ def adapt(bundle: Path = BundleArg,
         raise ChestXrayError(f"training options ({given}) only apply to --mode finetune")
     result = run_adapt(bundle, data, out, mode=mode, with_data=with_data, folds=folds, seed=seed, n_boot=n_boot,
                        overrides=overrides, runtime=RuntimeSettings().replace(**runtime_overrides),
-                       cache_dir=cache_dir, progress=err_console.is_terminal, site_classes=declared)
-    if onnx and mode == "finetune":
-        from .deploy.export import export_onnx
-
-        files = result.local.samples.frame["path"].tolist()[:ONNX_PARITY_IMAGES]
-        exported = export_onnx(result.bundle_dir, parity_images=files)
-        console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e})")
+                       cache_dir=cache_dir, progress=err_console.is_terminal, site_classes=declared, onnx=onnx)
+    if result.onnx is not None:
+        console.print(f"onnx: {result.onnx.path} (max probability difference {result.onnx.max_prob_diff:.1e})")
     for line in headline(result):
         console.print(line, soft_wrap=True, highlight=False)
     console.print(f"bundle: {result.bundle_dir}\nestimate: {result.bundle_dir / 'adaptation.json'}", soft_wrap=True)

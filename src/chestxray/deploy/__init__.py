@@ -9,8 +9,8 @@ from __future__ import annotations
 from .. import _exports
 
 _EXPORTS = {
-    "export": ("export_onnx", "ExportResult", "quiet_tools", "DEFAULT_OPSET", "MIN_OPSET", "PROB_TOLERANCE",
-            "FEATURE_TOLERANCE"),
+    "export": ("PARITY_IMAGES", "export_onnx", "ExportResult", "quiet_tools", "DEFAULT_OPSET", "MIN_OPSET",
+            "PROB_TOLERANCE", "FEATURE_TOLERANCE"),
     "quantize": ("MIN_AGREEMENT", "DEFAULT_CALIBRATION_IMAGES", "DEFAULT_PARITY_IMAGES", "MIN_CALIBRATION_IMAGES",
             "MIN_PARITY_IMAGES", "CALIBRATION_BATCH", "QuantSettings", "Parity", "QuantizeResult",
             "quantize_bundle", "check_parity"),

@@ -27,7 +27,7 @@ from ..model.models import ChestXrayNet, EnsembleNet, logits_and_features
 from ..inference.predict import Predictor
 from ..model.runners import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, TorchRunner
 
-__all__ = ["export_onnx", "ExportResult", "quiet_tools", "DEFAULT_OPSET", "MIN_OPSET", "PROB_TOLERANCE",
+__all__ = ["PARITY_IMAGES", "export_onnx", "ExportResult", "quiet_tools", "DEFAULT_OPSET", "MIN_OPSET", "PROB_TOLERANCE",
            "FEATURE_TOLERANCE"]
 DEFAULT_OPSET = 18
 """The opset the dynamo exporter writes natively; other opsets go through the legacy exporter
@@ -37,6 +37,11 @@ PROB_TOLERANCE = 1e-4
 FEATURE_TOLERANCE = 1e-3
 """Largest feature difference allowed, relative to the largest feature magnitude (at least 1)."""
 N_SYNTHETIC = 3
+
+
+PARITY_IMAGES = 16
+"""Real X-rays (validation or site images) on which a model exported after training or adaptation is checked
+against PyTorch, beside the synthetic ones."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -59,6 +59,9 @@ from ..model.models import ChestXrayNet, EnsembleNet
 from ..stats.ood import OODGuard
 from ..data.sources import Samples, load_samples
 from ..data.splits import save_split, train_val_split
+
+if TYPE_CHECKING:
+    from ..deploy.export import ExportResult
 
 MODES = ("recalibrate", "finetune")
 MIN_PER_CLASS = 5
@@ -125,6 +128,8 @@ class AdaptationResult:
     bundle_dir: Path
     summary: dict[str, Any]
     local: LocalSample
+    onnx: ExportResult | None = None
+    """The fine-tuned child's ONNX export (``None``: recalibrated, whose parent graphs are copied, or ``onnx=False``)."""
 
 
 def model_outputs(model: ChestXrayNet | EnsembleNet, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +282,7 @@ def finetune(bundle_dir: Path, meta: BundleMeta, local: LocalSample, rows: np.nd
     split_file = save_split(work_dir / "split.csv", pool, {"train": np.concatenate([inner_train, extra_rows]),
                                                            "val": inner_val})
     run = fit(pool, config, one_device(runtime or RuntimeSettings()), out_dir=work_dir, name="run",
-              cache_dir=cache_dir, progress=progress, split_file=split_file)
+              cache_dir=cache_dir, progress=progress, split_file=split_file, onnx=False)
     model, fitted = load_bundle(run.bundle_dir)
     val_images, val_targets = local.images[rows][inner_val], local.targets[rows][inner_val]
     logits, features = model_outputs(model, val_images)
@@ -374,11 +379,12 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
           with_data: str | Path | None = None, folds: int = DEFAULT_FOLDS, seed: int = 0, n_boot: int = 1000,
           overrides: dict[str, Any] | None = None, runtime: RuntimeSettings | None = None,
           cache_dir: str | Path | None = None, progress: bool = True,
-          site_classes: Sequence[str] | None = None) -> AdaptationResult:
+          site_classes: Sequence[str] | None = None, onnx: bool = True) -> AdaptationResult:
     """Estimate by k-fold inside the local sample what adapting ``bundle`` to ``data`` buys, then write the
     child bundle, adapted on all of it, to ``out`` (see the module docstring). ``site_classes``: the
     model's classes that occur at the site (the others are ruled out). Without labels, see
-    :func:`chestxray.adapt_unlabeled.adapt_unlabeled`."""
+    :func:`chestxray.adapt_unlabeled.adapt_unlabeled`. ``onnx``: export a fine-tuned child to ONNX
+    (parity-checked on local X-rays), as ``chestxray adapt --mode finetune`` does."""
     if mode not in MODES:
         raise ChestXrayError(f"unknown adaptation mode {mode!r}: use {' or '.join(MODES)}")
     if with_data is not None and mode != "finetune":
@@ -443,7 +449,12 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
     (out_dir / REPORT_FILE).write_text(json.dumps({**summary, "before_full": comparison["before_full"],
                                                    "after_full": comparison["after_full"]}, indent=2) + "\n")
     _write_report(out_dir / REPORT_HTML, summary, comparison["after_full"], local.targets, after, classes)
-    return AdaptationResult(out_dir, summary, local)
+    exported = None
+    if onnx and mode == "finetune":
+        from ..deploy.export import PARITY_IMAGES, export_onnx
+
+        exported = export_onnx(out_dir, parity_images=local.samples.frame["path"].tolist()[:PARITY_IMAGES])
+    return AdaptationResult(out_dir, summary, local, exported)
 
 
 def _parent_graphs(bundle_dir: Path, meta: BundleMeta) -> dict[str, str]:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,9 @@ from ..stats.ood import OODGuard
 from ..inference.predict import expand_inputs
 from ..data.sources import Samples
 from ..storage import write_text
+
+if TYPE_CHECKING:
+    from ..deploy.export import ExportResult
 
 __all__ = ["adapt_unlabeled", "fit_unlabeled", "UnlabeledResult", "suggest_labels", "site_images", "REPORT_FILE"]
 
@@ -71,6 +74,8 @@ class UnlabeledResult:
     bundle_dir: Path
     summary: dict[str, Any]
     site: SiteImages
+    onnx: ExportResult | None = None
+    """The child's ONNX export (its new classifier layer), parity-checked on site X-rays; ``None``: ``onnx=False``."""
 
 
 def site_images(meta: BundleMeta, data: str | Path | Sequence[str | Path], *, cache_dir: str | Path | None = None,
@@ -180,7 +185,7 @@ def _known_labels(meta: BundleMeta, site: SiteImages, labels: str | Path | None)
 
 def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path], out: str | Path, *,
                     site_classes: Sequence[str] | None = None, seed: int = 0, cache_dir: str | Path | None = None,
-                    progress: bool = True, labels: str | Path | None = None) -> UnlabeledResult:
+                    progress: bool = True, labels: str | Path | None = None, onnx: bool = True) -> UnlabeledResult:
     """Adapt ``bundle`` to a site from its unlabelled images (see the module docstring); write the child to
     ``out``. ``labels``: a CSV (``path,label``) of the images a person labelled, e.g. those ``--suggest``
     chose; they keep their labels and anchor the centroids."""
@@ -245,7 +250,12 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
                                      created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     out_dir = save_bundle(out, child_model, child_meta)
     write_text(out_dir / REPORT_FILE, json.dumps(summary, indent=2) + "\n")
-    return UnlabeledResult(out_dir, summary, site)
+    exported = None
+    if onnx:
+        from ..deploy.export import PARITY_IMAGES, export_onnx
+
+        exported = export_onnx(out_dir, parity_images=site.paths[:PARITY_IMAGES])
+    return UnlabeledResult(out_dir, summary, site, exported)
 
 
 def unlabeled_headline(result: UnlabeledResult) -> list[str]:

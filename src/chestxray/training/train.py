@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as L
 import numpy as np
@@ -58,13 +58,16 @@ from ..model.models import ChestXrayNet, create_model, load_state_strict
 from ..inference.report import plot_training_curves
 from ..model.runners import DEFAULT_BATCH
 from ..data.sources import Samples, load_samples
-from ..data.splits import load_split, save_split, train_val_split
+from ..data.splits import load_split, save_split, split_files, train_val_split
 from ..storage import atomic_path, make_folder, temporary_name, write_error, write_text
 
 __all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "model_meta",
            "drop_test_copies",
            "warm_start_config", "initial_model",
            "PreparedData", "RunResult", "ClassifierModule", "MONITOR"]
+
+if TYPE_CHECKING:
+    from ..deploy.export import ExportResult
 
 RUN_ENTRIES = frozenset({"config.yaml", "split.csv", "environment.json", "metrics.csv", "curves.png", "checkpoints",
                          "bundle", "logs", "cv.csv", "cv.json", "oof.csv", "trials", "trials.csv", "best.yaml"})
@@ -100,6 +103,8 @@ class RunResult:
     metrics: dict[str, Any]
     history: pd.DataFrame
     calibration: Calibration | None = None
+    onnx: ExportResult | None = None
+    """The ONNX export and its parity check (``None``: ``fit(onnx=False)``, or not the first process)."""
 
 
 def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: str | Path | None = None,
@@ -676,7 +681,7 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
         out_dir: str | Path = "runs",
         name: str | None = None, resume: bool = False, overwrite: bool = False, cache_dir: str | Path | None = None,
         progress: bool | None = None, split_file: str | Path | None = None,
-        callbacks: Sequence[Callback] = ()) -> RunResult:
+        callbacks: Sequence[Callback] = (), onnx: bool = True) -> RunResult:
     """Train a model on ``data`` (test split excluded) and write its run directory and bundle:
     :func:`prepare_data` -> :func:`train_model` -> :func:`calibrate_on_validation` -> ``save_bundle``.
 
@@ -684,6 +689,8 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
     config and split; an existing run is otherwise refused unless ``overwrite`` (:func:`run_directory`).
     ``split_file`` (a ``split.csv`` as saved in run directories) fixes the
     training and validation images; ``callbacks`` are extra Lightning callbacks (e.g. pruning).
+    ``onnx``: also export the bundle to ONNX (``model.onnx``), parity-checked on validation X-rays, so
+    that ``fit`` and ``chestxray train`` write the same bundle.
     """
     if split_file is not None and not Path(split_file).is_file():
         raise InputError(split_file, "split file not found")
@@ -710,7 +717,12 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
     bundle_dir = save_bundle(run_dir / "bundle", model, meta)
     if calibration.held_out is not None:
         save_held_out(bundle_dir, *calibration.held_out)
-    return RunResult(run_dir, bundle_dir, meta.metrics, history, calibration)
+    exported = None
+    if onnx:
+        from ..deploy.export import PARITY_IMAGES, export_onnx
+
+        exported = export_onnx(bundle_dir, parity_images=split_files(run_dir / "split.csv", "val")[:PARITY_IMAGES])
+    return RunResult(run_dir, bundle_dir, meta.metrics, history, calibration, exported)
 
 
 PROVENANCE_PATTERNS = ("README*", "LICENSE*", "LICENCE*", "SOURCES*", "CITATION*", "MANIFEST*")

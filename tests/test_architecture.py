@@ -24,7 +24,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 PACKAGES = ["data", "stats", "model", "trust", "inference", "deploy", "training", "dicom", "serving"]
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "allocator", "provenance", "console"),
+    ("errors", "constants", "allocator", "provenance", "console"),
     ("data.decode", "stats.metrics", "storage", "stats.logit_transform"),
     ("data.sources", "data.dicomcheck", "stats.conformal"),
     ("data.cache",),

@@ -74,3 +74,26 @@ def test_a_subpackage_re_exports_its_modules_public_names(sub: str) -> None:
     assert set(package.__all__) == expected
     for name in expected:
         assert getattr(package, name) is getattr(importlib.import_module(f"chestxray.{sub}.{owners[name][0]}"), name)
+
+
+def test_the_package_face_gives_functions_and_classes_even_after_the_old_module_paths_are_imported() -> None:
+    code = ("import sys, types\n"
+            "import chestxray.audit, chestxray.sweep, chestxray.adapt, chestxray.adapt_unlabeled\n"
+            "from chestxray.audit import source_confound\n"
+            "import chestxray\n"
+            "from chestxray import (audit, sweep, adapt, adapt_unlabeled, evaluate, fit, Predictor, ChestXrayError,\n"
+            "                       InputError, export_onnx, quantize_bundle, load_model)\n"
+            "for f in (audit, sweep, adapt, adapt_unlabeled, evaluate, fit, export_onnx, quantize_bundle, load_model):\n"
+            "    assert isinstance(f, types.FunctionType), f\n"
+            "assert isinstance(Predictor, type) and issubclass(InputError, ChestXrayError)\n"
+            "assert chestxray.audit is audit and chestxray.sweep is sweep and chestxray.adapt is adapt\n"
+            "assert sys.modules['chestxray.audit'] is sys.modules['chestxray.data.audit']\n"
+            "assert audit is sys.modules['chestxray.data.audit'].audit\n"
+            "assert isinstance(sys.modules['chestxray.sweep'], types.ModuleType)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_every_face_name_is_in_all_and_resolves() -> None:
+    assert set(chestxray.__all__) == {"__version__", *chestxray._LAZY}
+    for name in chestxray._LAZY:
+        assert getattr(chestxray, name) is getattr(importlib.import_module(f"chestxray.{chestxray._LAZY[name]}"), name)

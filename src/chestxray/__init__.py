@@ -6,7 +6,7 @@ The shortest path, from a notebook::
 
     from chestxray import TrainConfig, evaluate, fit, load_model
 
-    run = fit("data/", TrainConfig(epochs=12))          # run directory and model bundle
+    run = fit("data/", TrainConfig(epochs=13))          # run directory and model bundle (ONNX included)
     evaluate(run.bundle_dir, "data/", "runs/eval")      # metrics with intervals, report.html
     load_model(run.bundle_dir).predict("xray.dcm")      # Prediction(label=..., probabilities=...)
 
@@ -27,10 +27,17 @@ from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
-_LAZY = {"load_model": "inference.predict", "predict_files": "inference.predict", "fit": "training.train",
-         "prepare_data": "training.train", "train_model": "training.train", "calibrate": "trust.calibration",
-         "cross_validate": "training.cv", "evaluate": "inference.evaluation", "TrainConfig": "training.config",
-         "RuntimeSettings": "training.config", "load_samples": "data.sources"}
+_LAZY = {"load_model": "inference.predict", "predict_files": "inference.predict", "Predictor": "inference.predict",
+         "Prediction": "inference.predict", "fit": "training.train", "prepare_data": "training.train",
+         "train_model": "training.train", "calibrate": "trust.calibration", "cross_validate": "training.cv",
+         "sweep": "training.sweep", "adapt": "training.adapt", "adapt_unlabeled": "training.adapt_unlabeled",
+         "evaluate": "inference.evaluation", "audit": "data.audit", "export_onnx": "deploy.export",
+         "quantize_bundle": "deploy.quantize", "TrainConfig": "training.config", "RuntimeSettings": "training.config",
+         "load_samples": "data.sources", "ChestXrayError": "errors", "InputError": "errors"}
+"""The package face: each name is the function or class, imported on first use. ``audit``, ``sweep``,
+``adapt`` and ``adapt_unlabeled`` are also old flat module paths (:data:`_MOVED`): ``import
+chestxray.audit`` still imports that module (``sys.modules["chestxray.audit"]``, and ``from
+chestxray.audit import ...`` works), but the package attribute stays the function (:class:`_Package`)."""
 __all__ = ["__version__", *_LAZY]
 
 # Old flat module name -> its module below the package today.

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..constants import DEFAULT_IMAGE_SIZE, SET_SEPARATOR
 from .cache import build_cache
 from .decode import content_hash, fit_geometry, probe_image
 from ..errors import ChestXrayError, InputError
@@ -38,7 +39,7 @@ __all__ = ["NEAR_DUPLICATE_MAX_DISTANCE", "AGAINST_SCOPE", "Spread", "ImageStats
 
 ReportFormat = Literal["md", "html"]
 
-CACHE_SIZE = 224
+CACHE_SIZE = DEFAULT_IMAGE_SIZE
 """Side of the cached (padded) images the perceptual hashes are computed from: the default
 training size and fit mode, so a training run on the same files reuses the audit's cache."""
 
@@ -308,7 +309,7 @@ def _class_of_rows(samples: Samples) -> pd.Series:
     labels = samples.frame["label"]
     if samples.task == "multiclass":
         return labels
-    return labels.replace("", NO_FINDING).str.split("|").explode()
+    return labels.replace("", NO_FINDING).str.split(SET_SEPARATOR).explode()
 
 
 def _split_names(frame: pd.DataFrame) -> pd.Series:

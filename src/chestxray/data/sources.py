@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .decode import NPZ_SEPARATOR, find_images
+from ..constants import SET_SEPARATOR
 from ..errors import ChestXrayError
 
 __all__ = ["COLUMNS", "SPLIT_NAMES", "NO_FINDING", "Samples", "load_samples", "patient_id_from_name"]
@@ -58,7 +59,7 @@ class Samples:
             return self.frame["label"].map(index).to_numpy(dtype=np.int64)
         matrix = np.zeros((len(self.frame), len(self.classes)), dtype=np.float32)
         for row, labels in enumerate(self.frame["label"]):
-            for name in filter(None, labels.split("|")):
+            for name in filter(None, labels.split(SET_SEPARATOR)):
                 matrix[row, index[name]] = 1.0
         return matrix
 
@@ -81,7 +82,7 @@ class Samples:
         indices); an error names each label outside ``classes``, or a ``task`` other than theirs."""
         if task is not None and task != self.task:
             raise ChestXrayError(f"{self.origin}: {self.task} labels, but the {known_as} task is {task}")
-        present = sorted({name for label in self.frame["label"] for name in label.split("|") if name})
+        present = sorted({name for label in self.frame["label"] for name in label.split(SET_SEPARATOR) if name})
         unknown = [name for name in present if name not in classes]
         if unknown:
             raise ChestXrayError(f"{self.origin}: class(es) {', '.join(unknown)} unknown to the {known_as} classes "
@@ -196,7 +197,7 @@ def _from_manifest(manifest: Path) -> Samples:
     if missing:
         raise ChestXrayError(f"{manifest}: missing column(s) {', '.join(missing)} "
                              f"(found: {', '.join(table.columns)}); need path,label[,patient_id,split]")
-    multilabel = table["label"].str.contains("|", regex=False).any() or (table["label"] == NO_FINDING).any()
+    multilabel = table["label"].str.contains(SET_SEPARATOR, regex=False).any() or (table["label"] == NO_FINDING).any()
     rows, skipped = [], []
     for record in table.to_dict("records"):
         file = Path(record["path"])
@@ -206,7 +207,7 @@ def _from_manifest(manifest: Path) -> Samples:
             continue
         label = record["label"].strip()
         if multilabel:
-            label = "|".join(sorted({p.strip() for p in label.split("|") if p.strip() and p.strip() != NO_FINDING}))
+            label = SET_SEPARATOR.join(sorted({p.strip() for p in label.split(SET_SEPARATOR) if p.strip() and p.strip() != NO_FINDING}))
         elif not label:
             skipped.append((str(file), "empty label"))
             continue
@@ -216,7 +217,7 @@ def _from_manifest(manifest: Path) -> Samples:
                      "source": "manifest"})
     frame = _frame(rows)
     if multilabel:
-        classes = sorted({name for labels in frame["label"] for name in labels.split("|") if name})
+        classes = sorted({name for labels in frame["label"] for name in labels.split(SET_SEPARATOR) if name})
     else:
         classes = sorted(frame["label"].unique())
     return Samples(frame, classes, "multilabel" if multilabel else "multiclass", str(manifest), skipped)
@@ -239,7 +240,7 @@ def _from_medmnist(npz: Path) -> Samples:
     for split, values in labels.items():
         values = values.reshape(len(values), -1)
         for i, row in enumerate(values):
-            label = ("|".join(classes[j] for j in np.flatnonzero(row)) if multilabel
+            label = (SET_SEPARATOR.join(classes[j] for j in np.flatnonzero(row)) if multilabel
                      else classes[int(row[0])])
             rows.append({"path": f"{npz}{NPZ_SEPARATOR}{split}/{i}", "label": label, "split": split,
                          "patient_id": "", "source": "medmnist"})

@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 
 from ..data.dicomcheck import DEFAULT_POLICY, check_header
 from ..trust.referral import referral
+from ..constants import SET_SEPARATOR
 from ..errors import InputError
 from ..stats.metrics import PERCENTILE_DECIMALS, PROBABILITY_DECIMALS, rounded
 
@@ -184,7 +185,7 @@ def build_sr(source: Dataset, assessment: Assessment, *, algorithm: str) -> Data
     items: list[Any] = [
         ImageContentItem(code(SOURCE), source.SOPClassUID, source.SOPInstanceUID, relationship_type=contains)]
     if assessment.label:
-        for name in assessment.label.split("|"):
+        for name in assessment.label.split(SET_SEPARATOR):
             items.append(CodeContentItem(code(FINDING), CodedConcept(name, SCHEME, name), relationship_type=contains))
     else:
         items.append(TextContentItem(code(FINDING), NOT_ASSESSED, relationship_type=contains))

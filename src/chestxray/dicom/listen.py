@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..constants import DEFAULT_BACKEND, LISTEN_BATCH
 from .inferencelog import AuditTrail, audit_assessment
 from ..data.dicomcheck import DEFAULT_POLICY, HeaderPolicy
 from .dicomresult import (ACCEPTED_CLASSES, Assessment, assess, build_cam_image, build_sr, patient_fields,
@@ -86,7 +87,7 @@ class ListenConfig:
     retry_max_s: float = 300.0
     max_attempts: int = 20
     """Refusals by the destination of one object before it is moved to ``failed/``."""
-    batch_size: int = 8
+    batch_size: int = LISTEN_BATCH
 
 
 class SpoolFull(Exception):
@@ -396,7 +397,7 @@ class Listener:
         log.warning("%s refused by the destination (status 0x%04X), attempt %d", path.name, code, state["attempts"])
 
 
-def listen(bundle: str | Path, config: ListenConfig, *, backend: str = "auto",
+def listen(bundle: str | Path, config: ListenConfig, *, backend: str = DEFAULT_BACKEND,
            audit: AuditTrail | None = None, coverage: float | None = None,
            header_policy: HeaderPolicy | None = DEFAULT_POLICY) -> None:
     """Load the bundle and run a :class:`Listener` until interrupted (Ctrl-C).

@@ -27,6 +27,7 @@ import pandas as pd
 from .inferencelog import AuditTrail, audit_assessment, local_caller, sha256_bytes
 from ..data.decode import _is_dicom, read_file
 from .dicomresult import assess, assessments_table, patient_fields, read_dataset
+from ..constants import SCORING_BATCH
 from ..trust.referral import referral
 from ..errors import ChestXrayError, InputError
 
@@ -79,7 +80,7 @@ def read_worklist(path: str | Path) -> list[tuple[str, str]]:
 
 
 def score_worklist(predictor: Any, worklist: str | Path, out: str | Path, *, dicomweb: str | None = None,
-                   batch_size: int = 16, audit: AuditTrail | None = None) -> WorklistResult:
+                   batch_size: int = SCORING_BATCH, audit: AuditTrail | None = None) -> WorklistResult:
     """Score every entry of ``worklist`` not yet in ``out`` and append its rows to ``out`` (CSV), with the
     predictor's header check and conformal coverage."""
     entries = read_worklist(worklist)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..data.cache import build_cache
 from ..stats.conformal import set_metrics
+from ..constants import MULTILABEL_THRESHOLD, SET_SEPARATOR
 from ..errors import ChestXrayError, InputError
 from ..stats.metrics import (
     COVERAGE_LEVELS,
@@ -287,7 +288,7 @@ def _predictions_frame(samples: Samples, ok: np.ndarray, predictor: Predictor, p
     frame.loc[ok, "prediction"] = [predictor.label(p) for p in probs]
     frame["prediction_set"] = ""
     frame.loc[ok, "prediction_set"] = NOT_CHECKED if sets is None else \
-        ["|".join(c for c, inside in zip(predictor.classes, row) if inside) for row in sets]
+        [SET_SEPARATOR.join(c for c, inside in zip(predictor.classes, row) if inside) for row in sets]
     frame["refer"] = False
     frame.loc[ok, "refer"] = refer
     frame["header_check"] = ""
@@ -317,11 +318,11 @@ def _error_gallery(predictor: Predictor, files: np.ndarray, images: np.ndarray, 
         return []
     if predictor.meta.task == "multilabel":
         gap = np.abs(y_true - probs)
-        wrong_side = (probs >= 0.5) != (y_true > 0.5)
+        wrong_side = (probs >= MULTILABEL_THRESHOLD) != (y_true >= MULTILABEL_THRESHOLD)
         worst = np.where(wrong_side, gap, -1.0).argmax(1)
         confidence = gap[np.arange(len(gap)), worst]
         is_error = wrong_side.any(1)
-        truths = ["|".join(c for c, t in zip(predictor.classes, row) if t) or NO_FINDING for row in y_true]
+        truths = [SET_SEPARATOR.join(c for c, t in zip(predictor.classes, row) if t) or NO_FINDING for row in y_true]
     else:
         worst = probs.argmax(1)
         confidence = probs.max(1)

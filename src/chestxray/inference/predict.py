@@ -39,6 +39,7 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..console import make_console
+from ..constants import DEFAULT_BACKEND, MULTILABEL_THRESHOLD, SET_SEPARATOR
 from ..model.bundle import (INT8_ONNX_FILE, ONNX_FILE, BundleMeta, ChangedFileError, check_onnx, load_bundle, read_meta,
                      verify_file)
 from ..stats.conformal import ConformalSets, check_coverage
@@ -71,7 +72,6 @@ ONNX_BACKENDS = {"onnx": ONNX_FILE, "onnx-int8": INT8_ONNX_FILE}
 """The bundle file each onnxruntime backend runs."""
 BACKENDS = ("auto", "torch", *ONNX_BACKENDS)
 log = logging.getLogger(__name__)
-MULTILABEL_THRESHOLD = 0.5
 TTA_VIEWS = ((1.0, 0.0, 0.0), (1.05, 0.0, 0.0), (0.95, 0.0, 0.0), (1.0, 0.03, 0.0), (1.0, -0.03, 0.0))
 """Test-time views as (scale, shift x, shift y), shifts in fractions of the side: identity, zoom in
 and out by 5%, shifts of 3% left and right. No flip: a mirrored chest is anatomically impossible."""
@@ -158,10 +158,10 @@ class Prediction:
         failed = bool(self.error)
         row = {"file": data["file"], "label": data["label"]}
         if self.called is not None:
-            row["called"] = "" if failed else "|".join(self.called)
+            row["called"] = "" if failed else SET_SEPARATOR.join(self.called)
         row.update({
             "prediction_set": "" if failed else NOT_CHECKED if self.prediction_set is None
-            else "|".join(self.prediction_set),
+            else SET_SEPARATOR.join(self.prediction_set),
             "refer": data["refer"], "reasons": "; ".join(data["reasons"]), "cautions": "; ".join(data["cautions"]),
             **data["probabilities"], "ood": data["ood"], "ood_score": data["ood_score"],
             "ood_percentile": data["ood_percentile"],
@@ -265,7 +265,7 @@ class Predictor:
         """The label of one probability row (see the module docstring)."""
         if self.meta.task == "multilabel":
             found = [c for c, p in zip(self.classes, probs) if p >= MULTILABEL_THRESHOLD]
-            return "|".join(found) or NO_FINDING
+            return SET_SEPARATOR.join(found) or NO_FINDING
         return self.classes[int(np.argmax(probs))]
 
     # ------------------------------------------------------------------ inputs
@@ -337,7 +337,7 @@ class Predictor:
     def cautions(self, label: str) -> list[str]:
         """The source-confound cautions for a predicted label (see the module docstring)."""
         how = (self.meta.source_confound or {}).get("differences") or {}
-        return [source_caution(name, self.confounded[name], how.get(name)) for name in label.split("|")
+        return [source_caution(name, self.confounded[name], how.get(name)) for name in label.split(SET_SEPARATOR)
                 if name in self.confounded]
 
     def with_header(self, prediction: Prediction, header: HeaderCheck | None) -> Prediction:
@@ -596,7 +596,7 @@ class PredictionRun:
         return [(p.file, p.error) for p in self.predictions if p.error]
 
 
-def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: str = "auto",
+def predict_files(bundle: str | Path, inputs: Sequence[str | Path], *, backend: str = DEFAULT_BACKEND,
                   batch_size: int = DEFAULT_BATCH, tta: bool = False, operating_point: str | None = None,
                   cam_dir: str | Path | None = None, progress: bool = False, coverage: float | None = None,
                   header_check: bool = True) -> PredictionRun | None:
@@ -671,7 +671,7 @@ def apply_operating_point(table: pd.DataFrame, points: dict[str, dict[str, float
     :func:`call_operating_point` decides it, joined by '|'."""
     thresholds = operating_thresholds(points, point)
     called = ["" if isinstance(row.get("error"), str) and row["error"] else
-              "|".join(name for name, t in thresholds.items() if row[name] >= t)
+              SET_SEPARATOR.join(name for name, t in thresholds.items() if row[name] >= t)
               for row in table.to_dict("records")]
     table = table.copy()
     table.insert(table.columns.get_loc("label") + 1, "called", called)

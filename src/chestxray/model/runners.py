@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..constants import SCORING_BATCH
 from ..errors import InputError, first_line
 
 if TYPE_CHECKING:  # torch is imported only by the torch runner: the ONNX path runs without it
@@ -31,10 +32,8 @@ __all__ = ["Runner", "TorchRunner", "OnnxRunner", "as_runner", "run_images", "DE
            "OUTPUT_NAMES", "PRECISION_KEY", "QUANTIZATION_KEY"]
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-DEFAULT_BATCH = 16
-"""Images per runner call wherever a set of images is scored (validation, calibration, evaluation,
-prediction): on a 2-core CPU the PyTorch runner scores Lite0 at 288 px fastest at 16 (35 images/s
-against 31 at 32 and 30 at 64; onnxruntime 72 at both; ``bench/bench_scoring_batch.py``)."""
+DEFAULT_BATCH = SCORING_BATCH
+"""Images per runner call wherever a set of images is scored (:data:`chestxray.constants.SCORING_BATCH`)."""
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "features")
 """The input and output names of the ONNX graph."""

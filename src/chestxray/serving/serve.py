@@ -51,6 +51,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..constants import DEFAULT_BACKEND, SCORING_BATCH
 from ..dicom.inferencelog import audit_upload, trail_from_environment
 from ..data.decode import IMAGE_SUFFIXES, load_image
 from ..stats.conformal import check_coverage
@@ -69,7 +70,7 @@ API_KEY_ENV = "CHESTXRAY_API_KEY"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 16 * 1024
 """Room for the multipart boundaries and part headers around the file itself."""
-MAX_BATCH = 16
+MAX_BATCH = SCORING_BATCH
 STATIC_DIR = Path(__file__).with_name("static")
 SWAGGER_PREFIX = "/static/swagger-ui"
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,7 +112,7 @@ class PredictionOut(BaseModel):
     """Answer of ``POST /v1/predict``."""
 
     label: str = Field(description="Most probable class (multi-label: classes at 0.5 or more, joined by '|').")
-    probabilities: dict[str, float] = Field(description="Temperature-calibrated probability of each class.")
+    probabilities: dict[str, float] = Field(description="Calibrated probability of each class (the bundle's logit transform).")
     ood: bool = Field(description="True when the image does not look like the training X-rays: distrust the label.")
     ood_score: float | None = Field(description="Distance to the training images (null: no guard in the bundle).")
     ood_percentile: float | None = Field(
@@ -459,7 +460,7 @@ def create_app(predictor: Any, *, api_key: str | None = None,
     return app
 
 
-def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "torch", *,
+def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = DEFAULT_BACKEND, *,
           workers: int = 1, threads: int | None = None, api_key: str | None = None,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info",
           max_per_client: int = MAX_CONNECTIONS_PER_CLIENT, coverage: float | None = None,

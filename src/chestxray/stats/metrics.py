@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_softmax, softmax
 
+from chestxray.constants import MULTILABEL_THRESHOLD
 from chestxray.errors import ChestXrayError
 
 __all__ = ["json_number", "json_safe", "bootstrap_ci", "classification_metrics", "multilabel_metrics",
@@ -306,7 +307,7 @@ def multilabel_metrics(
         name: {
             "roc_auc": json_number(auc[k]),
             "pr_auc": json_number(pr_auc[k]),
-            "f1": float(f1_score(y_true[:, k], probs[:, k] >= 0.5, zero_division=0)),
+            "f1": float(f1_score(y_true[:, k], probs[:, k] >= MULTILABEL_THRESHOLD, zero_division=0)),
             "support": int(y_true[:, k].sum()),
         }
         for k, name in enumerate(classes)
@@ -408,7 +409,7 @@ def logit_scores(logits: np.ndarray, targets: np.ndarray, task: str) -> LogitSco
     if task == "multilabel":
         loss = F.binary_cross_entropy_with_logits(logits_t, targets_t.float()).item()
         probs, truth = logits_t.sigmoid().numpy(), targets_t.numpy()
-        accuracy = float(((probs > 0.5) == (truth > 0.5)).mean())
+        accuracy = float(((probs >= MULTILABEL_THRESHOLD) == (truth >= MULTILABEL_THRESHOLD)).mean())
         present = [c for c in range(truth.shape[1]) if 0 < truth[:, c].sum() < len(truth)]
         auc = float(np.mean([roc_auc_score(truth[:, c], probs[:, c]) for c in present])) if present else np.nan
         return LogitScores(len(truth), loss, accuracy, np.nan, auc)

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from ..constants import DEFAULT_IMAGE_SIZE
 from ..data.decode import CONTRASTS, FIT_MODES, Preprocessing
 from ..errors import ChestXrayError
 from ..storage import write_text
@@ -121,7 +122,7 @@ class TrainConfig:
     weights: str = option("imagenet", "imagenet, none, or a .safetensors / state-dict file", group="Model")
     init: str = option("", "warm start from this bundle folder: its architecture, image size, fit mode, contrast and "
                            "weights (the classifier too when the classes are the bundle's)", group="Model")
-    image_size: int = option(256, "side of the square input, in pixels", group="Images", check=Interval(1))
+    image_size: int = option(DEFAULT_IMAGE_SIZE, "side of the square input, in pixels", group="Images", check=Interval(1))
     resize_start: float = option(
         1.0, "progressive resizing: the first epoch trains at this share of --image-size, growing linearly to the "
              "full size by the last epoch (1 = always full size)", group="Images", check=Interval(0, 1, "right"))

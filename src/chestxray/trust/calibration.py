@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..stats.conformal import DEFAULT_COVERAGE, ConformalSets, fit_conformal, min_calibration_images
+from ..constants import MULTILABEL_THRESHOLD
 from ..errors import ChestXrayError
 from ..stats.logit_transform import TRAIN_KINDS, LogitTransform, choose_logit_transform, per_image_nll
 from ..stats.metrics import LogitScores, classification_metrics, logit_scores, operating_points
@@ -167,7 +168,7 @@ def _fit_trust(calibration: Calibration, probs: np.ndarray, targets: np.ndarray,
         for name in ("accuracy", "balanced_accuracy", "macro_auc"):
             calibration.validation.update({name: found[name], f"{name}_ci": found["ci"][name]})
     # multi-label: the share of images each label is called for
-    called = np.eye(len(classes), dtype=bool)[probs.argmax(1)] if task == "multiclass" else probs >= 0.5
+    called = np.eye(len(classes), dtype=bool)[probs.argmax(1)] if task == "multiclass" else probs >= MULTILABEL_THRESHOLD
     calibration.reference["predicted_shares"] = {name: float(called[:, k].mean()) for k, name in enumerate(classes)}
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from chestxray.model.bundle import META_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, save_bundle
-from chestxray.errors import ChestXrayError
+from chestxray.model.bundle import META_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle
+from chestxray.errors import ChestXrayError, InputError
 from chestxray.model.models import EnsembleNet, create_model
 
 CONTRACT_FIELDS = {
@@ -197,3 +198,40 @@ def test_a_full_disk_while_saving_keeps_the_previous_bundle_and_leaves_no_partia
     assert str(bundle / WEIGHTS_FILE) in str(err.value) and "disk is full" in str(err.value)
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before  # no .tmp, the old files intact
     load_bundle(bundle)
+
+
+BEFORE_SCHEMA = Path(__file__).parent / "data" / "bundle_before_schema"
+"""model.json of a tiny warm-started bundle written by the code before ``schema_version`` existed (commit
+d7c6f36; weights left out, so only its metadata is read)."""
+
+
+def test_a_bundle_written_before_the_schema_version_still_reads(tmp_path: Path) -> None:
+    import shutil
+
+    from chestxray.trust.lineage import describe_lineage
+
+    shutil.copy(BEFORE_SCHEMA / "model.json", tmp_path / "model.json")
+    raw = json.loads((BEFORE_SCHEMA / "model.json").read_text())
+    meta = read_meta(tmp_path)
+    assert "schema_version" not in raw and meta.schema_version == 1
+    assert (meta.classes, meta.arch, meta.image_size, meta.task) == (raw["classes"], raw["arch"], raw["image_size"],
+                                                                     raw["task"])
+    assert meta.lineage["parent_id"] == raw["lineage"]["parent_id"] and describe_lineage(meta.lineage)
+    assert meta.preprocessing().key() and meta.extra["trained_on"]["n_val"] == raw["extra"]["trained_on"]["n_val"]
+    probs = meta.logit_transform().probabilities(np.zeros((1, len(meta.classes)), dtype=np.float32))
+    assert np.allclose(probs.sum(1), 1)
+
+
+def test_a_rewritten_model_json_carries_the_schema_version_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from chestxray.model.bundle import SCHEMA_VERSION, write_meta
+
+    shutil.copy(BEFORE_SCHEMA / "model.json", tmp_path / "model.json")
+    write_meta(tmp_path, read_meta(tmp_path))
+    assert json.loads((tmp_path / "model.json").read_text())["schema_version"] == SCHEMA_VERSION == 2
+    assert read_meta(tmp_path).schema_version == SCHEMA_VERSION
+    newer = {**json.loads((tmp_path / "model.json").read_text()), "schema_version": SCHEMA_VERSION + 1}
+    (tmp_path / "model.json").write_text(json.dumps(newer))
+    with pytest.raises(InputError, match="schema version 3 is newer"):
+        read_meta(tmp_path)

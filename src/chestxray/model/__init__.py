@@ -10,10 +10,10 @@ from __future__ import annotations
 from .. import _exports
 
 _EXPORTS = {
-    "bundle": ("BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta", "weights_digest",
-            "check_onnx", "verify_file", "record_file", "ChangedFileError", "WEIGHTS_FILE", "META_FILE",
-            "ONNX_FILE", "INT8_ONNX_FILE", "ONNX_WEIGHTS_KEY", "ONNX_ARCH_KEY", "RECORDED_FILES", "HELD_OUT_FILE",
-            "HeldOut", "save_held_out", "load_held_out"),
+    "bundle": ("SCHEMA_VERSION", "BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta",
+            "weights_digest", "check_onnx", "verify_file", "record_file", "ChangedFileError", "WEIGHTS_FILE",
+            "META_FILE", "ONNX_FILE", "INT8_ONNX_FILE", "ONNX_WEIGHTS_KEY", "ONNX_ARCH_KEY", "RECORDED_FILES",
+            "HELD_OUT_FILE", "HeldOut", "save_held_out", "load_held_out"),
     "cam": ("explained_member", "target_layer", "gradcam", "overlay", "to_png"),
     "modelcard": ("CARD_FILE", "render_model_card"),
     "models": ("ChestXrayNet", "EnsembleNet", "logits_and_features", "list_models", "create_model",

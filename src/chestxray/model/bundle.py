@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # torch and timm load only when a model is built: reading mod
     from chestxray.model.models import ChestXrayNet, EnsembleNet
 
 FORMAT = 1
+SCHEMA_VERSION = 2
+"""The version of ``model.json``'s schema, written in it as ``schema_version``. A model.json without one was
+written before the version existed and reads as version 1 (the same fields); one newer than this code
+reads is refused in one line."""
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 ONNX_FILE = "model.onnx"
@@ -58,7 +62,7 @@ MAX_MEMBERS = 32
 """Most ensemble members a bundle may declare (each is a whole model in memory)."""
 MAX_CLASSES = 10_000
 
-__all__ = ["BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
+__all__ = ["SCHEMA_VERSION", "BundleMeta", "BundleSchema", "save_bundle", "load_bundle", "read_meta", "weights_digest", "check_onnx",
            "verify_file", "record_file", "ChangedFileError", "WEIGHTS_FILE", "META_FILE", "ONNX_FILE",
            "INT8_ONNX_FILE", "ONNX_WEIGHTS_KEY", "ONNX_ARCH_KEY", "RECORDED_FILES", "HELD_OUT_FILE", "HeldOut",
            "save_held_out", "load_held_out"]
@@ -117,6 +121,7 @@ class BundleSchema(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     format: Literal[1]
+    schema_version: int = Field(1, ge=1)
     classes: list[str] = Field(min_length=1, max_length=MAX_CLASSES)
     image_size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
     arch: str = Field(min_length=1, max_length=200)
@@ -187,6 +192,8 @@ class BundleMeta:
     package_version: str = __version__
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format: int = FORMAT
+    schema_version: int = SCHEMA_VERSION
+    """As read (1: written before the version existed); every write stamps :data:`SCHEMA_VERSION`."""
     channels: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -252,7 +259,7 @@ def write_meta(directory: str | Path, meta: BundleMeta, keep: dict[str, Any] | N
     """(Re)write a bundle's ``model.json`` and its ``MODEL_CARD.md`` (generated from it); return the folder.
     ``keep``: entries of the ``model.json`` being rewritten that ``meta`` does not hold, kept as they are."""
     directory = Path(directory)
-    data = {**(keep or {}), **dataclasses.asdict(meta)}
+    data = {**(keep or {}), **dataclasses.asdict(meta), "schema_version": SCHEMA_VERSION}
     write_text(directory / META_FILE, json.dumps(data, indent=2) + "\n")
     write_text(directory / CARD_FILE, render_model_card(data))
     return directory
@@ -275,6 +282,10 @@ def read_meta(directory: str | Path) -> BundleMeta:
         raise InputError(path, "not a JSON object")
     if data.get("format") != FORMAT:
         raise InputError(path, f"unknown bundle format {data.get('format')!r} (this version reads format {FORMAT})")
+    version = data.setdefault("schema_version", 1)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise InputError(path, f"schema version {version} is newer than this chestxray reads ({SCHEMA_VERSION}): "
+                               "upgrade chestxray")
     try:
         BundleSchema.model_validate(data)
     except ValidationError as err:

@@ -35,11 +35,11 @@ def child(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     from chestxray.allocator import active_allocator
-    from chestxray.cache import build_cache
-    from chestxray.config import TrainConfig
-    from chestxray.data import augment_batch, to_model_input
-    from chestxray.models import create_model
-    from chestxray.sources import load_samples
+    from chestxray.data.cache import build_cache
+    from chestxray.training.config import TrainConfig
+    from chestxray.data.dataset import augment_batch, to_model_input
+    from chestxray.model.models import create_model
+    from chestxray.data.sources import load_samples
 
     config = TrainConfig()
     samples = load_samples(args.data).split("train")

@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.export import export_onnx  # noqa: E402
-from chestxray.metrics import classification_metrics  # noqa: E402
-from chestxray.predict import Predictor, load_model  # noqa: E402
-from chestxray.quantize import check_parity, quantize_bundle  # noqa: E402
-from chestxray.runners import OnnxRunner  # noqa: E402
-from chestxray.sources import load_samples  # noqa: E402
+from chestxray.deploy.export import export_onnx  # noqa: E402
+from chestxray.stats.metrics import classification_metrics  # noqa: E402
+from chestxray.inference.predict import Predictor, load_model  # noqa: E402
+from chestxray.deploy.quantize import check_parity, quantize_bundle  # noqa: E402
+from chestxray.model.runners import OnnxRunner  # noqa: E402
+from chestxray.data.sources import load_samples  # noqa: E402
 
 BATCH = 16
 PARITY_FILES = 4

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.cache import build_cache  # noqa: E402
-from chestxray.sources import Samples, load_samples  # noqa: E402
+from chestxray.data.cache import build_cache  # noqa: E402
+from chestxray.data.sources import Samples, load_samples  # noqa: E402
 
 
 def timed(action) -> float:

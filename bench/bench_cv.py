@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, add_training_flags, fast_allocator, save_result, training_overrides  # noqa: E402
 
-from chestxray.config import load_config  # noqa: E402
-from chestxray.cv import cross_validate  # noqa: E402
+from chestxray.training.config import load_config  # noqa: E402
+from chestxray.training.cv import cross_validate  # noqa: E402
 
 
 def main() -> None:

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.cache import build_cache  # noqa: E402
-from chestxray.models import create_model  # noqa: E402
-from chestxray.sources import load_samples  # noqa: E402
+from chestxray.data.cache import build_cache  # noqa: E402
+from chestxray.model.models import create_model  # noqa: E402
+from chestxray.data.sources import load_samples  # noqa: E402
 
 CLASSES = ("normal", "covid19")
 VAL_FRACTION = 0.25
@@ -108,7 +108,7 @@ def bench_prediction(setup: Setup, bundle: Path, manifest: Path, batch_size: int
 def predict_worker(bundle: str, manifest: str, batch_size: str, out: str) -> None:
     """Runs in every process: sharded prediction of the manifest's files, :data:`PREDICT_REPEATS` times;
     rank 0 writes the median time to ``out``."""
-    from chestxray.predict import sharded_predict
+    from chestxray.inference.predict import sharded_predict
 
     files = pd.read_csv(manifest)["path"].tolist()
     seconds = []

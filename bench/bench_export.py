@@ -31,9 +31,9 @@ def main() -> None:
 
     import torch
 
-    from chestxray.bundle import load_bundle, read_meta
-    from chestxray.export import DEFAULT_OPSET, _export, _LogitsAndFeatures
-    from chestxray.runners import OnnxRunner
+    from chestxray.model.bundle import load_bundle, read_meta
+    from chestxray.deploy.export import DEFAULT_OPSET, _export, _LogitsAndFeatures
+    from chestxray.model.runners import OnnxRunner
 
     def export(in_place: bool, path: Path) -> float:
         model, _ = load_bundle(args.bundle)

@@ -39,11 +39,11 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from common import DATA, machine, save_result  # noqa: E402
 from orthanc import AE_TITLE, Orthanc, free_port  # noqa: E402
 
-from chestxray.bundle import BundleMeta, read_meta, save_bundle  # noqa: E402
-from chestxray.config import TrainConfig  # noqa: E402
-from chestxray.dicomresult import result_uid  # noqa: E402
-from chestxray.export import export_onnx  # noqa: E402
-from chestxray.models import create_model  # noqa: E402
+from chestxray.model.bundle import BundleMeta, read_meta, save_bundle  # noqa: E402
+from chestxray.training.config import TrainConfig  # noqa: E402
+from chestxray.dicom.dicomresult import result_uid  # noqa: E402
+from chestxray.deploy.export import export_onnx  # noqa: E402
+from chestxray.model.models import create_model  # noqa: E402
 
 POLL_S = 0.02
 START_TIMEOUT_S = 180

@@ -37,7 +37,7 @@ from common import DATA, save_result  # noqa: E402
 
 def figures(y: np.ndarray, probs: np.ndarray, sets: np.ndarray | None, ood: np.ndarray | None, classes: list[str],
             seed: int = 0) -> dict[str, Any]:
-    from chestxray.metrics import bootstrap_ci, expected_calibration_error
+    from chestxray.stats.metrics import bootstrap_ci, expected_calibration_error
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     pred = probs.argmax(1)
@@ -69,14 +69,14 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=10)
     args = parser.parse_args()
 
-    from chestxray.adapt import model_outputs, site_absent
-    from chestxray.adapt_unlabeled import fit_unlabeled
-    from chestxray.bundle import load_bundle, load_held_out
-    from chestxray.conformal import ConformalSets
-    from chestxray.label_free import choose_for_labelling
-    from chestxray.ood import OODGuard
-    from chestxray.sources import load_samples
-    from chestxray.cache import build_cache
+    from chestxray.training.adapt import model_outputs, site_absent
+    from chestxray.training.adapt_unlabeled import fit_unlabeled
+    from chestxray.model.bundle import load_bundle, load_held_out
+    from chestxray.stats.conformal import ConformalSets
+    from chestxray.trust.label_free import choose_for_labelling
+    from chestxray.stats.ood import OODGuard
+    from chestxray.data.sources import load_samples
+    from chestxray.data.cache import build_cache
 
     start = time.perf_counter()
     model, meta = load_bundle(args.bundle)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.predict import Predictor, expand_inputs, load_model  # noqa: E402
+from chestxray.inference.predict import Predictor, expand_inputs, load_model  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "horse", "hubble_deep_field",
           "clock", "grass", "gravel", "brick", "colorwheel", "logo", "cat")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.predict import expand_inputs, load_model, predict_paths  # noqa: E402
+from chestxray.inference.predict import expand_inputs, load_model, predict_paths  # noqa: E402
 
 WARM_UP = 3
 

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, add_training_flags, fast_allocator, save_result, training_overrides  # noqa: E402
 
-from chestxray.config import TrainConfig, load_config  # noqa: E402
-from chestxray.evaluation import evaluate, headline  # noqa: E402
-from chestxray.train import RunResult, fit  # noqa: E402
+from chestxray.training.config import TrainConfig, load_config  # noqa: E402
+from chestxray.inference.evaluation import evaluate, headline  # noqa: E402
+from chestxray.training.train import RunResult, fit  # noqa: E402
 
 DATASETS = {
     "course": ("chest_xray_4class", {}),

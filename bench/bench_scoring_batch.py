@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     args = parser.parse_args()
 
-    from chestxray.bundle import load_bundle
-    from chestxray.runners import OnnxRunner, TorchRunner
+    from chestxray.model.bundle import load_bundle
+    from chestxray.model.runners import OnnxRunner, TorchRunner
 
     model, meta = load_bundle(args.bundle)
     runners = {"torch": TorchRunner(model)}

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.export import export_onnx  # noqa: E402
-from chestxray.predict import expand_inputs  # noqa: E402
+from chestxray.deploy.export import export_onnx  # noqa: E402
+from chestxray.inference.predict import expand_inputs  # noqa: E402
 
 START_TIMEOUT_S = 120
 WARM_UP = 3

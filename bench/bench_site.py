@@ -40,14 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, fast_allocator, save_result  # noqa: E402
 
-from chestxray.adapt import MODES, LocalSample, finetune, load_local, model_outputs, recalibration  # noqa: E402
-from chestxray.bundle import load_bundle, read_meta  # noqa: E402
-from chestxray.cache import build_cache  # noqa: E402
-from chestxray.logit_transform import TRAIN_KINDS, LogitTransform, choose_logit_transform, fold_indices  # noqa: E402
-from chestxray.config import TrainConfig  # noqa: E402
-from chestxray.metrics import expected_calibration_error, fit_temperature  # noqa: E402
-from chestxray.sources import Samples, load_samples  # noqa: E402
-from chestxray.train import fit  # noqa: E402
+from chestxray.training.adapt import MODES, LocalSample, finetune, load_local, model_outputs, recalibration  # noqa: E402
+from chestxray.model.bundle import load_bundle, read_meta  # noqa: E402
+from chestxray.data.cache import build_cache  # noqa: E402
+from chestxray.stats.logit_transform import TRAIN_KINDS, LogitTransform, choose_logit_transform, fold_indices  # noqa: E402
+from chestxray.training.config import TrainConfig  # noqa: E402
+from chestxray.stats.metrics import expected_calibration_error, fit_temperature  # noqa: E402
+from chestxray.data.sources import Samples, load_samples  # noqa: E402
+from chestxray.training.train import fit  # noqa: E402
 
 PNEUMONIAMNIST = DATA / "pneumoniamnist" / "pneumoniamnist.npz"
 COURSE = DATA / "chest_xray_4class"

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, save_result  # noqa: E402
 
-from chestxray.cache import build_cache  # noqa: E402
-from chestxray.config import TrainConfig  # noqa: E402
-from chestxray.data import augment_batch, to_model_input  # noqa: E402
-from chestxray.models import create_model  # noqa: E402
-from chestxray.sources import load_samples  # noqa: E402
+from chestxray.data.cache import build_cache  # noqa: E402
+from chestxray.training.config import TrainConfig  # noqa: E402
+from chestxray.data.dataset import augment_batch, to_model_input  # noqa: E402
+from chestxray.model.models import create_model  # noqa: E402
+from chestxray.data.sources import load_samples  # noqa: E402
 
 
 def timed_step(batches, model, optimizer) -> float:

@@ -35,14 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, fast_allocator, save_result  # noqa: E402
 
-from chestxray.bundle import read_meta, write_meta  # noqa: E402
-from chestxray.config import load_config  # noqa: E402
-from chestxray.conformal import SCORES, fit_conformal, set_metrics  # noqa: E402
-from chestxray.evaluation import evaluate  # noqa: E402
-from chestxray.predict import load_model, predict_paths  # noqa: E402
-from chestxray.audit import source_confound  # noqa: E402
-from chestxray.calibration import calibrate_outputs  # noqa: E402
-from chestxray.train import prepare_data  # noqa: E402
+from chestxray.model.bundle import read_meta, write_meta  # noqa: E402
+from chestxray.training.config import load_config  # noqa: E402
+from chestxray.stats.conformal import SCORES, fit_conformal, set_metrics  # noqa: E402
+from chestxray.inference.evaluation import evaluate  # noqa: E402
+from chestxray.inference.predict import load_model, predict_paths  # noqa: E402
+from chestxray.data.audit import source_confound  # noqa: E402
+from chestxray.trust.calibration import calibrate_outputs  # noqa: E402
+from chestxray.training.train import prepare_data  # noqa: E402
 
 SPLITS = 200
 COVERAGE = 0.9

@@ -53,7 +53,7 @@ def add_training_flags(parser: Any) -> None:
     booleans), left ``None`` when not given; :func:`training_overrides` collects the ones given."""
     import argparse
 
-    from chestxray.config import TrainConfig, declared_options
+    from chestxray.training.config import TrainConfig, declared_options
 
     group = parser.add_argument_group("training options (as `chestxray train`)")
     for name, default, meta in declared_options(TrainConfig):
@@ -67,6 +67,6 @@ def add_training_flags(parser: Any) -> None:
 def training_overrides(args: Any) -> dict[str, Any]:
     """The ``TrainConfig`` options given on the command line (see :func:`add_training_flags`), for
     ``load_config(path, **overrides)``, which checks and converts them."""
-    from chestxray.config import TrainConfig, declared_options
+    from chestxray.training.config import TrainConfig, declared_options
 
     return {name: getattr(args, name) for name, _, _ in declared_options(TrainConfig) if getattr(args, name) is not None}

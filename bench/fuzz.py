@@ -90,8 +90,8 @@ def _client():
     from factories import make_bundle
     from fastapi.testclient import TestClient
 
-    from chestxray.predict import load_model
-    from chestxray.serve import create_app
+    from chestxray.inference.predict import load_model
+    from chestxray.serving.serve import create_app
 
     bundle = make_bundle(Path(tempfile.mkdtemp(prefix="fuzz-bundle-")))
     client = TestClient(create_app(load_model(bundle), api_key=""), raise_server_exceptions=False)

@@ -118,7 +118,7 @@ def main() -> None:
 
     from factories import make_bundle
 
-    from chestxray.serve import HEADER_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT
+    from chestxray.serving.serve import HEADER_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT
 
     image = IMAGE.read_bytes()
     bundle = make_bundle(Path(tempfile.mkdtemp(prefix="hostile-bundle-")))

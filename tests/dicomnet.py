@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from chestxray.dicomresult import CR_STORAGE, read_sr
-from chestxray.predict import load_model
+from chestxray.dicom.dicomresult import CR_STORAGE, read_sr
+from chestxray.inference.predict import load_model
 
 CLASSES = ["normal", "pneumonia", "covid19"]
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -6,8 +6,8 @@ import os
 import time
 from multiprocessing.synchronize import Barrier
 
-import chestxray.cache as cache
-from chestxray.sources import load_samples
+import chestxray.data.cache as cache
+from chestxray.data.sources import load_samples
 
 
 def build_logged(folder: str, cache_dir: str, log: str, start: Barrier) -> None:

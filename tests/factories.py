@@ -21,12 +21,12 @@ import torch
 from conftest import xray_array
 from PIL import Image
 
-from chestxray.bundle import BundleMeta, save_bundle
-from chestxray.conformal import fit_conformal
-from chestxray.decode import fit_square
-from chestxray.models import create_model
-from chestxray.ood import OODGuard
-from chestxray.runners import as_runner, run_images
+from chestxray.model.bundle import BundleMeta, save_bundle
+from chestxray.stats.conformal import fit_conformal
+from chestxray.data.decode import fit_square
+from chestxray.model.models import create_model
+from chestxray.stats.ood import OODGuard
+from chestxray.model.runners import as_runner, run_images
 
 # make_bundle: two classes at 64 px
 SIZE = 64

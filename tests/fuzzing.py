@@ -24,7 +24,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from chestxray.decode import load_image
+from chestxray.data.decode import load_image
 from chestxray.errors import InputError
 
 DATASETS = Path(os.environ.get("CHESTXRAY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")

@@ -11,18 +11,18 @@ import pytest
 from factories import TINY, make_bundle, sets_for
 from typer.testing import CliRunner
 
-from chestxray import adapt as adapt_module
-from chestxray.adapt import adapt, cross_fitted, headline
-from chestxray.bundle import WEIGHTS_FILE, load_bundle, read_meta
-from chestxray.logit_transform import KINDS
+from chestxray.training import adapt as adapt_module
+from chestxray.training.adapt import adapt, cross_fitted, headline
+from chestxray.model.bundle import WEIGHTS_FILE, load_bundle, read_meta
+from chestxray.stats.logit_transform import KINDS
 from chestxray.cli import app
-from chestxray.config import TrainConfig
+from chestxray.training.config import TrainConfig
 from chestxray.errors import ChestXrayError
-from chestxray.evaluation import evaluate
-from chestxray.predict import load_model, predict_paths
+from chestxray.inference.evaluation import evaluate
+from chestxray.inference.predict import load_model, predict_paths
 from chestxray.provenance import file_sha256
-from chestxray.sources import load_samples
-from chestxray.train import fit, initial_model
+from chestxray.data.sources import load_samples
+from chestxray.training.train import fit, initial_model
 
 
 @pytest.fixture
@@ -202,8 +202,8 @@ def test_a_three_class_site_adapts_a_four_class_bundle(tmp_path: Path, make_fold
 def test_unlabeled_adaptation_uses_only_the_site_images(tmp_path: Path, make_folder) -> None:
     """adapt --unlabeled: pseudo-labels, a new classifier layer, weighted sets on the held-out reference,
     and a summary that says what could not be checked without labels."""
-    from chestxray.adapt_unlabeled import adapt_unlabeled, suggest_labels
-    from chestxray.bundle import HELD_OUT_FILE, load_held_out
+    from chestxray.training.adapt_unlabeled import adapt_unlabeled, suggest_labels
+    from chestxray.model.bundle import HELD_OUT_FILE, load_held_out
 
     data = make_folder({"covid19": 12, "normal": 12, "pneumonia": 12}, root="train3")
     run = fit(data, TrainConfig(**{**TINY, "epochs": 1, "val_fraction": 0.4}), out_dir=tmp_path / "runs", name="p",
@@ -300,7 +300,7 @@ def test_warm_start_copies_the_parent_and_records_it(parent: Path, make_folder, 
 def test_model_endpoint_shows_the_adaptation(parent: Path, local: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from chestxray.serve import create_app
+    from chestxray.serving.serve import create_app
 
     result = adapt(parent, local, tmp_path / "child", folds=2, n_boot=20, progress=False)
     with TestClient(create_app(load_model(result.bundle_dir))) as client:
@@ -314,7 +314,7 @@ def test_recalibrate_copies_the_parents_graph_checked_and_recorded(parent: Path,
     import json
     import shutil
 
-    from chestxray.export import export_onnx
+    from chestxray.deploy.export import export_onnx
 
     export_onnx(parent)
     result = adapt(parent, local, tmp_path / "child", folds=2, n_boot=20, progress=False)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from chestxray.audit import AGAINST_SCOPE, NEAR_DUPLICATE_MAX_DISTANCE, AuditReport, audit, render_terminal
+from chestxray.data.audit import AGAINST_SCOPE, NEAR_DUPLICATE_MAX_DISTANCE, AuditReport, audit, render_terminal
 from chestxray.errors import ChestXrayError
 
 NORMAL_SIZE, PNEUMONIA_SIZE = (64, 80), (72, 56)  # (height, width): classes differ in size and format

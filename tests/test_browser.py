@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from chestxray.predict import Predictor, load_model
-from chestxray.serve import background_server, create_app
+from chestxray.inference.predict import Predictor, load_model
+from chestxray.serving.serve import background_server, create_app
 from conftest import xray_array
 from factories import CLASSES, build_tiny_bundle, make_bundle, sets_for
 
@@ -199,8 +199,8 @@ def test_the_evaluation_report_fits_a_1280_px_window_without_breaking_words(brow
     import pandas as pd
     from scipy.special import softmax
 
-    from chestxray.metrics import classification_metrics
-    from chestxray.report import write_report
+    from chestxray.stats.metrics import classification_metrics
+    from chestxray.inference.report import write_report
 
     classes = ["bacterial_pneumonia", "viral_pneumonia", "covid19", "normal"]
     rng = np.random.default_rng(0)

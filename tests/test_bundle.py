@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from chestxray.bundle import META_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, save_bundle
-from chestxray.errors import ChestXrayError
-from chestxray.models import EnsembleNet, create_model
+from chestxray.model.bundle import META_FILE, WEIGHTS_FILE, BundleMeta, load_bundle, read_meta, save_bundle
+from chestxray.errors import ChestXrayError, InputError
+from chestxray.model.models import EnsembleNet, create_model
 
 CONTRACT_FIELDS = {
     "format", "arch", "classes", "task", "image_size", "channels", "mean", "std", "preprocess",
@@ -152,7 +153,7 @@ def test_model_json_of_the_wrong_type_or_range_is_one_line_naming_the_field(tmp_
 
 def test_no_model_is_built_before_the_weights_match_the_declared_members(tmp_path, monkeypatch):
     """Before: extra.members = 1000 built 1000 models (15 GB, killed) before any check."""
-    import chestxray.models as models_module
+    import chestxray.model.models as models_module
 
     bundle = _small_bundle(tmp_path)
     _rewrite(bundle, **{"extra.members": 30})
@@ -174,7 +175,7 @@ def test_an_ensemble_bundle_still_loads(tmp_path):
 def test_the_schema_covers_every_bundle_field():
     import dataclasses
 
-    from chestxray.bundle import BundleSchema
+    from chestxray.model.bundle import BundleSchema
 
     assert {f.name for f in dataclasses.fields(BundleMeta)} <= set(BundleSchema.model_fields)
 
@@ -197,3 +198,40 @@ def test_a_full_disk_while_saving_keeps_the_previous_bundle_and_leaves_no_partia
     assert str(bundle / WEIGHTS_FILE) in str(err.value) and "disk is full" in str(err.value)
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before  # no .tmp, the old files intact
     load_bundle(bundle)
+
+
+BEFORE_SCHEMA = Path(__file__).parent / "data" / "bundle_before_schema"
+"""model.json of a tiny warm-started bundle written by the code before ``schema_version`` existed (commit
+d7c6f36; weights left out, so only its metadata is read)."""
+
+
+def test_a_bundle_written_before_the_schema_version_still_reads(tmp_path: Path) -> None:
+    import shutil
+
+    from chestxray.trust.lineage import describe_lineage
+
+    shutil.copy(BEFORE_SCHEMA / "model.json", tmp_path / "model.json")
+    raw = json.loads((BEFORE_SCHEMA / "model.json").read_text())
+    meta = read_meta(tmp_path)
+    assert "schema_version" not in raw and meta.schema_version == 1
+    assert (meta.classes, meta.arch, meta.image_size, meta.task) == (raw["classes"], raw["arch"], raw["image_size"],
+                                                                     raw["task"])
+    assert meta.lineage["parent_id"] == raw["lineage"]["parent_id"] and describe_lineage(meta.lineage)
+    assert meta.preprocessing().key() and meta.extra["trained_on"]["n_val"] == raw["extra"]["trained_on"]["n_val"]
+    probs = meta.logit_transform().probabilities(np.zeros((1, len(meta.classes)), dtype=np.float32))
+    assert np.allclose(probs.sum(1), 1)
+
+
+def test_a_rewritten_model_json_carries_the_schema_version_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from chestxray.model.bundle import SCHEMA_VERSION, write_meta
+
+    shutil.copy(BEFORE_SCHEMA / "model.json", tmp_path / "model.json")
+    write_meta(tmp_path, read_meta(tmp_path))
+    assert json.loads((tmp_path / "model.json").read_text())["schema_version"] == SCHEMA_VERSION == 2
+    assert read_meta(tmp_path).schema_version == SCHEMA_VERSION
+    newer = {**json.loads((tmp_path / "model.json").read_text()), "schema_version": SCHEMA_VERSION + 1}
+    (tmp_path / "model.json").write_text(json.dumps(newer))
+    with pytest.raises(InputError, match="schema version 3 is newer"):
+        read_meta(tmp_path)

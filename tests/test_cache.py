@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import chestxray.cache as cache
-from chestxray.cache import build_cache, fingerprint
-from chestxray.decode import Preprocessing, preprocess
-from chestxray.sources import load_samples
+import chestxray.data.cache as cache
+from chestxray.data.cache import build_cache, fingerprint
+from chestxray.data.decode import Preprocessing, preprocess
+from chestxray.data.sources import load_samples
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.calibration import MIN_GUARD_IMAGES, Calibration, calibrate, calibrate_outputs
-from chestxray.logit_transform import TRAIN_KINDS, choose_logit_transform, per_image_nll
-from chestxray.metrics import logit_scores
-from chestxray.models import create_model
-from chestxray.ood import OODGuard
-from chestxray.runners import as_runner, run_images
+from chestxray.trust.calibration import MIN_GUARD_IMAGES, Calibration, calibrate, calibrate_outputs
+from chestxray.stats.logit_transform import TRAIN_KINDS, choose_logit_transform, per_image_nll
+from chestxray.stats.metrics import logit_scores
+from chestxray.model.models import create_model
+from chestxray.stats.ood import OODGuard
+from chestxray.model.runners import as_runner, run_images
 
 
 @pytest.fixture(scope="module")

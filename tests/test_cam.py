@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.cam import gradcam, overlay, target_layer, to_png
+from chestxray.model.cam import gradcam, overlay, target_layer, to_png
 from chestxray.errors import ChestXrayError
-from chestxray.models import EnsembleNet, create_model
+from chestxray.model.models import EnsembleNet, create_model
 
 SIZE = 64  # test_efficientnet reduces 32x: a 2x2 feature map
 

@@ -15,9 +15,9 @@ from factories import TINY, make_bundle, write_xrays
 from PIL import Image
 from typer.testing import CliRunner
 
-from chestxray.bundle import META_FILE
+from chestxray.model.bundle import META_FILE
 from chestxray.cli import app, main
-from chestxray.config import RuntimeSettings, TrainConfig, declared_options
+from chestxray.training.config import RuntimeSettings, TrainConfig, declared_options
 from conftest import xray_array
 
 COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve", "listen"]
@@ -152,11 +152,11 @@ def test_predict_calls_classes_at_an_operating_point(tmp_path: Path, monkeypatch
 def test_the_python_api_is_one_import_away() -> None:
     import chestxray
     from chestxray import TrainConfig, cross_validate, evaluate, fit, load_model, load_samples
-    from chestxray.config import TrainConfig as config_class
-    from chestxray.predict import load_model as loader
+    from chestxray.training.config import TrainConfig as config_class
+    from chestxray.inference.predict import load_model as loader
 
     assert TrainConfig is config_class and load_model is loader
-    import chestxray.evaluation  # noqa: F401 - importing the module must not shadow the function
+    import chestxray.inference.evaluation  # noqa: F401 - importing the module must not shadow the function
 
     assert all(callable(f) for f in (cross_validate, chestxray.evaluate, evaluate, fit, load_samples))
     assert set(chestxray.__all__) >= {"fit", "load_model", "TrainConfig"}
@@ -177,9 +177,32 @@ def test_train_exports_onnx_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, 
     assert code == 0, err
     assert (bundle / "model.onnx").is_file() == onnx
     if onnx:
-        from chestxray.predict import load_model
+        from chestxray.inference.predict import load_model
 
         assert load_model(bundle, backend="auto").backend == "onnx"  # its weights digest matches
+
+
+@pytest.mark.slow
+def test_fit_writes_the_bundle_chestxray_train_writes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                      tmp_path: Path) -> None:
+    """The ONNX export after training is part of the API: ``fit()`` and ``chestxray train`` write the same
+    files, the same weights and the same graph."""
+    from chestxray.provenance import file_sha256
+    from chestxray.training.config import TrainConfig
+    from chestxray.training.train import fit
+
+    data = write_xrays(tmp_path / "data")
+    code, err = run_main(monkeypatch, capsys, "train", str(data), "--out", str(tmp_path / "cli"), "--name", "r",
+                         "--arch", "tf_efficientnet_lite0", "--weights", "none", "--image-size", "32",
+                         "--epochs", "1", "--batch-size", "8", "--freeze-epochs", "0")
+    assert code == 0, err
+    run = fit(data, TrainConfig(arch="tf_efficientnet_lite0", weights="none", image_size=32, epochs=1, batch_size=8,
+                                freeze_epochs=0), out_dir=tmp_path / "api", name="r", progress=False)
+    cli_bundle, api_bundle = tmp_path / "cli" / "r" / "bundle", run.bundle_dir
+    assert sorted(p.name for p in api_bundle.iterdir()) == sorted(p.name for p in cli_bundle.iterdir())
+    assert "model.onnx" in {p.name for p in api_bundle.iterdir()} and run.onnx is not None
+    assert file_sha256(api_bundle / "model.safetensors") == file_sha256(cli_bundle / "model.safetensors")
+    assert sorted(p.name for p in run.run_dir.iterdir()) == sorted(p.name for p in (tmp_path / "cli" / "r").iterdir())
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def test_predict_out_into_a_missing_folder_makes_it(tmp_path, monkeypatch, capsy
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_predicting(tmp_path, monkeypatch, capsys):
-    import chestxray.predict as predict_module
+    import chestxray.inference.predict as predict_module
 
     bundle = make_bundle(tmp_path / "bundle")
     blocker = tmp_path / "a_file"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from chestxray.conformal import (
+from chestxray.stats.conformal import (
     SCORES,
     ConformalSets,
     fit_conformal,
@@ -17,7 +17,7 @@ from chestxray.conformal import (
     set_metrics,
 )
 from chestxray.errors import ChestXrayError
-from chestxray.metrics import accuracy_at_coverage, risk_coverage
+from chestxray.stats.metrics import accuracy_at_coverage, risk_coverage
 
 CLASSES = ["a", "b", "c"]
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 from factories import TINY, write_xrays
 
-from chestxray.bundle import load_bundle
-from chestxray.config import RuntimeSettings, TrainConfig
-from chestxray.conformal import ConformalSets
-from chestxray.cv import cross_validate
-from chestxray.decode import preprocess
+from chestxray.model.bundle import load_bundle
+from chestxray.training.config import RuntimeSettings, TrainConfig
+from chestxray.stats.conformal import ConformalSets
+from chestxray.training.cv import cross_validate
+from chestxray.data.decode import preprocess
 from chestxray.errors import ChestXrayError
-from chestxray.models import EnsembleNet
-from chestxray.ood import OODGuard, cross_fitted_scores
-from chestxray.predict import load_model
-from chestxray.runners import as_runner, run_images
+from chestxray.model.models import EnsembleNet
+from chestxray.stats.ood import OODGuard, cross_fitted_scores
+from chestxray.inference.predict import load_model
+from chestxray.model.runners import as_runner, run_images
 
 
 def _digest(path: str) -> str:

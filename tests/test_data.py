@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.data import augment_batch, mix_batch, photometric_batch
+from chestxray.data.dataset import augment_batch, mix_batch, photometric_batch
 
 
 def left_heavy_batch(n: int = 8, side: int = 32) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from PIL import Image, ImageFile
 
-from chestxray.decode import (MAX_PIXELS, Preprocessing, fit_geometry, fit_square, gray_array, load_image,
+from chestxray.data.decode import (MAX_PIXELS, Preprocessing, fit_geometry, fit_square, gray_array, load_image,
                               normalize_contrast, preprocess, probe_image)
 from chestxray.errors import InputError
 
@@ -352,7 +352,7 @@ def test_damaged_files_are_refused_at_the_decoding_boundary(tmp_path):
 
 
 def test_any_exception_of_a_decoder_becomes_an_input_error(monkeypatch, make_image):
-    import chestxray.decode as decode
+    import chestxray.data.decode as decode
 
     def broken(*args, **kwargs):
         raise OverflowError("Python int too large to convert to C long")
@@ -373,7 +373,7 @@ def _never_read_whole(monkeypatch):
 
 
 def test_a_sparse_file_over_the_size_limit_is_refused_without_reading_it(tmp_path, monkeypatch):
-    from chestxray.decode import MAX_FILE_BYTES
+    from chestxray.data.decode import MAX_FILE_BYTES
 
     path = tmp_path / "sparse.png"
     with open(path, "wb") as handle:  # a valid small PNG header, then 3 GB of holes

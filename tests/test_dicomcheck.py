@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chestxray.dicomcheck import DEFAULT_POLICY, HeaderPolicy, check_source, header_summary
+from chestxray.data.dicomcheck import DEFAULT_POLICY, HeaderPolicy, check_source, header_summary
 from chestxray.errors import InputError
 
 PIXELS = np.full((16, 16), 100, np.uint8)

@@ -11,9 +11,9 @@ from conftest import xray_array
 from factories import BINARY_CLASSES, make_bundle, png_bytes
 from fastapi.testclient import TestClient
 
-from chestxray.drift import DRIFTING, OK, WARMING_UP, DriftMonitor
-from chestxray.predict import load_model
-from chestxray.serve import create_app
+from chestxray.trust.drift import DRIFTING, OK, WARMING_UP, DriftMonitor
+from chestxray.inference.predict import load_model
+from chestxray.serving.serve import create_app
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from conftest import xray_array
 from factories import make_bundle
 from PIL import Image
 
-from chestxray.bundle import META_FILE
-from chestxray.decode import preprocess
+from chestxray.model.bundle import META_FILE
+from chestxray.data.decode import preprocess
 from chestxray.errors import ChestXrayError
-from chestxray.evaluation import evaluate, headline
-from chestxray.metrics import classification_metrics, multilabel_metrics
-from chestxray.predict import load_model
+from chestxray.inference.evaluation import evaluate, headline
+from chestxray.stats.metrics import classification_metrics, multilabel_metrics
+from chestxray.inference.predict import load_model
 
 N_BOOT = 50
 
@@ -138,7 +138,7 @@ class Killed(Exception):
 
 def test_an_interrupted_evaluation_is_replaced_and_a_complete_one_protected(tmp_path: Path, make_folder,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import chestxray.evaluation as evaluation
+    import chestxray.inference.evaluation as evaluation
 
     bundle = make_bundle(tmp_path / "bundle", guard=False)
     data = make_folder({"normal": 3, "pneumonia": 3})

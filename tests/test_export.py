@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from chestxray.bundle import BundleMeta, load_bundle, save_bundle
+from chestxray.model.bundle import BundleMeta, load_bundle, save_bundle
 from chestxray.errors import ChestXrayError, InputError
-from chestxray.export import PROB_TOLERANCE, ExportResult, export_onnx
-from chestxray.models import EnsembleNet, create_model
-from chestxray.predict import load_model
-from chestxray.runners import OUTPUT_NAMES, OnnxRunner, TorchRunner
+from chestxray.deploy.export import PROB_TOLERANCE, ExportResult, export_onnx
+from chestxray.model.models import EnsembleNet, create_model
+from chestxray.inference.predict import load_model
+from chestxray.model.runners import OUTPUT_NAMES, OnnxRunner, TorchRunner
 from conftest import xray_array
 from factories import CLASSES, IMAGE_SIZE, build_tiny_bundle
 
@@ -193,7 +193,7 @@ def test_a_swapped_graph_is_refused_whatever_the_backend(exported: ExportResult,
     name = "model.int8.onnx" if backend == "onnx-int8" else "model.onnx"
     if backend == "onnx-int8":  # stands for a quantized graph: recorded the way quantize_bundle records it
         shutil.copyfile(bundle / "model.onnx", bundle / name)
-        from chestxray.bundle import record_file
+        from chestxray.model.bundle import record_file
         record_file(bundle, name)
     assert load_model(bundle, backend=backend).backend.startswith("onnx")  # loads before the swap
     _swap_in_another_graph(bundle, name)

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chestxray.predict import load_model
-from chestxray.serve import create_app
+from chestxray.inference.predict import load_model
+from chestxray.serving.serve import create_app
 from factories import make_bundle
 from fuzzing import CONTENT_TYPES, Case, check_decode, check_predict, damaged_files, examples, load_seeds, mutated
 

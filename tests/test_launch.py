@@ -22,13 +22,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from chestxray.cache import build_cache
-from chestxray.config import RuntimeSettings, TrainConfig
+from chestxray.data.cache import build_cache
+from chestxray.training.config import RuntimeSettings, TrainConfig
 from chestxray.launch import gather_in_order, trainer_layout
 from chestxray.errors import ChestXrayError
-from chestxray.predict import load_model, predict_paths, shard
-from chestxray.sources import load_samples
-from chestxray.train import fit
+from chestxray.inference.predict import load_model, predict_paths, shard
+from chestxray.data.sources import load_samples
+from chestxray.training.train import fit
 
 # torchrun gives each process one thread unless told otherwise; the single-process runs compared
 # with it use one thread too (CPU kernels add in a thread-count-dependent order).

@@ -13,9 +13,9 @@ from orthanc import AE_TITLE, Orthanc, available, free_port
 from pynetdicom import AE
 from typer.testing import CliRunner
 
-from chestxray.audittrail import AuditTrail
+from chestxray.dicom.inferencelog import AuditTrail
 from chestxray.cli import app
-from chestxray.listen import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, SUCCESS,
+from chestxray.dicom.listen import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, SUCCESS,
                               Destination, ListenConfig, Listener)
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=available() or "")
@@ -137,7 +137,7 @@ def test_a_full_spool_refuses_with_out_of_resources_and_keeps_what_it_has(node, 
     assert send(listener.config.port, [refused]) == [OUT_OF_RESOURCES]
     listener.spool.min_free_bytes = 0
 
-    from chestxray import listen as module
+    from chestxray.dicom import listen as module
 
     real_write = module._write_durably
 

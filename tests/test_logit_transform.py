@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from chestxray.logit_transform import (
+from chestxray.stats.logit_transform import (
     KINDS,
     LogitTransform,
     choose_logit_transform,

@@ -18,7 +18,7 @@ from sklearn.metrics import (
 )
 
 from chestxray.errors import ChestXrayError
-from chestxray.metrics import (
+from chestxray.stats.metrics import (
     accuracy_interval_text,
     bootstrap_ci,
     classification_metrics,
@@ -209,3 +209,14 @@ def test_operating_points_skip_a_class_without_negatives_and_take_multilabel_tru
     probs = np.array([[0.9, 0.2], [0.7, 0.6], [0.8, 0.1]])
     assert set(operating_points(np.array([[1, 0], [1, 1], [1, 0]]), probs, ["a", "b"])) == {"b"}
     assert operating_points(np.array([0, 0, 0]), probs, ["a", "b"]) == {}
+
+
+def test_a_multilabel_probability_of_exactly_the_threshold_is_called_as_everywhere_else() -> None:
+    """``>=`` MULTILABEL_THRESHOLD, as the labels, the drift reference and the evaluation call a class."""
+    from chestxray.constants import MULTILABEL_THRESHOLD
+    from chestxray.stats.metrics import logit_scores
+
+    assert MULTILABEL_THRESHOLD == 0.5
+    logits = np.zeros((2, 2), dtype=np.float32)  # sigmoid(0) = 0.5 exactly
+    assert logit_scores(logits, np.ones((2, 2), dtype=np.float32), "multilabel").accuracy == 1.0
+    assert logit_scores(logits, np.zeros((2, 2), dtype=np.float32), "multilabel").accuracy == 0.0

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from skimage import color, data, transform
 
 from chestxray.errors import ChestXrayError, InputError
-from chestxray.models import ChestXrayNet, create_model, list_models
+from chestxray.model.models import ChestXrayNet, create_model, list_models
 
 CAT_CLASSES = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from chestxray.errors import ChestXrayError
-from chestxray.ood import OODGuard
+from chestxray.stats.ood import OODGuard
 
 N_CLASSES, DIM = 3, 40
 

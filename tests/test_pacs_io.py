@@ -16,10 +16,10 @@ from dicomnet import CLASSES, CT_STORAGE, bundle, predictor, srs_in, xray_datase
 from orthanc import Orthanc, available
 from typer.testing import CliRunner
 
-from chestxray.audittrail import AuditTrail
+from chestxray.dicom.inferencelog import AuditTrail
 from chestxray.cli import app
-from chestxray.serve import create_app
-from chestxray.worklist import score_worklist
+from chestxray.serving.serve import create_app
+from chestxray.dicom.worklist import score_worklist
 
 class Crash(Exception):
     """Stands for a run killed half-way."""
@@ -162,7 +162,7 @@ def test_predict_and_serve_write_one_audit_line_per_inference_without_pixels(bun
 def _reads_until_memory_runs_out(monkeypatch):
     """``Path.read_bytes`` of a device or of a file over the size limit stands for what it would do
     on a real run (read until memory runs out): it raises ``MemoryError`` instead of reading."""
-    from chestxray.decode import MAX_FILE_BYTES
+    from chestxray.data.decode import MAX_FILE_BYTES
 
     real = Path.read_bytes
 

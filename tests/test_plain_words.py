@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from chestxray.audit import how_images_differ
-from chestxray.ood import typicality
-from chestxray.predict import source_caution
+from chestxray.data.audit import how_images_differ
+from chestxray.stats.ood import typicality
+from chestxray.inference.predict import source_caution
 
 
 def test_the_percentile_says_what_it_means() -> None:

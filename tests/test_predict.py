@@ -14,13 +14,13 @@ from conftest import xray_array
 from factories import BINARY_CLASSES, SIZE, make_bundle, png_bytes
 from scipy.special import softmax
 
-from chestxray.bundle import BundleMeta
-from chestxray.cam import LABELLED_MIN_SIDE
-from chestxray.decode import fit_square, normalize_contrast
+from chestxray.model.bundle import BundleMeta
+from chestxray.model.cam import LABELLED_MIN_SIDE
+from chestxray.data.decode import fit_square, normalize_contrast
 from chestxray.errors import ChestXrayError
-from chestxray.models import EnsembleNet, create_model, logits_and_features
-from chestxray.predict import Prediction, Predictor, load_model, predict_paths, write_cams
-from chestxray.sources import NO_FINDING
+from chestxray.model.models import EnsembleNet, create_model, logits_and_features
+from chestxray.inference.predict import Prediction, Predictor, load_model, predict_paths, write_cams
+from chestxray.data.sources import NO_FINDING
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 import torch
 from factories import make_bundle
 
-from chestxray.bundle import WEIGHTS_FILE, load_bundle
+from chestxray.model.bundle import WEIGHTS_FILE, load_bundle
 from chestxray.errors import InputError
-from chestxray.predict import load_model
+from chestxray.inference.predict import load_model
 from chestxray.provenance import file_sha256
 
 

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from chestxray.bundle import INT8_ONNX_FILE, load_bundle, save_bundle
+from chestxray.model.bundle import INT8_ONNX_FILE, load_bundle, save_bundle
 from chestxray.cli import app
 from chestxray.errors import ChestXrayError
-from chestxray.predict import load_model
-from chestxray.runners import OnnxRunner
-from chestxray.quantize import QuantizeResult, quantize_bundle
-from chestxray.serve import background_server, create_app
+from chestxray.inference.predict import load_model
+from chestxray.model.runners import OnnxRunner
+from chestxray.deploy.quantize import QuantizeResult, quantize_bundle
+from chestxray.serving.serve import background_server, create_app
 from conftest import xray_array
 from factories import BINARY_CLASSES, make_bundle, png_bytes
 

@@ -12,8 +12,8 @@ import pandas as pd
 from matplotlib.image import imsave
 from scipy.special import softmax
 
-from chestxray.metrics import accuracy_interval_text, classification_metrics, interval_text, multilabel_metrics
-from chestxray.report import plot_training_curves, write_report
+from chestxray.stats.metrics import accuracy_interval_text, classification_metrics, interval_text, multilabel_metrics
+from chestxray.inference.report import plot_training_curves, write_report
 
 CLASSES = ["normal", "pneumonia", "covid"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

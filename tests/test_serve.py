@@ -22,11 +22,11 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from chestxray.bundle import META_FILE
-from chestxray.cam import LABELLED_MIN_SIDE
+from chestxray.model.bundle import META_FILE
+from chestxray.model.cam import LABELLED_MIN_SIDE
 from chestxray.errors import ChestXrayError
-from chestxray.predict import Predictor, load_model
-from chestxray.serve import (MULTIPART_OVERHEAD_BYTES, ApiError, InferenceQueue, _read_upload, app_from_environment,
+from chestxray.inference.predict import Predictor, load_model
+from chestxray.serving.serve import (MULTIPART_OVERHEAD_BYTES, ApiError, InferenceQueue, _read_upload, app_from_environment,
                              background_server, create_app, serve)
 from conftest import xray_array
 from factories import CLASSES, IMAGE_SIZE, build_tiny_bundle, make_bundle, png_bytes

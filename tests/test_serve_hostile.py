@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from chestxray.predict import load_model
-from chestxray.serve import (MAX_CONNECTIONS_PER_CLIENT, _RequestLimit, background_server, create_app,
+from chestxray.inference.predict import load_model
+from chestxray.serving.serve import (MAX_CONNECTIONS_PER_CLIENT, _RequestLimit, background_server, create_app,
                              guarded_protocol)
 from factories import make_bundle, png_bytes
 
@@ -121,7 +121,7 @@ def test_connections_beyond_the_cap_of_one_address_are_refused(app):
 
 
 def test_an_upload_that_does_not_arrive_in_time_gets_408(app, monkeypatch):
-    import chestxray.serve as serve_module
+    import chestxray.serving.serve as serve_module
 
     monkeypatch.setattr(serve_module, "BODY_TIMEOUT_S", 0.5)
     with background_server(app) as url:

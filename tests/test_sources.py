@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chestxray.decode import load_image
+from chestxray.data.decode import load_image
 from chestxray.errors import ChestXrayError
-from chestxray.sources import COLUMNS, load_samples, patient_id_from_name
+from chestxray.data.sources import COLUMNS, load_samples, patient_id_from_name
 
 NUMERIC_CLASSES = ["covid19", "normal", "viral_pneumonia", "bacterial_pneumonia"]  # not alphabetical
 

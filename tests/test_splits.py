@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from chestxray.errors import ChestXrayError
-from chestxray.sources import COLUMNS, Samples, load_samples
-from chestxray.splits import kfold_splits, load_split, save_split, train_val_split
+from chestxray.data.sources import COLUMNS, Samples, load_samples
+from chestxray.data.splits import kfold_splits, load_split, save_split, train_val_split
 
 
 def table(labels: list[str], patients: list[str], splits: list[str] | None = None, task: str = "multiclass",

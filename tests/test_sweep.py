@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from factories import TINY, write_xrays
 
-from chestxray.bundle import load_bundle
-from chestxray.config import TrainConfig, load_config
+from chestxray.model.bundle import load_bundle
+from chestxray.training.config import TrainConfig, load_config
 from chestxray.errors import ChestXrayError
-from chestxray.sweep import DEFAULT_SPACE, check_space, default_space, load_space, suggest, sweep
+from chestxray.training.sweep import DEFAULT_SPACE, check_space, default_space, load_space, suggest, sweep
 
 SPACE = {"lr": {"low": "1e-4", "high": 1e-2, "log": True}, "optimizer": ["adam", "sgd"]}
 

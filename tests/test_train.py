@@ -17,12 +17,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from chestxray.bundle import load_bundle
-from chestxray.config import TrainConfig, load_config
+from chestxray.model.bundle import load_bundle
+from chestxray.training.config import TrainConfig, load_config
 from chestxray.errors import ChestXrayError
-from chestxray.runners import as_runner, run_images
-from chestxray.models import create_model
-from chestxray.train import ClassifierModule, fit, run_directory
+from chestxray.model.runners import as_runner, run_images
+from chestxray.model.models import create_model
+from chestxray.training.train import ClassifierModule, fit, run_directory
 
 TINY = dict(arch="tf_efficientnet_lite0", weights="none", image_size=32, epochs=2, batch_size=8,
             freeze_epochs=1, warmup_epochs=0)
@@ -241,7 +241,7 @@ def test_a_terminal_shows_one_progress_display_numbered_like_the_epoch_lines(tmp
 
     from rich.console import Console
 
-    import chestxray.train as train
+    import chestxray.training.train as train
 
     screen = io.StringIO()
     monkeypatch.setattr(train, "console", Console(file=screen, force_terminal=True, width=100, color_system=None))

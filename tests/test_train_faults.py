@@ -15,9 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from chestxray.config import TrainConfig
+from chestxray.training.config import TrainConfig
 from chestxray.errors import ChestXrayError
-from chestxray.train import fit
+from chestxray.training.train import fit
 from factories import TINY
 
 FAST = {**TINY, "epochs": 4, "patience": 100, "batch_size": 4}

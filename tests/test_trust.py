@@ -12,10 +12,10 @@ import pytest
 from conftest import xray_array
 from factories import BINARY_CLASSES, make_bundle, sets_for
 
-from chestxray.bundle import read_meta
-from chestxray.dicomcheck import HeaderPolicy
-from chestxray.modelcard import CARD_FILE
-from chestxray.predict import NOT_CHECKED, load_model, predict_paths
+from chestxray.model.bundle import read_meta
+from chestxray.data.dicomcheck import HeaderPolicy
+from chestxray.model.modelcard import CARD_FILE
+from chestxray.inference.predict import NOT_CHECKED, load_model, predict_paths
 
 CONFOUND = {"method": "test", "threshold": 0.8, "auc": {"normal": 0.55, "pneumonia": 0.97},
             "flagged": ["pneumonia"], "note": ""}
@@ -186,8 +186,8 @@ def test_a_coverage_outside_0_1_is_refused_by_every_command(wide, coverage):
 
 
 def test_serve_and_listen_take_coverage_and_the_header_switch(wide, make_dicom, monkeypatch, audit_log):
-    import chestxray.listen
-    import chestxray.serve
+    import chestxray.dicom.listen
+    import chestxray.serving.serve
 
     seen: dict[str, dict] = {}
     monkeypatch.setattr(chestxray.serve, "serve", lambda *a, **k: seen.setdefault("serve", k))
@@ -200,7 +200,7 @@ def test_serve_and_listen_take_coverage_and_the_header_switch(wide, make_dicom, 
     # the server's worker processes read them from the environment serve() sets
     from fastapi.testclient import TestClient
 
-    from chestxray.bundle import read_meta, write_meta
+    from chestxray.model.bundle import read_meta, write_meta
 
     meta = read_meta(wide)
     meta.extra = {**meta.extra, "reference": {"referral_rate": 0.2, "predicted_shares": {"normal": 0.5,
@@ -228,7 +228,7 @@ def test_serve_and_listen_take_coverage_and_the_header_switch(wide, make_dicom, 
 
 
 def test_listen_loads_its_model_with_coverage_and_policy(wide, tmp_path, monkeypatch):
-    import chestxray.listen as listen_module
+    import chestxray.dicom.listen as listen_module
 
     class Stop(Exception):
         pass
@@ -247,7 +247,7 @@ def test_listen_loads_its_model_with_coverage_and_policy(wide, tmp_path, monkeyp
 
 
 def test_every_referral_reason_reaches_the_structured_report(wide, make_dicom):
-    from chestxray.dicomresult import assess, build_sr, read_dataset, read_sr
+    from chestxray.dicom.dicomresult import assess, build_sr, read_dataset, read_sr
 
     frontal = make_dicom("pa.dcm", xray_array(64, 64), Modality="DX", StudyInstanceUID="1.2.3",
                          SeriesInstanceUID="1.2.3.4")
@@ -265,11 +265,11 @@ def test_every_referral_reason_reaches_the_structured_report(wide, make_dicom):
 
 
 def test_the_drift_reference_counts_ood_flags_given_from_a_guard_fitted_elsewhere():
-    from chestxray.calibration import calibrate_outputs
-    from chestxray.ood import OODGuard, cross_fitted_scores
+    from chestxray.trust.calibration import calibrate_outputs
+    from chestxray.stats.ood import OODGuard, cross_fitted_scores
 
-    from chestxray.conformal import ConformalSets
-    from chestxray.metrics import logits_to_probs
+    from chestxray.stats.conformal import ConformalSets
+    from chestxray.stats.metrics import logits_to_probs
 
     rng = np.random.default_rng(0)
     targets = np.arange(60) % 2
@@ -295,7 +295,7 @@ def test_the_cli_json_and_the_rest_json_of_an_image_are_the_same(trusted, make_i
     adds its latency, the CLI names the file and its error."""
     from fastapi.testclient import TestClient
 
-    from chestxray.serve import create_app
+    from chestxray.serving.serve import create_app
 
     path = make_image("x.png", xray_array(seed=3)) if kind == "png" else make_dicom("ct.dcm", xray_array(64, 64),
                                                                                      Modality="CT")

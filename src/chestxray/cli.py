@@ -5,6 +5,8 @@ Every :class:`ChestXrayError` becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+__all__ = ["app", "run"]
+
 import functools
 import inspect
 import logging
@@ -102,7 +104,7 @@ def audit(data: Path = DataArg,
           fmt: str = typer.Option("md", "--format", help="Report format: md or html."),
           cache_dir: Optional[Path] = CacheOpt) -> None:
     """Dataset report: counts, formats, unreadable files, duplicates, patient overlap, shortcut check."""
-    from .audit import audit as run_audit, render_terminal
+    from .data.audit import audit as run_audit, render_terminal
 
     report = run_audit(data, against=against, out_dir=out, cache_dir=cache_dir, fmt=fmt)
     render_terminal(report, console)
@@ -119,7 +121,7 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
     from their declarations (help, default, constraint; shown in one ``--help`` panel per group;
     booleans as ``--flag/--no-flag``). The command receives the options given as
     ``settings=(config overrides, runtime overrides)``; options left out are not in them."""
-    from .config import Choices, RuntimeSettings, TrainConfig, declared_options
+    from .training.config import Choices, RuntimeSettings, TrainConfig, declared_options
 
     signature = inspect.signature(command)
     hints = typing.get_type_hints(command)
@@ -151,7 +153,7 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
 
 def _settings(command: str, config: Optional[Path], settings: tuple[dict, dict]):
     """The training config and runtime settings from --config and the command's flags (flags win)."""
-    from .config import load_config, load_runtime
+    from .training.config import load_config, load_runtime
     from .launch import world_size
 
     if command in ("cv", "sweep") and world_size() > 1:
@@ -167,13 +169,9 @@ BatchOpt = typer.Option(None, "--batch-size", min=1, help="Images per model call
 
 def _batch(batch_size: Optional[int]) -> int:
     """``--batch-size``, or the runners' default."""
-    from .runners import DEFAULT_BATCH
+    from .model.runners import DEFAULT_BATCH
 
     return batch_size or DEFAULT_BATCH
-
-
-ONNX_PARITY_IMAGES = 16
-"""Validation X-rays on which `train` checks the exported ONNX model against PyTorch."""
 
 
 @app.command()
@@ -187,21 +185,16 @@ def train(data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = 
                                     "on validation X-rays): predict and serve then start fast and run 2-5x faster."),
           cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Fine-tune a model on DATA (its test split is never used) and write a run directory and bundle."""
-    from .train import fit
+    from .training.train import fit
 
     training, runtime = _settings("train", config, settings)
     result = fit(data, None if resume else training, runtime, out_dir=out, name=name, resume=resume,
-                 overwrite=overwrite, cache_dir=cache_dir)
+                 overwrite=overwrite, cache_dir=cache_dir, onnx=onnx)
     if not result.metrics:  # a rank other than 0 of a distributed run
         return
-    if onnx:
-        from .export import export_onnx
-        from .splits import split_files
-
-        validation = split_files(result.run_dir / "split.csv", "val")[:ONNX_PARITY_IMAGES]
-        exported = export_onnx(result.bundle_dir, parity_images=validation)
-        console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e} on "
-                      f"{exported.n_images} images)", soft_wrap=True)
+    if result.onnx is not None:
+        console.print(f"onnx: {result.onnx.path} (max probability difference {result.onnx.max_prob_diff:.1e} on "
+                      f"{result.onnx.n_images} images)", soft_wrap=True)
     console.print(f"bundle: {result.bundle_dir}", soft_wrap=True)
 
 
@@ -212,7 +205,7 @@ def cv(data: Path = DataArg, folds: int = typer.Option(5, "--folds", "-k"),
        config: Optional[Path] = ConfigOpt, out: Path = OutOpt, name: Optional[str] = NameOpt,
        overwrite: bool = OverwriteOpt, cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Stratified, patient-grouped k-fold cross-validation on DATA's training images."""
-    from .cv import cross_validate
+    from .training.cv import cross_validate
 
     training, runtime = _settings("cv", config, settings)
     result = cross_validate(data, training, folds, runtime, out_dir=out, name=name, keep_models=keep_models,
@@ -231,7 +224,7 @@ def sweep(data: Path = DataArg, trials: int = typer.Option(20, "--trials", "-n")
           out: Path = OutOpt, name: Optional[str] = NameOpt, overwrite: bool = OverwriteOpt,
           cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
     """Optuna hyperparameter search with pruning; writes trials.csv and best.yaml (for train --config)."""
-    from .sweep import load_space, sweep as run_sweep
+    from .training.sweep import load_space, sweep as run_sweep
 
     training, runtime = _settings("sweep", config, settings)
     result = run_sweep(data, training, trials, runtime, out_dir=out, name=name, timeout=timeout,
@@ -264,7 +257,7 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
 
     Exit 1 if any file was unreadable: named on stderr, left out of the metrics, listed in metrics.json.
     """
-    from .evaluation import evaluate as run_evaluate, headline
+    from .inference.evaluation import evaluate as run_evaluate, headline
 
     result = run_evaluate(bundle, data, out, split=split, n_boot=n_boot, seed=seed, cam_gallery=cam_gallery,
                           batch_size=_batch(batch_size), cache_dir=cache_dir, progress=err_console.is_terminal,
@@ -304,14 +297,14 @@ HeaderCheckOpt = typer.Option(True, "--header-check/--no-header-check", rich_hel
 
 def _trust(coverage: Optional[float], header_check: bool) -> dict:
     """``load_model``'s keywords for --coverage and --header-check/--no-header-check."""
-    from .dicomcheck import DEFAULT_POLICY
+    from .data.dicomcheck import DEFAULT_POLICY
 
     return {"coverage": coverage, "header_policy": DEFAULT_POLICY if header_check else None}
 
 
 def _audit_trail(path: Optional[Path], disabled: bool, patient_fields: bool = False):
     """The audit trail the options ask for, or None with --no-audit."""
-    from .audittrail import AuditTrail
+    from .dicom.inferencelog import AuditTrail
 
     return None if disabled else AuditTrail(path, patient_fields=patient_fields)
 
@@ -354,8 +347,8 @@ def adapt(bundle: Path = BundleArg,
     Training and hardware options (finetune only) override the short fine-tuning run, e.g. --epochs 6;
     --seed (default 0) also seeds the folds and the bootstrap.
     """
-    from .adapt import adapt as run_adapt, headline
-    from .config import RuntimeSettings
+    from .training.adapt import adapt as run_adapt, headline
+    from .training.config import RuntimeSettings
 
     overrides, runtime_overrides = dict(settings[0]), settings[1]
     seed = overrides.pop("seed", 0)
@@ -368,7 +361,7 @@ def adapt(bundle: Path = BundleArg,
     if suggest is not None or unlabeled:
         if mode != "recalibrate" or with_data is not None or overrides or runtime_overrides:
             raise ChestXrayError("--unlabeled and --suggest take no --mode finetune, --with or training options")
-        from .adapt_unlabeled import adapt_unlabeled, suggest_labels, unlabeled_headline
+        from .training.adapt_unlabeled import adapt_unlabeled, suggest_labels, unlabeled_headline
 
         if suggest is not None:
             table = suggest_labels(bundle, data, suggest, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
@@ -377,12 +370,10 @@ def adapt(bundle: Path = BundleArg,
                           f"BUNDLE IMAGES --unlabeled --labels {out} --out CHILD)", soft_wrap=True, highlight=False)
             return
         found = adapt_unlabeled(bundle, data, out, site_classes=declared, seed=seed, cache_dir=cache_dir,
-                                progress=err_console.is_terminal, labels=labels, reference=reference)
-        if onnx:
-            from .export import export_onnx
-
-            exported = export_onnx(found.bundle_dir, parity_images=found.site.paths[:ONNX_PARITY_IMAGES])
-            console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e})")
+                                progress=err_console.is_terminal, labels=labels, onnx=onnx,
+                                reference=reference)
+        if found.onnx is not None:
+            console.print(f"onnx: {found.onnx.path} (max probability difference {found.onnx.max_prob_diff:.1e})")
         for line in unlabeled_headline(found):
             console.print(line, soft_wrap=True, highlight=False)
         console.print(f"bundle: {found.bundle_dir}", soft_wrap=True)
@@ -392,13 +383,9 @@ def adapt(bundle: Path = BundleArg,
         raise ChestXrayError(f"training options ({given}) only apply to --mode finetune")
     result = run_adapt(bundle, data, out, mode=mode, with_data=with_data, folds=folds, seed=seed, n_boot=n_boot,
                        overrides=overrides, runtime=RuntimeSettings().replace(**runtime_overrides),
-                       cache_dir=cache_dir, progress=err_console.is_terminal, site_classes=declared)
-    if onnx and mode == "finetune":
-        from .export import export_onnx
-
-        files = result.local.samples.frame["path"].tolist()[:ONNX_PARITY_IMAGES]
-        exported = export_onnx(result.bundle_dir, parity_images=files)
-        console.print(f"onnx: {exported.path} (max probability difference {exported.max_prob_diff:.1e})")
+                       cache_dir=cache_dir, progress=err_console.is_terminal, site_classes=declared, onnx=onnx)
+    if result.onnx is not None:
+        console.print(f"onnx: {result.onnx.path} (max probability difference {result.onnx.max_prob_diff:.1e})")
     for line in headline(result):
         console.print(line, soft_wrap=True, highlight=False)
     console.print(f"bundle: {result.bundle_dir}\nestimate: {result.bundle_dir / 'adaptation.json'}", soft_wrap=True)
@@ -432,7 +419,7 @@ def predict(bundle: Path = BundleArg,
     """Predict files, folders and globs, DICOMweb studies or a worklist; each row of files says whether to
     refer it (prediction set, OOD, DICOM header) and why, and cautions about source-confounded classes.
     Exit 1 if any input failed."""
-    from .predict import load_model, predict_files
+    from .inference.predict import load_model, predict_files
 
     if fmt not in ("table", "csv", "json"):
         raise ChestXrayError(f"--format must be table, csv or json, not {fmt!r}")
@@ -454,8 +441,8 @@ def predict(bundle: Path = BundleArg,
     if run is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return
     if trail is not None:
-        from .audittrail import audit_predictions
-        from .bundle import read_meta
+        from .dicom.inferencelog import audit_predictions
+        from .model.bundle import read_meta
 
         audit_predictions(trail, run.predictions, read_meta(bundle),
                           (time.perf_counter() - started) * 1000 / max(1, len(run.predictions)))
@@ -499,7 +486,7 @@ def export(bundle: Path = BundleArg,
     if quantize is None:
         if calibration_data is not None or parity_data is not None:
             raise ChestXrayError("--calibration-data and --parity-data go with --quantize int8")
-        from .export import export_onnx
+        from .deploy.export import export_onnx
 
         result = export_onnx(bundle, out, opset=opset, parity_images=parity_images)
         console.print(f"{result.path}: opset {result.opset}, {result.size_bytes / 1e6:.1f} MB, parity on "
@@ -510,7 +497,7 @@ def export(bundle: Path = BundleArg,
         raise ChestXrayError(f"--quantize {quantize!r} is not supported: use int8")
     if calibration_data is None:
         raise ChestXrayError("--quantize int8 needs --calibration-data: a few hundred of the training images")
-    from .quantize import quantize_bundle
+    from .deploy.quantize import quantize_bundle
 
     result = quantize_bundle(bundle, calibration_data, out, n_calibration=calibration_images, parity_data=parity_data,
                              min_agreement=min_agreement, opset=opset, parity_images=parity_images,
@@ -540,8 +527,8 @@ def serve(bundle: Path = BundleArg,
           audit_patient_fields: bool = PatientFieldsOpt,
           coverage: Optional[float] = CoverageOpt, header_check: bool = HeaderCheckOpt) -> None:
     """REST API (POST /v1/predict) and a web page for BUNDLE. Set CHESTXRAY_API_KEY to require a key."""
-    from .audittrail import AUDIT_ENV, PATIENT_FIELDS_ENV
-    from .serve import serve as run_server
+    from .dicom.inferencelog import AUDIT_ENV, PATIENT_FIELDS_ENV
+    from .serving.serve import serve as run_server
 
     if no_audit or audit_log:  # the server processes read these
         os.environ[AUDIT_ENV] = "off" if no_audit else str(audit_log.resolve())
@@ -582,7 +569,7 @@ def listen(bundle: Path = BundleArg,
     """DICOM node: receive X-rays by C-STORE, answer each with a structured report sent to --dest."""
     import logging
 
-    from .listen import Destination, ListenConfig, listen as run_listener
+    from .dicom.listen import Destination, ListenConfig, listen as run_listener
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ListenConfig(spool=spool, destination=Destination.parse(dest) if dest else None, ae_title=ae_title,
@@ -598,7 +585,7 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
                   stow: bool, worklist: Optional[Path], batch_size: int, trail) -> None:
     """``predict --worklist`` and ``predict --dicomweb URL --study UID [--stow]``."""
     if worklist is not None:
-        from .worklist import score_worklist
+        from .dicom.worklist import score_worklist
 
         if studies or stow:
             raise ChestXrayError("--worklist takes its studies from the CSV; --study and --stow do not apply")
@@ -614,9 +601,9 @@ def _predict_pacs(predictor, fmt: str, out: Optional[Path], dicomweb: Optional[s
         raise ChestXrayError("--dicomweb URL and --study UID go together")
     import pandas as pd
 
-    from .dicomresult import assessments_table
-    from .dicomweb import assess_study, client, store_reports
-    from .worklist import audit_assessments
+    from .dicom.dicomresult import assessments_table
+    from .dicom.dicomweb import assess_study, client, store_reports
+    from .dicom.worklist import audit_assessments
 
     web = client(dicomweb)
     tables = []
@@ -666,7 +653,7 @@ def _render_cv(result) -> None:
     """The per-fold scores, their mean ± std and the out-of-fold figures as one table."""
     from rich.table import Table
 
-    from .cv import SCORES
+    from .training.cv import SCORES
 
     table = Table(title=f"{len(result.folds)}-fold cross-validation ({result.run_dir})")
     for column in ("fold", "n", *SCORES):
@@ -721,7 +708,7 @@ def _display_names(files: list[str]) -> list[str]:
 
 TABLE_WIDTH = 80
 """Columns a results table fits off a terminal (in a terminal: the terminal's width, if wider)."""
-REFER_CODES = (("uncertain:", "set"), ("out_of_distribution:", "ood"), ("not_frontal_cxr:", "dicom"))
+REFER_CODES = {"uncertain": "set", "out_of_distribution": "ood", "not_frontal_cxr": "dicom"}
 """The short name of each kind of referral reason in a table (the reasons themselves are in --format json)."""
 
 
@@ -744,9 +731,12 @@ def _fit_names(names: list[str], width: int) -> list[str]:
 
 def _refer_codes(reasons: list[str]) -> str:
     """``no``, or the kinds of reasons to refer joined by '+' (e.g. ``set+ood``)."""
-    codes = [code for prefix, code in REFER_CODES if any(r.startswith(prefix) for r in reasons)]
-    codes += ["other"] if any(not r.startswith(tuple(p for p, _ in REFER_CODES)) for r in reasons) else []
-    return "+".join(dict.fromkeys(codes)) if reasons else "no"
+    from .trust.referral import reason_kind
+
+    kinds = {reason_kind(reason) for reason in reasons}
+    codes = [code for kind, code in REFER_CODES.items() if kind in kinds]
+    codes += ["other"] if kinds - set(REFER_CODES) else []
+    return "+".join(codes) if reasons else "no"
 
 
 def _render_predictions(predictions: list) -> None:
@@ -843,7 +833,7 @@ def _json_text(table, records: Optional[list[dict]]) -> str:
     """The rows as a JSON array (NaN as null, slashes unescaped), one key per line."""
     import json
 
-    from .metrics import json_safe
+    from .stats.metrics import json_safe
 
     rows = records if records is not None else table.astype(object).where(table.notna(), None).to_dict("records")
     return json.dumps(json_safe(rows), indent=2, ensure_ascii=False) + "\n"

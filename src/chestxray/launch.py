@@ -17,7 +17,7 @@ from .errors import ChestXrayError
 if TYPE_CHECKING:
     import torch
 
-    from .config import RuntimeSettings
+    from .training.config import RuntimeSettings
 
 __all__ = ["world_size", "local_rank", "is_first_process", "torchrun_layout", "trainer_layout", "gather_in_order", "one_device"]
 

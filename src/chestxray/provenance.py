@@ -3,6 +3,8 @@ trained with, and the one model id that every result (CSV row, API answer, DICOM
 
 from __future__ import annotations
 
+__all__ = ["file_sha256", "describe", "model_id", "git_commit"]
+
 import hashlib
 import platform
 import subprocess

@@ -7,6 +7,8 @@ written to a temporary name beside its target and renamed onto it when complete.
 
 from __future__ import annotations
 
+__all__ = ["write_error", "temporary_name", "atomic_path", "write_text", "write_bytes", "make_folder", "reserve"]
+
 import errno
 import os
 import threading

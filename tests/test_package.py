@@ -14,6 +14,7 @@ import chestxray
 from chestxray import _MOVED
 
 
+@pytest.mark.slow  # imports every module, Lightning and torch included
 @pytest.mark.parametrize("old", sorted(_MOVED))
 def test_an_old_module_path_is_the_same_module_object(old: str) -> None:
     new = importlib.import_module(f"chestxray.{_MOVED[old]}")
@@ -22,6 +23,7 @@ def test_an_old_module_path_is_the_same_module_object(old: str) -> None:
     assert new.__name__ == new.__spec__.name == f"chestxray.{_MOVED[old]}"  # the alias leaves the module its own name
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_old_paths_work_in_a_fresh_interpreter_in_every_form() -> None:
     """``import x.y``, ``from x.y import name`` and a monkeypatch through the old path reach one module."""
     code = ("import chestxray.predict, chestxray.inference.predict as new\n"
@@ -76,6 +78,7 @@ def test_a_subpackage_re_exports_its_modules_public_names(sub: str) -> None:
         assert getattr(package, name) is getattr(importlib.import_module(f"chestxray.{sub}.{owners[name][0]}"), name)
 
 
+@pytest.mark.slow  # imports the heavy modules
 def test_the_package_face_gives_functions_and_classes_even_after_the_old_module_paths_are_imported() -> None:
     code = ("import sys, types\n"
             "import chestxray.audit, chestxray.sweep, chestxray.adapt, chestxray.adapt_unlabeled\n"

@@ -16,7 +16,7 @@ _EXPORTS = {
             "Adaptation", "AdaptationResult", "model_outputs", "site_absent", "load_local", "local_transform",
             "site_coverage", "site_calibration", "recalibration", "finetune", "finetune_config", "cross_fitted",
             "compare", "site_lineage", "headline"),
-    "adapt_unlabeled": ("fit_unlabeled", "UnlabeledResult", "suggest_labels", "site_images"),
+    "adapt_unlabeled": ("fit_unlabeled", "reference_held_out", "UnlabeledResult", "suggest_labels", "site_images"),
     "config": ("Interval", "Choices", "option", "validate", "declared_options", "TrainConfig", "RuntimeSettings",
             "make_config", "load_config", "load_runtime", "save_config"),
     "cv": ("cross_validate", "CVResult", "SCORES"),

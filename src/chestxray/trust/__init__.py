@@ -16,7 +16,7 @@ _EXPORTS = {
     "drift": ("DEFAULT_WINDOW", "MIN_WINDOW", "MEDIAN_PERCENTILE_LIMIT", "FLAGGED_SHARE_LIMIT",
             "SHARE_DISTANCE_LIMIT", "REFERRAL_EXCESS_LIMIT", "DriftMonitor"),
     "label_free": ("centroid_pseudo_labels", "SiteHead", "fit_site_head", "domain_weights", "label_free_summary",
-            "choose_for_labelling", "choose_head_labels", "HEAD_C", "WEIGHT_RANGE"),
+            "choose_for_labelling", "choose_head_labels", "HEAD_C", "HEAD_CHOICE_FOLDS", "WEIGHT_RANGE"),
     "lineage": ("HASH_BITS", "HASH_NAME", "short_hash", "short_hashes", "encode_hashes", "decode_hashes",
             "seen_images_record", "merge_seen", "SeenCheck", "check_seen", "data_fingerprint", "describe_lineage",
             "lineage_record"),

@@ -58,8 +58,10 @@ pacs:
 
 # The whole suite. Tiers (tests/conftest.py): `slow` marks what trains, starts processes or servers, drives
 # Chromium (`browser`) or needs Orthanc (`pacs`); everything else is the fast tier, where a test over 5 s fails.
+# The whole suite: the fast tier first (a quick answer), then the rest (property tests again at full count).
 test: install-dev browser pacs
-	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-fast
+	$(MAKE) --no-print-directory test-slow
 
 # The fast tier: no apt, Orthanc or Chromium, a few hypothesis examples per property; at most 90 s on 2 cores.
 test-fast: $(VENV)/.installed-dev

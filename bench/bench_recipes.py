@@ -15,6 +15,9 @@ and whether prediction averages test-time views):
   out-of-fold accuracy, balanced accuracy, ECE and 90% set coverage. The default's fold models are also
   kept as an ensemble bundle and scored on the site (candidate ``cv-ensemble``).
 
+``--bundle default=runs/demo/bundle`` scores a bundle already trained (the default recipe repeats exactly),
+and ``--ensemble default seed-1 seed-2`` averages stored site probabilities (an ensemble of seeds).
+
 The course ``test/`` split is not read: a recipe is chosen on these figures, and ``make demo`` then reports
 the chosen one's test figures once. Wall times are those of the machine the run had (recorded with it);
 compare them only within one run.
@@ -48,6 +51,9 @@ CANDIDATES: dict[str, tuple[dict[str, Any], bool, str]] = {
     "clahe": ({"contrast": "clahe"}, False, "adaptive histogram equalisation before resizing (--contrast clahe)"),
     "size-320": ({"image_size": 320}, False, "320-px images (--image-size 320)"),
     "lite2": ({"arch": "tf_efficientnet_lite2"}, False, "EfficientNet-Lite2 backbone (--arch tf_efficientnet_lite2)"),
+    "crop": ({"fit_mode": "crop"}, False, "centre square instead of padding (--fit-mode crop): hides the aspect ratio"),
+    "seed-1": ({"seed": 1}, False, "the default with another seed (split and training randomness): the noise floor"),
+    "seed-2": ({"seed": 2}, False, "the default with a third seed"),
 }
 SMOKE: dict[str, Any] = {}  # --set key=value: applied to every candidate (a smoke run, never a figure)
 
@@ -66,7 +72,24 @@ def site_figures(bundle: Path, site_dir: Path, tta: bool) -> dict[str, Any]:
     probs, scores = predictor.predict_arrays(np.asarray(cache.images)[ok], tta=tta)
     sets = predictor.conformal.sets(probs) if predictor.conformal is not None else None
     ood = predictor.guard.is_ood(scores) if predictor.guard is not None else None
-    return figures(site.targets()[ok], probs, sets, ood, classes)
+    out = figures(site.targets()[ok], probs, sets, ood, classes)
+    # kept so that --ensemble can average candidates' probabilities later, without retraining
+    out["probs"] = np.round(probs, 5).tolist()
+    out["targets"] = site.targets()[ok].tolist()
+    out["classes"] = classes
+    return out
+
+
+def ensemble_figures(record: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Average the stored site probabilities of ``names`` (an ensemble of models, no prediction sets)."""
+    sites = [record["candidates"][n]["site"] for n in names]
+    targets = [tuple(s["targets"]) for s in sites]
+    if len(set(targets)) != 1:
+        raise SystemExit(f"--ensemble {' '.join(names)}: the candidates were scored on different images")
+    probs = np.mean([np.asarray(s["probs"]) for s in sites], axis=0)
+    out = figures(np.asarray(targets[0]), probs, None, None, sites[0]["classes"])
+    out["members"] = names
+    return out
 
 
 def run_site(name: str, overrides: dict[str, Any], tta: bool, work: Path, site_dir: Path,
@@ -118,6 +141,11 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--site", type=Path, default=DATA / "pediatric_site")
     parser.add_argument("--resume", type=Path, help="a bench/results/recipes-*.json to add to")
+    parser.add_argument("--bundle", nargs="+", default=[], metavar="NAME=PATH",
+                        help="score an existing bundle as candidate NAME (site part only), e.g. "
+                             "default=runs/demo/bundle after make demo: the default recipe repeats exactly")
+    parser.add_argument("--ensemble", nargs="+", default=[], metavar="NAME",
+                        help="after the parts: average these candidates' stored site probabilities")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override every candidate (a smoke run, e.g. --set epochs=1 image_size=64)")
     args = parser.parse_args()
@@ -135,6 +163,15 @@ def main() -> None:
     path = args.resume
     with tempfile.TemporaryDirectory(prefix="chestxray-recipes-") as tmp:
         work, bundles = Path(tmp), {}
+        for item in args.bundle:
+            name, _, where = item.partition("=")
+            overrides, tta, what = CANDIDATES[name]
+            entry = record["candidates"].setdefault(name, {"overrides": overrides, "tta": tta, "what": what})
+            entry.update(train_seconds=None, bundle=where, site=site_figures(Path(where), args.site, tta))
+            path = save_result(record_kind, record) if path is None else _rewrite(path, record)
+            print(summary_line(name, entry), flush=True)
+        if args.bundle and not args.only:
+            names = []
         for part in args.parts:
             for name in names:
                 overrides, tta, what = CANDIDATES[name]
@@ -146,6 +183,12 @@ def main() -> None:
                 record["machine_per_part"].append({"candidate": name, "part": part, **machine()})
                 path = save_result(record_kind, record) if path is None else _rewrite(path, record)
                 print(summary_line(name, entry), flush=True)
+    if args.ensemble:
+        name = "ensemble(" + "+".join(args.ensemble) + ")"
+        record["candidates"][name] = {"what": "mean of the members' probabilities", "site": ensemble_figures(
+            record, args.ensemble)}
+        path = save_result(record_kind, record) if path is None else _rewrite(path, record)
+        print(summary_line(name, record["candidates"][name]), flush=True)
     print(f"result: {path}")
 
 

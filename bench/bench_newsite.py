@@ -59,6 +59,42 @@ def figures(y: np.ndarray, probs: np.ndarray, sets: np.ndarray | None, ood: np.n
     return out
 
 
+def backbone_part(args: argparse.Namespace, model: Any, meta: Any, images: np.ndarray, y: np.ndarray,
+                  absent: list[int], figures_for: Any) -> dict[str, Any]:
+    """``adapt --unlabeled --backbone-epochs E``'s arrays: the backbone adapted on all images (scored on them)
+    and on random halves (scored on the other half, beside the centroid head alone on the same halves)."""
+    from chestxray.model.bundle import HeldOut
+    from chestxray.stats.conformal import ConformalSets
+    from chestxray.stats.ood import OODGuard
+    from chestxray.training.adapt import load_local, model_outputs
+    from chestxray.training.adapt_backbone import adapt_backbone
+    from chestxray.training.adapt_unlabeled import fit_unlabeled, run_reference
+
+    reference = run_reference(args.bundle, meta)
+    if reference is None:
+        sys.exit(f"{args.bundle}: no run split.csv beside it; --backbone-epochs needs the run's validation images")
+    local = load_local(meta, reference, progress=False, min_per_class=1, warn_seen=False)
+    present = np.array([k not in absent for k in range(len(meta.classes))])
+    every = np.arange(len(y))
+
+    def run(fit_rows: np.ndarray, score_rows: np.ndarray) -> dict[str, Any]:
+        child, info = adapt_backbone(model, images[fit_rows], present, epochs=args.backbone_epochs, seed=0)
+        held = HeldOut(*model_outputs(child, local.images), local.targets)
+        logits, features = model_outputs(child, images)
+        fitted = fit_unlabeled(meta, held, logits[fit_rows], features[fit_rows], absent, refit_guard=True)
+        probs = fitted.calibration.transform.probabilities(fitted.head.logits(features[score_rows]))
+        sets = ConformalSets.from_dict(fitted.calibration.conformal, list(meta.classes)).sets(probs)
+        guard = OODGuard.from_dict(fitted.calibration.ood) if fitted.calibration.ood else None
+        ood = guard.is_ood(guard.score(features[score_rows])) if guard else None
+        return {**figures_for(y[score_rows], probs, sets, ood, list(meta.classes)), "adaptation": info.to_dict()}
+
+    out: dict[str, Any] = {"epochs": args.backbone_epochs, "transductive": run(every, every)}
+    for h in range(args.backbone_halvings):
+        fit_rows = np.sort(np.random.default_rng(h).permutation(len(y))[: len(y) // 2])
+        out[f"half {h}"] = run(fit_rows, np.setdiff1d(every, fit_rows))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
@@ -67,6 +103,11 @@ def main() -> None:
     parser.add_argument("--halvings", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50, 100, 200])
     parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--backbone-epochs", type=int, default=0,
+                        help="also adapt the backbone (adapt --unlabeled --backbone-epochs E): on all images, and on "
+                             "--backbone-halvings random halves scored on the other half")
+    parser.add_argument("--backbone-halvings", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", default=["unlabeled", "labels"], choices=["unlabeled", "labels"])
     args = parser.parse_args()
 
     from chestxray.training.adapt import model_outputs, site_absent
@@ -122,17 +163,24 @@ def main() -> None:
     every = np.arange(len(y))
     record["unadapted"] = parent_figures(every, False)
     record["ruled_out"] = parent_figures(every, True)
-    record["unlabeled_transductive"] = adapted_figures(every, every)
-    halves = []
-    for h in range(args.halvings):
+    halves: list[dict[str, Any]] = []
+
+    def halving(h: int) -> tuple[np.ndarray, np.ndarray]:
         fit_rows = np.sort(np.random.default_rng(h).permutation(len(y))[: len(y) // 2])
-        score_rows = np.setdiff1d(every, fit_rows)
-        halves.append({"parent": parent_figures(score_rows, True), "adapted": adapted_figures(fit_rows, score_rows)})
-    record["unlabeled_halves"] = halves
+        return fit_rows, np.setdiff1d(every, fit_rows)
+
+    if "unlabeled" in args.parts:
+        record["unlabeled_transductive"] = adapted_figures(every, every)
+        for h in range(args.halvings):
+            fit_rows, score_rows = halving(h)
+            halves.append({"parent": parent_figures(score_rows, True), "adapted": adapted_figures(fit_rows, score_rows)})
+        record["unlabeled_halves"] = halves
+    if args.backbone_epochs:
+        record["backbone"] = backbone_part(args, model, meta, np.asarray(cache.images)[ok], y, absent, figures_for=figures)
 
     probs_all = meta.logit_transform().without(absent).probabilities(logits)
     labels_part: dict[str, Any] = {}
-    for n in args.sizes:
+    for n in (args.sizes if "labels" in args.parts else []):
         suggested = choose_for_labelling(probs_all, features, n, seed=0)
         rows = {"suggested": [suggested],
                 "random": [np.random.default_rng(1000 + d).choice(len(y), n, replace=False) for d in range(args.draws)]}
@@ -162,8 +210,12 @@ def main() -> None:
 
     print(line("unadapted", record["unadapted"]))
     print(line("site classes declared", record["ruled_out"]))
-    print(line("--unlabeled (all images)", record["unlabeled_transductive"]))
-    for name in ("accuracy", "set_coverage", "referred"):
+    if "unlabeled_transductive" in record:
+        print(line("--unlabeled (all images)", record["unlabeled_transductive"]))
+    for part in ("transductive", *(f"half {h}" for h in range(args.backbone_halvings))):
+        if args.backbone_epochs and part in record["backbone"]:
+            print(line(f"backbone {part}", record["backbone"][part]))
+    for name in (("accuracy", "set_coverage", "referred") if halves else ()):
         before = [h["parent"][name] for h in halves]
         after = [h["adapted"][name] for h in halves]
         print(f"halves ({args.halvings}), other half scored: {name} {100 * np.mean(before):.1f}% -> "

@@ -349,3 +349,48 @@ def test_the_head_choice_folds_train_on_most_labels_and_return_what_they_chose()
             assert np.array_equal(np.sort(rows), np.sort(labelled)) and np.array_equal(labels, known[rows])
         else:
             assert len(rows) == 180 and np.array_equal(labels, pseudo)
+
+
+@pytest.mark.slow  # trains a parent, then adapts its backbone for one epoch (about 5 s quiet)
+def test_backbone_adaptation_trains_the_backbone_not_the_head_nor_batch_norm(tmp_path: Path, make_folder) -> None:
+    """adapt --unlabeled --backbone-epochs: SHOT-IM changes the backbone's weights, leaves the frozen classifier
+    and batch norm's statistics as they were, refits the sets on the run's validation images through the new
+    backbone, and refuses without such a reference."""
+    import shutil
+
+    import torch
+
+    from chestxray.training.adapt_backbone import adapt_backbone
+    from chestxray.training.adapt_unlabeled import adapt_unlabeled, run_reference, site_images
+
+    data = make_folder({"covid19": 12, "normal": 12, "pneumonia": 12}, root="train3")
+    run = fit(data, TrainConfig(**{**TINY, "epochs": 1, "val_fraction": 0.4}), out_dir=tmp_path / "runs", name="p",
+              progress=False)
+    model, meta = load_bundle(run.bundle_dir)
+    reference = run_reference(run.bundle_dir, meta)
+    assert reference is not None and len(reference) == int(meta.seen_images["n_val"]) > 0
+    site_dir = make_folder({"normal": 20, "pneumonia": 20}, root="site_images", suffix=".jpg")
+    site = site_images(meta, site_dir, progress=False)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    child, record = adapt_backbone(model, site.images, np.array([False, True, True]), epochs=1, batch_size=16)
+    after = child.state_dict()
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # input untouched
+    head_ids = {id(p) for p in model.head_parameters()}
+    head = {f"backbone.{name}" for name, p in model.backbone.named_parameters() if id(p) in head_ids}
+    assert len(head) == 2
+    changed = [name for name in after if after[name].is_floating_point() and not torch.equal(before[name], after[name])]
+    assert changed and not set(changed) & head
+    assert not any("running_" in name for name in changed)  # batch norm's statistics stay the recipe's
+    assert len(record.loss) == 1 and np.isfinite(record.loss[0])
+    result = adapt_unlabeled(run.bundle_dir, site_dir, tmp_path / "child", site_classes=["normal", "pneumonia"],
+                             progress=False, backbone_epochs=1, onnx=False)
+    assert result.summary["backbone"]["epochs"] == 1 and "split.csv" in result.summary["backbone"]["reference"]
+    child_model, child_meta = load_bundle(result.bundle_dir)
+    grown = [n for n, t in child_model.state_dict().items() if t.is_floating_point() and "running_" not in n
+             and not torch.equal(before[n], t) and n not in head]
+    assert grown and "weights" in child_meta.conformal
+    # the bundle alone, away from its run folder: its validation images are unknown, so a reference is asked for
+    alone = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(run.bundle_dir, alone)
+    with pytest.raises(ChestXrayError, match="--reference"):
+        adapt_unlabeled(alone, site_dir, tmp_path / "child2", progress=False, backbone_epochs=1, onnx=False)

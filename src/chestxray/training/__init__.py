@@ -3,7 +3,7 @@
 Each public name of the submodules is importable from here (``from chestxray.training import ...``) and
 imported on first use, so that importing the subpackage stays light.
 
-Not re-exported: ``REPORT_FILE``, ``adapt``, ``adapt_unlabeled``, ``sweep`` (a submodule's name, or a name two
+Not re-exported: ``REPORT_FILE``, ``adapt``, ``adapt_backbone``, ``adapt_unlabeled``, ``sweep`` (a submodule's name, or a name two
 submodules define): import those from their module.
 """
 
@@ -16,7 +16,9 @@ _EXPORTS = {
             "Adaptation", "AdaptationResult", "model_outputs", "site_absent", "load_local", "local_transform",
             "site_coverage", "site_calibration", "recalibration", "finetune", "finetune_config", "cross_fitted",
             "compare", "site_lineage", "headline"),
-    "adapt_unlabeled": ("fit_unlabeled", "reference_held_out", "UnlabeledResult", "suggest_labels", "site_images"),
+    "adapt_backbone": ("BackboneAdaptation", "BACKBONE_LR", "BACKBONE_BETA"),
+    "adapt_unlabeled": ("fit_unlabeled", "reference_held_out", "run_reference", "UnlabeledResult", "suggest_labels",
+                        "site_images"),
     "config": ("Interval", "Choices", "option", "validate", "declared_options", "TrainConfig", "RuntimeSettings",
             "make_config", "load_config", "load_runtime", "save_config"),
     "cv": ("cross_validate", "CVResult", "SCORES"),

@@ -158,14 +158,15 @@ def site_absent(meta: BundleMeta, site_classes: Sequence[str] | None) -> list[in
 
 def load_local(meta: BundleMeta, data: str | Path | Samples, *, cache_dir: str | Path | None = None,
                progress: bool = True, min_per_class: int = MIN_PER_CLASS,
-               site_classes: Sequence[str] | None = None) -> LocalSample:
+               site_classes: Sequence[str] | None = None, warn_seen: bool = True) -> LocalSample:
     """Read the local labelled images (every split) for ``meta``'s model, refusing what cannot be adapted on.
 
     One-line errors: classes the bundle does not have; a class the site declares present (``site_classes``,
     default all of the model's) with no readable image, or one declared absent that has images. A present
     class with fewer than ``min_per_class`` images is kept with a warning: its prediction sets take the
     pooled threshold. Unreadable files are counted and named, the others used. Images the bundle was
-    trained or validated on give a warning (all of them: the local sample *is* the training data).
+    trained or validated on give a warning (all of them: the local sample *is* the training data), unless
+    ``warn_seen`` is false (a reference known to be the bundle's validation images).
     """
     absent = {meta.classes[k] for k in site_absent(meta, site_classes)}
     samples = data if isinstance(data, Samples) else load_samples(data)
@@ -205,7 +206,7 @@ def load_local(meta: BundleMeta, data: str | Path | Samples, *, cache_dir: str |
                    "threshold of all classes pooled, and their figures are uncertain")
         local.warnings.append(message)
         console.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
-    seen = check_seen(meta.seen_images, usable.frame["path"].tolist(), local.hashes)
+    seen = check_seen(meta.seen_images, usable.frame["path"].tolist(), local.hashes) if warn_seen else None
     if seen is not None and seen.n_seen:
         if seen.n_seen == len(usable):
             message = (f"the local sample is this model's training data: all {len(usable)} images were its training "

@@ -42,7 +42,7 @@ from ..console import make_console
 from ..errors import ChestXrayError, InputError
 from ..trust.label_free import (MIN_SITE_IMAGES, choose_for_labelling, choose_head_labels, centroid_pseudo_labels, domain_weights,
                          SiteHead, fit_site_head, label_free_summary)
-from ..trust.lineage import data_fingerprint, short_hash
+from ..trust.lineage import check_seen, data_fingerprint, short_hash
 from ..model.models import ChestXrayNet, EnsembleNet
 from ..stats.ood import OODGuard
 from ..inference.predict import expand_inputs
@@ -52,7 +52,7 @@ from ..storage import write_text
 if TYPE_CHECKING:
     from ..deploy.export import ExportResult
 
-__all__ = ["adapt_unlabeled", "fit_unlabeled", "reference_held_out", "UnlabeledResult", "suggest_labels", "site_images",
+__all__ = ["adapt_unlabeled", "fit_unlabeled", "reference_held_out", "run_reference", "UnlabeledResult", "suggest_labels", "site_images",
            "REPORT_FILE"]
 
 REPORT_FILE = "adaptation.json"
@@ -125,9 +125,11 @@ class Fitted:
 
 
 def fit_unlabeled(meta: BundleMeta, held: HeldOut, logits: np.ndarray, features: np.ndarray, absent: Sequence[int], *,
-                  seed: int = 0, known: np.ndarray | None = None) -> Fitted:
+                  seed: int = 0, known: np.ndarray | None = None, refit_guard: bool = False) -> Fitted:
     """Steps 2-5 of the module docstring on the parent's outputs for the site's images (``logits``,
-    ``features``) and its held-out reference ``held``; ``known``: labels a person gave (-1: none)."""
+    ``features``) and its held-out reference ``held``; ``known``: labels a person gave (-1: none).
+    ``refit_guard``: the features are a new backbone's (:mod:`.adapt_backbone`), so the OOD guard is fitted
+    again on ``held`` (its axes), not only given the site's scores as reference."""
     classes = list(meta.classes)
     present = np.array([k not in absent for k in range(len(classes))])
     before = meta.logit_transform().without(absent).probabilities(logits)
@@ -143,6 +145,8 @@ def fit_unlabeled(meta: BundleMeta, held: HeldOut, logits: np.ndarray, features:
     ood = None
     if meta.ood:
         guard = OODGuard.from_dict(meta.ood)
+        if refit_guard:
+            guard = OODGuard.fit(held.features, held.targets, n_components=len(guard.variances), quantile=guard.quantile)
         ood = guard.with_reference(guard.score(features)).to_dict()
     fitted_on = (f"the parent's {int(keep.sum())} validation images through the site head, weighted towards the site's "
                  f"{len(features)} images (chestxray adapt --unlabeled)")
@@ -195,14 +199,68 @@ def reference_held_out(parent: ChestXrayNet, meta: BundleMeta, reference: str | 
     return HeldOut(np.asarray(logits, np.float32), np.asarray(features, np.float32), np.asarray(local.targets))
 
 
+def run_reference(bundle_dir: str | Path, meta: BundleMeta) -> Samples | None:
+    """The validation images of the run that trained the bundle: the ``val`` rows of the ``split.csv`` in the
+    run folder above the bundle, when every one is still there and is, by content, one of the bundle's own
+    validation images (its ``seen_images`` record); ``None`` otherwise."""
+    split = Path(bundle_dir).parent / "split.csv"
+    if not split.is_file() or not meta.seen_images:
+        return None
+    try:
+        table = pd.read_csv(split, dtype=str, keep_default_na=False)
+        table = table[table["subset"] == "val"]
+    except (OSError, ValueError, KeyError):
+        return None
+    paths = table["path"].tolist()
+    if table.empty or not set(table["label"]) <= set(meta.classes) or not all(Path(p).is_file() for p in paths):
+        return None
+    seen = check_seen(meta.seen_images, paths)
+    if seen is None or seen.n_val != len(paths) or seen.n_train:
+        return None
+    frame = pd.DataFrame({"path": paths, "label": table["label"].tolist(), "split": "",
+                          "patient_id": table.get("patient_id", pd.Series([""] * len(paths))).tolist(),
+                          "source": str(split)})
+    return Samples(frame, list(meta.classes), "multiclass", str(split))
+
+
+def _adapted_backbone(parent: ChestXrayNet, meta: BundleMeta, bundle_dir: Path, site: SiteImages, absent: Sequence[int],
+                      reference: str | Path | Samples | None, *, epochs: int, seed: int,
+                      cache_dir: str | Path | None, progress: bool) -> tuple[ChestXrayNet, HeldOut, dict[str, Any]]:
+    """The parent with its backbone adapted to the site (:func:`.adapt_backbone.adapt_backbone`), and its
+    held-out reference through the new backbone: the run's validation images (:func:`run_reference`) or
+    ``reference``, since the stored ``heldout.npz`` features are the old backbone's."""
+    from .adapt_backbone import adapt_backbone
+
+    ref = reference if reference is not None else run_reference(bundle_dir, meta)
+    if ref is None:
+        raise ChestXrayError(f"{bundle_dir}: --backbone-epochs needs labelled images of the bundle's own kind that it "
+                             "did not train on, to refit the prediction sets through the new backbone; its run "
+                             "folder's split.csv is not beside it: give --reference DATA")
+    local = load_local(meta, ref, cache_dir=cache_dir, progress=progress, min_per_class=1, warn_seen=reference is not None)
+    present = np.array([k not in absent for k in range(len(meta.classes))])
+
+    def report(epoch: int, record: Any) -> None:
+        if progress:
+            console.print(f"backbone epoch {epoch}/{epochs}: loss {record.loss[-1]:.3f}, pseudo-labels changed "
+                          f"{100 * record.pseudo_changed[-1]:.1f}%", soft_wrap=True, highlight=False)
+
+    child, record = adapt_backbone(parent, site.images, present, epochs=epochs, seed=seed, on_epoch=report)
+    ref_logits, ref_features = model_outputs(child, local.images)
+    held = HeldOut(np.asarray(ref_logits, np.float32), np.asarray(ref_features, np.float32), np.asarray(local.targets))
+    return child, held, {**record.to_dict(), "reference": f"{len(local.images)} labelled images ({local.samples.origin})"}
+
+
 def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path], out: str | Path, *,
                     site_classes: Sequence[str] | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                     progress: bool = True, labels: str | Path | None = None, onnx: bool = True,
-                    reference: str | Path | Samples | None = None) -> UnlabeledResult:
+                    reference: str | Path | Samples | None = None, backbone_epochs: int = 0) -> UnlabeledResult:
     """Adapt ``bundle`` to a site from its unlabelled images (see the module docstring); write the child to
     ``out``. ``labels``: a CSV (``path,label``) of the images a person labelled, e.g. those ``--suggest``
     chose; they keep their labels and anchor the centroids. ``reference``: labelled images standing in for
-    the bundle's ``heldout.npz`` (:func:`reference_held_out`), for bundles trained without one."""
+    the bundle's ``heldout.npz`` (:func:`reference_held_out`), for bundles trained without one.
+    ``backbone_epochs``: first train the backbone on the site's images for that many epochs (SHOT-IM,
+    :mod:`.adapt_backbone`; 0: the parent's backbone is kept); its reference is the run's validation images
+    (:func:`run_reference`) or ``reference``."""
     bundle_dir, out = Path(bundle), Path(out)
     if out.resolve() == bundle_dir.resolve():
         raise ChestXrayError(f"{out}: the child bundle needs its own folder (not the parent's)")
@@ -211,8 +269,8 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
         raise ChestXrayError(f"{bundle_dir}: label-free adaptation needs a single multi-class model "
                              "(not a cross-validation ensemble or a multi-label model)")
     held = (reference_held_out(parent, meta, reference, cache_dir=cache_dir, progress=progress)
-            if reference is not None else load_held_out(bundle_dir, meta))
-    if held is None:
+            if reference is not None and not backbone_epochs else load_held_out(bundle_dir, meta))
+    if held is None and not backbone_epochs:
         raise ChestXrayError(f"{bundle_dir}: the bundle has no held-out reference (heldout.npz, written by chestxray "
                              "train since label-free adaptation exists); give --reference DATA (labelled images of "
                              "its own kind that it did not train on), retrain it, or adapt with labels")
@@ -228,20 +286,26 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
                              f"({', '.join(sorted({classes[k] for k in known if k in absent}))}); declare it present")
     logits, features = model_outputs(parent, site.images)
     parent_transform = meta.logit_transform()
-    fitted = fit_unlabeled(meta, held, logits, features, absent, seed=seed, known=known)
+    base, site_logits, site_features, backbone = parent, logits, features, None
+    if backbone_epochs:
+        base, held, backbone = _adapted_backbone(parent, meta, bundle_dir, site, absent, reference, epochs=backbone_epochs,
+                                                 seed=seed, cache_dir=cache_dir, progress=progress)
+        site_logits, site_features = model_outputs(base, site.images)
+    fitted = fit_unlabeled(meta, held, site_logits, site_features, absent, seed=seed, known=known,
+                           refit_guard=backbone is not None)
     head, calibration, pseudo, shift = fitted.head, fitted.calibration, fitted.pseudo, fitted.shift
-    child_model = _with_head(parent, head.weight, head.bias)
-    after = calibration.transform.probabilities(head.logits(features))
+    child_model = _with_head(base, head.weight, head.bias)
+    after = calibration.transform.probabilities(head.logits(site_features))
     after_sets = ConformalSets.from_dict(calibration.conformal, classes).sets(after)
     before_sets = (ConformalSets.from_dict(meta.conformal, classes).sets(parent_transform.probabilities(logits))
                    if meta.conformal else None)
-    def flagged(guard: dict[str, Any] | None) -> np.ndarray | None:
+    def flagged(guard: dict[str, Any] | None, on: np.ndarray) -> np.ndarray | None:
         if not guard:
             return None
         fitted = OODGuard.from_dict(guard)
-        return fitted.is_ood(fitted.score(features))
+        return fitted.is_ood(fitted.score(on))
 
-    before_ood, after_ood = flagged(meta.ood), flagged(calibration.ood)
+    before_ood, after_ood = flagged(meta.ood, features), flagged(calibration.ood, site_features)
     summary = label_free_summary(parent_transform.probabilities(logits), after, classes, before_sets=before_sets,
                                  after_sets=after_sets, before_ood=before_ood, after_ood=after_ood)
     summary.update(mode="unlabeled", absent_classes=[classes[k] for k in absent], domain_shift=shift,
@@ -252,7 +316,11 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
                           "weighted by the parent's probabilities; SHOT, Liang et al. 2020); a new classifier "
                           "layer fitted to those labels; transform, operating points and weighted split-conformal "
                           "sets (Tibshirani et al. 2019) refitted on the parent's validation images; OOD and "
-                          "drift references refitted on the site's images")
+                          "drift references refitted on the site's images"
+                          + ("; first, the backbone trained on the site's images without labels (SHOT-IM, "
+                             "classifier frozen)" if backbone else ""))
+    if backbone:
+        summary["backbone"] = backbone
     calibration.reference.update(n=int(len(after)), note=f"the site's {len(after)} unlabelled images",
                                  predicted_shares=summary["after"]["predicted_shares"],
                                  referral_rate=summary["after"].get("referred_share"))

@@ -197,3 +197,16 @@ def test_ddp_training_matches_one_process(xray_subset: Path, tmp_path: Path) -> 
     tolerance = 3 * math.sqrt(2 * pooled * (1 - pooled) / n)
     assert abs(ddp["val_acc"] - single["val_acc"]) <= tolerance, (ddp, single, tolerance)
     assert ddp["val_acc"] > 0.5 + 2 * math.sqrt(0.25 / n), ddp  # and it learned: better than chance
+
+
+def test_a_lost_peer_is_named_in_one_line_only_inside_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chestxray.launch import peer_lost
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:9138. This is ...")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert peer_lost(gloo) is None  # one process: nothing to blame on a peer
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    line = peer_lost(gloo)
+    assert line is not None and "\n" not in line and "(4 processes)" in line and "rank 2" in line and "--resume" in line
+    assert peer_lost(ValueError("a bad option")) is None

@@ -873,6 +873,14 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except Exception as err:  # a peer of a distributed launch gone: one line on every surviving rank
+        from .launch import peer_lost
+
+        line = peer_lost(err)
+        if line is None:
+            raise
+        err_console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(3)
 
 
 def run() -> None:

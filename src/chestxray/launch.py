@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
     from .training.config import RuntimeSettings
 
-__all__ = ["world_size", "local_rank", "is_first_process", "torchrun_layout", "trainer_layout", "gather_in_order", "one_device"]
+__all__ = ["world_size", "local_rank", "is_first_process", "torchrun_layout", "trainer_layout", "gather_in_order", "one_device",
+           "peer_lost"]
 
 
 def world_size() -> int:
@@ -99,3 +100,23 @@ def gather_in_order(rows: torch.Tensor, total: int) -> torch.Tensor:
     parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, rows.contiguous())
     return torch.stack(parts, 1).flatten(0, 1)[:total]
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "failed to recv", "Socket Timeout")
+
+
+def peer_lost(err: BaseException) -> str | None:
+    """One line for an error that means another process of this distributed launch died or lost its
+    connection (a node killed, a worker out of memory), ``None`` for any other error or outside a launch.
+    Every surviving rank hits one at its next collective call; there is nothing to continue with."""
+    if world_size() <= 1:
+        return None
+    kind = type(err).__name__
+    text = str(err)
+    if kind not in ("DistBackendError", "DistNetworkError", "DistStoreError") and not any(m in text for m in _PEER_LOST):
+        return None
+    return (f"another process of this distributed run ({world_size()} processes) stopped or lost its connection "
+            f"({kind}: {text.splitlines()[0][:160] if text else 'no message'}); rank {os.environ.get('RANK', '?')} "
+            "stops too. Find the first failure in the other nodes' logs, then rerun the same command on every node "
+            "(train: with --resume, from the last checkpoint)")

@@ -122,7 +122,7 @@ def adapt_backbone(model: ChestXrayNet, images: np.ndarray, present: np.ndarray,
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         record.loss.append(float(np.mean(losses)))
         if on_epoch is not None:
             on_epoch(epoch, record)

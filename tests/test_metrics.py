@@ -220,3 +220,15 @@ def test_a_multilabel_probability_of_exactly_the_threshold_is_called_as_everywhe
     logits = np.zeros((2, 2), dtype=np.float32)  # sigmoid(0) = 0.5 exactly
     assert logit_scores(logits, np.ones((2, 2), dtype=np.float32), "multilabel").accuracy == 1.0
     assert logit_scores(logits, np.zeros((2, 2), dtype=np.float32), "multilabel").accuracy == 0.0
+
+
+def test_logit_auc_averages_the_classes_present_without_a_warning() -> None:
+    import warnings
+
+    from chestxray.stats.metrics import logit_scores
+
+    logits = np.array([[0.0, 2.0, 0.1], [0.0, 1.5, 0.2], [0.0, 0.1, 2.0], [0.0, 0.3, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a class with no image here (ruled out at a site) must not warn
+        scores = logit_scores(logits, np.array([1, 1, 2, 2]), "multiclass")
+    assert scores.macro_auc == 1.0

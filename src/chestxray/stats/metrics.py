@@ -376,7 +376,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 @dataclass(frozen=True)
 class LogitScores:
     """Quick figures of raw logits against their targets: the validation figures of every epoch, of
-    calibration and of each cross-validation fold (NaN where undefined, e.g. an AUC with a class absent).
+    calibration and of each cross-validation fold (NaN where undefined; the AUC averages the classes the targets hold).
 
     ``loss`` is the cross-entropy (multi-class) or the binary cross-entropy (multi-label) of the
     logits; ``accuracy`` the share of right arg-maxes (multi-label: of right labels at 0.5);
@@ -416,11 +416,12 @@ def logit_scores(logits: np.ndarray, targets: np.ndarray, task: str) -> LogitSco
     loss = F.cross_entropy(logits_t, targets_t).item()
     probs, truth = logits_t.softmax(-1).numpy(), targets_t.numpy()
     accuracy = float((probs.argmax(1) == truth).mean())
-    try:
-        auc = float(roc_auc_score(truth, probs, multi_class="ovr", labels=list(range(probs.shape[1])))
-                    if probs.shape[1] > 2 else roc_auc_score(truth, probs[:, 1]))
-    except ValueError:
-        auc = np.nan
+    # macro one-vs-rest AUC over the classes these targets hold (sklearn's "ovr" when every class is there);
+    # a class without images here (ruled out at a site) has no AUC and is not averaged as NaN
+    present = [c for c in range(probs.shape[1]) if 0 < int((truth == c).sum()) < len(truth)]
+    if probs.shape[1] == 2:
+        present = present[1:] if len(present) == 2 else []
+    auc = float(np.mean([roc_auc_score(truth == c, probs[:, c]) for c in present])) if present else np.nan
     with warnings.catch_warnings():  # a class absent from a small validation set is expected
         warnings.simplefilter("ignore")
         balanced = float(balanced_accuracy_score(truth, np.asarray(logits).argmax(1)))

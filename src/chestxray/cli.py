@@ -482,6 +482,8 @@ def export(bundle: Path = BundleArg,
            parity_data: Optional[Path] = typer.Option(
                None, "--parity-data", help="Other real X-rays for the INT8 parity check (default: calibration "
                                            "data images not calibrated on)."),
+           keep_fp32: Optional[str] = typer.Option(None, "--keep-fp32", help="INT8: comma-separated parts left in "
+                                                   "FP32: stem, head, depthwise, se (squeeze-and-excitation gates)."),
            min_agreement: float = typer.Option(0.99, "--min-agreement",
                                                help="Refuse the INT8 model below this share of labels agreeing "
                                                     "with the FP32 model.")) -> None:
@@ -490,8 +492,8 @@ def export(bundle: Path = BundleArg,
     if fmt != "onnx":
         raise ChestXrayError(f"--format {fmt!r} is not supported: use onnx")
     if quantize is None:
-        if calibration_data is not None or parity_data is not None:
-            raise ChestXrayError("--calibration-data and --parity-data go with --quantize int8")
+        if calibration_data is not None or parity_data is not None or keep_fp32 is not None:
+            raise ChestXrayError("--calibration-data, --parity-data and --keep-fp32 go with --quantize int8")
         from .deploy.export import export_onnx
 
         result = export_onnx(bundle, out, opset=opset, parity_images=parity_images)
@@ -503,11 +505,12 @@ def export(bundle: Path = BundleArg,
         raise ChestXrayError(f"--quantize {quantize!r} is not supported: use int8")
     if calibration_data is None:
         raise ChestXrayError("--quantize int8 needs --calibration-data: a few hundred of the training images")
-    from .deploy.quantize import quantize_bundle
+    from .deploy.quantize import QuantSettings, quantize_bundle
 
+    parts = tuple(part.strip() for part in (keep_fp32 or "").split(",") if part.strip())
     result = quantize_bundle(bundle, calibration_data, out, n_calibration=calibration_images, parity_data=parity_data,
                              min_agreement=min_agreement, opset=opset, parity_images=parity_images,
-                             progress=err_console.is_terminal)
+                             settings=QuantSettings(keep_fp32=parts), progress=err_console.is_terminal)
     parity = result.parity
     ood = "" if parity.ood_flag_agreement is None else f", OOD flags agree on {parity.ood_flag_agreement:.1%}"
     console.print(f"{result.path}: INT8, {result.size_bytes / 1e6:.1f} MB, calibrated on {result.n_calibration} "

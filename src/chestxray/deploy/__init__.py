@@ -13,6 +13,6 @@ _EXPORTS = {
             "PROB_TOLERANCE", "FEATURE_TOLERANCE"),
     "quantize": ("MIN_AGREEMENT", "DEFAULT_CALIBRATION_IMAGES", "DEFAULT_PARITY_IMAGES", "MIN_CALIBRATION_IMAGES",
             "MIN_PARITY_IMAGES", "CALIBRATION_BATCH", "QuantSettings", "Parity", "QuantizeResult",
-            "quantize_bundle", "check_parity"),
+            "quantize_bundle", "check_parity", "FP32_PARTS", "fp32_nodes"),
 }
 __all__, __getattr__, __dir__ = _exports(__name__, _EXPORTS)

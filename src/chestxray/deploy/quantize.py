@@ -18,7 +18,7 @@ from __future__ import annotations
 
 __all__ = ["MIN_AGREEMENT", "DEFAULT_CALIBRATION_IMAGES", "DEFAULT_PARITY_IMAGES", "MIN_CALIBRATION_IMAGES",
            "MIN_PARITY_IMAGES", "CALIBRATION_BATCH", "QuantSettings", "Parity", "QuantizeResult", "quantize_bundle",
-           "check_parity"]
+           "check_parity", "FP32_PARTS", "fp32_nodes"]
 
 import json
 import tempfile
@@ -62,6 +62,18 @@ class QuantSettings:
 
     per_channel: bool = True
     reduce_range: bool = True
+    keep_fp32: tuple[str, ...] = ()
+    """Parts left in FP32 (not quantized): ``stem`` (the first convolution), ``head`` (the classifier layer),
+    ``depthwise`` (every depthwise convolution), ``se`` (squeeze-and-excitation gates, if any); see
+    :data:`FP32_PARTS`."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.keep_fp32) - set(FP32_PARTS))
+        if unknown:
+            raise ChestXrayError(f"--keep-fp32: unknown part(s) {', '.join(unknown)} (choose from {', '.join(FP32_PARTS)})")
+
+
+FP32_PARTS = ("stem", "head", "depthwise", "se")
 
 
 @dataclass(frozen=True)
@@ -230,9 +242,30 @@ def _quantize(fp32: Path, prepared: Path, out: Path, images: np.ndarray, setting
             quantize_static(str(prepared), str(out), _Batches(INPUT_NAME, images), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=settings.per_channel, reduce_range=settings.reduce_range,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=fp32_nodes(prepared, settings.keep_fp32))
     except Exception as err:  # onnxruntime's tools raise many types; the user needs one line
         raise ChestXrayError(f"INT8 quantization failed: {first_line(err)}") from err
+
+
+def fp32_nodes(graph: Path, parts: tuple[str, ...]) -> list[str]:
+    """Names of the nodes of the ONNX ``graph`` that make up ``parts`` (:data:`FP32_PARTS`)."""
+    if not parts:
+        return []
+    import onnx
+
+    nodes = list(onnx.load(str(graph), load_external_data=False).graph.node)
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    chosen: list[str] = []
+    if "stem" in parts and convs:
+        chosen.append(convs[0].name)
+    if "head" in parts:
+        chosen += [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")][-1:]
+    if "depthwise" in parts:
+        chosen += [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    if "se" in parts:  # the gate of squeeze-and-excitation: a Conv on a pooled (1x1) map, then a sigmoid
+        chosen += [n.name for n in nodes if n.op_type in ("Sigmoid", "HardSigmoid")]
+    return list(dict.fromkeys(chosen))
 
 
 def _record(fp32: Path, quantized: Path, record: dict[str, Any]) -> None:

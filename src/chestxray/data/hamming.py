@@ -34,7 +34,7 @@ _SAMPLE_PAIRS = 20_000  # random pairs that estimate how often a chunk matches b
 _BLOCK_ELEMENTS = 1 << 23  # hash pairs compared (brute force) or candidates checked per block
 # Seconds per unit of work, measured on one core (bench/bench_audit_scale.py): a brute-force
 # comparison of two 256-bit hashes, one bucket of a table, one key looked up, one candidate checked.
-_COST_PAIR, _COST_TABLE, _COST_PROBE, _COST_CANDIDATE = 1.3e-8, 3e-9, 1.0e-8, 4.0e-8
+_COST_PAIR, _COST_TABLE, _COST_PROBE, _COST_CANDIDATE = 1.3e-8, 3e-9, 1.4e-8, 1.2e-7
 
 
 @dataclass(frozen=True)
@@ -178,14 +178,15 @@ def _flip_masks(width: int, radius: int) -> np.ndarray:
     masks = [0]
     for k in range(1, radius + 1):
         masks += [sum(1 << bit for bit in bits) for bits in combinations(range(width), k)]
-    return np.array(masks, dtype=np.int64)
+    return np.array(masks, dtype=np.int32)
 
 
 # -------------------------------------------------------------------------------- indexed search
 
 
 def _keys(bits: np.ndarray, chunk: np.ndarray) -> np.ndarray:
-    return bits[:, chunk].astype(np.int64) @ (np.int64(1) << np.arange(len(chunk), dtype=np.int64))
+    """The chunk's bits of each row as an integer key (int32: a key has at most 24 bits)."""
+    return (bits[:, chunk].astype(np.int32) @ (np.int32(1) << np.arange(len(chunk), dtype=np.int32))).astype(np.int32)
 
 
 def _indexed(a: np.ndarray, b: np.ndarray | None, max_distance: int, plan: _Plan):
@@ -197,32 +198,43 @@ def _indexed(a: np.ndarray, b: np.ndarray | None, max_distance: int, plan: _Plan
         keys_a, keys_b = _keys(bits_a, chunk), _keys(bits_b, chunk)
         counts = np.bincount(keys_b, minlength=1 << len(chunk))
         starts = np.cumsum(counts) - counts
+        occupied = counts > 0  # a byte a bucket: the lookups stay in cache longer than in counts
         members = np.argsort(keys_b, kind="stable")  # rows of b grouped by key, in bucket order
-        for mask in _flip_masks(len(chunk), plan.radius):
-            probe = keys_a ^ mask
-            hits = counts[probe]
-            rows = np.flatnonzero(hits)
-            if len(rows):
-                yield from _checked(a, targets, b is None, rows, starts[probe[rows]], hits[rows], members, max_distance)
+        masks = _flip_masks(len(chunk), plan.radius)
+        per_block = max(1, _BLOCK_ELEMENTS // 4 // len(keys_a))
+        for first in range(0, len(masks), per_block):
+            probe = (keys_a[None, :] ^ masks[first:first + per_block, None]).ravel()
+            hit = np.flatnonzero(occupied[probe])
+            if len(hit):
+                keys = probe[hit]
+                yield from _checked(a, targets, b is None, hit % len(keys_a), starts[keys], counts[keys], members,
+                                    max_distance)
 
 
 def _checked(a: np.ndarray, targets: np.ndarray, within: bool, rows: np.ndarray, starts: np.ndarray,
              sizes: np.ndarray, members: np.ndarray, max_distance: int):
     """The candidates (each of ``rows`` against its bucket of ``sizes`` members from ``starts``)
-    within ``max_distance``, checked in blocks of bounded size."""
+    within ``max_distance``, checked in blocks of bounded size: first on two words, then in full."""
     ends = np.cumsum(sizes)
     begin = 0
     while begin < len(rows):
-        stop = int(np.searchsorted(ends, ends[begin] - sizes[begin] + _BLOCK_ELEMENTS, side="right"))
-        stop = max(stop, begin + 1)
+        stop = max(begin + 1, int(np.searchsorted(ends, ends[begin] - sizes[begin] + _BLOCK_ELEMENTS, side="right")))
         block_sizes = sizes[begin:stop]
-        i = np.repeat(rows[begin:stop], block_sizes)
-        offsets = np.arange(len(i)) - np.repeat(np.cumsum(block_sizes) - block_sizes, block_sizes)
-        j = members[np.repeat(starts[begin:stop], block_sizes) + offsets]
+        if (block_sizes == 1).all():  # the usual case in a wide table: one string a bucket
+            i, j = rows[begin:stop], members[starts[begin:stop]]
+        else:
+            i = np.repeat(rows[begin:stop], block_sizes)
+            before = np.cumsum(block_sizes) - block_sizes
+            j = members[np.repeat(starts[begin:stop] - before, block_sizes) + np.arange(len(i))]
         if within:
             keep = i < j
             i, j = i[keep], j[keep]
-        distance = _distances(a[i], targets[j])
+        distance = np.zeros(len(i), dtype=np.int64)
+        for word in range(a.shape[1]):
+            distance += np.bitwise_count(a[i, word] ^ targets[j, word])
+            if word == 1 < a.shape[1] - 1:  # two words already rule out most unrelated candidates
+                close = distance <= max_distance
+                i, j, distance = i[close], j[close], distance[close]
         close = distance <= max_distance
         yield i[close], j[close], distance[close]
         begin = stop

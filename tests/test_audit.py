@@ -300,3 +300,28 @@ def test_audit_warns_of_an_unreadable_class_folder(make_folder, tmp_path: Path, 
     assert [(s.path, s.reason) for s in report.skipped] == [(str(root / "pneumonia"),
                                                             "cannot read this folder (Permission denied)")]
     assert any("unreadable folders" in f and "cannot read this folder" in f for f in report.findings)
+
+
+@pytest.mark.parametrize("near_distance", [NEAR_DUPLICATE_MAX_DISTANCE, 116])
+def test_indexed_search_finds_the_pairs_of_comparing_every_pair(planted, tmp_path, monkeypatch, near_distance):
+    """Issue 26: the audit's near-duplicate search (an index) reports exactly the pairs that comparing
+    every pair of the hashes in images.csv gives, also at a threshold loose enough to pair unrelated
+    images."""
+    import chestxray.data.audit as audit_module
+
+    _, _, base = planted
+    search = audit_module.close_pairs
+    monkeypatch.setattr(audit_module, "close_pairs", lambda a, b, d: search(a, b, d, method="index"))
+    report = audit(base / "data", out_dir=tmp_path, cache_dir=base / "cache", progress=False,
+                   near_distance=near_distance)
+    images = pd.read_csv(report.files["images"], keep_default_na=False)
+    images = images[images["problem"] == ""]
+    hashes = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint64) for h in images["phash"]])
+    distance = sum(np.bitwise_count(hashes[:, None, w] ^ hashes[None, :, w]) for w in range(hashes.shape[1]))
+    paths = images["path"].tolist()
+    expected = {(frozenset((paths[i], paths[j])), int(distance[i, j])) for i, j in zip(*np.nonzero(distance <= near_distance))
+                if i < j}
+    found = {(frozenset((p.path_a, p.path_b)), p.distance) for p in report.duplicates}
+    assert found == expected
+    assert len(expected) >= (2 if near_distance == NEAR_DUPLICATE_MAX_DISTANCE else 10)
+    assert report.near_duplicate_note == ""

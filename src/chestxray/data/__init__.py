@@ -22,6 +22,7 @@ _EXPORTS = {
             "ImageInfo", "load_image", "decoding", "FitGeometry", "fit_geometry", "fit_square",
             "normalize_contrast", "Preprocessing", "preprocess", "probe_image", "content_hash", "is_image_file",
             "gray_array", "read_file", "read_capped", "find_images"),
+    "hamming": ("Method", "close_pairs"),
     "dicomcheck": ("REASON_PREFIX", "HEADER_FIELDS", "HeaderPolicy", "DEFAULT_POLICY", "check_header",
             "header_summary", "HeaderCheck", "inspect_source", "check_source"),
     "sources": ("COLUMNS", "SPLIT_NAMES", "NO_FINDING", "Samples", "load_samples", "patient_id_from_name"),

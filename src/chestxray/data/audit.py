@@ -30,6 +30,7 @@ from ..constants import DEFAULT_IMAGE_SIZE, SET_SEPARATOR
 from .cache import build_cache
 from .decode import content_hash, fit_geometry, probe_image
 from ..errors import ChestXrayError, InputError
+from .hamming import close_pairs
 from .sources import NO_FINDING, SPLIT_NAMES, Samples, load_samples
 from ..storage import atomic_path, make_folder, write_text
 
@@ -57,9 +58,8 @@ size, JPEG quality 50 or a blur stay within 16 bits, a 1% crop within 30; the tw
 copies in the course dataset are 8 and 14 bits apart, while the closest unrelated pairs are
 54 bits apart (course dataset) and 42 bits apart (PneumoniaMNIST, 28 px images)."""
 
-MAX_COMPARED_PAIRS = 500_000_000
-"""Near duplicates are searched by comparing every pair of hashes (about 31,600 images; about
-1.3 s per 100 million pairs on one core); larger searches are skipped and the report says so."""
+_HASH_BATCH = 4096
+"""Images hashed at once: bounds the memory of the thumbnails and their DCT (16 KiB each)."""
 
 SHORTCUT_FEATURES = ["width", "height", "aspect", "file_bytes", "format", "mode", "bit_depth"]
 SHORTCUT_FOLDS = 5
@@ -74,7 +74,6 @@ _METADATA_COLUMNS = ["width", "height", "format", "mode", "bit_depth", "file_byt
 NO_SPLIT = "unsplit"
 AGAINST_SCOPE = "vs other dataset"
 _LISTED = 50  # rows per list in the Markdown report; the JSON file has all of them
-_CHUNK_ELEMENTS = 1 << 23  # hash pairs compared per block: bounds the search's memory
 _SPLIT_ORDER = {name: i for i, name in enumerate((*SPLIT_NAMES, NO_SPLIT))}
 
 
@@ -230,13 +229,15 @@ def perceptual_hashes(images: list[np.ndarray]) -> np.ndarray:
     Each image is shrunk to a ``4 * HASH_SIDE`` square thumbnail; a bit is set where a low
     frequency DCT coefficient is above their median (the pHash of Zauner, 2010, with more bits).
     """
-    if not images:
-        return np.zeros((0, HASH_SIDE * HASH_SIDE // 64), dtype=np.uint64)
+    hashes = np.zeros((len(images), HASH_SIDE * HASH_SIDE // 64), dtype=np.uint64)
     side = 4 * HASH_SIDE
-    thumbs = np.stack([cv2.resize(np.asarray(img), (side, side), interpolation=cv2.INTER_AREA) for img in images])
-    low = scipy.fft.dctn(thumbs.astype(np.float32), axes=(1, 2))[:, :HASH_SIDE, :HASH_SIDE].reshape(len(images), -1)
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).view(np.uint64)
+    for start in range(0, len(images), _HASH_BATCH):
+        batch = images[start:start + _HASH_BATCH]
+        thumbs = np.stack([cv2.resize(np.asarray(img), (side, side), interpolation=cv2.INTER_AREA) for img in batch])
+        low = scipy.fft.dctn(thumbs.astype(np.float32), axes=(1, 2))[:, :HASH_SIDE, :HASH_SIDE].reshape(len(batch), -1)
+        bits = low > np.median(low, axis=1, keepdims=True)
+        hashes[start:start + len(batch)] = np.packbits(bits, axis=1).view(np.uint64)
+    return hashes
 
 
 def render_terminal(report: AuditReport, console: Console) -> None:
@@ -353,6 +354,8 @@ def _tally(values: pd.Series) -> dict[str, int]:
 
 def _patient_overlap(frame: pd.DataFrame) -> list[PatientOverlap]:
     known = frame[frame["patient_id"] != ""].assign(split=_split_names(frame))
+    spread = known.groupby("patient_id")["split"].nunique()
+    known = known[known["patient_id"].isin(spread.index[spread > 1])]  # one pass over all, a loop over few
     overlaps = []
     for patient, group in known.groupby("patient_id"):
         if group["split"].nunique() > 1:
@@ -367,20 +370,12 @@ def _patient_overlap(frame: pd.DataFrame) -> list[PatientOverlap]:
 
 
 def _duplicates(scan: _Scan, other: _Scan | None, max_distance: int) -> tuple[list[DuplicatePair], str]:
-    """Exact and near duplicate pairs within ``scan`` and between ``scan`` and ``other``."""
+    """Exact and near duplicate pairs within ``scan`` and between ``scan`` and ``other``, and a note
+    on the search ("": every pair within ``max_distance`` was found, see :mod:`chestxray.data.hamming`)."""
     pairs = _pairs_within(scan, max_distance)
-    note = _search_note(len(scan.table) ** 2 // 2)
     if other is not None:
         pairs += _pairs_between(scan, other, max_distance)
-        note = note or _search_note(len(scan.table) * len(other.table))
-    return sorted(pairs, key=lambda p: (p.scope, p.kind, p.distance, p.path_a, p.path_b)), note
-
-
-def _search_note(n_pairs: int) -> str:
-    if n_pairs > MAX_COMPARED_PAIRS:
-        return (f"near duplicates not searched: {n_pairs:,} image pairs exceed the limit of "
-                f"{MAX_COMPARED_PAIRS:,}; exact duplicates were still searched")
-    return ""
+    return sorted(pairs, key=lambda p: (p.scope, p.kind, p.distance, p.path_a, p.path_b)), ""
 
 
 def _pairs_within(scan: _Scan, max_distance: int) -> list[DuplicatePair]:
@@ -392,10 +387,9 @@ def _pairs_within(scan: _Scan, max_distance: int) -> list[DuplicatePair]:
         for n, i in enumerate(positions):
             for j in positions[n + 1:]:
                 found[(i, j)] = _distance(scan, i, scan, j)
-    if not _search_note(len(sha) ** 2 // 2):
-        readable = np.flatnonzero(scan.table["problem"].to_numpy() == "")
-        for i, j, distance in _close_pairs(scan.hashes[readable], None, max_distance):
-            found.setdefault((readable[i], readable[j]), distance)
+    readable = np.flatnonzero(scan.table["problem"].to_numpy() == "")
+    for i, j, distance in zip(*close_pairs(scan.hashes[readable], None, max_distance)):
+        found.setdefault((int(readable[i]), int(readable[j])), int(distance))
     return [_pair(scan, i, scan, j, d) for (i, j), d in found.items()]
 
 
@@ -406,33 +400,11 @@ def _pairs_between(scan: _Scan, other: _Scan, max_distance: int) -> list[Duplica
     for i, sha in enumerate(scan.table["sha256"]):
         for j in hashed.index[other_rows.get(sha, [])] if sha else []:
             found[(i, j)] = _distance(scan, i, other, j)
-    if not _search_note(len(scan.table) * len(other.table)):
-        mine = np.flatnonzero(scan.table["problem"].to_numpy() == "")
-        theirs = np.flatnonzero(other.table["problem"].to_numpy() == "")
-        for i, j, distance in _close_pairs(scan.hashes[mine], other.hashes[theirs], max_distance):
-            found.setdefault((mine[i], theirs[j]), distance)
+    mine = np.flatnonzero(scan.table["problem"].to_numpy() == "")
+    theirs = np.flatnonzero(other.table["problem"].to_numpy() == "")
+    for i, j, distance in zip(*close_pairs(scan.hashes[mine], other.hashes[theirs], max_distance)):
+        found.setdefault((int(mine[i]), int(theirs[j])), int(distance))
     return [_pair(scan, i, other, j, d) for (i, j), d in found.items()]
-
-
-def _close_pairs(a: np.ndarray, b: np.ndarray | None, max_distance: int):
-    """Yield ``(i, j, distance)`` for hashes of ``a`` and ``b`` within ``max_distance`` bits.
-
-    With ``b`` None, pairs ``i < j`` of ``a`` itself. Compares block by block to bound memory.
-    """
-    targets = a if b is None else b
-    block_rows = max(1, _CHUNK_ELEMENTS // max(1, len(targets)))
-    for start in range(0, len(a), block_rows):
-        block = a[start:start + block_rows]
-        first = start if b is None else 0  # within one set, compare only with later hashes
-        candidates = targets[first:]
-        distance = np.zeros((len(block), len(candidates)), dtype=np.uint16)
-        for word in range(a.shape[1]):
-            distance += np.bitwise_count(block[:, None, word] ^ candidates[None, :, word])
-        close = distance <= max_distance
-        if b is None:
-            close &= np.arange(len(candidates))[None, :] > np.arange(len(block))[:, None]
-        for i, j in zip(*np.nonzero(close)):
-            yield start + int(i), first + int(j), int(distance[i, j])
 
 
 def _distance(scan: _Scan, i: int, other: _Scan, j: int) -> int:

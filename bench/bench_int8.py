@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="chestxray-int8-bench-") as scratch:
         fp32_path = export_onnx(args.bundle, Path(scratch) / "fp32.onnx").path
         fp32 = OnnxRunner(fp32_path)
-        timing = site[:96]
+        timing = (site[:96, None] / np.float32(255.0)).astype(np.float32)  # the runner's input: (N, 1, S, S) in [0, 1]
         for name in args.variants:
             out = Path(scratch) / f"{name}.onnx"
             _quantize(fp32_path, Path(scratch) / f"{name}.prepared.onnx", out, calibration,

@@ -181,7 +181,7 @@ class SlowBodies(threading.Thread):
         self.start_time = time.monotonic()
         self.events: list[tuple[int, float]] = []
         self.open: dict[socket.socket, tuple[str, float, bytes]] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         for source in sources:
             for _ in range(per_source):
                 self._open(source)
@@ -200,14 +200,14 @@ class SlowBodies(threading.Thread):
         status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") and data.count(b" ") >= 2 else 0
         self.events.append((status, round(time.monotonic() - opened, 2)))
         sock.close()
-        if self.reconnect and not self._stop.is_set():
+        if self.reconnect and not self._halt.is_set():
             self._open(source)
 
     def run(self) -> None:
         import select
 
         next_drip = time.monotonic() + self.interval
-        while not self._stop.is_set() and self.open:
+        while not self._halt.is_set() and self.open:
             readable, _, _ = select.select(list(self.open), [], [], max(0.0, min(0.5, next_drip - time.monotonic())))
             for sock in readable:
                 try:
@@ -232,7 +232,7 @@ class SlowBodies(threading.Thread):
         return len(self.open)
 
     def stop_flood(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
         for sock in list(self.open):
             sock.close()

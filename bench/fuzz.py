@@ -1,13 +1,18 @@
 """Long mode of the fuzzing harness (tests/fuzzing.py): many mutated real PNG, JPEG, TIFF and DICOM
-files through ``decode.load_image`` and/or ``POST /v1/predict`` (in-process app, tiny model).
+files through ``decode.load_image`` and/or ``POST /v1/predict`` (in-process app, tiny model); and the
+other paths that read bytes (``bench/fuzz_paths.py``): worklists naming hostile paths (``/dev/zero``,
+FIFOs, sparse huge files, junk) and mutated files, and mutated WADO-RS answers from a loopback server.
 
     PYTHONPATH=src python bench/fuzz.py --target decode --cases 50000 --seed 1
+    PYTHONPATH=src python bench/fuzz.py --target worklist --cases 200 --chunk 50
+    PYTHONPATH=src python bench/fuzz.py --target dicomweb --cases 500 --chunk 100
 
 Runs hypothesis in chunks of ``--chunk`` cases, each with its own seed (``--seed`` + chunk number),
 so a long run is reproducible chunk by chunk. Fails (exit 1) on any exception other than the
 project's ``InputError`` and on any 5xx; the failing inputs are written to ``--failures`` (outside
 the repository: they are derived from the datasets' images). Writes counts, outcomes and timing
-to ``bench/results/fuzz-<target>-<date>.json``.
+to ``bench/results/fuzz-<target>-<date>.json`` (with this process's peak RSS: the hostile paths must not
+be read whole).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from common import save_result  # noqa: E402
+from fuzz_paths import DicomwebTarget, WorklistTarget, dicomweb_answers, worklist_rows  # noqa: E402
 from fuzzing import CONTENT_TYPES, Case, check_decode, check_predict, load_seeds, mutated  # noqa: E402
+from hostile import peak_rss_mb  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -35,18 +42,25 @@ def run(target: str, cases: int, chunk: int, first_seed: int, failures_dir: Path
     failures: list[dict] = []
     slowest = (0.0, "")
     client = _client() if target == "predict" else None
+    paths = {"worklist": (WorklistTarget, worklist_rows), "dicomweb": (DicomwebTarget, dicomweb_answers)}
+    checker = paths[target][0](_predictor()) if target in paths else None
+    strategy = paths[target][1](seeds) if target in paths else mutated(seeds)
+    rss_before = peak_rss_mb()  # the model and libraries loaded, before any case
 
     def one(case: Case, content_type: str) -> None:
         nonlocal slowest
         start = time.perf_counter()
         try:
-            outcome = check_decode(case) if client is None else str(check_predict(client, case, content_type))
+            if checker is not None:
+                outcome = checker.check(case)
+            else:
+                outcome = check_decode(case) if client is None else str(check_predict(client, case, content_type))
         except BaseException:
             outcomes["failed"] += 1
             raise
         elapsed = time.perf_counter() - start
         if elapsed > slowest[0]:
-            slowest = (elapsed, case.seed)
+            slowest = (elapsed, getattr(case, "seed", repr(case)[:120]))
         outcomes[outcome] += 1
 
     start = time.perf_counter()
@@ -60,7 +74,7 @@ def run(target: str, cases: int, chunk: int, first_seed: int, failures_dir: Path
         @seed(chunk_seed)
         @settings(max_examples=size, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
                   suppress_health_check=list(HealthCheck))
-        @given(case=mutated(seeds), content_type=st.sampled_from(CONTENT_TYPES))
+        @given(case=strategy, content_type=st.sampled_from(CONTENT_TYPES))
         def chunk_test(case: Case, content_type: str) -> None:
             one(case, content_type)
 
@@ -74,7 +88,8 @@ def run(target: str, cases: int, chunk: int, first_seed: int, failures_dir: Path
     return {"target": target, "cases": done, "outcomes": dict(outcomes), "failures": failures,
             "chunks": number, "first_seed": first_seed, "chunk": chunk, "n_seed_files": len(seeds),
             "seconds": round(time.perf_counter() - start, 1),
-            "slowest_case_s": round(slowest[0], 3), "slowest_case_seed": slowest[1]}
+            "slowest_case_s": round(slowest[0], 3), "slowest_case_seed": slowest[1],
+            "peak_rss_mb_before_cases": rss_before, "peak_rss_mb": peak_rss_mb()}
 
 
 def _record_failure(err: Exception, chunk_seed: int, directory: Path, index: int) -> dict:
@@ -84,6 +99,14 @@ def _record_failure(err: Exception, chunk_seed: int, directory: Path, index: int
     path.write_text("".join(traceback.format_exception(err)) + "\n".join(falsifying))
     print(f"FAILURE in chunk seed {chunk_seed}: {type(err).__name__}: {err} -> {path}", flush=True)
     return {"chunk_seed": chunk_seed, "error": f"{type(err).__name__}: {err}"[:500], "details": str(path)}
+
+
+def _predictor():
+    from factories import make_bundle
+
+    from chestxray.inference.predict import load_model
+
+    return load_model(make_bundle(Path(tempfile.mkdtemp(prefix="fuzz-bundle-"))), backend="torch")
 
 
 def _client():
@@ -101,7 +124,7 @@ def _client():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=("decode", "predict"), default="decode")
+    parser.add_argument("--target", choices=("decode", "predict", "worklist", "dicomweb"), default="decode")
     parser.add_argument("--cases", type=int, default=20_000)
     parser.add_argument("--chunk", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first chunk (the next ones: +1, +2...).")

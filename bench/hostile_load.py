@@ -1,13 +1,21 @@
-"""A bounded hostile-load run on loopback: ``chestxray serve`` (default limits) while hostile clients
-hold idle and slow-header connections, and one address opens more than its cap; meanwhile an honest
-client calls ``/healthz`` and ``POST /v1/predict`` with a real chest X-ray.
+"""A bounded hostile-load run on loopback, one ``--mode`` at a time:
+
+- ``headers`` (default): ``chestxray serve`` (default limits) while hostile clients hold idle and
+  slow-header connections, and one address opens more than its cap; meanwhile an honest client calls
+  ``/healthz`` and ``POST /v1/predict`` with a real chest X-ray;
+- ``slow-body``: the same server (``--workers N`` processes) while ``--slow-bodies`` uploads from
+  ``--addresses`` addresses send their bodies a byte a second;
+- ``dicomweb``, ``cstore``, ``associations``: hostile DICOMweb servers against the WADO-RS reader,
+  oversized and garbage C-STOREs and idle sockets and associations against ``listen``
+  (``bench/hostile_net.py``).
 
     PYTHONPATH=src python bench/hostile_load.py [--idle 200 --slow 100 --seconds 20]
+    PYTHONPATH=src python bench/hostile_load.py --mode slow-body --slow-bodies 75 --addresses 3 --workers 2
 
 Measures the honest client's answers (status counts, latency) with and without the hostile
 connections, how many hostile connections the server held, refused and closed, and when it closed
 them (the header deadline). Loopback only (127.0.0.0/8: each hostile group has its own address).
-Writes ``bench/results/hostile-load-<date>.json``. A tiny random-weights model answers: the figures
+Writes ``bench/results/hostile-load-<date>.json`` (``hostile-<mode>-<date>.json`` for the other modes). A tiny random-weights model answers: the figures
 are about the server, not the model; CPU-shared machines: see ``machine.load_average_1min``.
 """
 
@@ -32,7 +40,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from common import DATA, save_result  # noqa: E402
 
 SERVER = ("import sys; from chestxray.serve import serve; "
-          "serve(sys.argv[1], port=int(sys.argv[2]), backend='torch', threads=1, log_level='warning')")
+          "serve(sys.argv[1], port=int(sys.argv[2]), backend='torch', threads=1, log_level='warning', "
+          "workers=int(sys.argv[3]))")
 IMAGE = DATA / "dicom_samples" / "nih_00000001_000.png"
 
 
@@ -108,35 +117,112 @@ def honest_client(url: str, seconds: float, image: bytes) -> dict:
     return summary
 
 
+def start_server(workers: int) -> tuple[subprocess.Popen, str]:
+    """``chestxray serve`` of a tiny bundle with ``workers`` processes on a free loopback port, answering."""
+    from factories import make_bundle
+
+    bundle = make_bundle(Path(tempfile.mkdtemp(prefix="hostile-bundle-")))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CHESTXRAY_ALLOCATOR": "system"}
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(bundle), str(port), str(workers)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            httpx.get(f"{url}/healthz", timeout=1)
+            return server, url
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise SystemExit("the server did not start")
+            time.sleep(0.5)
+
+
+def process_tree_peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of process ``pid`` plus its children, in MB."""
+    total = 0
+    pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for one in pids:
+        try:
+            line = next(x for x in Path(f"/proc/{one}/status").read_text().splitlines() if x.startswith("VmHWM"))
+            total += int(line.split()[1])
+        except (OSError, StopIteration):
+            pass
+    return round(total / 1024, 1)
+
+
+def slow_body(args: argparse.Namespace) -> dict:
+    """The honest client without, then during a slow-body flood against ``--workers`` server processes."""
+    from hostile import SlowBodies
+
+    from chestxray.serving.serve import BODY_GRACE_S, MAX_ACTIVE_PER_CLIENT, MIN_BODY_RATE
+
+    image = IMAGE.read_bytes()
+    server, url = start_server(args.workers)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        baseline = honest_client(url, args.seconds, image)
+        flood = SlowBodies(port, [f"127.0.3.{2 + i}" for i in range(args.addresses)],
+                           args.slow_bodies // args.addresses, reconnect=True)  # a flood that lasts
+        flood.start()
+        time.sleep(0.5)
+        held_at_start = flood.held()
+        during = honest_client(url, args.seconds, image)
+        held_at_end = flood.held()
+        flood.stop_flood()
+        summary = flood.summary()
+        after = honest_client(url, 3, image)
+        peak = process_tree_peak_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {"workers": args.workers, "limits": {"body_grace_s": BODY_GRACE_S, "min_body_rate_bytes_s": MIN_BODY_RATE,
+                                                 "max_active_per_client_per_worker": MAX_ACTIVE_PER_CLIENT},
+            "flood": {**summary, "addresses": args.addresses, "held_when_honest_traffic_began": held_at_start,
+                      "held_when_it_ended": held_at_end, "bytes_per_second_each": 1,
+                      "reopened_when_answered": True},
+            "honest_without_attack": baseline, "honest_under_attack": during, "honest_after": after,
+            "server_peak_rss_mb_all_processes": peak, "seconds_per_phase": args.seconds}
+
+
+def other_mode(args: argparse.Namespace) -> None:
+    if args.mode == "slow-body":
+        record = slow_body(args)
+    else:
+        import hostile_net
+
+        record = hostile_net.MODES[args.mode](args)
+    record.update(command=" ".join(sys.argv), network="loopback only")
+    path = save_result(f"hostile-{args.mode}", record)
+    print(record)
+    print(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idle", type=int, default=200, help="Idle connections (20 per address).")
     parser.add_argument("--slow", type=int, default=100, help="Slow-header connections (20 per address).")
     parser.add_argument("--over-cap", type=int, default=40, help="Connections from one address (cap: 32).")
     parser.add_argument("--seconds", type=float, default=20.0, help="Honest traffic per phase.")
-    args = parser.parse_args()
+    parser.add_argument("--mode", choices=("headers", "slow-body", "dicomweb", "cstore", "associations"),
+                        default="headers")
+    parser.add_argument("--workers", type=int, default=1, help="slow-body: server processes.")
+    parser.add_argument("--slow-bodies", type=int, default=75, help="slow-body: uploads sent a byte a second.")
+    parser.add_argument("--addresses", type=int, default=3, help="slow-body, associations: hostile addresses.")
+    import hostile_net
 
-    from factories import make_bundle
+    hostile_net.add_arguments(parser)
+    args = parser.parse_args()
 
     from chestxray.serving.serve import HEADER_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT
 
+    if args.mode != "headers":
+        return other_mode(args)
     image = IMAGE.read_bytes()
-    bundle = make_bundle(Path(tempfile.mkdtemp(prefix="hostile-bundle-")))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CHESTXRAY_ALLOCATOR": "system"}
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(bundle), str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server, url = start_server(1)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start")
-                time.sleep(0.5)
         baseline = honest_client(url, args.seconds, image)
 
         start = time.monotonic()

@@ -1,5 +1,14 @@
 """A real PACS for the tests and benchmarks: Debian's Orthanc with its DICOMweb plugin, started on
-free loopback ports with a configuration written here, stopped afterwards (``make pacs`` installs it)."""
+free ports with a configuration written here, stopped afterwards (``make pacs`` installs it).
+
+Orthanc 1.10.1 binds every address (0.0.0.0) and has no setting to bind one, so the configuration
+makes it useless from another host: ``RemoteAccessAllowed: false`` (HTTP from an address other than
+the loopback's is answered 401), and on the DICOM port no "always allow" of C-ECHO, C-STORE, C-FIND,
+C-GET or C-MOVE, the called AE title checked, and the only peers the AE titles of :data:`CALLERS`
+registered at 127.0.0.1 with ``DicomCheckModalityHost`` (an association from any other address, or
+any other AE title, is rejected). tests/test_orthanc_fixture.py proves it through the machine's own
+non-loopback address.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +26,10 @@ from typing import Any
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 AE_TITLE = "ORTHANC"
+CALLERS = ("CHESTXRAY",)
+"""Calling AE titles allowed to associate (from 127.0.0.1 only): ``chestxray listen`` delivering its reports."""
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
@@ -36,8 +49,9 @@ def available() -> str | None:
 class Orthanc:
     """One Orthanc process with its database in ``folder``; its ports are chosen when it is made."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, callers: tuple[str, ...] = CALLERS) -> None:
         self.folder = Path(folder)
+        self.callers = callers
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb_url = f"{self.url}/dicom-web"
@@ -49,7 +63,12 @@ class Orthanc:
             "Name": "chestxray-test", "StorageDirectory": str(self.folder / "db"),
             "IndexDirectory": str(self.folder / "db"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
             "DicomAet": AE_TITLE, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "HttpServerEnabled": True, "DicomServerEnabled": True, "DicomCheckCalledAet": False,
+            "HttpServerEnabled": True, "DicomServerEnabled": True, "DicomCheckCalledAet": True,
+            # no DICOM peer but the registered callers, from the loopback only (see the module docstring)
+            "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False, "DicomAlwaysAllowFind": False,
+            "DicomAlwaysAllowFindWorklist": False, "DicomAlwaysAllowGet": False, "DicomAlwaysAllowMove": False,
+            "DicomCheckModalityHost": True, "DicomModalitiesInDatabase": False,
+            "DicomModalities": {title.lower(): [title, "127.0.0.1", 104] for title in self.callers},
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "ConcurrentJobs": 1, "StableAge": 1, "OrthancExplorerEnabled": False, "WebDavEnabled": False,
         }

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from dicomnet import bundle, predictor, send, wait_for, xray_dataset  # noqa: F401 (fixtures)
+from hostile import closed_by_server
 from orthanc import free_port
 from pynetdicom import AE, evt
 
@@ -44,18 +45,6 @@ def big_dataset(side: int):
     return ds
 
 
-def _closed_by_server(sock: socket.socket, wait: float) -> bool:
-    sock.settimeout(wait)
-    try:
-        while sock.recv(4096):
-            pass
-        return True
-    except (TimeoutError, socket.timeout):
-        return False
-    except ConnectionResetError:
-        return True
-
-
 def test_a_dataset_over_the_limit_is_refused_and_never_spooled(node):
     """Before: any size was accepted, held whole in memory (a 200 MB C-STORE raised RSS to 1.93 GB)."""
     listener = node(max_dataset_bytes=200_000)
@@ -79,9 +68,9 @@ def test_idle_sockets_and_associations_are_closed_and_one_address_cannot_take_ev
         sock.connect(("127.0.0.1", port))
         hogs.append(sock)
     time.sleep(0.2)
-    assert _closed_by_server(hogs[3], 5)  # the fourth from that address is closed at once
+    assert closed_by_server(hogs[3], 5)  # the fourth from that address is closed at once
     assert send(port, [xray_dataset(seed=4)]) == [SUCCESS]  # another address is served meanwhile
-    assert all(_closed_by_server(sock, 10) for sock in hogs[:3])  # no association request: closed by ACSE
+    assert all(closed_by_server(sock, 10) for sock in hogs[:3])  # no association request: closed by ACSE
     ae = AE(ae_title="IDLE")
     ae.add_requested_context(xray_dataset().SOPClassUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="CHESTXRAY")

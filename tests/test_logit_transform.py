@@ -98,3 +98,14 @@ def test_folds_partition_the_rows_and_keep_patients_together() -> None:
     for fit_rows, held_rows in splits:
         assert not set(fit_rows) & set(held_rows)
         assert not set(groups[fit_rows]) & set(groups[held_rows])
+
+
+def test_fewer_patients_than_folds_give_fewer_folds_or_none_not_a_traceback() -> None:
+    """Before: sklearn's ValueError ("n_splits=2 greater than the number of groups: 1") came out of
+    ``chestxray cv`` as a traceback when a fold's validation images were of one patient."""
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    assert fold_indices(labels, 5, groups=np.zeros(6, dtype=int)) == []  # one patient: no cross-validation
+    splits = fold_indices(labels, 5, groups=np.array([0, 0, 0, 1, 1, 1]))
+    assert len(splits) == 2  # two patients: two folds
+    choice = choose_logit_transform(np.eye(2)[labels] * 2.0, labels, groups=np.zeros(6, dtype=int))
+    assert choice.transform.kind == "none" and "too few" in choice.note

@@ -14,6 +14,7 @@ from chestxray.inference.predict import load_model
 from chestxray.serving.serve import (MAX_CONNECTIONS_PER_CLIENT, _RequestLimit, background_server, create_app,
                              guarded_protocol)
 from factories import make_bundle, png_bytes
+from hostile import closed_by_server
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +33,6 @@ def _connect(url: str, source: str = "127.0.0.1") -> socket.socket:
     sock.bind((source, 0))  # every 127.x.y.z is loopback on Linux: other client addresses
     sock.connect((host, int(port)))
     return sock
-
-
-def _closed_by_server(sock: socket.socket, wait: float) -> bool:
-    """True when the server closed ``sock`` (EOF or a reset) within ``wait`` seconds."""
-    sock.settimeout(wait)
-    try:
-        while True:
-            data = sock.recv(4096)
-            if not data:
-                return True
-    except (TimeoutError, socket.timeout):
-        return False
-    except ConnectionResetError:
-        return True
 
 
 def _answers_everyone_else(url: str) -> None:
@@ -68,7 +55,7 @@ def test_200_idle_and_slow_header_connections_leave_the_server_answering(app):
             hostile.append(sock)
         try:
             _answers_everyone_else(url)
-            assert not any(_closed_by_server(sock, 0.01) for sock in hostile[:10])  # held, not dropped at once
+            assert not any(closed_by_server(sock, 0.01) for sock in hostile[:10])  # held, not dropped at once
         finally:
             for sock in hostile:
                 sock.close()
@@ -87,15 +74,15 @@ def test_idle_and_slow_header_connections_are_closed_after_the_deadline(app):
                 closed = True
                 break
             time.sleep(0.05)
-        assert closed or _closed_by_server(dribbling, 2)
-        assert _closed_by_server(idle, 2)
+        assert closed or closed_by_server(dribbling, 2)
+        assert closed_by_server(idle, 2)
         assert time.monotonic() - start < 6
         # a keep-alive connection that sends its next request head slowly is closed the same way
         keep = _connect(url)
         keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b"200 OK" in keep.recv(4096)
         keep.sendall(b"GET /healthz HTTP/1.1\r\n")
-        assert _closed_by_server(keep, 3)
+        assert closed_by_server(keep, 3)
         _answers_everyone_else(url)
 
 
@@ -106,8 +93,8 @@ def test_connections_beyond_the_cap_of_one_address_are_refused(app):
         extra.settimeout(5)
         answer = extra.recv(4096)
         assert answer.startswith(b"HTTP/1.1 503") and b"too many open connections from 127.0.0.9" in answer
-        assert _closed_by_server(extra, 2)
-        assert not _closed_by_server(held[0], 0.05)
+        assert closed_by_server(extra, 2)
+        assert not closed_by_server(held[0], 0.05)
         _answers_everyone_else(url)  # from another address
         for sock in held:
             sock.close()

@@ -7,10 +7,12 @@ written to a temporary name beside its target and renamed onto it when complete.
 
 from __future__ import annotations
 
-__all__ = ["write_error", "temporary_name", "atomic_path", "write_text", "write_bytes", "make_folder", "reserve"]
+__all__ = ["write_error", "temporary_name", "atomic_path", "write_text", "write_bytes", "make_folder", "staged_folder",
+           "reserve"]
 
 import errno
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -74,6 +76,33 @@ def make_folder(path: str | Path, what: str = "folder") -> Path:
     except OSError as err:
         raise write_error(path, err, f"create the {what}") from None
     return path
+
+
+@contextmanager
+def staged_folder(path: str | Path, last: str = "model.json") -> Iterator[Path]:
+    """Yield a hidden folder beside ``path`` to fill; when the block ends without error its files take
+    their places in ``path`` (a rename when ``path`` is absent or empty; else file by file, ``last``
+    last, so that a bundle's ``model.json``, whose sha256s name the other files, lands after them).
+    A folder left by a killed run is removed first; on an error the staged files are removed, so
+    ``path`` never holds half of a new output."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.partial")
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)  # the remains of an interrupted run
+        make_folder(staging, "staging folder")
+        yield staging
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        if not path.exists():
+            os.rename(staging, path)
+        else:
+            for name in sorted((p.name for p in staging.iterdir()), key=lambda n: n == last):
+                os.replace(staging / name, path / name)
+    except OSError as err:
+        raise write_error(path, err) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def reserve(handle_or_fd, size: int, path: str | Path) -> None:

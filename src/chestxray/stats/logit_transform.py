@@ -231,11 +231,14 @@ def fold_indices(labels: np.ndarray, folds: int, seed: int = 0,
         counts = np.bincount(labels)
         folds = min(folds, int(counts[counts > 0].min()))
     folds = min(folds, len(labels))
+    grouped = groups is not None and len(set(groups)) < len(groups)
+    if grouped:
+        folds = min(folds, len(set(groups)))  # a fold per patient at most (sklearn raises beyond)
     if folds < 2:
         return []
     if labels.ndim != 1:
         return list(KFold(folds, shuffle=True, random_state=seed).split(rows))
-    if groups is not None and len(set(groups)) < len(groups):
+    if grouped:
         return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(rows, labels, groups))
     return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(rows, labels))
 

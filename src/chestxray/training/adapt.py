@@ -59,6 +59,7 @@ from ..model.models import ChestXrayNet, EnsembleNet
 from ..stats.ood import OODGuard
 from ..data.sources import Samples, load_samples
 from ..data.splits import save_split, train_val_split
+from ..storage import staged_folder
 
 if TYPE_CHECKING:
     from ..deploy.export import ExportResult
@@ -444,17 +445,21 @@ def adapt(bundle: str | Path, data: str | Path, out: str | Path, *, mode: str = 
     lineage = _lineage(bundle_dir, meta, local, mode, data, with_data)
     summary = _summary(comparison, child, local, lineage, int(fold_of.max()) + 1, mode)
     child_meta = _child_meta(meta, child, local, lineage, summary, mode)
-    out_dir = save_bundle(out, child.model, child_meta)
-    if mode == "recalibrate":  # same weights: the parent's exported graphs hold (calibration is applied after them)
-        _copy_graphs(bundle_dir, graphs, out_dir)
-    (out_dir / REPORT_FILE).write_text(json.dumps({**summary, "before_full": comparison["before_full"],
-                                                   "after_full": comparison["after_full"]}, indent=2) + "\n")
-    _write_report(out_dir / REPORT_HTML, summary, comparison["after_full"], local.targets, after, classes)
-    exported = None
-    if onnx and mode == "finetune":
-        from ..deploy.export import PARITY_IMAGES, export_onnx
+    with staged_folder(out) as out_dir:  # nothing of the child in --out until all of it is written
+        save_bundle(out_dir, child.model, child_meta)
+        if mode == "recalibrate":  # same weights: the parent's exported graphs hold (calibration is applied after them)
+            _copy_graphs(bundle_dir, graphs, out_dir)
+        (out_dir / REPORT_FILE).write_text(json.dumps({**summary, "before_full": comparison["before_full"],
+                                                       "after_full": comparison["after_full"]}, indent=2) + "\n")
+        _write_report(out_dir / REPORT_HTML, summary, comparison["after_full"], local.targets, after, classes)
+        exported = None
+        if onnx and mode == "finetune":
+            from ..deploy.export import PARITY_IMAGES, export_onnx
 
-        exported = export_onnx(out_dir, parity_images=local.samples.frame["path"].tolist()[:PARITY_IMAGES])
+            exported = export_onnx(out_dir, parity_images=local.samples.frame["path"].tolist()[:PARITY_IMAGES])
+    out_dir = Path(out)
+    if exported is not None:
+        exported = dataclasses.replace(exported, path=out_dir / exported.path.name)
     return AdaptationResult(out_dir, summary, local, exported)
 
 

@@ -47,7 +47,7 @@ from ..model.models import ChestXrayNet, EnsembleNet
 from ..stats.ood import OODGuard
 from ..inference.predict import expand_inputs
 from ..data.sources import Samples
-from ..storage import write_text
+from ..storage import staged_folder, write_text
 
 if TYPE_CHECKING:
     from ..deploy.export import ExportResult
@@ -332,13 +332,17 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
              "adaptation": {k: v for k, v in summary.items() if k != "unreadable"}}
     child_meta = dataclasses.replace(meta, **calibration.bundle_fields(), lineage=lineage, extra=extra,
                                      created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    out_dir = save_bundle(out, child_model, child_meta)
-    write_text(out_dir / REPORT_FILE, json.dumps(summary, indent=2) + "\n")
-    exported = None
-    if onnx:
-        from ..deploy.export import PARITY_IMAGES, export_onnx
+    with staged_folder(out) as out_dir:  # nothing of the child in --out until all of it is written
+        save_bundle(out_dir, child_model, child_meta)
+        write_text(out_dir / REPORT_FILE, json.dumps(summary, indent=2) + "\n")
+        exported = None
+        if onnx:
+            from ..deploy.export import PARITY_IMAGES, export_onnx
 
-        exported = export_onnx(out_dir, parity_images=site.paths[:PARITY_IMAGES])
+            exported = export_onnx(out_dir, parity_images=site.paths[:PARITY_IMAGES])
+    out_dir = Path(out)
+    if exported is not None:
+        exported = dataclasses.replace(exported, path=out_dir / exported.path.name)
     return UnlabeledResult(out_dir, summary, site, exported)
 
 

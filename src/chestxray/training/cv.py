@@ -32,6 +32,7 @@ from ..trust.calibration import Calibration, calibrate_outputs, fit_guard
 from .config import RuntimeSettings, TrainConfig
 from ..stats.conformal import DEFAULT_COVERAGE, ConformalSets, set_metrics
 from ..errors import ChestXrayError
+from ..storage import write_text
 from ..launch import one_device
 from ..stats.metrics import accuracy_at_coverages, json_safe, logit_scores, logits_to_probs
 from ..model.models import ChestXrayNet, EnsembleNet
@@ -43,6 +44,8 @@ from .train import PreparedData, console, drop_test_copies, model_meta, prepare_
 
 __all__ = ["cross_validate", "CVResult", "SCORES"]
 
+COMPLETE_FILE = "cv.json"
+"""Written last: a run folder without it is an interrupted cross-validation, replaced by a rerun."""
 SCORES = ("loss", "accuracy", "balanced_accuracy", "macro_auc")
 """The figures of each fold, of their mean and standard deviation, and of the pooled out-of-fold outputs."""
 
@@ -72,7 +75,7 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     """
     config, runtime = config or TrainConfig(), one_device(runtime or RuntimeSettings())
     progress = console.is_terminal if progress is None else progress
-    run_dir = run_directory(out_dir, name, prefix="cv-", overwrite=overwrite)
+    run_dir = run_directory(out_dir, name, prefix="cv-", overwrite=overwrite, complete=COMPLETE_FILE)
     prepared = prepare_data(data, config, cache_dir=cache_dir, progress=progress)
     usable = prepared.samples
     pool = Samples(usable.frame.assign(split=""), usable.classes, usable.task, usable.origin)
@@ -107,12 +110,12 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     summary = _summary(table, calibration, pool.task, config)
     if multiclass:
         summary["oof_trust"] = json_safe(_oof_trust(fold_probs, fold_sets, targets, list(pool.classes), config.seed))
-    (run_dir / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
     oof = _oof_frame(pool, fold_of, logits)
     oof.to_csv(run_dir / "oof.csv", index=False)
     bundle_dir = None
     if keep_models:
         bundle_dir = _save_ensemble(run_dir / "bundle", members, prepared, pool, config, summary, logits)
+    write_text(run_dir / COMPLETE_FILE, json.dumps(summary, indent=2) + "\n")  # last: the run is complete
     return CVResult(run_dir, table, summary, oof, bundle_dir)
 
 

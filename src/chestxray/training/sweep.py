@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from ..model.bundle import save_bundle
 from .config import RuntimeSettings, TrainConfig
 from ..errors import ChestXrayError, InputError
+from ..storage import write_text
 from ..launch import one_device
 from ..stats.metrics import logit_scores
 from ..model.runners import TorchRunner, run_images
@@ -172,7 +173,7 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
     runtime = one_device(runtime or RuntimeSettings())  # trials train one after another in this process
     samples = data if isinstance(data, Samples) else load_samples(data)  # a bad path fails once, not per trial
     space = check_space(space if space is not None else default_space(base), base)
-    run_dir = run_directory(out_dir, name, prefix="sweep-", overwrite=overwrite)
+    run_dir = run_directory(out_dir, name, prefix="sweep-", overwrite=overwrite, complete="best.yaml")
     trials_dir = run_dir / "trials"
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -224,15 +225,15 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
                              + (f"; first error: {errors[0]}" if errors else " (all pruned or none started)"))
     winner = study.best_trial
     best_config = base.replace(**winner.params)
-    (run_dir / "best.yaml").write_text(yaml.safe_dump(
-        {"train": best_config.to_dict(),
-         "sweep": {"trial": winner.number, "objective": "validation loss (min)", "value": winner.value,
-                   "params": winner.params, "run_dir": str(trials_dir / str(winner.number))}}, sort_keys=False))
     bundle_dir = None
     if best.get("number") == winner.number:
         model, prepared = best["model"], best["prepared"]
         meta = bundle_meta(prepared, best["config"], calibrate_on_validation(model, prepared, best["config"].seed), best["history"])
         bundle_dir = save_bundle(trials_dir / str(winner.number) / "bundle", model, meta)
+    write_text(run_dir / "best.yaml", yaml.safe_dump(  # last: a sweep folder without it was interrupted
+        {"train": best_config.to_dict(),
+         "sweep": {"trial": winner.number, "objective": "validation loss (min)", "value": winner.value,
+                   "params": winner.params, "run_dir": str(trials_dir / str(winner.number))}}, sort_keys=False))
     return SweepResult(run_dir, best_config, float(winner.value), winner.number, trials_table(study), study,
                        bundle_dir)
 

@@ -646,24 +646,29 @@ def _init_lineage(config: TrainConfig) -> dict[str, Any]:
 
 
 def run_directory(out_dir: str | Path, name: str | None, *, prefix: str = "", resume: bool = False,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, complete: str | None = None) -> Path:
     """``out_dir/name`` (default name: ``prefix`` and a timestamp) for a new run, never silently reused.
 
     An existing non-empty folder is refused unless ``resume`` (it is continued) or ``overwrite``
     (it is deleted first, so no old checkpoint or metric survives beside the new ones); a folder
-    holding anything a run does not write is never deleted. Only the first process of a launch
-    checks and deletes.
+    holding anything a run does not write is never deleted. ``complete``: the file a finished run of
+    this kind writes last (cross-validation, sweeps): a run folder without it is the remains of a killed
+    run and is replaced, with a line saying so. Only the first process of a launch checks and deletes.
     """
     run_dir = Path(out_dir) / (_run_name(out_dir, name) if name else datetime.now().strftime(f"{prefix}%Y%m%d-%H%M%S"))
     if resume or not is_first_process() or not run_dir.is_dir() or not any(run_dir.iterdir()):
         return run_dir
-    if not overwrite:
+    incomplete = complete is not None and not (run_dir / complete).is_file()
+    if not overwrite and not incomplete:
         raise ChestXrayError(f"{run_dir} already holds a run; choose another --name, continue it with --resume "
                              "or replace it with --overwrite")
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not _FOLD.fullmatch(p.name))
     if foreign:
         raise ChestXrayError(f"{run_dir} is not a run folder (it holds {', '.join(foreign[:3])}); "
                              "not deleting it: choose another --name")
+    if incomplete and not overwrite:
+        console.print(f"{run_dir} held an incomplete run (no {complete}: interrupted before its end); replacing it",
+                      soft_wrap=True, highlight=False)
     shutil.rmtree(run_dir)
     return run_dir
 

@@ -170,7 +170,7 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
     base = base_config or TrainConfig()
     progress = console.is_terminal if progress is None else progress
     runtime = one_device(runtime or RuntimeSettings())  # trials train one after another in this process
-    samples = data if isinstance(data, Samples) else load_samples(data)  # a bad path fails once, not per trial
+    samples = data if isinstance(data, Samples) else load_samples(data, **base.source_options())  # fails once, not per trial
     space = check_space(space if space is not None else default_space(base), base)
     run_dir = run_directory(out_dir, name, prefix="sweep-", overwrite=overwrite)
     trials_dir = run_dir / "trials"

@@ -59,6 +59,7 @@ from ..model.models import ChestXrayNet, create_model, load_state_strict
 from ..inference.report import plot_training_curves
 from ..model.runners import DEFAULT_BATCH
 from ..data.sources import Samples, load_samples
+from ..data.vocabulary import PUBLIC_FORMATS, SourceOptions, label_mapping
 from ..data.splits import load_split, save_split, split_files, train_val_split
 from ..storage import atomic_path, make_folder, temporary_name, write_error, write_text
 
@@ -111,7 +112,7 @@ class RunResult:
 def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: str | Path | None = None,
                  split_file: str | Path | None = None, progress: bool = True) -> PreparedData:
     """Load the samples, drop the test split, build the cache and split train/validation."""
-    samples = data if isinstance(data, Samples) else load_samples(data)
+    samples = data if isinstance(data, Samples) else load_samples(data, **config.source_options())
     pool = samples.subset(samples.frame["split"] != "test")
     if not len(pool):
         raise ChestXrayError(f"{samples.origin}: every image is in the test split; nothing to train on")
@@ -594,8 +595,19 @@ def model_meta(samples: Samples, config: TrainConfig, calibration: Calibration, 
             "origin": samples.origin, "n_train": int(len(train_paths)), "n_val": int(len(val_paths)),
             "class_counts": samples.frame["label"].value_counts().to_dict(),
             "provenance_files": provenance_files(samples.origin)},
-            **calibration.extra_fields(), "calibration_choice": calibration.transform_choice, **(extra or {})},
+            **calibration.extra_fields(), "calibration_choice": calibration.transform_choice,
+            **_label_mapping(samples, config), **(extra or {})},
         lineage=lineage)
+
+
+def _label_mapping(samples: Samples, config: TrainConfig) -> dict[str, Any]:
+    """``{"label_mapping": {format: mapping}}`` for the public data sets among ``samples`` (what their
+    adapters made of the source labels, under ``config``'s policies), else nothing."""
+    formats = sorted(set(samples.frame["source"]) & set(PUBLIC_FORMATS))
+    if not formats:
+        return {}
+    options = SourceOptions(**config.source_options())
+    return {"label_mapping": {name: label_mapping(name, options) for name in formats}}
 
 
 def warm_start_config(config: TrainConfig, data: str | Path | Samples) -> tuple[TrainConfig, Samples]:
@@ -604,7 +616,7 @@ def warm_start_config(config: TrainConfig, data: str | Path | Samples) -> tuple[
     meta = read_meta(config.init)
     if meta.extra.get("members"):
         raise ChestXrayError(f"{config.init}: a cross-validation ensemble; warm start from a single model's bundle")
-    samples = data if isinstance(data, Samples) else load_samples(data)
+    samples = data if isinstance(data, Samples) else load_samples(data, **config.source_options())
     if meta.task == samples.task and sorted(meta.classes) == sorted(samples.classes):
         samples = Samples(samples.frame, list(meta.classes), samples.task, samples.origin, samples.skipped)
     settings = {"arch": meta.arch, "image_size": meta.image_size, "fit_mode": meta.preprocess.get("mode", "pad"),

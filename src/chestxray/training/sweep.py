@@ -123,6 +123,9 @@ def check_space(space: Mapping[str, Any], base: TrainConfig) -> dict[str, Any]:
     for key, spec in space.items():
         if key not in known:
             raise ChestXrayError(f"search space: unknown config key {key!r} (known: {', '.join(sorted(known))})")
+        if key in ("data_format", "uncertain", "views", "raters"):
+            raise ChestXrayError(f"search space: {key} says how DATA is read, which a sweep does once for all its "
+                                 "trials; run one sweep per value")
         if isinstance(spec, list) and spec:
             values = spec
         elif isinstance(spec, Mapping) and {"low", "high"} <= set(spec) <= RANGE_KEYS:

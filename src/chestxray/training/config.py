@@ -130,7 +130,9 @@ class TrainConfig:
     raters: str = option("majority", "VinDr-CXR: a finding counts when a majority of the image's radiologists marked "
                                      "it, or any of them", group="Data", check=Choices(RATER_POLICIES))
     arch: str = option("tf_efficientnet_lite0", "timm architecture name", group="Model")
-    weights: str = option("imagenet", "imagenet, none, or a .safetensors / state-dict file", group="Model")
+    weights: str = option("imagenet", "imagenet, none, a .safetensors / state-dict file, or txrv:NAME (torchxrayvision's "
+                                      "chest X-ray weights, e.g. txrv:densenet121-res224-all with --arch densenet121)",
+                          group="Model")
     init: str = option("", "warm start from this bundle folder: its architecture, image size, fit mode, contrast and "
                            "weights (the classifier too when the classes are the bundle's)", group="Model")
     image_size: int = option(DEFAULT_IMAGE_SIZE, "side of the square input, in pixels", group="Images", check=Interval(1))

@@ -55,7 +55,7 @@ from ..data.audit import source_confound
 from ..trust.lineage import lineage_record, seen_images_record
 from ..launch import gather_in_order, is_first_process, trainer_layout
 from ..stats.metrics import logit_scores
-from ..model.models import ChestXrayNet, create_model, load_state_strict
+from ..model.models import TXRV_PREFIX, ChestXrayNet, create_model, load_state_strict, txrv_input_size, weights_source
 from ..inference.report import plot_training_curves
 from ..model.runners import DEFAULT_BATCH
 from ..data.sources import Samples, load_samples
@@ -65,7 +65,7 @@ from ..storage import atomic_path, make_folder, temporary_name, write_error, wri
 
 __all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "model_meta",
            "drop_test_copies",
-           "warm_start_config", "initial_model",
+           "warm_start_config", "pretrained_config", "initial_model",
            "PreparedData", "RunResult", "ClassifierModule", "MONITOR"]
 
 if TYPE_CHECKING:
@@ -596,8 +596,16 @@ def model_meta(samples: Samples, config: TrainConfig, calibration: Calibration, 
             "class_counts": samples.frame["label"].value_counts().to_dict(),
             "provenance_files": provenance_files(samples.origin)},
             **calibration.extra_fields(), "calibration_choice": calibration.transform_choice,
-            **_label_mapping(samples, config), **(extra or {})},
+            **_label_mapping(samples, config), **_weights_record(config), **(extra or {})},
         lineage=lineage)
+
+
+def _weights_record(config: TrainConfig) -> dict[str, Any]:
+    """``{"weights_source": ...}`` when the run started from a weights file or ``txrv:`` weights (their
+    path, sha256 and, for torchxrayvision's, URL and expected input), else nothing."""
+    if config.init or config.weights in ("imagenet", "none"):
+        return {}
+    return {"weights_source": weights_source(config.weights)}
 
 
 def _label_mapping(samples: Samples, config: TrainConfig) -> dict[str, Any]:
@@ -608,6 +616,19 @@ def _label_mapping(samples: Samples, config: TrainConfig) -> dict[str, Any]:
         return {}
     options = SourceOptions(**config.source_options())
     return {"label_mapping": {name: label_mapping(name, options) for name in formats}}
+
+
+def pretrained_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with the image size and fit mode that ``txrv:`` weights were trained at (torchxrayvision
+    centre-crops and resizes to 224 or 512 px); any other config as it is."""
+    if not config.weights.startswith(TXRV_PREFIX):
+        return config
+    settings = {"image_size": txrv_input_size(config.weights), "fit_mode": "crop"}
+    changed = {k: v for k, v in settings.items() if getattr(config, k) != v}
+    if changed:
+        console.print(f"{config.weights}: " + ", ".join(f"{k} {v}" for k, v in changed.items())
+                      + " taken from the weights (torchxrayvision's preprocessing)", soft_wrap=True)
+    return config.replace(**changed)
 
 
 def warm_start_config(config: TrainConfig, data: str | Path | Samples) -> tuple[TrainConfig, Samples]:
@@ -721,6 +742,7 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
         config = TrainConfig()
     if progress is None:
         progress = console.is_terminal
+    config = pretrained_config(config)
     if config.init:
         config, data = warm_start_config(config, data)
     prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=split_file, progress=progress)

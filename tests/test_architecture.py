@@ -25,7 +25,8 @@ PACKAGES = ["data", "stats", "model", "trust", "inference", "deploy", "training"
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "constants", "allocator", "provenance", "console"),
-    ("data.decode", "stats.metrics", "storage", "stats.logit_transform", "data.hamming"),
+    ("data.decode", "stats.metrics", "storage", "stats.logit_transform", "data.hamming", "data.vocabulary"),
+    ("data.public",),
     ("data.sources", "data.dicomcheck", "stats.conformal"),
     ("data.cache",),
     ("data.splits", "data.audit"),

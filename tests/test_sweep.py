@@ -94,6 +94,7 @@ def test_space_from_yaml_next_to_the_base_config(tmp_path: Path) -> None:
     ({"lr": {"low": 1e-2, "high": 1e-4}}, "lr needs low < high"),
     ({"lr": {"low": "small", "high": 1e-2}}, "lr bound 'small' is not a number"),
     ({"lr": 0.1}, "lr must be a list of choices or a mapping with low and high"),
+    ({"uncertain": ["ones", "zeros"]}, "uncertain says how DATA is read, which a sweep does once"),
 ])
 def test_bad_space_is_a_clear_error(space: dict, message: str) -> None:
     with pytest.raises(ChestXrayError, match=message):

@@ -92,8 +92,23 @@ def info() -> None:
     except ImportError:
         console.print(f"{'onnx':<12} onnxruntime not installed", highlight=False)
 
-DataArg = typer.Argument(..., help="A class folder tree, a CSV/TSV manifest (path,label[,patient_id,split]) "
-                                   "or a MedMNIST .npz file.")
+DataArg = typer.Argument(..., help="A class folder tree, a CSV/TSV manifest (path,label[,patient_id,split]), "
+                                   "a MedMNIST .npz file, or a public data set's label file (CheXpert, PadChest, "
+                                   "RSNA, VinDr-CXR, NIH) or folder (MIMIC-CXR-JPG, CheXpert).")
+DataFormatOpt = typer.Option("auto", "--data-format", help="How DATA is read: auto (detected), folder, manifest, "
+                             "medmnist, nih, chexpert, mimic, padchest, rsna or vindr.", rich_help_panel="Data options")
+UncertainOpt = typer.Option("ones", "--uncertain", help="CheXpert/MIMIC-CXR uncertain findings (-1): ones, zeros or "
+                            "ignore (the image is left out).", rich_help_panel="Data options")
+ViewsOpt = typer.Option("frontal", "--views", help="Public data sets' views kept: frontal (PA or AP), pa, ap, lateral "
+                        "or all.", rich_help_panel="Data options")
+RatersOpt = typer.Option("majority", "--raters", help="VinDr-CXR: a finding counts when a majority, or any, of the "
+                         "image's radiologists marked it.", rich_help_panel="Data options")
+
+
+def _source(data_format: str, uncertain: str, views: str, raters: str) -> dict[str, str]:
+    """``load_samples``'s keyword arguments from the data options."""
+    return {"format": data_format, "uncertain": uncertain, "views": views, "raters": raters}
+
 CacheOpt = typer.Option(None, "--cache-dir", help="Preprocessing cache folder (default: ~/.cache/chestxray).")
 
 
@@ -102,11 +117,13 @@ def audit(data: Path = DataArg,
           against: Optional[Path] = typer.Option(None, "--against", help="A second dataset to check for overlap."),
           out: Path = typer.Option(Path("runs/audit"), "--out", help="Folder for the report files."),
           fmt: str = typer.Option("md", "--format", help="Report format: md or html."),
-          cache_dir: Optional[Path] = CacheOpt) -> None:
+          cache_dir: Optional[Path] = CacheOpt, data_format: str = DataFormatOpt, uncertain: str = UncertainOpt,
+          views: str = ViewsOpt, raters: str = RatersOpt) -> None:
     """Dataset report: counts, formats, unreadable files, duplicates, patient overlap, shortcut check."""
     from .data.audit import audit as run_audit, render_terminal
 
-    report = run_audit(data, against=against, out_dir=out, cache_dir=cache_dir, fmt=fmt)
+    report = run_audit(data, against=against, out_dir=out, cache_dir=cache_dir, fmt=fmt,
+                       source_options=_source(data_format, uncertain, views, raters))
     render_terminal(report, console)
 
 
@@ -252,7 +269,8 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
              batch_size: Optional[int] = BatchOpt,
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier evaluation "
                                             "in --out."),
-             cache_dir: Optional[Path] = CacheOpt) -> None:
+             cache_dir: Optional[Path] = CacheOpt, data_format: str = DataFormatOpt, uncertain: str = UncertainOpt,
+             views: str = ViewsOpt, raters: str = RatersOpt) -> None:
     """Metrics with 95% bootstrap intervals, calibration and an HTML report of BUNDLE on DATA.
 
     Exit 1 if any file was unreadable: named on stderr, left out of the metrics, listed in metrics.json.
@@ -261,7 +279,7 @@ def evaluate(bundle: Path = BundleArg, data: Path = DataArg,
 
     result = run_evaluate(bundle, data, out, split=split, n_boot=n_boot, seed=seed, cam_gallery=cam_gallery,
                           batch_size=_batch(batch_size), cache_dir=cache_dir, progress=err_console.is_terminal,
-                          overwrite=overwrite)
+                          overwrite=overwrite, source_options=_source(data_format, uncertain, views, raters))
     for line in headline(result):
         console.print(line, soft_wrap=True)
     console.print(f"report: {result.out_dir / 'report.html'}", soft_wrap=True)

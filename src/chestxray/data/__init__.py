@@ -1,5 +1,6 @@
-"""Images and data sets: decoding, sources, the preprocessing cache, splits, the torch Dataset,
-the dataset audit and the DICOM header check.
+"""Images and data sets: decoding, sources, the public data sets' adapters and their findings
+vocabulary, the preprocessing cache, splits, the torch Dataset, the dataset audit and the DICOM
+header check.
 
 Each public name of the submodules is importable from here (``from chestxray.data import ...``) and
 imported on first use, so that importing the subpackage stays light.
@@ -27,5 +28,8 @@ _EXPORTS = {
             "header_summary", "HeaderCheck", "inspect_source", "check_source"),
     "sources": ("COLUMNS", "SPLIT_NAMES", "NO_FINDING", "Samples", "load_samples", "patient_id_from_name"),
     "splits": ("stratify_labels", "kfold_splits", "train_val_split", "save_split", "load_split"),
+    "vocabulary": ("FINDINGS", "FORMATS", "PUBLIC_FORMATS", "UNCERTAIN_POLICIES", "VIEWS", "RATER_POLICIES", "MAPPINGS",
+                   "SourceOptions", "label_mapping", "view_kind", "view_kept"),
+    "public": ("PublicRows", "detect_format", "read_public"),
 }
 __all__, __getattr__, __dir__ = _exports(__name__, _EXPORTS)

@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import cv2
@@ -192,18 +193,23 @@ class _Scan:
 
 def audit(data: str | Path, against: str | Path | None = None, out_dir: str | Path = Path("runs/audit"),
           cache_dir: str | Path | None = None, fmt: ReportFormat = "md", seed: int = 0, *,
-          near_distance: int = NEAR_DUPLICATE_MAX_DISTANCE, progress: bool = True) -> AuditReport:
+          near_distance: int = NEAR_DUPLICATE_MAX_DISTANCE, progress: bool = True,
+          source_options: Mapping[str, str] | None = None) -> AuditReport:
     """Audit the dataset at ``data`` (optionally against a second one) and write the report.
 
     Writes ``audit.md`` (or ``audit.html``), ``audit.json`` and ``images.csv`` (one row per image)
     into ``out_dir``. ``cache_dir`` is where preprocessed images are cached (see
     :func:`chestxray.cache.build_cache`); ``seed`` fixes the shortcut check's folds and forest.
+    ``source_options`` are :func:`~chestxray.data.sources.load_samples`'s ``format`` and policies
+    (``against`` is read with the same policies, its format detected).
     """
     if fmt not in ("md", "html"):
         raise ChestXrayError(f"report format must be 'md' or 'html', not {fmt!r}")
     started = time.perf_counter()
-    scan = _scan(load_samples(data), cache_dir, progress)
-    other = _scan(load_samples(against), cache_dir, progress) if against is not None else None
+    options = dict(source_options or {})
+    scan = _scan(load_samples(data, **options), cache_dir, progress)
+    options["format"] = "auto"
+    other = _scan(load_samples(against, **options), cache_dir, progress) if against is not None else None
     duplicates, near_note = _duplicates(scan, other, near_distance)
     frame, table = scan.samples.frame, scan.table
     readable = table["problem"] == ""

@@ -1,4 +1,6 @@
-"""Read labelled X-rays from class folders, CSV/TSV manifests or MedMNIST ``.npz`` files.
+"""Read labelled X-rays from class folders, CSV/TSV manifests, MedMNIST ``.npz`` files or the label
+files of public data sets (CheXpert, MIMIC-CXR-JPG, PadChest, RSNA Pneumonia, VinDr-CXR, NIH
+ChestX-ray14: :mod:`chestxray.data.public`, detected from their file and column names).
 
 Every source gives one :class:`Samples` table with the columns ``path``, ``label`` (one class
 name; for multi-label data the names joined by ``|``, empty for none), ``split`` (``train``,
@@ -18,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from .decode import NPZ_SEPARATOR, find_images
+from .public import read_public
+from .vocabulary import NO_FINDING, SourceOptions
 from ..constants import SET_SEPARATOR
 from ..errors import ChestXrayError
 
@@ -28,7 +32,6 @@ COLUMNS = ["path", "label", "split", "patient_id", "source"]
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
-NO_FINDING = "No Finding"
 _CSV_ALIASES = {"image index": "path", "image": "path", "file": "path", "filename": "path",
                 "finding labels": "label", "labels": "label", "class": "label",
                 "patient id": "patient_id", "patient": "patient_id"}
@@ -91,19 +94,22 @@ class Samples:
         return Samples(self.frame, list(classes), self.task, self.origin, self.skipped)
 
 
-def load_samples(data: str | Path, *, classes: list[str] | None = None) -> Samples:
-    """Read a folder, a CSV/TSV manifest or a MedMNIST ``.npz`` into a :class:`Samples` table."""
+def load_samples(data: str | Path, *, classes: list[str] | None = None, format: str = "auto",
+                 uncertain: str = "ones", views: str = "frontal", raters: str = "majority") -> Samples:
+    """Read a folder, a CSV/TSV manifest, a MedMNIST ``.npz`` or a public data set's label file (or
+    MIMIC-CXR-JPG's or CheXpert's folder) into a :class:`Samples` table.
+
+    ``format`` (``auto``: detected) and the public data sets' policies ``uncertain``, ``views`` and
+    ``raters`` are :class:`~chestxray.data.vocabulary.SourceOptions`'s."""
+    options = SourceOptions(format, uncertain, views, raters)
     path = Path(data).expanduser()
     if not path.exists():
         raise ChestXrayError(f"{path}: no such file or folder")
-    if path.is_dir():
-        samples = _from_folders(path)
-    elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        samples = _from_manifest(path)
-    elif path.suffix.lower() == ".npz":
-        samples = _from_medmnist(path)
+    public = read_public(path, options)
+    if public is not None:
+        samples = Samples(_frame(public.rows), public.classes, "multilabel", str(path), public.skipped)
     else:
-        raise ChestXrayError(f"{path}: not a folder, a .csv/.tsv manifest or a MedMNIST .npz file")
+        samples = _builtin(path, format)
     if not len(samples):
         detail = ""
         if samples.skipped:
@@ -112,6 +118,23 @@ def load_samples(data: str | Path, *, classes: list[str] | None = None) -> Sampl
     if classes is not None:
         samples = samples.with_classes(classes)
     return samples
+
+
+def _builtin(path: Path, format: str) -> Samples:
+    """A class folder tree, a manifest or a MedMNIST file, as ``format`` says (``auto``: by its kind)."""
+    kind = ("folder" if path.is_dir() else "manifest" if path.suffix.lower() in (".csv", ".tsv", ".txt")
+            else "medmnist" if path.suffix.lower() == ".npz" else "")
+    if format not in ("auto", kind):
+        wanted = {"folder": "a folder", "manifest": "a .csv/.tsv manifest", "medmnist": "a MedMNIST .npz file"}
+        raise ChestXrayError(f"{path}: not {wanted[format]} (format {format})")
+    if kind == "folder":
+        return _from_folders(path)
+    if kind == "manifest":
+        return _from_manifest(path)
+    if kind == "medmnist":
+        return _from_medmnist(path)
+    raise ChestXrayError(f"{path}: not a folder, a .csv/.tsv manifest, a MedMNIST .npz file or a public data set's "
+                         "label file")
 
 
 def patient_id_from_name(file_name: str) -> str:

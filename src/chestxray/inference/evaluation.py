@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -75,9 +76,10 @@ class EvaluationResult:
 
 def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Path, *, split: str = "auto",
              n_boot: int = 1000, seed: int = 0, cam_gallery: int = 8, batch_size: int = DEFAULT_BATCH,
-             cache_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> EvaluationResult:
+             cache_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+             source_options: Mapping[str, str] | None = None) -> EvaluationResult:
     """Evaluate ``bundle`` (a bundle folder or a loaded :class:`Predictor`) on ``data`` (anything
-    :func:`~chestxray.sources.load_samples` reads).
+    :func:`~chestxray.sources.load_samples` reads, with ``source_options`` as its ``format`` and policies).
 
     ``split``: ``"auto"`` takes the ``test`` split when the data has one, else every image; or
     ``"all"``, ``"train"``, ``"val"``, ``"test"``. Classes are matched by name (the order may
@@ -94,7 +96,7 @@ def evaluate(bundle: str | Path | Predictor, data: str | Path, out_dir: str | Pa
     replaced = [] if files["report"].exists() else existing
     predictor = bundle if isinstance(bundle, Predictor) else load_model(bundle)
     make_folder(out_dir, "evaluation folder")  # before the work: a folder that cannot be made loses nothing
-    samples, split = _select(load_samples(data), split, data)
+    samples, split = _select(load_samples(data, **(source_options or {})), split, data)
     samples = samples.with_classes(predictor.classes, task=predictor.meta.task, known_as="model's")
     cache = build_cache(samples, predictor.preprocessing, cache_dir=cache_dir, progress=progress)
     failed = [(samples.frame["path"].iloc[row], reason) for row, reason in sorted(cache.failed.items())]

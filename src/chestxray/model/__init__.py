@@ -17,7 +17,8 @@ _EXPORTS = {
     "cam": ("explained_member", "target_layer", "gradcam", "overlay", "to_png"),
     "modelcard": ("CARD_FILE", "render_model_card"),
     "models": ("ChestXrayNet", "EnsembleNet", "logits_and_features", "list_models", "create_model",
-            "read_state_file", "load_state_strict", "load_backbone_state"),
+            "read_state_file", "load_state_strict", "load_backbone_state", "TXRV_PREFIX", "TXRV_WEIGHTS",
+            "txrv_weights_path", "txrv_input_size", "weights_source"),
     "runners": ("Runner", "TorchRunner", "OnnxRunner", "as_runner", "run_images", "DEFAULT_BATCH", "INPUT_NAME",
             "OUTPUT_NAMES", "PRECISION_KEY", "QUANTIZATION_KEY"),
 }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import re
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,10 +19,12 @@ from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from chestxray.errors import ChestXrayError, InputError
+from chestxray.errors import ChestXrayError, InputError, first_line
+from chestxray.provenance import file_sha256
 
 __all__ = ["ChestXrayNet", "EnsembleNet", "logits_and_features", "list_models", "create_model", "read_state_file",
-           "load_state_strict", "load_backbone_state"]
+           "load_state_strict", "load_backbone_state", "TXRV_PREFIX", "TXRV_WEIGHTS", "txrv_weights_path",
+           "txrv_input_size", "weights_source"]
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
 NAMED_ARCHS = (
@@ -41,8 +45,24 @@ OFFLINE_IMAGENET = {
 }
 OFFLINE_CHOICES = (
     "offline choices: weights='imagenet' with tf_efficientnet_lite0 or tf_efficientnet_lite2, "
-    "weights=PATH to a local .safetensors/.pth file, or weights='none'"
+    "weights=PATH to a local .safetensors/.pth file, weights='txrv:NAME' with its file downloaded, or weights='none'"
 )
+TXRV_PREFIX = "txrv:"
+TXRV_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+_TXRV_DENSENET = "-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+TXRV_WEIGHTS = {  # torchxrayvision's published chest X-ray weights: (file name, timm architecture, input side)
+    "densenet121-res224-all": ("nih-pc-chex-mimic_ch-google-openi-kaggle" + _TXRV_DENSENET, "densenet121", 224),
+    "densenet121-res224-nih": ("nih" + _TXRV_DENSENET, "densenet121", 224),
+    "densenet121-res224-pc": ("pc" + _TXRV_DENSENET, "densenet121", 224),
+    "densenet121-res224-chex": ("chex" + _TXRV_DENSENET, "densenet121", 224),
+    "densenet121-res224-rsna": ("kaggle" + _TXRV_DENSENET, "densenet121", 224),
+    "densenet121-res224-mimic_nb": ("mimic_nb" + _TXRV_DENSENET, "densenet121", 224),
+    "densenet121-res224-mimic_ch": ("mimic_ch" + _TXRV_DENSENET, "densenet121", 224),
+    "resnet50-res512-all": ("pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt", "resnet50", 512),
+}
+TXRV_RANGE = 1024.0
+"""torchxrayvision's models take one channel scaled to [-1024, 1024]."""
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 
 
 def _check_hub_reachable(arch: str) -> None:
@@ -187,7 +207,9 @@ def create_model(
     drop_rate: float = 0.2,
     task: str = "multiclass",
 ) -> ChestXrayNet:
-    """Build a 1-channel classifier; weights is 'imagenet', 'none' or a local .safetensors/.pth file.
+    """Build a 1-channel classifier; weights is 'imagenet', 'none', a local .safetensors/.pth file, or
+    ``txrv:NAME``: torchxrayvision's chest X-ray weights (:data:`TXRV_WEIGHTS`) from its cache folder,
+    under a new classifier, the model then scaling its input to [-1024, 1024] as torchxrayvision's do.
 
     With offline ImageNet weights and num_classes=1000 the ImageNet classifier is kept.
     """
@@ -197,6 +219,8 @@ def create_model(
         raise ChestXrayError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     options = {"in_chans": 1, "num_classes": num_classes, "drop_rate": drop_rate}
     choice = str(weights)
+    if choice.startswith(TXRV_PREFIX):
+        return _txrv_model(arch, choice, options, task)
     if choice == "imagenet" and arch not in OFFLINE_IMAGENET:
         _check_hub_reachable(arch)
         try:
@@ -298,3 +322,99 @@ def _timm_names(arch: str, state: Mapping[str, Tensor], source: str) -> dict[str
     if len(state) != len(reference) or any(a.shape != b.shape for a, b in zip(state.values(), reference.values())):
         raise InputError(source, f"ImageNet weights do not map onto timm's {arch}")
     return dict(zip(reference, state.values()))
+
+
+def _txrv_name(choice: str) -> str:
+    name = choice.removeprefix(TXRV_PREFIX)
+    name = name if name in TXRV_WEIGHTS else f"densenet121-res224-{name}"  # torchxrayvision's short names
+    if name not in TXRV_WEIGHTS:
+        raise ChestXrayError(f"unknown torchxrayvision weights '{choice}': use txrv: and one of {', '.join(TXRV_WEIGHTS)}")
+    return name
+
+
+def txrv_weights_path(choice: str) -> Path:
+    """Where torchxrayvision keeps the file of ``txrv:NAME`` (``~/.torchxrayvision/models_data/``)."""
+    return Path("~/.torchxrayvision/models_data").expanduser() / TXRV_WEIGHTS[_txrv_name(choice)][0]
+
+
+def txrv_input_size(choice: str) -> int:
+    """The side, in pixels, of the images the ``txrv:NAME`` weights were trained on."""
+    return TXRV_WEIGHTS[_txrv_name(choice)][2]
+
+
+def _txrv_model(arch: str, choice: str, options: dict, task: str) -> ChestXrayNet:
+    name = _txrv_name(choice)
+    file, txrv_arch, _ = TXRV_WEIGHTS[name]
+    if arch != txrv_arch:
+        raise ChestXrayError(f"{choice} holds {txrv_arch} weights, not {arch}: train with --arch {txrv_arch}")
+    path = txrv_weights_path(name)
+    if not path.is_file():
+        raise InputError(path, f"torchxrayvision weights {name} not found: download {TXRV_URL}{file} to this path "
+                               "(torchxrayvision does so on first use with network access)")
+    model = ChestXrayNet(_small_head(timm.create_model(arch, pretrained=False, **options)), arch, task)
+    head = f"{model.backbone.pretrained_cfg['classifier']}."
+    own = model.backbone.state_dict()
+    state = {k: v for k, v in _txrv_state(path).items() if k != "op_threshs" and not k.startswith(head)}
+    state.update({k: v for k, v in own.items() if k.startswith(head)})  # our classes: a new head
+    load_backbone_state(model.backbone, state, path)
+    model.mean.fill_(0.5)  # (x - 0.5) * 2048: [0, 1] -> [-1024, 1024]
+    model.std.fill_(0.5 / TXRV_RANGE)
+    return model
+
+
+class _StoredModule(nn.Module):
+    """Stands in for a torchxrayvision class while its pickled model is read: only the tensors are kept."""
+
+
+def _txrv_state(path: Path) -> dict[str, Tensor]:
+    """The tensors of a torchxrayvision weights file: a state dict, or a whole pickled model (its DenseNet
+    files), read by the weights-only unpickler with torchxrayvision's classes as empty modules and
+    torch's layer classes allowed; any other global refuses the file."""
+    allowed: list = []
+    for _ in range(64):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except Exception as err:  # the unpickler names one global it refused at a time
+            found = _UNSAFE_GLOBAL.search(str(err))
+            allow = _allowed_global(found.group(1)) if found else None
+            if allow is None:
+                reason = f"it refers to {found.group(1)}" if found else first_line(err)
+                raise InputError(path, f"not torchxrayvision weights ({reason})") from None
+            allowed.append(allow)
+    else:
+        raise InputError(path, "not torchxrayvision weights (too many classes in the file)")
+    state = stored.state_dict() if isinstance(stored, nn.Module) else stored
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise InputError(path, "not torchxrayvision weights (no state dict of tensors)")
+    return dict(state)
+
+
+def _allowed_global(name: str):
+    """A stand-in for a torchxrayvision class, a torch layer class, else ``None`` (refused)."""
+    module, _, attr = name.rpartition(".")
+    if module == "torchxrayvision" or module.startswith("torchxrayvision."):
+        return (_StoredModule, name)
+    if module.startswith("torch.nn.modules."):
+        found = getattr(importlib.import_module(module), attr, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+    return None
+
+
+def weights_source(weights: str | Path) -> dict[str, object]:
+    """Where a model's starting weights came from, for its bundle: ``imagenet``/``none``, or the file
+    (its path and sha256; for ``txrv:NAME`` also the URL and the input torchxrayvision's models expect)."""
+    choice = str(weights)
+    if choice in ("imagenet", "none"):
+        return {"weights": choice}
+    if choice.startswith(TXRV_PREFIX):
+        name = _txrv_name(choice)
+        file, arch, side = TXRV_WEIGHTS[name]
+        path = txrv_weights_path(name)
+        return {"weights": f"{TXRV_PREFIX}{name}", "source": "torchxrayvision", "file": str(path), "url": TXRV_URL + file,
+                "sha256": file_sha256(path) if path.is_file() else None, "arch": arch,
+                "input": {"channels": 1, "range": [-TXRV_RANGE, TXRV_RANGE], "size": side}}
+    path = Path(choice)
+    return {"weights": "file", "file": str(path.resolve()), "sha256": file_sha256(path) if path.is_file() else None}

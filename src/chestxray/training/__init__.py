@@ -25,7 +25,7 @@ _EXPORTS = {
     "sweep": ("SweepResult", "PruneTrial", "DEFAULT_SPACE", "default_space", "load_space", "check_space", "suggest",
             "trials_table"),
     "train": ("fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta",
-            "model_meta", "drop_test_copies", "warm_start_config", "initial_model", "PreparedData", "RunResult",
-            "ClassifierModule", "MONITOR"),
+            "model_meta", "drop_test_copies", "warm_start_config", "pretrained_config", "initial_model", "PreparedData",
+            "RunResult", "ClassifierModule", "MONITOR"),
 }
 __all__, __getattr__, __dir__ = _exports(__name__, _EXPORTS)

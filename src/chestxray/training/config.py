@@ -27,6 +27,7 @@ import yaml
 
 from ..constants import DEFAULT_IMAGE_SIZE
 from ..data.decode import CONTRASTS, FIT_MODES, Preprocessing
+from ..data.vocabulary import FORMATS, RATER_POLICIES, UNCERTAIN_POLICIES, VIEWS
 from ..errors import ChestXrayError
 from ..storage import write_text
 
@@ -118,8 +119,20 @@ def _as_declared(value: Any, kind: type, name: str) -> Any:
 class TrainConfig:
     """Everything that defines a training run. Saved as ``config.yaml`` in the run directory."""
 
+    data_format: str = option("auto", "how DATA is read: auto (detected from its files and columns), folder, manifest, "
+                                      "medmnist, or a public data set: nih, chexpert, mimic, padchest, rsna, vindr",
+                              group="Data", check=Choices(FORMATS))
+    uncertain: str = option("ones", "CheXpert and MIMIC-CXR findings marked uncertain (-1): ones (present), zeros "
+                                    "(absent) or ignore (the image is left out)", group="Data",
+                            check=Choices(UNCERTAIN_POLICIES))
+    views: str = option("frontal", "public data sets' views kept: frontal (PA or AP), pa, ap, lateral or all",
+                        group="Data", check=Choices(VIEWS))
+    raters: str = option("majority", "VinDr-CXR: a finding counts when a majority of the image's radiologists marked "
+                                     "it, or any of them", group="Data", check=Choices(RATER_POLICIES))
     arch: str = option("tf_efficientnet_lite0", "timm architecture name", group="Model")
-    weights: str = option("imagenet", "imagenet, none, or a .safetensors / state-dict file", group="Model")
+    weights: str = option("imagenet", "imagenet, none, a .safetensors / state-dict file, or txrv:NAME (torchxrayvision's "
+                                      "chest X-ray weights, e.g. txrv:densenet121-res224-all with --arch densenet121)",
+                          group="Model")
     init: str = option("", "warm start from this bundle folder: its architecture, image size, fit mode, contrast and "
                            "weights (the classifier too when the classes are the bundle's)", group="Model")
     image_size: int = option(DEFAULT_IMAGE_SIZE, "side of the square input, in pixels", group="Images", check=Interval(1))
@@ -180,6 +193,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for YAML and checkpoints."""
         return asdict(self)
+
+    def source_options(self) -> dict[str, str]:
+        """How DATA is read: :func:`~chestxray.data.sources.load_samples`'s keyword arguments."""
+        return {"format": self.data_format, "uncertain": self.uncertain, "views": self.views, "raters": self.raters}
 
     def preprocessing(self) -> Preprocessing:
         """The image options a bundle must repeat at prediction time."""

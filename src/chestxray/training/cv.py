@@ -40,7 +40,8 @@ from ..stats.ood import OODGuard, cross_fitted_scores
 from ..model.runners import TorchRunner, run_images
 from ..data.sources import NO_FINDING, Samples
 from ..data.splits import kfold_splits, train_val_split
-from .train import PreparedData, console, drop_test_copies, model_meta, prepare_data, run_directory, train_model
+from .train import (PreparedData, console, drop_test_copies, model_meta, prepare_data, pretrained_config, run_directory,
+                    train_model)
 
 __all__ = ["cross_validate", "CVResult", "SCORES"]
 
@@ -73,7 +74,7 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
     logits (temperature, operating points) and ``meta.metrics`` the out-of-fold figures. An
     existing run folder is refused unless ``overwrite`` (``train.run_directory``).
     """
-    config, runtime = config or TrainConfig(), one_device(runtime or RuntimeSettings())
+    config, runtime = pretrained_config(config or TrainConfig()), one_device(runtime or RuntimeSettings())
     progress = console.is_terminal if progress is None else progress
     run_dir = run_directory(out_dir, name, prefix="cv-", overwrite=overwrite, complete=COMPLETE_FILE)
     prepared = prepare_data(data, config, cache_dir=cache_dir, progress=progress)

@@ -124,6 +124,9 @@ def check_space(space: Mapping[str, Any], base: TrainConfig) -> dict[str, Any]:
     for key, spec in space.items():
         if key not in known:
             raise ChestXrayError(f"search space: unknown config key {key!r} (known: {', '.join(sorted(known))})")
+        if key in ("data_format", "uncertain", "views", "raters"):
+            raise ChestXrayError(f"search space: {key} says how DATA is read, which a sweep does once for all its "
+                                 "trials; run one sweep per value")
         if isinstance(spec, list) and spec:
             values = spec
         elif isinstance(spec, Mapping) and {"low", "high"} <= set(spec) <= RANGE_KEYS:
@@ -171,7 +174,7 @@ def sweep(data: str | Path | Samples, base_config: TrainConfig | None = None, tr
     base = base_config or TrainConfig()
     progress = console.is_terminal if progress is None else progress
     runtime = one_device(runtime or RuntimeSettings())  # trials train one after another in this process
-    samples = data if isinstance(data, Samples) else load_samples(data)  # a bad path fails once, not per trial
+    samples = data if isinstance(data, Samples) else load_samples(data, **base.source_options())  # fails once, not per trial
     space = check_space(space if space is not None else default_space(base), base)
     run_dir = run_directory(out_dir, name, prefix="sweep-", overwrite=overwrite, complete="best.yaml")
     trials_dir = run_dir / "trials"

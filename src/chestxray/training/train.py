@@ -55,16 +55,17 @@ from ..data.audit import source_confound
 from ..trust.lineage import lineage_record, seen_images_record
 from ..launch import gather_in_order, is_first_process, trainer_layout
 from ..stats.metrics import logit_scores
-from ..model.models import ChestXrayNet, create_model, load_state_strict
+from ..model.models import TXRV_PREFIX, ChestXrayNet, create_model, load_state_strict, txrv_input_size, weights_source
 from ..inference.report import plot_training_curves
 from ..model.runners import DEFAULT_BATCH
 from ..data.sources import Samples, load_samples
+from ..data.vocabulary import PUBLIC_FORMATS, SourceOptions, label_mapping
 from ..data.splits import load_split, save_split, split_files, train_val_split
 from ..storage import atomic_path, make_folder, temporary_name, write_error, write_text
 
 __all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "model_meta",
            "drop_test_copies",
-           "warm_start_config", "initial_model",
+           "warm_start_config", "pretrained_config", "initial_model",
            "PreparedData", "RunResult", "ClassifierModule", "MONITOR"]
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class RunResult:
 def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: str | Path | None = None,
                  split_file: str | Path | None = None, progress: bool = True) -> PreparedData:
     """Load the samples, drop the test split, build the cache and split train/validation."""
-    samples = data if isinstance(data, Samples) else load_samples(data)
+    samples = data if isinstance(data, Samples) else load_samples(data, **config.source_options())
     pool = samples.subset(samples.frame["split"] != "test")
     if not len(pool):
         raise ChestXrayError(f"{samples.origin}: every image is in the test split; nothing to train on")
@@ -594,8 +595,40 @@ def model_meta(samples: Samples, config: TrainConfig, calibration: Calibration, 
             "origin": samples.origin, "n_train": int(len(train_paths)), "n_val": int(len(val_paths)),
             "class_counts": samples.frame["label"].value_counts().to_dict(),
             "provenance_files": provenance_files(samples.origin)},
-            **calibration.extra_fields(), "calibration_choice": calibration.transform_choice, **(extra or {})},
+            **calibration.extra_fields(), "calibration_choice": calibration.transform_choice,
+            **_label_mapping(samples, config), **_weights_record(config), **(extra or {})},
         lineage=lineage)
+
+
+def _weights_record(config: TrainConfig) -> dict[str, Any]:
+    """``{"weights_source": ...}`` when the run started from a weights file or ``txrv:`` weights (their
+    path, sha256 and, for torchxrayvision's, URL and expected input), else nothing."""
+    if config.init or config.weights in ("imagenet", "none"):
+        return {}
+    return {"weights_source": weights_source(config.weights)}
+
+
+def _label_mapping(samples: Samples, config: TrainConfig) -> dict[str, Any]:
+    """``{"label_mapping": {format: mapping}}`` for the public data sets among ``samples`` (what their
+    adapters made of the source labels, under ``config``'s policies), else nothing."""
+    formats = sorted(set(samples.frame["source"]) & set(PUBLIC_FORMATS))
+    if not formats:
+        return {}
+    options = SourceOptions(**config.source_options())
+    return {"label_mapping": {name: label_mapping(name, options) for name in formats}}
+
+
+def pretrained_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with the image size and fit mode that ``txrv:`` weights were trained at (torchxrayvision
+    centre-crops and resizes to 224 or 512 px); any other config as it is."""
+    if not config.weights.startswith(TXRV_PREFIX):
+        return config
+    settings = {"image_size": txrv_input_size(config.weights), "fit_mode": "crop"}
+    changed = {k: v for k, v in settings.items() if getattr(config, k) != v}
+    if changed:
+        console.print(f"{config.weights}: " + ", ".join(f"{k} {v}" for k, v in changed.items())
+                      + " taken from the weights (torchxrayvision's preprocessing)", soft_wrap=True)
+    return config.replace(**changed)
 
 
 def warm_start_config(config: TrainConfig, data: str | Path | Samples) -> tuple[TrainConfig, Samples]:
@@ -604,7 +637,7 @@ def warm_start_config(config: TrainConfig, data: str | Path | Samples) -> tuple[
     meta = read_meta(config.init)
     if meta.extra.get("members"):
         raise ChestXrayError(f"{config.init}: a cross-validation ensemble; warm start from a single model's bundle")
-    samples = data if isinstance(data, Samples) else load_samples(data)
+    samples = data if isinstance(data, Samples) else load_samples(data, **config.source_options())
     if meta.task == samples.task and sorted(meta.classes) == sorted(samples.classes):
         samples = Samples(samples.frame, list(meta.classes), samples.task, samples.origin, samples.skipped)
     settings = {"arch": meta.arch, "image_size": meta.image_size, "fit_mode": meta.preprocess.get("mode", "pad"),
@@ -714,6 +747,7 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
         config = TrainConfig()
     if progress is None:
         progress = console.is_terminal
+    config = pretrained_config(config)
     if config.init:
         config, data = warm_start_config(config, data)
     prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=split_file, progress=progress)

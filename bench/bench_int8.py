@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--site", type=Path, default=DATA / "pediatric_site")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--calibrate-on-site", action="store_true",
+                        help="calibrate on every other site image (a site calibrating on its own unlabelled X-rays) "
+                             "and check parity on the others")
     args = parser.parse_args()
 
     from chestxray.deploy.export import export_onnx
@@ -62,8 +65,11 @@ def main() -> None:
         sys.exit(f"{args.bundle}: no run split.csv beside it (its validation images are the parity set)")
     val = load_local(meta, reference, progress=False, min_per_class=1, warn_seen=False).images
     site, _ = _read_images(meta, args.site, None, False, drop_test=False)
+    if args.calibrate_on_site:
+        calibration, site = site[0::2], site[1::2]
     record: dict[str, Any] = {"bundle": str(args.bundle), "machine": machine(), "n_calibration": len(calibration),
-                              "n_val": len(val), "n_site": len(site), "variants": {}}
+                              "n_val": len(val), "n_site": len(site), "calibrated_on": "every other site image" if args.calibrate_on_site
+                              else str(args.calibration_data), "variants": {}}
     with tempfile.TemporaryDirectory(prefix="chestxray-int8-bench-") as scratch:
         fp32_path = export_onnx(args.bundle, Path(scratch) / "fp32.onnx").path
         fp32 = OnnxRunner(fp32_path)

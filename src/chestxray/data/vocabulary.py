@@ -106,23 +106,6 @@ class SourceOptions:
                 raise ChestXrayError(f"data {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
 
-@dataclass(frozen=True)
-class SourceOptions:
-    """How a data set is read: its ``format`` (``auto``: detected from its files and column names)
-    and the adapters' label and view policies (see the module's text)."""
-
-    format: str = "auto"
-    uncertain: str = "ones"
-    views: str = "frontal"
-    raters: str = "majority"
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("format", FORMATS), ("uncertain", UNCERTAIN_POLICIES), ("views", VIEWS),
-                              ("raters", RATER_POLICIES)):
-            if getattr(self, name) not in allowed:
-                raise ChestXrayError(f"data {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-
-
 def label_mapping(name: str, options: SourceOptions) -> dict[str, Any]:
     """What adapter ``name`` made of its data set's labels: each source label and the vocabulary
     findings it became, the policies that applied, what an empty label means."""

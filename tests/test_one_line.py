@@ -102,3 +102,15 @@ def test_serve_refuses_a_port_out_of_range_from_python(bundle):
 
     with pytest.raises(ChestXrayError, match="--port 99999: a port is 1 to 65535"):
         serve(bundle, port=99999)
+
+
+def test_random_bytes_as_a_dicom_part_say_so_without_pydicom_internals() -> None:
+    import numpy as np
+
+    from chestxray.dicom.dicomresult import read_dataset
+    from chestxray.errors import InputError
+
+    junk = np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    with pytest.raises(InputError) as raised:
+        read_dataset(junk, "part 3")
+    assert "no SOP Instance UID" in str(raised.value) and "object has no attribute" not in str(raised.value)

@@ -123,7 +123,17 @@ def read_dataset(data: bytes, name: str) -> Dataset:
     """A DICOM Part-10 file (or a bare dataset) parsed with its pixels; :class:`InputError` if it is not one."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        ds.SOPInstanceUID  # noqa: B018 - a dataset without it is not an instance
+    except Exception as err:  # pydicom raises many types on broken input
+        raise InputError(name, f"not a readable DICOM dataset ({' '.join(str(err).split()) or type(err).__name__})") \
+            from None
+    try:
+        present = "SOPInstanceUID" in ds and "SOPClassUID" in ds
+    except Exception:  # noqa: BLE001 - a broken element raises anything while the dataset is walked
+        present = False
+    if not present:  # random bytes parse (force=True) as a dataset of a few junk elements
+        raise InputError(name, "not a readable DICOM dataset (no SOP Instance UID or SOP Class UID: junk, or not DICOM)")
+    try:
+        ds.SOPInstanceUID  # noqa: B018 - the value must decode
     except Exception as err:  # pydicom raises many types on broken input
         raise InputError(name, f"not a readable DICOM dataset ({' '.join(str(err).split()) or type(err).__name__})") \
             from None

@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("inference.predict", "dicom.dicomresult"),
     ("inference.evaluation", "deploy.export", "dicom.inferencelog", "dicom.dicomweb"),
     ("training.train", "deploy.quantize"),
-    ("training.cv", "training.sweep", "training.adapt"),
+    ("training.cv", "training.sweep", "training.adapt", "training.look"),
     ("serving.serve", "dicom.listen", "dicom.worklist", "training.adapt_unlabeled"),
     ("cli",),
 ]

@@ -22,7 +22,8 @@ from chestxray.model.bundle import read_meta
 from chestxray.training.config import TrainConfig, load_config, save_config
 from chestxray.training.cv import cross_validate
 from chestxray.training.look import show_batch
-from chestxray.training.train import ClassifierModule, LRSearch, find_lr, prepare_data, train_model
+from chestxray.training.train import (ClassifierModule, LRSearch, find_lr, prepare_data, smoothed_losses,
+                                     suggest_lr, train_model)
 
 
 @pytest.fixture
@@ -105,6 +106,31 @@ def test_a_config_comment_loads_back_as_the_same_config(tmp_path: Path) -> None:
     assert load_config(tmp_path / "config.yaml") == config
 
 
+def test_the_finders_running_average_is_unbiased_from_its_first_step() -> None:
+    """Lightning's divides by 1 - 0.98 ** (step + 1): its first value is half the first loss, and a flat
+    loss makes a curve that rises; this one stays flat, follows a change, and steps over a NaN."""
+    assert smoothed_losses([1.3] * 5) == pytest.approx([1.3] * 5)
+    rising = smoothed_losses([1.0] * 3 + [2.0] * 3)
+    assert rising[:3] == pytest.approx([1.0] * 3) and 1.0 < rising[3] < rising[4] < rising[5] < 2.0
+    with_gap = smoothed_losses([1.0, float("nan"), 1.0])
+    assert np.isnan(with_gap[1]) and with_gap[0] == pytest.approx(1.0) and with_gap[2] == pytest.approx(1.0)
+
+
+def test_the_suggestion_is_the_steepest_fall_per_decade_of_rate() -> None:
+    """A loss that falls fastest around 1e-3 on a sweep from 1e-6 to 1, with a wobble of 0.002 at the
+    low rates: per decade, the fall wins; against the rate itself (Lightning's), the wobble does."""
+    from lightning.pytorch.tuner.lr_finder import _LRFinder
+
+    lrs = np.logspace(-6, 0, 100)
+    losses = 1.4 - 0.3 / (1 + np.exp(-3 * (np.log10(lrs) + 3))) + 0.002 * np.sin(np.arange(100))
+    losses[lrs > 0.05] += 5 * (np.log10(lrs[lrs > 0.05]) + 1.3)  # divergence at the end
+    assert 5e-4 < suggest_lr(list(lrs), list(losses)) < 2e-3
+    lightning = _LRFinder("exponential", 1e-6, 1.0, 100)
+    lightning.results = {"lr": list(lrs), "loss": list(losses)}
+    assert lightning.suggestion() < 1e-4  # the bug the rule above avoids (Lightning issue #21141)
+    assert suggest_lr([1e-3, 1e-2], [1.0, 0.9]) is None  # too few points once the ends are skipped
+
+
 def test_lr_search_refuses_an_empty_range() -> None:
     with pytest.raises(ChestXrayError, match="0 < min < max"):
         LRSearch(min_lr=1e-2, max_lr=1e-3)
@@ -135,11 +161,14 @@ def test_show_batch_is_the_first_batch_that_training_feeds_the_model(data: Path,
 def test_lr_find_suggests_a_rate_in_the_range_and_writes_its_curve(data: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     rates: list[list[float]] = []
+    raw: list[float] = []
     step = ClassifierModule.training_step
 
     def recording(self, batch, batch_index):
         rates.append([group["lr"] for group in self.trainer.optimizers[0].param_groups])
-        return step(self, batch, batch_index)
+        loss = step(self, batch, batch_index)
+        raw.append(float(loss))
+        return loss
 
     monkeypatch.setattr(ClassifierModule, "training_step", recording)
     args = ["lr-find", str(data), "--arch", "test_efficientnet", "--weights", "none", "--image-size", "32",
@@ -154,6 +183,7 @@ def test_lr_find_suggests_a_rate_in_the_range_and_writes_its_curve(data: Path, t
     assert f"suggested lr: {suggestion:.3g}" in result.output
     assert found["steps"] == len(found["lr"]) == len(found["loss"]) == len(rates) and 2 < found["steps"] <= 20
     assert suggestion in found["lr"] and found["lr"] == sorted(found["lr"])  # one of the rates tried, rising
+    assert found["loss"] == pytest.approx(smoothed_losses(raw)) and found["loss"][0] == pytest.approx(raw[0])
     with Image.open(run / "lr_find.png") as png:
         assert png.format == "PNG" and png.width >= 400
     # the backbone keeps its share of the head's rate through the sweep, as in training (0.3 by default)

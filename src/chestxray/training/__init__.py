@@ -25,7 +25,8 @@ _EXPORTS = {
             "trials_table"),
     "train": ("fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta",
             "model_meta", "drop_test_copies", "warm_start_config", "initial_model", "build_module", "make_loaders",
-            "training_inputs", "find_lr", "PreparedData", "RunResult", "ClassifierModule", "LRSearch", "LRFinding",
+            "training_inputs", "find_lr", "smoothed_losses", "suggest_lr",
+            "PreparedData", "RunResult", "ClassifierModule", "LRSearch", "LRFinding",
             "MONITOR"),
 }
 __all__, __getattr__, __dir__ = _exports(__name__, _EXPORTS)

@@ -70,6 +70,7 @@ from ..storage import atomic_path, make_folder, temporary_name, write_error, wri
 __all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "model_meta",
            "drop_test_copies",
            "warm_start_config", "initial_model", "build_module", "make_loaders", "training_inputs", "find_lr",
+           "smoothed_losses", "suggest_lr",
            "PreparedData", "RunResult", "ClassifierModule", "LRSearch", "LRFinding", "MONITOR"]
 
 if TYPE_CHECKING:
@@ -217,9 +218,10 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = channels_last
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0))
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.tie_backbone_lr = False
-        """Set by :func:`find_lr`: before each step, the backbone's rate is reset to ``backbone_lr_ratio``
-        times the head's (Lightning's finder sweeps every parameter group at one rate)."""
+        self.finder_losses: list[float] | None = None
+        """Set to a list by :func:`find_lr`: each step's training loss is appended, and before each step the
+        backbone's rate is reset to ``backbone_lr_ratio`` times the head's (Lightning's finder sweeps every
+        parameter group at one rate)."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -235,7 +237,7 @@ class ClassifierModule(L.LightningModule):
         return F.cross_entropy(logits, targets, weight=weights, label_smoothing=smoothing)
 
     def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
-        if self.tie_backbone_lr:  # the finder sets every group to its rate: the backbone keeps its share
+        if self.finder_losses is not None:  # the finder sets every group to its rate: the backbone keeps its share
             head, *backbone = self.trainer.optimizers[0].param_groups
             for group in backbone:
                 group["lr"] = head["lr"] * self.config.backbone_lr_ratio
@@ -260,6 +262,8 @@ class ClassifierModule(L.LightningModule):
         if lam < 1:
             loss = lam * loss + (1 - lam) * self._loss(logits, targets[order], smoothing)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
+        if self.finder_losses is not None:
+            self.finder_losses.append(float(loss.detach()))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
@@ -595,8 +599,8 @@ class LRFinding:
         """The JSON form (``lr_find.json``): NaN losses (a step that returned none) as ``null``."""
         return {"suggestion": self.suggestion, "min_lr": self.search.min_lr, "max_lr": self.search.max_lr,
                 "num_training": self.search.num_training, "steps": len(self.lrs), "seconds": round(self.seconds, 1),
-                "note": "the head's learning rate at the steepest fall of the smoothed training loss (Lightning's "
-                        "Tuner.lr_find); the backbone trains at backbone_lr_ratio times it",
+                "note": "the head's learning rate at the steepest fall of the smoothed training loss per decade of "
+                        "rate, swept by Lightning's Tuner.lr_find; the backbone trains at backbone_lr_ratio times it",
                 "lr": self.lrs, "loss": [v if math.isfinite(v) else None for v in self.losses]}
 
     def save(self, folder: str | Path) -> Path:
@@ -621,7 +625,7 @@ def find_lr(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSetting
                              "DATA without torchrun, then train with its --lr")
     runtime = runtime.replace(devices="1")
     module = build_module(prepared, config, runtime)
-    module.tie_backbone_lr = True
+    module.finder_losses = []
     loader, _ = make_loaders(prepared, config, runtime)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
@@ -639,12 +643,47 @@ def find_lr(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSetting
         found = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=search.min_lr, max_lr=search.max_lr,
                                        num_training=search.num_training, early_stop_threshold=search.early_stop,
                                        update_attr=False)
-    lrs, losses = [float(v) for v in found.results["lr"]], [float(v) for v in found.results["loss"]]
-    suggestion = found.suggestion(skip_begin=min(10, len(lrs) // 5), skip_end=1) if len(lrs) > 3 else None
+    lrs = [float(v) for v in found.results["lr"]]
+    losses = [float(v) for v in found.results["loss"]]
+    if len(module.finder_losses) == len(lrs):
+        # Lightning debiases its running average one step late (by global_step, already counted when a step ends),
+        # which halves the first values and makes the curve rise at the start: smoothed here from the raw losses
+        losses = smoothed_losses(module.finder_losses)
+    suggestion = suggest_lr(lrs, losses)
     if suggestion is None or not math.isfinite(suggestion) or suggestion <= 0:
         raise ChestXrayError(f"the learning-rate finder ran {len(lrs)} step(s) on {len(prepared.train_rows)} "
                              "training images: too few to suggest a rate; give it more steps (--num-training)")
     return LRFinding(float(suggestion), lrs, losses, search, time.perf_counter() - started)
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_end: int = 1) -> float | None:
+    """The rate where the smoothed loss falls fastest per decade of rate: Lightning's rule (the steepest
+    negative gradient, the first ``min(10, n // 5)`` and last ``skip_end`` steps skipped) with the gradient
+    taken against log10(rate), the axis the rates are spaced on. Lightning's takes it against the rate
+    itself, so that on an exponential sweep the tightly spaced low rates win on noise (Lightning issue
+    #21141). ``None`` when fewer than two finite points remain."""
+    skip_begin = min(10, len(lrs) // 5)
+    rates, values = np.log10(np.asarray(lrs, dtype=float)), np.asarray(losses, dtype=float)
+    kept = np.arange(len(rates))[skip_begin:len(rates) - skip_end]
+    kept = kept[np.isfinite(values[kept])]
+    if len(kept) < 2:
+        return None
+    slope = np.gradient(values[kept], rates[kept])
+    return float(lrs[int(kept[np.argmin(slope)])])
+
+
+def smoothed_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
+    """The running average of ``losses`` that the learning-rate finder plots, ``beta`` of the average kept at
+    each step, divided by ``1 - beta ** steps`` so that its start is not biased towards 0; a NaN loss (a
+    step that returned none) stays NaN and leaves the average alone."""
+    average, steps, smoothed = 0.0, 0, []
+    for loss in losses:
+        if not math.isfinite(loss):
+            smoothed.append(math.nan)
+            continue
+        average, steps = beta * average + (1 - beta) * loss, steps + 1
+        smoothed.append(average / (1 - beta ** steps))
+    return smoothed
 
 
 def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData,

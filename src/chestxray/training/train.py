@@ -703,7 +703,7 @@ def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData
     notes = {}
     if lr_finding is not None:
         lr_finding.save(run_dir)
-        notes["lr"] = f"suggested by the learning-rate finder (lr-find; curve in lr_find.json, lr_find.png)"
+        notes["lr"] = "suggested by the learning-rate finder (lr-find; curve in lr_find.json, lr_find.png)"
     save_config(config, run_dir / "config.yaml", comments=notes)
     save_split(run_dir / "split.csv", prepared.samples, {"train": prepared.train_rows, "val": prepared.val_rows})
     write_text(run_dir / "environment.json", json.dumps(runtime, indent=2))

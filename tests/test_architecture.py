@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("inference.predict", "dicom.dicomresult"),
     ("inference.evaluation", "deploy.export", "dicom.inferencelog", "dicom.dicomweb"),
     ("training.train", "deploy.quantize"),
-    ("training.cv", "training.sweep", "training.adapt"),
+    ("training.cv", "training.sweep", "training.adapt", "training.look"),
     ("training.adapt_backbone",),
     ("serving.serve", "dicom.listen", "dicom.worklist", "training.adapt_unlabeled"),
     ("cli",),

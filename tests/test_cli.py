@@ -20,7 +20,7 @@ from chestxray.cli import app, main
 from chestxray.training.config import RuntimeSettings, TrainConfig, declared_options
 from conftest import xray_array
 
-COMMANDS = ["audit", "train", "cv", "sweep", "evaluate", "predict", "export", "serve", "listen"]
+COMMANDS = ["audit", "train", "cv", "sweep", "show-batch", "lr-find", "evaluate", "predict", "export", "serve", "listen"]
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
@@ -37,7 +37,7 @@ def test_every_command_has_help(command: str) -> None:
     assert result.exit_code == 0 and "Usage" in result.output
 
 
-@pytest.mark.parametrize("command", ["train", "cv", "sweep"])
+@pytest.mark.parametrize("command", ["train", "cv", "sweep", "lr-find"])
 def test_every_training_option_is_a_typed_option_with_its_declared_help_and_default(command: str) -> None:
     help_text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"}, terminal_width=400).output
     output = " ".join(help_text.split())

@@ -30,7 +30,8 @@ __version__ = "0.1.0"
 _LAZY = {"load_model": "inference.predict", "predict_files": "inference.predict", "Predictor": "inference.predict",
          "Prediction": "inference.predict", "fit": "training.train", "prepare_data": "training.train",
          "train_model": "training.train", "calibrate": "trust.calibration", "cross_validate": "training.cv",
-         "sweep": "training.sweep", "adapt": "training.adapt", "adapt_unlabeled": "training.adapt_unlabeled",
+         "sweep": "training.sweep", "show_batch": "training.look", "lr_find": "training.look",
+         "adapt": "training.adapt", "adapt_unlabeled": "training.adapt_unlabeled",
          "evaluate": "inference.evaluation", "audit": "data.audit", "export_onnx": "deploy.export",
          "quantize_bundle": "deploy.quantize", "TrainConfig": "training.config", "RuntimeSettings": "training.config",
          "load_samples": "data.sources", "ChestXrayError": "errors", "InputError": "errors"}

@@ -152,11 +152,15 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
             limit = f"; {check}" if check is not None and not isinstance(check, Choices) else ""
             text = f"{meta['help']} (default: {shown}{limit})"
             metavar = "[" + "|".join(map(str, check.values)) + "]" if isinstance(check, Choices) else None
+            kind, parse = type(default), None
+            if name == "lr":  # a number, or `auto`: the learning-rate finder's suggestion
+                kind, parse, metavar = str, _lr_value, "FLOAT|auto"
+                text += "; auto: the learning-rate finder's suggestion (train and cv)"
             declared = typer.Option(None, f"--{flag}/--no-{flag}" if isinstance(default, bool) else f"--{flag}",
-                                    help=text, metavar=metavar, show_default=False,
+                                    help=text, metavar=metavar, show_default=False, callback=parse,
                                     rich_help_panel=f"{meta['group']} options")
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=declared,
-                                            annotation=Optional[type(default)]))
+                                            annotation=Optional[kind]))
 
     @functools.wraps(command)
     def with_settings(**values: object) -> None:
@@ -168,11 +172,34 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
     return with_settings
 
 
+def _lr_value(value: Optional[str]) -> object:
+    """``--lr``: a number, or ``auto``."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"a number or auto, not {value!r}") from None
+
+
+def _lr_search(settings: tuple[dict, dict]) -> tuple[tuple[dict, dict], object]:
+    """The settings without ``--lr auto``, and the finder's search it asks for (``None`` without it)."""
+    from .training.train import LRSearch
+
+    training, runtime = settings
+    if training.get("lr") != "auto":
+        return settings, None
+    return ({k: v for k, v in training.items() if k != "lr"}, runtime), LRSearch()
+
+
 def _settings(command: str, config: Optional[Path], settings: tuple[dict, dict]):
     """The training config and runtime settings from --config and the command's flags (flags win)."""
     from .training.config import load_config, load_runtime
     from .launch import world_size
 
+    if settings[0].get("lr") == "auto":
+        raise ChestXrayError(f"--lr auto goes with train and cv; {command} takes a number "
+                             "(chestxray lr-find DATA suggests one)")
     if command in ("cv", "sweep") and world_size() > 1:
         raise ChestXrayError(f"`chestxray {command}` runs its models one after the other in one "
                              "process: launch it without torchrun")
@@ -201,14 +228,20 @@ def train(data: Path = DataArg, config: Optional[Path] = ConfigOpt, out: Path = 
           onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export the bundle to ONNX (parity-checked "
                                     "on validation X-rays): predict and serve then start fast and run 2-5x faster."),
           cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
-    """Fine-tune a model on DATA (its test split is never used) and write a run directory and bundle."""
+    """Fine-tune a model on DATA (its test split is never used) and write a run directory and bundle.
+
+    --lr auto runs the learning-rate finder first and trains at its suggestion (see lr-find)."""
     from .training.train import fit
 
+    settings, search = _lr_search(settings)
     training, runtime = _settings("train", config, settings)
     result = fit(data, None if resume else training, runtime, out_dir=out, name=name, resume=resume,
-                 overwrite=overwrite, cache_dir=cache_dir, onnx=onnx)
+                 overwrite=overwrite, cache_dir=cache_dir, onnx=onnx, lr_search=search)
     if not result.metrics:  # a rank other than 0 of a distributed run
         return
+    if result.lr_finding is not None:
+        console.print(f"lr: {result.lr_finding.suggestion:.3g}, the learning-rate finder's suggestion "
+                      f"({result.run_dir / 'lr_find.png'})", soft_wrap=True)
     if result.onnx is not None:
         console.print(f"onnx: {result.onnx.path} (max probability difference {result.onnx.max_prob_diff:.1e} on "
                       f"{result.onnx.n_images} images)", soft_wrap=True)
@@ -221,12 +254,15 @@ def cv(data: Path = DataArg, folds: int = typer.Option(5, "--folds", "-k"),
        keep_models: bool = typer.Option(False, "--keep-models", help="Save the fold models as one ensemble bundle."),
        config: Optional[Path] = ConfigOpt, out: Path = OutOpt, name: Optional[str] = NameOpt,
        overwrite: bool = OverwriteOpt, cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
-    """Stratified, patient-grouped k-fold cross-validation on DATA's training images."""
+    """Stratified, patient-grouped k-fold cross-validation on DATA's training images.
+
+    --lr auto: each fold trains at the learning-rate finder's suggestion on its own training images."""
     from .training.cv import cross_validate
 
+    settings, search = _lr_search(settings)
     training, runtime = _settings("cv", config, settings)
     result = cross_validate(data, training, folds, runtime, out_dir=out, name=name, keep_models=keep_models,
-                            overwrite=overwrite, cache_dir=cache_dir)
+                            overwrite=overwrite, cache_dir=cache_dir, lr_search=search)
     _render_cv(result)
     console.print(f"results: {result.run_dir}" + (f"\nbundle: {result.bundle_dir}" if result.bundle_dir else ""),
                   soft_wrap=True)
@@ -250,6 +286,54 @@ def sweep(data: Path = DataArg, trials: int = typer.Option(20, "--trials", "-n")
     best = result.run_dir / "best.yaml"
     console.print(f"best config: {best} (retrain with: chestxray train DATA --config {best})"
                   + (f"\nbundle of the best trial: {result.bundle_dir}" if result.bundle_dir else ""), soft_wrap=True)
+
+
+@app.command("show-batch")
+@training_options
+def show_batch(data: Path = DataArg, n: int = typer.Option(16, "--n", "-n", min=1, help="Images shown."),
+               split: str = typer.Option("train", "--split", help="train (augmented as epoch 1 draws them) or val "
+                                         "(as validation feeds them: no augmentation)."),
+               out: Path = typer.Option(Path("runs/show_batch.png"), "--out", help="The PNG to write."),
+               config: Optional[Path] = ConfigOpt, cache_dir: Optional[Path] = CacheOpt,
+               settings: tuple = ({}, {})) -> None:
+    """A PNG grid of what training feeds the model (preprocessed, augmented, one channel), titled label and file.
+
+    --split train: the first inputs of epoch 1 as the run draws them (before mixup); --split val: the
+    validation inputs, unaugmented. The options are train's: --config, --image-size, --augment, ... apply."""
+    from .training.look import show_batch as run_show_batch
+
+    _check_output(out)
+    training, _ = _settings("show-batch", config, settings)
+    view = run_show_batch(data, training, n=n, split=split, out=out, cache_dir=cache_dir,
+                          progress=err_console.is_terminal)
+    console.print(f"{len(view.images)} {'training' if split == 'train' else 'validation'} inputs, "
+                  f"{view.images.shape[-1]} px, values {view.images.min():.2f} to {view.images.max():.2f} "
+                  f"(mean {view.images.mean():.2f}): {view.path}", soft_wrap=True, highlight=False)
+
+
+@app.command("lr-find")
+@training_options
+def lr_find(data: Path = DataArg,
+            num_training: int = typer.Option(100, "--num-training", min=2, help="Steps of the search, one learning "
+                                             "rate each (fewer: faster, a coarser curve)."),
+            min_lr: float = typer.Option(1e-6, "--min-lr", min=0, help="First learning rate tried."),
+            max_lr: float = typer.Option(1.0, "--max-lr", min=0, help="Last learning rate tried."),
+            config: Optional[Path] = ConfigOpt, out: Path = OutOpt, name: Optional[str] = NameOpt,
+            overwrite: bool = OverwriteOpt, cache_dir: Optional[Path] = CacheOpt, settings: tuple = ({}, {})) -> None:
+    """Lightning's learning-rate finder on the model, data and recipe that train would use; prints its suggestion.
+
+    Writes lr_find.png (the curve, the suggestion marked), lr_find.json (suggestion and curve) and
+    config.yaml (the recipe at the suggested rate, for train --config) to a run folder under --out."""
+    from .training.look import lr_find as run_lr_find
+    from .training.train import LRSearch
+
+    training, runtime = _settings("lr-find", config, settings)
+    result = run_lr_find(data, training, runtime, LRSearch(num_training, min_lr, max_lr), out_dir=out, name=name,
+                         overwrite=overwrite, cache_dir=cache_dir)
+    console.print(f"suggested lr: {result.finding.suggestion:.3g} ({len(result.finding.lrs)} steps from "
+                  f"{min_lr:g} to {max_lr:g}, {result.finding.seconds:.0f}s)", highlight=False)
+    console.print(f"curve: {result.run_dir / 'lr_find.png'}\ntrain at it: chestxray train DATA --config "
+                  f"{result.run_dir / 'config.yaml'}", soft_wrap=True, highlight=False)
 
 
 BundleArg = typer.Argument(..., help="A model bundle folder (runs/<name>/bundle).")

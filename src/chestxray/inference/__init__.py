@@ -14,6 +14,6 @@ _EXPORTS = {
             "predict_paths", "predict_inputs", "predictions_table", "sharded_predict", "sharded_predictions",
             "call_operating_point", "expand_inputs", "apply_operating_point", "write_cams", "shard",
             "resolve_backend", "BACKENDS", "TTA_VIEWS"),
-    "report": ("plot_training_curves", "write_report"),
+    "report": ("plot_training_curves", "plot_lr_find", "write_report"),
 }
 __all__, __getattr__, __dir__ = _exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from chestxray.stats.metrics import interval_text, positives_matrix, reliability_curve
 from chestxray.storage import make_folder, write_bytes, write_text
 
-__all__ = ["plot_training_curves", "write_report"]
+__all__ = ["plot_training_curves", "plot_lr_find", "write_report"]
 
 NOTICE = (
     "Research software, not a diagnostic device. These figures describe this model on this test "
@@ -114,6 +114,25 @@ def plot_training_curves(history: pd.DataFrame, out_png: Path) -> Path:
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(out_png, _png_bytes(_training_curves_figure(history)))
+    return out_png
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float, out_png: Path) -> Path:
+    """Save the learning-rate finder's curve (smoothed training loss against the rate, log scale) with
+    the suggested rate marked, as a PNG."""
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.subplots()
+    ax.plot(lrs, losses, label="smoothed training loss")
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggestion {suggestion:.2e}")
+    finite = [(lr, loss) for lr, loss in zip(lrs, losses) if np.isfinite(loss)]
+    if finite:
+        nearest = min(finite, key=lambda point: abs(np.log(point[0] / suggestion)))
+        ax.plot(*nearest, marker="o", markersize=8, color="tab:red")
+    ax.set(xscale="log", xlabel="learning rate of the head", ylabel="loss", title="learning-rate finder")
+    ax.legend()
+    out_png = Path(out_png)
+    make_folder(out_png.parent, "output folder")
+    write_bytes(out_png, _png_bytes(fig))
     return out_png
 
 

@@ -1,4 +1,4 @@
-"""A bundle made: options, training, cross-validation, sweeps and site adaptation.
+"""A bundle made: options, training, a look before training, cross-validation, sweeps and site adaptation.
 
 Each public name of the submodules is importable from here (``from chestxray.training import ...``) and
 imported on first use, so that importing the subpackage stays light.
@@ -22,10 +22,12 @@ _EXPORTS = {
     "config": ("Interval", "Choices", "option", "validate", "declared_options", "TrainConfig", "RuntimeSettings",
             "make_config", "load_config", "load_runtime", "save_config"),
     "cv": ("cross_validate", "CVResult", "SCORES"),
+    "look": ("show_batch", "lr_find", "batch_inputs", "BatchView", "LRFindRun", "SPLITS"),
     "sweep": ("SweepResult", "PruneTrial", "DEFAULT_SPACE", "default_space", "load_space", "check_space", "suggest",
             "trials_table"),
     "train": ("fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta",
-            "model_meta", "drop_test_copies", "warm_start_config", "pretrained_config", "initial_model", "PreparedData",
-            "RunResult", "ClassifierModule", "MONITOR"),
+            "model_meta", "drop_test_copies", "warm_start_config", "pretrained_config", "initial_model", "build_module",
+            "make_loaders", "training_inputs", "find_lr", "smoothed_losses", "suggest_lr",
+            "PreparedData", "RunResult", "ClassifierModule", "LRSearch", "LRFinding", "MONITOR"),
 }
 __all__, __getattr__, __dir__ = _exports(__name__, _EXPORTS)

@@ -285,6 +285,10 @@ def load_runtime(path: str | Path | None = None, **overrides: Any) -> RuntimeSet
     return RuntimeSettings(**values).replace(**overrides)
 
 
-def save_config(config: TrainConfig, path: str | Path) -> Path:
-    """Write ``config`` as YAML (atomically: a failure leaves no empty or partial file)."""
-    return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: TrainConfig, path: str | Path, comments: dict[str, str] | None = None) -> Path:
+    """Write ``config`` as YAML (atomically: a failure leaves no empty or partial file); ``comments``
+    (``{key: text}``) end the lines of those keys as ``# text``, which loading ignores."""
+    lines = yaml.safe_dump(config.to_dict(), sort_keys=False).splitlines()
+    for key, text in (comments or {}).items():
+        lines = [f"{line}  # {' '.join(text.split())}" if line.startswith(f"{key}: ") else line for line in lines]
+    return write_text(path, "\n".join(lines) + "\n")

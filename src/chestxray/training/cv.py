@@ -40,7 +40,8 @@ from ..stats.ood import OODGuard, cross_fitted_scores
 from ..model.runners import TorchRunner, run_images
 from ..data.sources import NO_FINDING, Samples
 from ..data.splits import kfold_splits, train_val_split
-from .train import (PreparedData, console, drop_test_copies, model_meta, prepare_data, pretrained_config, run_directory,
+from .train import (LRSearch, PreparedData, console, drop_test_copies, find_lr, model_meta, prepare_data,
+                    pretrained_config, run_directory,
                     train_model)
 
 __all__ = ["cross_validate", "CVResult", "SCORES"]
@@ -66,13 +67,15 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
                    runtime: RuntimeSettings | None = None, *,
                    out_dir: str | Path = "runs", name: str | None = None, keep_models: bool = False,
                    overwrite: bool = False, cache_dir: str | Path | None = None,
-                   progress: bool | None = None) -> CVResult:
+                   progress: bool | None = None, lr_search: LRSearch | None = None) -> CVResult:
     """Train one model per fold of the training pool and score it on the fold it did not see.
 
     Writes ``cv.csv``, ``cv.json``, ``oof.csv`` and the fold runs into ``out_dir/name``; with
     ``keep_models`` also an ensemble bundle of the fold models, calibrated on the out-of-fold
     logits (temperature, operating points) and ``meta.metrics`` the out-of-fold figures. An
-    existing run folder is refused unless ``overwrite`` (``train.run_directory``).
+    existing run folder is refused unless ``overwrite`` (``train.run_directory``). ``lr_search``
+    (``cv --lr auto``): each fold model trains at the rate the learning-rate finder suggests on that fold's
+    own training images (``cv.csv`` column ``lr``; each ``fold<i>/`` holds its ``lr_find.json``).
     """
     config, runtime = pretrained_config(config or TrainConfig()), one_device(runtime or RuntimeSettings())
     progress = console.is_terminal if progress is None else progress
@@ -94,13 +97,18 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
         console.print(f"fold {index + 1}/{folds}: holding out {len(held_rows)} images")
         inner_train, inner_val = _inner_split(pool, train_rows, held_rows, config)
         fold = dataclasses.replace(prepared, samples=pool, train_rows=inner_train, val_rows=inner_val)
-        model, _ = train_model(fold, config, runtime, run_dir=run_dir / f"fold{index}", keep_checkpoints=False,
-                               progress=progress)
+        finding = find_lr(fold, config, runtime, lr_search, progress=progress) if lr_search is not None else None
+        fold_config = config if finding is None else config.replace(lr=finding.suggestion)
+        if finding is not None:
+            console.print(f"fold {index + 1}: learning-rate finder suggests lr {finding.suggestion:.2e}")
+        model, _ = train_model(fold, fold_config, runtime, run_dir=run_dir / f"fold{index}", keep_checkpoints=False,
+                               progress=progress, lr_finding=finding)
         logits[held_rows] = run_images(TorchRunner(model), images[held_rows])[0]
         fold_of[held_rows] = index
         if multiclass:
             fold_probs[held_rows], fold_sets[held_rows] = _fold_trust(model, fold, logits[held_rows], config.seed)
-        rows.append({"fold": index, **_scores(logits[held_rows], targets[held_rows], pool.task)})
+        rows.append({"fold": index, **_scores(logits[held_rows], targets[held_rows], pool.task),
+                     **({"lr": fold_config.lr} if finding is not None else {})})
         if keep_models:
             members.append(model)
     table = pd.DataFrame(rows)
@@ -109,6 +117,11 @@ def cross_validate(data: str | Path | Samples, config: TrainConfig | None = None
                                     fitted_on=f"out-of-fold predictions ({folds} folds, {len(targets)} images)",
                                     groups=pool.groups())
     summary = _summary(table, calibration, pool.task, config)
+    if lr_search is not None:
+        summary["lr_find"] = {"per_fold": table["lr"].tolist(), "min_lr": lr_search.min_lr, "max_lr": lr_search.max_lr,
+                              "num_training": lr_search.num_training,
+                              "note": "each fold trained at the finder's suggestion on its own training images; "
+                                      "config.lr was not used"}
     if multiclass:
         summary["oof_trust"] = json_safe(_oof_trust(fold_probs, fold_sets, targets, list(pool.classes), config.seed))
     oof = _oof_frame(pool, fold_of, logits)

@@ -6,12 +6,14 @@ its best epoch and the per-epoch history) -> :func:`calibrate_on_validation` (te
 points, OOD guard: :mod:`chestxray.calibration`) -> :func:`bundle_meta` and ``bundle.save_bundle``.
 
 ``runs/<name>/`` holds ``config.yaml``, ``split.csv``, ``environment.json``, ``metrics.csv`` (one row
-per epoch), ``checkpoints/`` (best and last, for ``--resume``), ``curves.png`` and the model ``bundle/``.
+per epoch), ``checkpoints/`` (best and last, for ``--resume``), ``curves.png`` and the model ``bundle/``;
+after :func:`find_lr` (``train --lr auto``) also ``lr_find.json`` and ``lr_find.png``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import hashlib
 import logging
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import lightning.pytorch as L
 import numpy as np
@@ -39,6 +42,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                          ModelCheckpoint)
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.tuner import lr_finder as lightning_lr_finder
 from torch.utils.data import DataLoader
 
 from ..console import make_console
@@ -53,10 +58,10 @@ from ..data.decode import content_hash
 from ..errors import ChestXrayError, InputError
 from ..data.audit import source_confound
 from ..trust.lineage import lineage_record, seen_images_record
-from ..launch import gather_in_order, is_first_process, trainer_layout
+from ..launch import gather_in_order, is_first_process, trainer_layout, world_size
 from ..stats.metrics import logit_scores
 from ..model.models import TXRV_PREFIX, ChestXrayNet, create_model, load_state_strict, txrv_input_size, weights_source
-from ..inference.report import plot_training_curves
+from ..inference.report import plot_lr_find, plot_training_curves
 from ..model.runners import DEFAULT_BATCH
 from ..data.sources import Samples, load_samples
 from ..data.vocabulary import PUBLIC_FORMATS, SourceOptions, label_mapping
@@ -65,14 +70,16 @@ from ..storage import atomic_path, make_folder, temporary_name, write_error, wri
 
 __all__ = ["fit", "train_model", "prepare_data", "run_directory", "calibrate_on_validation", "bundle_meta", "model_meta",
            "drop_test_copies",
-           "warm_start_config", "pretrained_config", "initial_model",
-           "PreparedData", "RunResult", "ClassifierModule", "MONITOR"]
+           "warm_start_config", "pretrained_config", "initial_model", "build_module", "make_loaders", "training_inputs",
+           "find_lr", "smoothed_losses", "suggest_lr",
+           "PreparedData", "RunResult", "ClassifierModule", "LRSearch", "LRFinding", "MONITOR"]
 
 if TYPE_CHECKING:
     from ..deploy.export import ExportResult
 
 RUN_ENTRIES = frozenset({"config.yaml", "split.csv", "environment.json", "metrics.csv", "curves.png", "checkpoints",
-                         "bundle", "logs", "cv.csv", "cv.json", "oof.csv", "trials", "trials.csv", "best.yaml"})
+                         "bundle", "logs", "cv.csv", "cv.json", "oof.csv", "trials", "trials.csv", "best.yaml",
+                         "lr_find.json", "lr_find.png"})
 """What training, cross-validation and sweeps write into a run folder (and ``fold<i>/`` folders)."""
 _FOLD = re.compile(r"fold\d+")
 
@@ -107,6 +114,8 @@ class RunResult:
     calibration: Calibration | None = None
     onnx: ExportResult | None = None
     """The ONNX export and its parity check (``None``: ``fit(onnx=False)``, or not the first process)."""
+    lr_finding: LRFinding | None = None
+    """The learning-rate finder's search whose suggestion the run trained at (``fit(lr_search=...)``)."""
 
 
 def prepare_data(data: str | Path | Samples, config: TrainConfig, *, cache_dir: str | Path | None = None,
@@ -210,18 +219,16 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = channels_last
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(0))
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.finder_losses: list[float] | None = None
+        """Set to a list by :func:`find_lr`: each step's training loss is appended, and before each step the
+        backbone's rate is reset to ``backbone_lr_ratio`` times the head's (Lightning's finder sweeps every
+        parameter group at one rate)."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        x = to_model_input(images)
-        if train:
-            side = self.config.train_size(self.current_epoch)
-            if side < x.shape[-1]:  # progressive resizing: smaller images in the early epochs
-                x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            x = augment_batch(x, self.config.augment, self.config.hflip)
-            x = photometric_batch(x, self.config.photometric)
+        x = training_inputs(images, self.config, self.current_epoch, train)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -229,6 +236,12 @@ class ClassifierModule(L.LightningModule):
         if self.model.task == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, targets.float(), pos_weight=weights)
         return F.cross_entropy(logits, targets, weight=weights, label_smoothing=smoothing)
+
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        if self.finder_losses is not None:  # the finder sets every group to its rate: the backbone keeps its share
+            head, *backbone = self.trainer.optimizers[0].param_groups
+            for group in backbone:
+                group["lr"] = head["lr"] * self.config.backbone_lr_ratio
 
     def on_train_epoch_start(self) -> None:
         # every epoch's augmentation, mixup and dropout draws follow from (seed, epoch) alone: a resumed run
@@ -250,6 +263,8 @@ class ClassifierModule(L.LightningModule):
         if lam < 1:
             loss = lam * loss + (1 - lam) * self._loss(logits, targets[order], smoothing)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
+        if self.finder_losses is not None:
+            self.finder_losses.append(float(loss.detach()))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
@@ -286,6 +301,20 @@ class ClassifierModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def training_inputs(images: torch.Tensor, config: TrainConfig, epoch: int, train: bool) -> torch.Tensor:
+    """What the model is fed for a uint8 batch (B, 1, S, S): float in [0, 1]; for training also the
+    progressive resizing of ``epoch`` (0-based), then :func:`augment_batch` and :func:`photometric_batch`
+    (drawn from torch's global generator). Mixup blends the result afterwards, in the training step."""
+    x = to_model_input(images)
+    if train:
+        side = config.train_size(epoch)
+        if side < x.shape[-1]:  # progressive resizing: smaller images in the early epochs
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        x = augment_batch(x, config.augment, config.hflip)
+        x = photometric_batch(x, config.photometric)
+    return x
 
 
 def batch_norm_frozen(config: TrainConfig) -> bool:
@@ -477,7 +506,8 @@ class EpochLog(Callback):
 
 def train_model(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings | None = None, *,
                 run_dir: str | Path | None = None, resume: bool = False, keep_checkpoints: bool = True, progress: bool = False,
-                callbacks: Sequence[Callback] = ()) -> tuple[ChestXrayNet, pd.DataFrame | None]:
+                callbacks: Sequence[Callback] = (), lr_finding: LRFinding | None = None
+                ) -> tuple[ChestXrayNet, pd.DataFrame | None]:
     """Train a model on ``prepared``'s training rows, early-stopped on its validation rows; return the
     model with the weights of its best epoch (lowest validation loss; eval mode) and its history
     (one row per epoch: ``epoch, train_loss, val_loss, val_acc, val_auc, lr, train_px, seconds``).
@@ -488,15 +518,11 @@ def train_model(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSet
     ``keep_checkpoints`` (or without ``run_dir``) the checkpoints live in a temporary folder.
     ``resume`` continues from ``run_dir/checkpoints/last.ckpt``. ``callbacks`` are extra Lightning
     callbacks (e.g. pruning). In a multi-process launch only rank 0 writes and gets the history;
-    the other ranks get ``None``.
+    the other ranks get ``None``. ``lr_finding`` (the :func:`find_lr` that chose ``config.lr``) is
+    written beside the config (``lr_find.json``, ``lr_find.png``) and named in ``config.yaml``.
     """
     runtime = runtime or RuntimeSettings()
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    _set_threads(runtime)
-    model = initial_model(config, prepared.samples)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    module = ClassifierModule(model, config, _class_weights(prepared, config), runtime.channels_last)
+    module = build_module(prepared, config, runtime)
     run_dir = Path(run_dir) if run_dir is not None else None
     with contextlib.ExitStack() as stack:
         if run_dir is not None and keep_checkpoints:
@@ -510,9 +536,9 @@ def train_model(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSet
         trainer = _make_trainer(config, runtime, checkpoints, progress, [log, *callbacks],
                                 _logger(runtime.logger, run_dir) if run_dir is not None else False)
         if trainer.is_global_zero:
-            _start_run(run_dir, config, prepared)
+            _start_run(run_dir, config, prepared, lr_finding)
         try:
-            trainer.fit(module, *_loaders(prepared, config, runtime), ckpt_path=last if resume else None,
+            trainer.fit(module, *make_loaders(prepared, config, runtime), ckpt_path=last if resume else None,
                         weights_only=True)
         except OSError as err:  # a checkpoint or metrics.csv that cannot be written: the last complete one is kept
             where = run_dir if run_dir is not None else checkpoints
@@ -530,8 +556,141 @@ def train_model(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSet
     return module.model.float().eval(), history
 
 
-def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData) -> None:
-    """Log what is trained; write the run's ``config.yaml``, ``split.csv`` and ``environment.json``."""
+def build_module(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings) -> ClassifierModule:
+    """The Lightning module a run trains: the seeds set, the threads shared out, the starting model
+    (:func:`initial_model`) in the memory layout of ``runtime``, the class weights of ``config.balance``."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    _set_threads(runtime)
+    model = initial_model(config, prepared.samples)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return ClassifierModule(model, config, _class_weights(prepared, config), runtime.channels_last)
+
+
+@dataclass(frozen=True)
+class LRSearch:
+    """The learning rates :func:`find_lr` tries: ``num_training`` steps from ``min_lr`` to ``max_lr``,
+    growing exponentially, stopped early once the smoothed loss exceeds ``early_stop`` times its best."""
+
+    num_training: int = 100
+    min_lr: float = 1e-6
+    max_lr: float = 1.0
+    early_stop: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.num_training < 2:
+            raise ChestXrayError(f"the learning-rate finder needs at least 2 steps, not {self.num_training}")
+        if not 0 < self.min_lr < self.max_lr:
+            raise ChestXrayError(f"the learning rates searched must be 0 < min < max, not {self.min_lr:g} to "
+                                 f"{self.max_lr:g}")
+
+
+@dataclass
+class LRFinding:
+    """What :func:`find_lr` measured: the suggested rate of the head (the backbone's is
+    ``backbone_lr_ratio`` times it), each step's rate and smoothed training loss, and the search."""
+
+    suggestion: float
+    lrs: list[float]
+    losses: list[float]
+    search: LRSearch
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``lr_find.json``): NaN losses (a step that returned none) as ``null``."""
+        return {"suggestion": self.suggestion, "min_lr": self.search.min_lr, "max_lr": self.search.max_lr,
+                "num_training": self.search.num_training, "steps": len(self.lrs), "seconds": round(self.seconds, 1),
+                "note": "the head's learning rate at the steepest fall of the smoothed training loss per decade of "
+                        "rate, swept by Lightning's Tuner.lr_find; the backbone trains at backbone_lr_ratio times it",
+                "lr": self.lrs, "loss": [v if math.isfinite(v) else None for v in self.losses]}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``lr_find.json`` and ``lr_find.png`` (the curve, the suggestion marked) into ``folder``."""
+        folder = make_folder(folder, "run folder")
+        write_text(folder / "lr_find.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        plot_lr_find(self.lrs, self.losses, self.suggestion, folder / "lr_find.png")
+        return folder / "lr_find.json"
+
+
+def find_lr(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings | None = None,
+            search: LRSearch = LRSearch(), *, progress: bool = False) -> LRFinding:
+    """Lightning's learning-rate finder (``Tuner(trainer).lr_find``) on the model, training images,
+    loader, augmentation, mixup, loss and optimiser that :func:`train_model` would use with ``config``:
+    its first ``search.num_training`` steps, with the rate swept instead of scheduled (the backbone at
+    ``backbone_lr_ratio`` times the head's, as in training). Returns the suggestion (the rate where the
+    smoothed training loss falls fastest) and the curve; the model is thrown away. One process only.
+    ``progress``: show Lightning's bar of the search (on stderr)."""
+    runtime = runtime or RuntimeSettings()
+    if world_size() > 1 or runtime.num_nodes > 1 or runtime.devices not in ("auto", "1"):
+        raise ChestXrayError("the learning-rate finder runs in one process on one device: run chestxray lr-find "
+                             "DATA without torchrun, then train with its --lr")
+    runtime = runtime.replace(devices="1")
+    module = build_module(prepared, config, runtime)
+    module.finder_losses = []
+    loader, _ = make_loaders(prepared, config, runtime)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(tempfile.TemporaryDirectory(prefix="chestxray-lr-find-"))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message=r".*validation_step.*val_dataloader")  # the finder needs none
+        if not progress and hasattr(lightning_lr_finder, "tqdm"):  # its bar is a tqdm of that module's own
+            stack.enter_context(mock.patch.object(lightning_lr_finder, "tqdm",
+                                                  functools.partial(lightning_lr_finder.tqdm, disable=True)))
+        trainer = L.Trainer(max_epochs=-1, max_steps=search.num_training, accelerator=accelerator, devices=1,
+                            precision=_precision(runtime, accelerator), logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, default_root_dir=root)
+        found = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=search.min_lr, max_lr=search.max_lr,
+                                       num_training=search.num_training, early_stop_threshold=search.early_stop,
+                                       update_attr=False)
+    lrs = [float(v) for v in found.results["lr"]]
+    losses = [float(v) for v in found.results["loss"]]
+    if len(module.finder_losses) == len(lrs):
+        # Lightning debiases its running average one step late (by global_step, already counted when a step ends),
+        # which halves the first values and makes the curve rise at the start: smoothed here from the raw losses
+        losses = smoothed_losses(module.finder_losses)
+    suggestion = suggest_lr(lrs, losses)
+    if suggestion is None or not math.isfinite(suggestion) or suggestion <= 0:
+        raise ChestXrayError(f"the learning-rate finder ran {len(lrs)} step(s) on {len(prepared.train_rows)} "
+                             "training images: too few to suggest a rate; give it more steps (--num-training)")
+    return LRFinding(float(suggestion), lrs, losses, search, time.perf_counter() - started)
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_end: int = 1) -> float | None:
+    """The rate where the smoothed loss falls fastest per decade of rate: Lightning's rule (the steepest
+    negative gradient, the first ``min(10, n // 5)`` and last ``skip_end`` steps skipped) with the gradient
+    taken against log10(rate), the axis the rates are spaced on. Lightning's takes it against the rate
+    itself, so that on an exponential sweep the tightly spaced low rates win on noise (Lightning issue
+    #21141). ``None`` when fewer than two finite points remain."""
+    skip_begin = min(10, len(lrs) // 5)
+    rates, values = np.log10(np.asarray(lrs, dtype=float)), np.asarray(losses, dtype=float)
+    kept = np.arange(len(rates))[skip_begin:len(rates) - skip_end]
+    kept = kept[np.isfinite(values[kept])]
+    if len(kept) < 2:
+        return None
+    slope = np.gradient(values[kept], rates[kept])
+    return float(lrs[int(kept[np.argmin(slope)])])
+
+
+def smoothed_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
+    """The running average of ``losses`` that the learning-rate finder plots, ``beta`` of the average kept at
+    each step, divided by ``1 - beta ** steps`` so that its start is not biased towards 0; a NaN loss (a
+    step that returned none) stays NaN and leaves the average alone."""
+    average, steps, smoothed = 0.0, 0, []
+    for loss in losses:
+        if not math.isfinite(loss):
+            smoothed.append(math.nan)
+            continue
+        average, steps = beta * average + (1 - beta) * loss, steps + 1
+        smoothed.append(average / (1 - beta ** steps))
+    return smoothed
+
+
+def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData,
+               lr_finding: LRFinding | None = None) -> None:
+    """Log what is trained; write the run's ``config.yaml``, ``split.csv``, ``environment.json`` and, when
+    the learning rate was found, ``lr_find.json`` and ``lr_find.png``."""
     runtime = runtime_environment()
     target = f" -> {run_dir}" if run_dir is not None else ""
     console.print(f"training {config.arch} on {len(prepared.train_rows)} images, validating on "
@@ -542,7 +701,11 @@ def _start_run(run_dir: Path | None, config: TrainConfig, prepared: PreparedData
     if run_dir is None:
         return
     make_folder(run_dir, "run folder")
-    save_config(config, run_dir / "config.yaml")
+    notes = {}
+    if lr_finding is not None:
+        lr_finding.save(run_dir)
+        notes["lr"] = "suggested by the learning-rate finder (lr-find; curve in lr_find.json, lr_find.png)"
+    save_config(config, run_dir / "config.yaml", comments=notes)
     save_split(run_dir / "split.csv", prepared.samples, {"train": prepared.train_rows, "val": prepared.val_rows})
     write_text(run_dir / "environment.json", json.dumps(runtime, indent=2))
 
@@ -723,7 +886,7 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
         out_dir: str | Path = "runs",
         name: str | None = None, resume: bool = False, overwrite: bool = False, cache_dir: str | Path | None = None,
         progress: bool | None = None, split_file: str | Path | None = None,
-        callbacks: Sequence[Callback] = (), onnx: bool = True) -> RunResult:
+        callbacks: Sequence[Callback] = (), onnx: bool = True, lr_search: LRSearch | None = None) -> RunResult:
     """Train a model on ``data`` (test split excluded) and write its run directory and bundle:
     :func:`prepare_data` -> :func:`train_model` -> :func:`calibrate_on_validation` -> ``save_bundle``.
 
@@ -732,8 +895,11 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
     ``split_file`` (a ``split.csv`` as saved in run directories) fixes the
     training and validation images; ``callbacks`` are extra Lightning callbacks (e.g. pruning).
     ``onnx``: also export the bundle to ONNX (``model.onnx``), parity-checked on validation X-rays, so
-    that ``fit`` and ``chestxray train`` write the same bundle.
+    that ``fit`` and ``chestxray train`` write the same bundle. ``lr_search`` (``train --lr auto``): run
+    :func:`find_lr` first and train at its suggestion instead of ``config.lr`` (recorded in ``config.yaml``).
     """
+    if lr_search is not None and resume:
+        raise ChestXrayError("a resumed run keeps the learning rate it started with: leave out --lr auto")
     if split_file is not None and not Path(split_file).is_file():
         raise InputError(split_file, "split file not found")
     run_dir = run_directory(out_dir, name, resume=resume, overwrite=overwrite)
@@ -751,10 +917,16 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
     if config.init:
         config, data = warm_start_config(config, data)
     prepared = prepare_data(data, config, cache_dir=cache_dir, split_file=split_file, progress=progress)
+    finding = None
+    if lr_search is not None:
+        finding = find_lr(prepared, config, runtime, lr_search, progress=progress)
+        console.print(f"learning-rate finder: lr {finding.suggestion:.2e} (instead of {config.lr:g}; "
+                      f"{len(finding.lrs)} steps, {finding.seconds:.0f}s)", soft_wrap=True)
+        config = config.replace(lr=finding.suggestion)
     model, history = train_model(prepared, config, runtime, run_dir=run_dir, resume=resume, progress=progress,
-                                 callbacks=callbacks)
+                                 callbacks=callbacks, lr_finding=finding)
     if history is None:  # a rank other than 0 of a multi-process run
-        return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame())
+        return RunResult(run_dir, run_dir / "bundle", {}, pd.DataFrame(), lr_finding=finding)
     calibration = calibrate_on_validation(model, prepared, config.seed)
     meta = bundle_meta(prepared, config, calibration, history)
     bundle_dir = save_bundle(run_dir / "bundle", model, meta)
@@ -765,7 +937,7 @@ def fit(data: str | Path | Samples, config: TrainConfig | None = None, runtime: 
         from ..deploy.export import PARITY_IMAGES, export_onnx
 
         exported = export_onnx(bundle_dir, parity_images=split_files(run_dir / "split.csv", "val")[:PARITY_IMAGES])
-    return RunResult(run_dir, bundle_dir, meta.metrics, history, calibration, exported)
+    return RunResult(run_dir, bundle_dir, meta.metrics, history, calibration, exported, finding)
 
 
 PROVENANCE_PATTERNS = ("README*", "LICENSE*", "LICENCE*", "SOURCES*", "CITATION*", "MANIFEST*")
@@ -821,7 +993,9 @@ def short_worker_tempdir() -> None:
     config["tempdir"] = folder
 
 
-def _loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings) -> tuple[DataLoader, DataLoader]:
+def make_loaders(prepared: PreparedData, config: TrainConfig, runtime: RuntimeSettings) -> tuple[DataLoader, DataLoader]:
+    """The run's training loader (batches of ``config.batch_size`` in :class:`EpochSampler` order, class-balanced
+    with ``balance: sampler``) and validation loader (in order), over ``prepared``'s uint8 cache."""
     train_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.train_rows)
     val_set = CachedDataset(prepared.cache.images, prepared.targets, prepared.val_rows)
     weights = None
@@ -861,9 +1035,7 @@ def _logger(kind: str, run_dir: Path) -> Logger | bool:
 def _make_trainer(config: TrainConfig, runtime: RuntimeSettings, checkpoint_dir: Path, progress: bool,
                   extra_callbacks: Sequence[Callback] = (), logger: Logger | bool = False) -> L.Trainer:
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    precision = runtime.precision
-    if precision == "auto":  # bf16 is 5-10x slower on CPUs without native bf16: mixed precision on GPU only
-        precision = "16-mixed" if accelerator == "gpu" else "32-true"
+    precision = _precision(runtime, accelerator)
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=MONITOR, mode="min",
                            save_weights_only=False, enable_version_counter=False)
     # last.ckpt after every epoch, whatever val_loss does (save_last=True on the monitored checkpoint
@@ -884,6 +1056,14 @@ def _make_trainer(config: TrainConfig, runtime: RuntimeSettings, checkpoint_dir:
                      plugins=[AtomicCheckpointIO()],
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
                      default_root_dir=checkpoint_dir, log_every_n_steps=1)
+
+
+def _precision(runtime: RuntimeSettings, accelerator: str) -> str:
+    """``runtime.precision``; ``auto``: mixed precision on a GPU, 32-bit on a CPU (bf16 is 5-10x slower on
+    CPUs without native bf16)."""
+    if runtime.precision == "auto":
+        return "16-mixed" if accelerator == "gpu" else "32-true"
+    return runtime.precision
 
 
 def runtime_environment() -> dict[str, Any]:

@@ -281,6 +281,7 @@ def test_training_images_are_remembered_and_warned_about(make_folder, tmp_path: 
     assert check.warnings  # same content under other names is still recognised
 
 
+@pytest.mark.slow  # trains one epoch from the parent (5-6 s on shared cores, over the fast tier's limit)
 def test_warm_start_copies_the_parent_and_records_it(parent: Path, make_folder, tmp_path: Path) -> None:
     data = make_folder({"normal": 6, "pneumonia": 6}, root="more")
     config = TrainConfig(**{**TINY, "init": str(parent)})

@@ -79,6 +79,7 @@ class _Hostile:
 MARKER = Path("/tmp/chestxray-unpickled-marker")
 
 
+@pytest.mark.slow  # trains a run to get a checkpoint (4-5 s on shared cores, at the fast tier's limit)
 def test_a_damaged_or_hostile_checkpoint_is_refused_in_one_line(tmp_path):
     """Before: UnpicklingError / PytorchStreamReader tracebacks (nothing was unpickled even then)."""
     data = _two_classes(tmp_path / "data")

@@ -268,8 +268,10 @@ def adapt_unlabeled(bundle: str | Path, data: str | Path | Sequence[str | Path],
     if isinstance(parent, EnsembleNet) or meta.task != "multiclass":
         raise ChestXrayError(f"{bundle_dir}: label-free adaptation needs a single multi-class model "
                              "(not a cross-validation ensemble or a multi-label model)")
-    held = (reference_held_out(parent, meta, reference, cache_dir=cache_dir, progress=progress)
-            if reference is not None and not backbone_epochs else load_held_out(bundle_dir, meta))
+    held: HeldOut | None = None  # with backbone_epochs: made through the new backbone below (heldout.npz is stale)
+    if not backbone_epochs:
+        held = (reference_held_out(parent, meta, reference, cache_dir=cache_dir, progress=progress)
+                if reference is not None else load_held_out(bundle_dir, meta))
     if held is None and not backbone_epochs:
         raise ChestXrayError(f"{bundle_dir}: the bundle has no held-out reference (heldout.npz, written by chestxray "
                              "train since label-free adaptation exists); give --reference DATA (labelled images of "

@@ -59,13 +59,23 @@ def figures(y: np.ndarray, probs: np.ndarray, sets: np.ndarray | None, ood: np.n
     return out
 
 
+def scored(fitted: Any, features: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """:func:`figures` of a label-free fit (``fit_unlabeled``'s result) on the scored images' features: its
+    head, transform, sets and OOD guard, as the child bundle would apply them."""
+    from chestxray.stats.conformal import ConformalSets
+    from chestxray.stats.ood import OODGuard
+
+    probs = fitted.calibration.transform.probabilities(fitted.head.logits(features))
+    sets = ConformalSets.from_dict(fitted.calibration.conformal, classes).sets(probs)
+    guard = OODGuard.from_dict(fitted.calibration.ood) if fitted.calibration.ood else None
+    return figures(y, probs, sets, guard.is_ood(guard.score(features)) if guard else None, classes)
+
+
 def backbone_part(args: argparse.Namespace, model: Any, meta: Any, images: np.ndarray, y: np.ndarray,
-                  absent: list[int], figures_for: Any) -> dict[str, Any]:
+                  absent: list[int]) -> dict[str, Any]:
     """``adapt --unlabeled --backbone-epochs E``'s arrays: the backbone adapted on all images (scored on them)
     and on random halves (scored on the other half, beside the centroid head alone on the same halves)."""
     from chestxray.model.bundle import HeldOut
-    from chestxray.stats.conformal import ConformalSets
-    from chestxray.stats.ood import OODGuard
     from chestxray.training.adapt import load_local, model_outputs
     from chestxray.training.adapt_backbone import adapt_backbone
     from chestxray.training.adapt_unlabeled import fit_unlabeled, run_reference
@@ -82,11 +92,7 @@ def backbone_part(args: argparse.Namespace, model: Any, meta: Any, images: np.nd
         held = HeldOut(*model_outputs(child, local.images), local.targets)
         logits, features = model_outputs(child, images)
         fitted = fit_unlabeled(meta, held, logits[fit_rows], features[fit_rows], absent, refit_guard=True)
-        probs = fitted.calibration.transform.probabilities(fitted.head.logits(features[score_rows]))
-        sets = ConformalSets.from_dict(fitted.calibration.conformal, list(meta.classes)).sets(probs)
-        guard = OODGuard.from_dict(fitted.calibration.ood) if fitted.calibration.ood else None
-        ood = guard.is_ood(guard.score(features[score_rows])) if guard else None
-        return {**figures_for(y[score_rows], probs, sets, ood, list(meta.classes)), "adaptation": info.to_dict()}
+        return {**scored(fitted, features[score_rows], y[score_rows], list(meta.classes)), "adaptation": info.to_dict()}
 
     out: dict[str, Any] = {"epochs": args.backbone_epochs, "transductive": run(every, every)}
     for h in range(args.backbone_halvings):
@@ -152,13 +158,7 @@ def main() -> None:
                         seed: int = 0) -> dict[str, Any]:
         fitted = fit_unlabeled(meta, held, logits[fit_rows], features[fit_rows], absent, seed=seed,
                                known=None if known is None else known[fit_rows])
-        probs = fitted.calibration.transform.probabilities(fitted.head.logits(features[score_rows]))
-        sets = ConformalSets.from_dict(fitted.calibration.conformal, classes).sets(probs)
-        ood = None
-        if fitted.calibration.ood:
-            child_guard = OODGuard.from_dict(fitted.calibration.ood)
-            ood = child_guard.is_ood(child_guard.score(features[score_rows]))
-        return {**figures(y[score_rows], probs, sets, ood, classes), "domain_auc": fitted.shift["domain_auc"]}
+        return {**scored(fitted, features[score_rows], y[score_rows], classes), "domain_auc": fitted.shift["domain_auc"]}
 
     every = np.arange(len(y))
     record["unadapted"] = parent_figures(every, False)
@@ -176,7 +176,7 @@ def main() -> None:
             halves.append({"parent": parent_figures(score_rows, True), "adapted": adapted_figures(fit_rows, score_rows)})
         record["unlabeled_halves"] = halves
     if args.backbone_epochs:
-        record["backbone"] = backbone_part(args, model, meta, np.asarray(cache.images)[ok], y, absent, figures_for=figures)
+        record["backbone"] = backbone_part(args, model, meta, np.asarray(cache.images)[ok], y, absent)
 
     probs_all = meta.logit_transform().without(absent).probabilities(logits)
     labels_part: dict[str, Any] = {}
